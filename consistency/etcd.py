@@ -1,0 +1,187 @@
+"""A small etcd v3 client over etcd's JSON gateway (``/v3/kv/*``, ``/v3/watch``), on aiohttp.
+
+Keys and values travel base64-encoded and 64-bit integers as strings, as the gateway does.
+Every call has an explicit deadline; an endpoint that fails is skipped for the next one, so a
+client listing all members keeps working while a majority is up.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Final
+
+import aiohttp
+import orjson
+
+from consistency.errors import CasConflict, EtcdError, EtcdUnavailable
+
+# One unary call to one member; an election under --wan realistic takes about a second, so a
+# shorter bound would give up on a cluster that is merely choosing a leader.
+CALL_TIMEOUT_S: Final = 3.0
+# A watch stream carries no data while nothing changes; progress notifications arrive every few
+# minutes at most, so the read timeout is off and the caller relies on reconnects instead.
+WATCH_CONNECT_TIMEOUT_S: Final = 3.0
+
+
+def _b64(data: bytes | str) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def _prefix_end(prefix: str) -> bytes:
+    """The smallest key greater than every key starting with ``prefix``."""
+    raw = bytearray(prefix.encode())
+    for i in range(len(raw) - 1, -1, -1):
+        if raw[i] < 0xFF:
+            raw[i] += 1
+            return bytes(raw[: i + 1])
+    return b"\0"
+
+
+class EtcdClient:
+    """A client for a list of endpoints (``http://host:port``), tried in order."""
+
+    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self._endpoints = [e.rstrip("/") for e in endpoints]
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self._endpoints)
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(json_serialize=lambda o: orjson.dumps(o).decode())
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> EtcdClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        last: BaseException | None = None
+        for ep in self._endpoints:
+            try:
+                async with self._sess().post(ep + path, json=body, timeout=self._timeout) as resp:
+                    data = await resp.read()
+                    if resp.status != 200:
+                        raise EtcdError(f"etcd {path} answered {resp.status}: {data[:200]!r}")
+                    decoded: dict[str, Any] = orjson.loads(data)
+                    return decoded
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                last = exc
+        raise EtcdUnavailable(f"no etcd endpoint answered {path}: {last!r}") from last
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        """``(value, mod_revision)`` of ``key``, or None when it does not exist."""
+        data = await self._call("/v3/kv/range", {"key": _b64(key)})
+        kvs = data.get("kvs") or []
+        if not kvs:
+            return None
+        return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])
+
+    async def get_prefix(self, prefix: str) -> tuple[int, dict[str, bytes]]:
+        """The store revision and every key under ``prefix``, read at one revision."""
+        data = await self._call(
+            "/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}
+        )
+        revision = int(data["header"]["revision"])
+        out = {
+            _unb64(kv["key"]).decode(): _unb64(kv.get("value", "")) for kv in data.get("kvs") or []
+        }
+        return revision, out
+
+    async def put(self, key: str, value: bytes) -> int:
+        data = await self._call("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+        return int(data["header"]["revision"])
+
+    async def cas(self, key: str, expected_mod_revision: int, puts: Mapping[str, bytes]) -> int:
+        """Write ``puts`` atomically if ``key`` still has ``expected_mod_revision`` (0 = absent).
+
+        Raises :class:`CasConflict` when another writer got there first.
+        """
+        compare = {
+            "key": _b64(key),
+            "target": "MOD",
+            "result": "EQUAL",
+            "mod_revision": str(expected_mod_revision),
+        }
+        success = [{"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v in puts.items()]
+        data = await self._call("/v3/kv/txn", {"compare": [compare], "success": success})
+        if not data.get("succeeded", False):
+            raise CasConflict(f"{key} changed since revision {expected_mod_revision}")
+        return int(data["header"]["revision"])
+
+    async def put_all_if_absent(self, key: str, puts: Mapping[str, bytes]) -> bool:
+        try:
+            await self.cas(key, 0, puts)
+        except CasConflict:
+            return False
+        return True
+
+    async def delete_prefix(self, prefix: str) -> None:
+        await self._call(
+            "/v3/kv/deleterange", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}
+        )
+
+    async def member_list(self) -> list[dict[str, Any]]:
+        data = await self._call("/v3/cluster/member/list", {})
+        members: list[dict[str, Any]] = data.get("members", [])
+        return members
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[int]:
+        """Yield the revision of every change under ``prefix`` from ``start_revision`` on.
+
+        Ends (by raising :class:`EtcdError`) when the stream breaks; the caller reconnects.
+        """
+        body = {
+            "create_request": {
+                "key": _b64(prefix),
+                "range_end": _b64(_prefix_end(prefix)),
+                "start_revision": str(start_revision),
+            }
+        }
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=WATCH_CONNECT_TIMEOUT_S)
+        last: BaseException | None = None
+        for ep in self._endpoints:
+            try:
+                async with self._sess().post(ep + "/v3/watch", json=body, timeout=timeout) as resp:
+                    if resp.status != 200:
+                        raise EtcdError(f"etcd watch answered {resp.status}")
+                    async for line in resp.content:
+                        line = line.strip()
+                        if not line:
+                            continue
+                        msg = orjson.loads(line)
+                        if "error" in msg:
+                            raise EtcdError(f"watch error: {msg['error']}")
+                        result = msg.get("result", {})
+                        if result.get("compact_revision") not in (None, "0", 0):
+                            # Our start revision was compacted away: the caller reloads the
+                            # whole prefix, which is always safe.
+                            yield int(result["compact_revision"])
+                            return
+                        if result.get("events"):
+                            yield int(result["header"]["revision"])
+                    return
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                last = exc
+                with contextlib.suppress(Exception):
+                    pass
+        raise EtcdUnavailable(f"watch failed on every endpoint: {last!r}") from last

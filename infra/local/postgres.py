@@ -1,0 +1,345 @@
+"""PostgreSQL servers of the local cluster: init, start, stop, standbys and promotion.
+
+PostgreSQL refuses to run as root, so when we are root every server command runs as the
+unprivileged ``postgres`` user (``runuser``) and data directories belong to it. A non-root
+developer runs them as themselves. Servers listen on TCP loopback only (no Unix socket), so
+their paths never hit the 107-byte socket path limit and nothing touches the system's default
+instance on port 5432.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+# initdb and pg_ctl on a loaded two-core machine take a few seconds; give them ample room.
+PG_CTL_TIMEOUT_S: Final = 60
+BASEBACKUP_TIMEOUT_S: Final = 180
+UNPRIVILEGED_USER: Final = "postgres"
+
+ADMIN_ROLE: Final = "txr_admin"
+APP_ROLE: Final = "txr_app"
+REPL_ROLE: Final = "txr_repl"
+
+
+class PostgresError(RuntimeError):
+    """A PostgreSQL server command failed; the message carries its output."""
+
+
+def bindir() -> Path:
+    """The directory of the newest installed PostgreSQL server binaries."""
+    env = os.environ.get("TXR_PG_BINDIR")
+    if env:
+        return Path(env)
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if candidates:
+        return candidates[-1].parent
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    raise PostgresError("PostgreSQL server binaries not found: install postgresql (15 or newer)")
+
+
+def running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _as_pg_user(args: list[str]) -> list[str]:
+    if running_as_root():
+        return ["runuser", "-u", UNPRIVILEGED_USER, "--", *args]
+    return args
+
+
+def _chown_to_pg_user(path: Path) -> None:
+    if running_as_root():
+        pw = pwd.getpwnam(UNPRIVILEGED_USER)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+def _pg_user_can_use(path: Path) -> bool:
+    if not running_as_root():
+        return True
+    res = subprocess.run(
+        _as_pg_user(["test", "-w", str(path), "-a", "-x", str(path)]), check=False
+    )
+    return res.returncode == 0
+
+
+def state_root(cluster_dir: Path) -> Path:
+    """Where this cluster's PostgreSQL data directories live.
+
+    Normally ``<cluster_dir>/pg``. As root, ``cluster_dir`` may sit below a directory the
+    ``postgres`` user cannot enter (``/root`` is 0700): then the data goes to a per-cluster
+    directory under ``/var/tmp`` that it can, and the cluster state records where.
+    """
+    inside = cluster_dir / "pg"
+    inside.mkdir(parents=True, exist_ok=True)
+    _chown_to_pg_user(inside)
+    inside.chmod(0o700)
+    if _pg_user_can_use(inside):
+        return inside
+    digest = hashlib.sha256(str(cluster_dir.resolve()).encode()).hexdigest()[:16]
+    outside = Path("/var/tmp/txr-pg") / digest
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    outside.parent.chmod(0o755)
+    outside.mkdir(exist_ok=True)
+    _chown_to_pg_user(outside)
+    outside.chmod(0o700)
+    return outside
+
+
+def _run(args: list[str], *, timeout: float, env: dict[str, str] | None = None) -> str:
+    try:
+        res = subprocess.run(
+            _as_pg_user(args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=env,
+            cwd="/",
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise PostgresError(f"{Path(args[0]).name} timed out after {timeout}s") from exc
+    if res.returncode != 0:
+        raise PostgresError(f"{Path(args[0]).name} failed ({res.returncode}): {res.stderr[-2000:]}")
+    return res.stdout
+
+
+def _write_pg_file(path: Path, text: str, mode: int = 0o600) -> None:
+    path.write_text(text)
+    path.chmod(mode)
+    _chown_to_pg_user(path)
+
+
+def application_name(node_name: str) -> str:
+    """A node name as PostgreSQL identifiers allow it (standby and slot names)."""
+    return re.sub(r"[^a-z0-9_]", "_", node_name.lower())
+
+
+@dataclass(frozen=True)
+class Credentials:
+    admin_password: str
+    app_password: str
+    repl_password: str
+
+
+def write_passfile(root: Path, creds: Credentials) -> Path:
+    """A libpq password file readable only by the server user (standbys use it)."""
+    path = root / "pgpass"
+    _write_pg_file(
+        path,
+        f"*:*:*:{REPL_ROLE}:{creds.repl_password}\n*:*:*:{ADMIN_ROLE}:{creds.admin_password}\n",
+    )
+    return path
+
+
+def _common_conf(port: int) -> str:
+    return "\n".join(
+        [
+            "listen_addresses = '127.0.0.1'",
+            f"port = {port}",
+            "unix_socket_directories = ''",
+            "max_connections = 200",
+            "shared_buffers = '128MB'",
+            "wal_level = logical",
+            "wal_log_hints = on",
+            "max_wal_senders = 16",
+            "max_replication_slots = 16",
+            # A dead region's slot must not fill the disk; past this the standby must rebuild.
+            "max_slot_wal_keep_size = '2GB'",
+            "hot_standby = on",
+            "hot_standby_feedback = on",
+            "synchronous_commit = on",
+            # Report replay progress often, so lag figures and switchover waits are fresh.
+            "wal_receiver_status_interval = '1s'",
+            "wal_sender_timeout = '10s'",
+            "wal_receiver_timeout = '10s'",
+            "password_encryption = 'scram-sha-256'",
+            "log_line_prefix = '%m [%p] %q%u@%d '",
+            "log_min_messages = warning",
+            "datestyle = 'iso, ymd'",
+            "timezone = 'UTC'",
+            "",
+        ]
+    )
+
+
+_HBA: Final = (
+    "# txrouter local cluster: loopback TCP only, passwords always.\n"
+    f"host all all 127.0.0.1/32 scram-sha-256\n"
+    f"host replication {REPL_ROLE} 127.0.0.1/32 scram-sha-256\n"
+)
+
+
+def init_primary(datadir: Path, port: int, creds: Credentials) -> None:
+    """initdb a new primary.
+
+    It starts without a synchronous standby: every commit would otherwise wait for a standby
+    that cannot exist until this primary is up. The launcher names the standby (ALTER SYSTEM)
+    once it streams, before any router is told about the shard.
+    """
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    pwfile = datadir.parent / f".{datadir.name}.pw"
+    _write_pg_file(pwfile, creds.admin_password + "\n")
+    try:
+        _run(
+            [
+                str(bindir() / "initdb"),
+                "-D",
+                str(datadir),
+                "-U",
+                ADMIN_ROLE,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--data-checksums",
+            ],
+            timeout=PG_CTL_TIMEOUT_S,
+        )
+    finally:
+        pwfile.unlink(missing_ok=True)
+    _write_pg_file(datadir / "postgresql.auto.conf", _common_conf(port))
+    _write_pg_file(datadir / "pg_hba.conf", _HBA)
+
+
+def create_roles_sql(creds: Credentials) -> list[tuple[str, tuple[str, ...]]]:
+    """Statements (run as the admin role) that create the app and replication roles."""
+    # CREATE ROLE cannot take bind parameters; the passwords are generated hex strings, which
+    # we check here so that quoting can never be broken.
+    for pw in (creds.app_password, creds.repl_password):
+        assert re.fullmatch(r"[0-9a-f]{16,128}", pw), "generated passwords are hex"
+    return [
+        (f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{creds.app_password}'", ()),
+        (f"CREATE ROLE {REPL_ROLE} LOGIN REPLICATION PASSWORD '{creds.repl_password}'", ()),
+    ]
+
+
+def init_standby(
+    datadir: Path,
+    port: int,
+    *,
+    primary_host: str,
+    primary_port: int,
+    passfile: Path,
+    app_name: str,
+) -> None:
+    """Clone a standby from a running primary (reached at ``primary_host:primary_port``)."""
+    env = dict(os.environ, PGPASSFILE=str(passfile))
+    _run(
+        [
+            str(bindir() / "pg_basebackup"),
+            "-h",
+            primary_host,
+            "-p",
+            str(primary_port),
+            "-U",
+            REPL_ROLE,
+            "-D",
+            str(datadir),
+            "-X",
+            "stream",
+            "-C",
+            "-S",
+            app_name,
+            "--no-password",
+            "-c",
+            "fast",
+        ],
+        timeout=BASEBACKUP_TIMEOUT_S,
+        env=env,
+    )
+    configure_as_standby(
+        datadir,
+        port,
+        primary_host=primary_host,
+        primary_port=primary_port,
+        passfile=passfile,
+        app_name=app_name,
+    )
+
+
+def configure_as_standby(
+    datadir: Path,
+    port: int,
+    *,
+    primary_host: str,
+    primary_port: int,
+    passfile: Path,
+    app_name: str,
+) -> None:
+    conninfo = (
+        f"host={primary_host} port={primary_port} user={REPL_ROLE} "
+        f"passfile={passfile} application_name={app_name}"
+    )
+    conf = _common_conf(port) + (
+        f"primary_conninfo = '{conninfo}'\nprimary_slot_name = '{app_name}'\n"
+    )
+    _write_pg_file(datadir / "postgresql.auto.conf", conf)
+    _write_pg_file(datadir / "standby.signal", "")
+
+
+def start(datadir: Path, logfile: Path) -> int:
+    """Start the server and wait until it accepts connections; return the postmaster pid."""
+    if not logfile.exists():
+        logfile.touch()
+    _chown_to_pg_user(logfile)
+    _run(
+        [str(bindir() / "pg_ctl"), "start", "-w", "-t", str(PG_CTL_TIMEOUT_S), "-D", str(datadir),
+         "-l", str(logfile)],
+        timeout=PG_CTL_TIMEOUT_S + 5,
+    )
+    return postmaster_pid(datadir)
+
+
+def postmaster_pid(datadir: Path) -> int:
+    pidfile = datadir / "postmaster.pid"
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return int(pidfile.read_text().splitlines()[0])
+        except (FileNotFoundError, IndexError, ValueError):
+            if time.monotonic() > deadline:
+                raise PostgresError(f"no postmaster.pid in {datadir}") from None
+            time.sleep(0.05)
+
+
+def stop(datadir: Path, mode: str = "fast") -> None:
+    """Stop the server if it runs (``fast`` rolls back sessions; ``immediate`` is a crash)."""
+    if not (datadir / "postmaster.pid").exists():
+        return
+    _run(
+        [str(bindir() / "pg_ctl"), "stop", "-w", "-t", str(PG_CTL_TIMEOUT_S), "-m", mode, "-D",
+         str(datadir)],
+        timeout=PG_CTL_TIMEOUT_S + 5,
+    )
+
+
+def promote(datadir: Path) -> None:
+    _run(
+        [str(bindir() / "pg_ctl"), "promote", "-w", "-t", str(PG_CTL_TIMEOUT_S), "-D",
+         str(datadir)],
+        timeout=PG_CTL_TIMEOUT_S + 5,
+    )
+
+
+def dsn(host: str, port: int, role: str, password: str, dbname: str = "postgres") -> str:
+    return f"postgresql://{role}:{password}@{host}:{port}/{dbname}"
+
+
+def redact(dsn_text: str) -> str:
+    """A DSN fit for logs and status output: the password replaced."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn_text)
