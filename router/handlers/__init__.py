@@ -1,0 +1,1 @@
+"""HTTP handlers: thin functions that authenticate, validate, call routing and render."""

@@ -1,0 +1,161 @@
+"""Starting, probing and stopping the local cluster's processes.
+
+Every process starts in its own session (``start_new_session``): a Ctrl-C in the terminal then
+reaches only the launcher, which stops the cluster in a deliberate order, instead of hitting
+every server at once. Before a pid is signalled its command line is checked against a marker
+recorded at start, so a pid reused by an unrelated process after a crash is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+# How long a server gets to exit on SIGTERM before SIGKILL: enough for redis, etcd and the
+# routers to close their sockets; more only slows `txr local down` when something is wedged.
+TERM_GRACE_S: Final = 10.0
+KILL_GRACE_S: Final = 5.0
+POLL_INTERVAL_S: Final = 0.05
+# A port probe: loopback answers in microseconds, so anything slower is "not listening".
+CONNECT_PROBE_TIMEOUT_S: Final = 0.5
+
+
+class ProcessError(RuntimeError):
+    """A process could not be started, did not come up or did not go away."""
+
+
+def spawn(
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new session with stdout and stderr appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd=str(cwd) if cwd else None,
+        )
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid`` if it is our child, so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def is_alive(pid: int, marker: str | None = None) -> bool:
+    """True when ``pid`` runs (not a zombie) and, given a marker, its command line has it."""
+    if pid <= 0:
+        return False
+    _reap(pid)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the parenthesised command name, which may contain spaces.
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    if state in ("Z", "X"):
+        return False
+    return marker is None or marker in cmdline(pid)
+
+
+def _signal(pid: int, sig: int, *, group: bool) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            # Our processes lead their own session and group; signalling the group also stops
+            # helpers they forked (none today, but a wrapper script would have some).
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+def wait_gone(pid: int, timeout_s: float, marker: str | None = None) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while is_alive(pid, marker):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_INTERVAL_S)
+    return True
+
+
+def terminate(pid: int, marker: str | None, *, group: bool = True) -> None:
+    """SIGTERM, wait, SIGKILL, wait. Raises when the process still exists afterwards."""
+    if not is_alive(pid, marker):
+        return
+    _signal(pid, signal.SIGTERM, group=group)
+    if wait_gone(pid, TERM_GRACE_S, marker):
+        return
+    _signal(pid, signal.SIGKILL, group=group)
+    if not wait_gone(pid, KILL_GRACE_S, marker):
+        raise ProcessError(f"pid {pid} survived SIGKILL")
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(CONNECT_PROBE_TIMEOUT_S)
+        return s.connect_ex((host, port)) == 0
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on ``port`` and we could bind it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR lets a port in TIME_WAIT (a cluster just stopped) count as free, as it
+        # does for the servers that will bind it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_until(
+    what: str,
+    check: Callable[[], bool],
+    timeout_s: float,
+    *,
+    alive: Callable[[], bool] | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Poll ``check`` until true; fail early when ``alive`` says the process died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if check():
+            return
+        if alive is not None and not alive():
+            raise ProcessError(f"{what}: the process exited{_log_hint(log_path)}")
+        if time.monotonic() > deadline:
+            raise ProcessError(f"{what}: not ready after {timeout_s:.0f}s{_log_hint(log_path)}")
+        time.sleep(POLL_INTERVAL_S * 2)
+
+
+def _log_hint(log_path: Path | None) -> str:
+    if log_path is None:
+        return ""
+    tail = ""
+    with contextlib.suppress(OSError):
+        tail = log_path.read_text(errors="replace")[-1500:]
+    return f" (log {log_path}):\n{tail}" if tail else f" (log {log_path})"

@@ -1,0 +1,101 @@
+"""Schema migrations: numbered SQL files applied in order, each in its own transaction.
+
+Files are ``regionstore/migrations/NNNN_name.sql``. A migration is recorded in
+``txr.schema_migrations`` in the same transaction that applies it, so a crash leaves either the
+whole migration and its record or neither; applying again is a no-op. Migrations are forward
+only: a released file is never edited, a fix is a new file.
+
+Migration text may name the application role as ``__APP_ROLE__``; it is replaced by the quoted
+role name, so the role's privileges (USAGE, SELECT, EXECUTE, never UPDATE) live with the schema.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import psycopg
+from psycopg import sql
+
+# The login role routers use. Defined here (not imported from infra: regionstore must not import
+# it); the launcher creates the role under the same name.
+APP_ROLE: Final = "txr_app"
+
+MIGRATIONS_DIR: Final = Path(__file__).with_name("migrations")
+_FILE_RE: Final = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+_ROLE_TOKEN: Final = "__APP_ROLE__"
+
+# Session advisory lock held while migrating, so two launchers never apply the same file twice.
+_MIGRATE_LOCK_KEY: Final = 7478706500002
+
+# A migration only creates objects in a fresh database or alters small tables; if it waits this
+# long for a lock something is wrong, and failing beats blocking every writer behind it.
+MIGRATION_LOCK_TIMEOUT_MS: Final = 10_000
+CONNECT_TIMEOUT_S: Final = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+
+def available_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The migration files, ascending by version; gaps or duplicates are a packaging bug."""
+    found: list[Migration] = []
+    for path in sorted(directory.glob("*.sql")):
+        m = _FILE_RE.fullmatch(path.name)
+        if not m:
+            raise ValueError(f"migration file name not NNNN_name.sql: {path.name}")
+        found.append(Migration(int(m.group(1)), m.group(2), path))
+    versions = [mig.version for mig in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise ValueError(f"migration versions must be 1..N without gaps: {versions}")
+    return found
+
+
+def _render(text: str, conn: psycopg.Connection[object], app_role: str) -> str:
+    quoted = sql.Identifier(app_role).as_string(conn)
+    return text.replace(_ROLE_TOKEN, quoted)
+
+
+def apply_migrations(admin_dsn: str, *, app_role: str = APP_ROLE) -> list[str]:
+    """Apply the pending migrations; return their file names (empty when up to date)."""
+    applied: list[str] = []
+    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATE_LOCK_KEY,))
+        try:
+            with conn.transaction():
+                conn.execute("CREATE SCHEMA IF NOT EXISTS txr")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS txr.schema_migrations ("
+                    " version int PRIMARY KEY,"
+                    " name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+            for mig in available_migrations():
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL("SET LOCAL lock_timeout = {}").format(
+                            sql.Literal(f"{MIGRATION_LOCK_TIMEOUT_MS}ms")
+                        )
+                    )
+                    row = conn.execute(
+                        "SELECT 1 FROM txr.schema_migrations WHERE version = %s", (mig.version,)
+                    ).fetchone()
+                    if row is not None:
+                        continue
+                    # No parameters: psycopg sends the file with the simple query protocol, which
+                    # accepts many statements (and dollar-quoted function bodies).
+                    conn.execute(_render(mig.path.read_text(), conn, app_role).encode())
+                    conn.execute(
+                        "INSERT INTO txr.schema_migrations (version, name) VALUES (%s, %s)",
+                        (mig.version, mig.name),
+                    )
+                applied.append(mig.path.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATE_LOCK_KEY,))
+    return applied

@@ -1,0 +1,184 @@
+"""The aiohttp application factory: resources in cleanup contexts, one error middleware.
+
+``create_app(config)`` is what ``python -m router`` serves and what tests build. Every shared
+resource is a typed ``web.AppKey`` (``router.resources``); startup and cleanup of each are paired
+in one cleanup context, in dependency order.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from importlib import resources as importlib_resources
+
+import orjson
+import yaml
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from opentelemetry.trace import SpanKind
+
+from consistency.etcd import EtcdClient
+from consistency.topology import TopologyWatcher
+from router.auth import Verifier
+from router.cache import RegionCache
+from router.config import RouterConfig
+from router.errors import (
+    ApiError,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    OutcomeUnknown,
+    PayloadTooLarge,
+    RegionUnavailable,
+    problem_response,
+)
+from router.handlers import accounts, ops, transfers
+from router.handlers.common import SERVED_BY_KEY
+from router.limits import BODY_BYTES_MAX, TOPOLOGY_INITIAL_TIMEOUT_S
+from router.logs import request_id_var
+from router.metrics import Metrics
+from router.resources import CACHE, CONFIG, METRICS, OPENAPI, ROUTER, STORES, TOPOLOGY, VERIFIER
+from router.routing import ShardRouter, StoreRegistry, new_request_id
+from router.tracing import setup_tracing, tracer
+
+log = logging.getLogger("router")
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info
+    resource = info.route.resource if info.http_exception is None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _map_http_exception(exc: web.HTTPException) -> ApiError:
+    if exc.status == 404:
+        return NotFound("no such route")
+    if exc.status == 405:
+        return MethodNotAllowed("method not allowed on this route")
+    if exc.status == 413:
+        return PayloadTooLarge(f"request body exceeds {BODY_BYTES_MAX} bytes")
+    return BadRequest("the request could not be processed")
+
+
+@web.middleware
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, span, metrics, access log, and the mapping of every error to problem+json.
+
+    No exception leaves as a 500: an unexpected failure during a write is reported as
+    ``outcome_unknown`` (the router cannot prove nothing was written), during a read as
+    ``region_unavailable``; either way it is logged with the request id for the operator.
+    """
+    rid_in = request.headers.get("X-Request-Id")
+    rid = rid_in if rid_in and _REQUEST_ID_RE.fullmatch(rid_in) else new_request_id()
+    token = request_id_var.set(rid)
+    config = request.app[CONFIG]
+    metrics = request.app[METRICS]
+    route = _route_label(request)
+    start = time.perf_counter()
+    resp: web.StreamResponse
+    with tracer().start_as_current_span(
+        f"{request.method} {route}",
+        kind=SpanKind.SERVER,
+        attributes={"http.method": request.method, "http.route": route, "txr.request_id": rid},
+    ) as span:
+        try:
+            resp = await handler(request)
+        except ApiError as err:
+            resp = problem_response(err)
+        except web.HTTPException as exc:
+            resp = problem_response(_map_http_exception(exc))
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"route": route}})
+            unexpected: ApiError
+            if request.method in _WRITE_METHODS:
+                unexpected = OutcomeUnknown(
+                    "the router failed while handling this write; retry with "
+                    "the same Idempotency-Key to learn its outcome"
+                )
+            else:
+                unexpected = RegionUnavailable("the router could not complete this read")
+            resp = problem_response(unexpected)
+        span.set_attribute("http.status_code", resp.status)
+    elapsed = time.perf_counter() - start
+    resp.headers["X-Request-Id"] = rid
+    resp.headers["X-Served-By"] = request.get(SERVED_BY_KEY, f"{config.region}/router")
+    status = str(resp.status)
+    metrics.requests.labels(config.region, route, request.method, status).inc()
+    metrics.request_latency.labels(config.region, route, request.method, status).observe(elapsed)
+    log.info(
+        "request",
+        extra={
+            "fields": {
+                "method": request.method,
+                "route": route,
+                "status": resp.status,
+                "ms": round(elapsed * 1000, 3),
+            }
+        },
+    )
+    request_id_var.reset(token)
+    return resp
+
+
+def _load_openapi() -> bytes:
+    text = importlib_resources.files("router").joinpath("openapi.yaml").read_text()
+    return orjson.dumps(yaml.safe_load(text))
+
+
+async def _topology_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    client = EtcdClient(config.etcd_endpoints)
+    watcher = TopologyWatcher(client)
+    await watcher.start(initial_timeout_s=TOPOLOGY_INITIAL_TIMEOUT_S)
+    app[TOPOLOGY] = watcher
+    yield
+    await watcher.stop()
+    await client.close()
+
+
+async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    password = config.db_password_file.read_text().strip()
+    stores = StoreRegistry(config, password)
+    app[STORES] = stores
+    app[ROUTER] = ShardRouter(app[TOPOLOGY], stores, app[METRICS], config.region)
+    await stores.warm(app[TOPOLOGY].current)
+    yield
+    await stores.close()
+
+
+async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    cache = RegionCache(app[CONFIG].redis_url, app[METRICS])
+    app[CACHE] = cache
+    yield
+    await cache.close()
+
+
+def create_app(config: RouterConfig) -> web.Application:
+    setup_tracing(config.region)
+    # aiohttp refuses larger bodies itself (413, mapped to problem+json by the middleware).
+    app = web.Application(middlewares=[edge_middleware], client_max_size=BODY_BYTES_MAX)
+    app[CONFIG] = config
+    app[METRICS] = Metrics(config.region)
+    app[VERIFIER] = Verifier(
+        bytes.fromhex(config.jwt_secret_file.read_text().strip()),
+        issuer=config.jwt_issuer,
+        audience=config.jwt_audience,
+    )
+    app[OPENAPI] = _load_openapi()
+    app.cleanup_ctx.extend([_topology_ctx, _cache_ctx, _stores_ctx])
+    app.router.add_post("/v1/accounts", accounts.create_account)
+    app.router.add_get("/v1/accounts/{id}", accounts.get_account, allow_head=False)
+    app.router.add_get("/v1/accounts/{id}/entries", accounts.list_entries, allow_head=False)
+    app.router.add_post("/v1/transfers", transfers.create_transfer)
+    app.router.add_get("/v1/transfers/{id}", transfers.get_transfer, allow_head=False)
+    app.router.add_get("/healthz", ops.healthz, allow_head=False)
+    app.router.add_get("/readyz", ops.readyz, allow_head=False)
+    app.router.add_get("/metrics", ops.metrics, allow_head=False)
+    app.router.add_get("/openapi.json", ops.openapi, allow_head=False)
+    return app

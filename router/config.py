@@ -1,0 +1,89 @@
+"""The router's configuration: one JSON file per router process, written by the launcher.
+
+Everything a router needs to find its region's stores and the control plane. Secrets (the DB
+password, the JWT secret) sit in files with mode 0600 and are never logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    region: str
+    host: str
+    port: int
+    # etcd client URLs, this region's member first (the others are reached across the WAN).
+    etcd_endpoints: tuple[str, ...]
+    # Canonical "host:port" of a remote service (as stored in the topology) -> the "host:port"
+    # this region dials to reach it. The local cluster routes cross-region traffic through its
+    # WAN emulator this way; a real deployment leaves it empty.
+    dial: Mapping[str, str]
+    db_user: str
+    db_password_file: Path
+    db_name: str
+    redis_url: str
+    jwt_secret_file: Path
+    jwt_issuer: str = "txr-local"
+    jwt_audience: str = "txrouter"
+    # Per-region router URLs as dialled from this region (RTT probes, forwarding).
+    peer_routers: Mapping[str, str] = field(default_factory=dict)
+    log_level: str = "INFO"
+
+    def dial_address(self, host: str, port: int) -> tuple[str, int]:
+        mapped = self.dial.get(f"{host}:{port}")
+        if mapped is None:
+            return host, port
+        h, _, p = mapped.rpartition(":")
+        return h, int(p)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "region": self.region,
+            "host": self.host,
+            "port": self.port,
+            "etcd_endpoints": list(self.etcd_endpoints),
+            "dial": dict(self.dial),
+            "db_user": self.db_user,
+            "db_password_file": str(self.db_password_file),
+            "db_name": self.db_name,
+            "redis_url": self.redis_url,
+            "jwt_secret_file": str(self.jwt_secret_file),
+            "jwt_issuer": self.jwt_issuer,
+            "jwt_audience": self.jwt_audience,
+            "peer_routers": dict(self.peer_routers),
+            "log_level": self.log_level,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RouterConfig:
+        return cls(
+            region=str(d["region"]),
+            host=str(d["host"]),
+            port=int(d["port"]),
+            etcd_endpoints=tuple(str(e) for e in d["etcd_endpoints"]),
+            dial={str(k): str(v) for k, v in d.get("dial", {}).items()},
+            db_user=str(d["db_user"]),
+            db_password_file=Path(d["db_password_file"]),
+            db_name=str(d.get("db_name", "txr")),
+            redis_url=str(d["redis_url"]),
+            jwt_secret_file=Path(d["jwt_secret_file"]),
+            jwt_issuer=str(d.get("jwt_issuer", "txr-local")),
+            jwt_audience=str(d.get("jwt_audience", "txrouter")),
+            peer_routers={str(k): str(v) for k, v in d.get("peer_routers", {}).items()},
+            log_level=str(d.get("log_level", "INFO")),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> RouterConfig:
+        return cls.from_json(orjson.loads(path.read_bytes()))
+
+    def save(self, path: Path) -> None:
+        path.write_bytes(orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
+        path.chmod(0o600)

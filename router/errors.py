@@ -1,0 +1,135 @@
+"""HTTP-facing errors, rendered as ``application/problem+json`` with stable codes.
+
+    ApiError(status, code)
+     +-- BadRequest            400 invalid_request  (malformed JSON, headers)
+     +-- Unprocessable         422 invalid_request  (well-formed but invalid fields)
+     +-- Unauthorized          401 unauthorized
+     +-- Forbidden             403 forbidden
+     +-- NotFound              404 not_found        (also another tenant's object)
+     +-- Conflict              409 idempotency_key_reused
+     +-- BusinessRefusal       422 insufficient_funds / currency_mismatch / balance_limit
+     +-- RegionUnavailable     503 region_unavailable (with Retry-After)
+     +-- OutcomeUnknown        504 outcome_unknown  (a write that may or may not have happened)
+
+Handlers raise these; one middleware renders them. Nothing else reaches a client: no stack
+trace, no SQL, no internal host name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+from aiohttp import web
+
+PROBLEM_TYPE_BASE = "https://txrouter.dev/problems/"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+class ApiError(Exception):
+    status: ClassVar[int] = 500
+    default_code: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Error"
+
+    def __init__(self, detail: str, *, code: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code or self.default_code
+        self.extra = extra
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "type": PROBLEM_TYPE_BASE + self.code,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+            **self.extra,
+        }
+
+
+class BadRequest(ApiError):
+    status = 400
+    default_code = "invalid_request"
+    title = "Bad request"
+
+
+class Unprocessable(ApiError):
+    status = 422
+    default_code = "invalid_request"
+    title = "Invalid request"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    default_code = "unauthorized"
+    title = "Unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="txrouter"'}
+
+
+class Forbidden(ApiError):
+    status = 403
+    default_code = "forbidden"
+    title = "Forbidden"
+
+
+class NotFound(ApiError):
+    status = 404
+    default_code = "not_found"
+    title = "Not found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    default_code = "method_not_allowed"
+    title = "Method not allowed"
+
+
+class Conflict(ApiError):
+    status = 409
+    default_code = "idempotency_key_reused"
+    title = "Conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    default_code = "invalid_request"
+    title = "Payload too large"
+
+
+class BusinessRefusal(ApiError):
+    status = 422
+    title = "Refused"
+
+
+class RegionUnavailable(ApiError):
+    status = 503
+    default_code = "region_unavailable"
+    title = "Region unavailable"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class OutcomeUnknown(ApiError):
+    status = 504
+    default_code = "outcome_unknown"
+    title = "Outcome unknown"
+
+
+def problem_response(err: ApiError) -> web.Response:
+    return web.Response(
+        status=err.status,
+        body=orjson.dumps(err.body()),
+        content_type=PROBLEM_CONTENT_TYPE,
+        headers=err.headers(),
+    )

@@ -1,0 +1,47 @@
+"""Unauthenticated operational endpoints: health, readiness, metrics, the OpenAPI document."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from router.handlers.common import SERVED_BY_KEY
+from router.resources import CACHE, CONFIG, METRICS, OPENAPI, TOPOLOGY
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "region": request.app[CONFIG].region})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when this router can route (topology loaded) and reach its region's Redis."""
+    watcher = request.app[TOPOLOGY]
+    cache_ok = await request.app[CACHE].ping()
+    ready = watcher.loaded and cache_ok
+    body = {
+        "ready": ready,
+        "region": request.app[CONFIG].region,
+        "topology_revision": watcher.current.revision if watcher.loaded else None,
+        "etcd_reachable": watcher.etcd_reachable,
+        "cache_reachable": cache_ok,
+    }
+    return web.Response(
+        status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json"
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[METRICS]
+    watcher = request.app[TOPOLOGY]
+    if watcher.loaded:
+        m.topology_revision.labels(m.region).set(watcher.current.revision)
+    m.etcd_reachable.labels(m.region).set(1 if watcher.etcd_reachable else 0)
+    resp = web.Response(body=m.exposition())
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def openapi(request: web.Request) -> web.Response:
+    request[SERVED_BY_KEY] = f"{request.app[CONFIG].region}/router"
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")

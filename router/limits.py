@@ -1,0 +1,40 @@
+"""Bounds of the router, each with the reason for its value (TigerBeetle style)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Request bodies are small JSON documents; anything larger is refused before parsing.
+BODY_BYTES_MAX: Final = 16 * 1024
+
+# A write must finish (commit acknowledged by the synchronous standby) within this deadline or
+# the client gets 504 outcome_unknown. With --wan realistic a commit waits up to one 190 ms RTT
+# plus a cross-region hop; five seconds leaves room for a retry after a topology refresh.
+WRITE_DEADLINE_S: Final = 5.0
+# Reads give up sooner: a read can always be retried without ambiguity.
+READ_DEADLINE_S: Final = 3.0
+# On stale_epoch / wrong_shard the router refreshes the topology and retries once; a second
+# refusal means the control plane is mid-change and the client should come back shortly.
+STALE_RETRIES_MAX: Final = 1
+# A new account id clashing with an existing one (48 random bits per slot) is retried this many
+# times before giving up; two clashes in a row would point to a broken random source.
+ACCOUNT_ID_RETRIES_MAX: Final = 3
+# Retry-After (seconds) on 503 region_unavailable.
+RETRY_AFTER_S: Final = 1
+
+# Connection pools per shard primary. Two cores serve three regions locally, so pools are small;
+# each connection to a remote primary costs a handshake across the WAN, so keep a warm minimum.
+POOL_MIN: Final = 2
+POOL_MAX: Final = 16
+# Opening a pool to a primary never blocks startup longer than this; the pool keeps trying.
+POOL_OPEN_TIMEOUT_S: Final = 5.0
+# Loading the topology at startup: a router with no topology cannot route, so it waits for etcd
+# this long before exiting with an error.
+TOPOLOGY_INITIAL_TIMEOUT_S: Final = 30.0
+
+# Cache entries written on commit live this long; the TTL is a safety net, the version is the
+# correctness mechanism.
+CACHE_TTL_S: Final = 300
+# A cache write after commit is best effort: the commit is already durable, so a slow Redis must
+# not delay the answer by more than this.
+CACHE_WRITE_TIMEOUT_S: Final = 0.25

@@ -1,0 +1,91 @@
+"""Prometheus metrics of one router process (its own registry, so tests can build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Buckets span an in-region commit (~1 ms) to a cross-region write under --wan realistic with a
+# retry (~1 s) and the write deadline.
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+class Metrics:
+    def __init__(self, region: str) -> None:
+        self.region = region
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "txr_http_requests_total",
+            "HTTP requests by route, method and status.",
+            ["region", "route", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "txr_http_request_duration_seconds",
+            "HTTP request latency by route, method and status.",
+            ["region", "route", "method", "status"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.store_latency = Histogram(
+            "txr_store_call_duration_seconds",
+            "Store call latency by shard and operation (includes the WAN hop).",
+            ["region", "shard", "op"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "txr_store_errors_total",
+            "Store calls that failed operationally, by kind (unavailable, outcome_unknown).",
+            ["region", "shard", "kind"],
+            registry=self.registry,
+        )
+        self.fence_rejections = Counter(
+            "txr_fence_rejections_total",
+            "Writes the store refused for a stale shard epoch or a slot it does not own.",
+            ["region", "shard", "code"],
+            registry=self.registry,
+        )
+        self.transfer_outcomes = Counter(
+            "txr_transfer_outcomes_total",
+            "Transfer results by code.",
+            ["region", "code"],
+            registry=self.registry,
+        )
+        self.cache_ops = Counter(
+            "txr_cache_operations_total",
+            "Cache operations by kind and result.",
+            ["region", "op", "result"],
+            registry=self.registry,
+        )
+        self.topology_revision = Gauge(
+            "txr_topology_revision",
+            "etcd revision of the topology this router routes on.",
+            ["region"],
+            registry=self.registry,
+        )
+        self.etcd_reachable = Gauge(
+            "txr_etcd_reachable",
+            "1 when the last topology read or watch reached etcd.",
+            ["region"],
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        self.topology_revision.labels(self.region)
+        return generate_latest(self.registry)

@@ -1,0 +1,52 @@
+"""The public JSON shapes of accounts, transfers and entries (API.md)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from consistency import ids
+from consistency.topology import Shard
+from regionstore.store import AccountRow, EntryRow, TransferRow
+
+
+def timestamp(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def account(row: AccountRow, shard: Shard) -> dict[str, Any]:
+    return {
+        "id": ids.format_account_id(row.id),
+        "currency": row.currency,
+        "balance": row.balance,
+        "overdraft_limit": row.overdraft_limit,
+        "home_region": shard.home_region,
+        "shard": shard.name,
+        "version": row.version,
+        "metadata": row.metadata,
+        "created_at": timestamp(row.created_at),
+    }
+
+
+def transfer(row: TransferRow) -> dict[str, Any]:
+    return {
+        "id": ids.format_transfer_id(ids.account_slot(row.source), row.id),
+        "source": ids.format_account_id(row.source),
+        "destination": ids.format_account_id(row.destination),
+        "amount": row.amount,
+        "currency": row.currency,
+        "reference": row.reference,
+        "status": row.status,
+        "created_at": timestamp(row.created_at),
+    }
+
+
+def entry(row: EntryRow) -> dict[str, Any]:
+    return {
+        "account": ids.format_account_id(row.account_id),
+        "seq": row.seq,
+        "transfer_id": ids.format_transfer_id(ids.account_slot(row.account_id), row.transfer_id),
+        "amount": row.amount,
+        "balance_after": row.balance_after,
+        "created_at": timestamp(row.created_at),
+    }

@@ -1,0 +1,341 @@
+"""Routing: account -> slot -> shard -> primary and fencing tokens, with one stale retry.
+
+The router's topology may be stale; the stores are the authority (G5). When a store answers
+``stale_epoch`` or ``wrong_shard`` the router reloads the topology from etcd and tries once
+more, within the request's deadline. It never guesses an outcome: a write whose answer is lost
+is reported as unknown (G7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from consistency import ids
+from consistency.errors import EtcdError, TopologyError
+from consistency.idempotency import transfer_fingerprint
+from consistency.topology import Node, Shard, Topology, TopologyWatcher
+from regionstore.errors import StoreOutcomeUnknown, StoreUnavailable
+from regionstore.store import (
+    AccountRow,
+    CreateAccountCode,
+    ShardStore,
+    TransferCode,
+    TransferItem,
+    TransferResult,
+)
+from router.config import RouterConfig
+from router.errors import OutcomeUnknown, RegionUnavailable, Unprocessable
+from router.limits import (
+    ACCOUNT_ID_RETRIES_MAX,
+    POOL_MAX,
+    POOL_MIN,
+    POOL_OPEN_TIMEOUT_S,
+    RETRY_AFTER_S,
+    STALE_RETRIES_MAX,
+)
+from router.metrics import Metrics
+from router.tracing import tracer
+
+log = logging.getLogger(__name__)
+
+_FENCE_CODES = frozenset({TransferCode.STALE_EPOCH, TransferCode.WRONG_SHARD})
+
+
+class Deadline:
+    """A point in monotonic time that every step of one request shares."""
+
+    def __init__(self, seconds: float) -> None:
+        self._at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self._at - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+
+class StoreRegistry:
+    """One connection pool per PostgreSQL node this router has routed to, opened lazily."""
+
+    def __init__(self, config: RouterConfig, password: str) -> None:
+        self._config = config
+        self._password = password
+        self._stores: dict[str, ShardStore] = {}
+        self._lock = asyncio.Lock()
+
+    def _conninfo(self, node: Node) -> str:
+        host, port = self._config.dial_address(node.host, node.port)
+        # Key/value conninfo keeps the password out of any URL that a library might log.
+        return (
+            f"host={host} port={port} dbname={self._config.db_name} user={self._config.db_user} "
+            f"password={self._password} application_name=txr-router-{self._config.region} "
+            "connect_timeout=5"
+        )
+
+    async def for_node(self, node: Node) -> ShardStore:
+        store = self._stores.get(node.name)
+        if store is not None:
+            return store
+        async with self._lock:
+            store = self._stores.get(node.name)
+            if store is None:
+                store = ShardStore(
+                    self._conninfo(node), name=node.name, pool_min=POOL_MIN, pool_max=POOL_MAX
+                )
+                await store.open(timeout_s=POOL_OPEN_TIMEOUT_S)
+                self._stores[node.name] = store
+        return store
+
+    async def warm(self, topology: Topology) -> None:
+        """Open pools to every primary now, so the first request does not pay the handshakes."""
+        for shard in topology.shards.values():
+            try:
+                await self.for_node(shard.primary)
+            except StoreUnavailable as exc:
+                log.warning("primary %s not reachable yet: %s", shard.primary.name, exc)
+
+    async def close(self) -> None:
+        for store in self._stores.values():
+            await store.close()
+        self._stores.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRequest:
+    source: int
+    destination: int
+    amount: int
+    currency: str
+    reference: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PostedTransfer:
+    result: TransferResult
+    shard: Shard
+    source_slot: int
+
+
+class ShardRouter:
+    def __init__(
+        self, watcher: TopologyWatcher, stores: StoreRegistry, metrics: Metrics, region: str
+    ) -> None:
+        self.watcher = watcher
+        self.stores = stores
+        self.metrics = metrics
+        self.region = region
+
+    @property
+    def topology(self) -> Topology:
+        return self.watcher.current
+
+    async def _refresh(self, seen_revision: int) -> None:
+        try:
+            await self.watcher.refresh(newer_than=seen_revision)
+        except (EtcdError, TopologyError) as exc:
+            # Without etcd we cannot learn the new map; the client retries shortly.
+            raise RegionUnavailable(
+                "the shard is changing hands and the topology cannot be refreshed",
+                retry_after_s=RETRY_AFTER_S,
+            ) from exc
+
+    async def _timed(self, shard: str, op: str, coro: Any) -> Any:
+        start = time.perf_counter()
+        with tracer().start_as_current_span(f"store.{op}", attributes={"txr.shard": shard}):
+            try:
+                return await coro
+            except StoreUnavailable:
+                self.metrics.store_errors.labels(self.region, shard, "unavailable").inc()
+                raise
+            except StoreOutcomeUnknown:
+                self.metrics.store_errors.labels(self.region, shard, "outcome_unknown").inc()
+                raise
+            finally:
+                self.metrics.store_latency.labels(self.region, shard, op).observe(
+                    time.perf_counter() - start
+                )
+
+    async def post_transfer(
+        self, tenant: str, req: TransferRequest, key: str, deadline: Deadline
+    ) -> PostedTransfer:
+        source_slot = ids.account_slot(req.source)
+        dest_slot = ids.account_slot(req.destination)
+        fingerprint = transfer_fingerprint(
+            source=req.source,
+            destination=req.destination,
+            amount=req.amount,
+            currency=req.currency,
+            reference=req.reference,
+        )
+        # One id for every attempt: a retry after a refusal re-sends the same transfer.
+        transfer_id = ids.new_transfer_id()
+        for attempt in range(STALE_RETRIES_MAX + 1):
+            topo = self.topology
+            shard, source_epoch = topo.route(source_slot)
+            dest_shard, dest_epoch = topo.route(dest_slot)
+            if dest_shard.name != shard.name:
+                raise Unprocessable(
+                    "source and destination live in different shards; cross-shard transfers "
+                    "are not available yet",
+                    code="cross_shard_unsupported",
+                )
+            item = TransferItem(
+                transfer_id=transfer_id,
+                tenant=tenant,
+                source=req.source,
+                destination=req.destination,
+                amount=req.amount,
+                currency=req.currency,
+                reference=req.reference,
+                idempotency_key=key,
+                fingerprint=fingerprint,
+                source_slot_epoch=source_epoch,
+                destination_slot_epoch=dest_epoch,
+            )
+            result = await self._post_one(shard, item, deadline)
+            if result.code not in _FENCE_CODES:
+                return PostedTransfer(result, shard, source_slot)
+            self.metrics.fence_rejections.labels(self.region, shard.name, result.code.value).inc()
+            if attempt < STALE_RETRIES_MAX and not deadline.expired():
+                await self._refresh(topo.revision)
+        raise RegionUnavailable(
+            "the account's shard is moving; retry with the same Idempotency-Key",
+            retry_after_s=RETRY_AFTER_S,
+        )
+
+    async def _post_one(
+        self, shard: Shard, item: TransferItem, deadline: Deadline
+    ) -> TransferResult:
+        if deadline.expired():
+            raise OutcomeUnknown("the request deadline passed; retry with the same key")
+        try:
+            store = await self.stores.for_node(shard.primary)
+            results: list[TransferResult] = await self._timed(
+                shard.name,
+                "post_transfers",
+                store.post_transfers(shard.epoch, [item], timeout_s=deadline.remaining()),
+            )
+        except StoreUnavailable as exc:
+            raise RegionUnavailable(
+                "the account's home shard is not reachable; nothing was written",
+                retry_after_s=RETRY_AFTER_S,
+            ) from exc
+        except StoreOutcomeUnknown as exc:
+            raise OutcomeUnknown(
+                "the transfer may or may not have been applied; retry with the same "
+                "Idempotency-Key to learn its outcome"
+            ) from exc
+        assert len(results) == 1, "one result per item"
+        return results[0]
+
+    async def create_account(
+        self,
+        *,
+        tenant: str,
+        region: str,
+        currency: str,
+        overdraft_limit: int,
+        metadata: Mapping[str, Any],
+        deadline: Deadline,
+    ) -> tuple[AccountRow, Shard]:
+        for _attempt in range(STALE_RETRIES_MAX + 1):
+            topo = self.topology
+            homed = topo.shards_homed_in(region)
+            if not homed:
+                raise Unprocessable(f"no shard is homed in region {region!r}")
+            shard = random.choice(homed)
+            slots = topo.slots.slots_of(shard.name)
+            if not slots:
+                raise RegionUnavailable(
+                    f"shard {shard.name} owns no slots", retry_after_s=RETRY_AFTER_S
+                )
+            refused = False
+            for _clash in range(ACCOUNT_ID_RETRIES_MAX):
+                slot = random.choice(slots)
+                _, slot_epoch = topo.slots.lookup(slot)
+                account_id = ids.new_account_id(slot)
+                code, row = await self._create_one(
+                    shard,
+                    slot_epoch,
+                    account_id,
+                    tenant,
+                    currency,
+                    overdraft_limit,
+                    metadata,
+                    deadline,
+                )
+                if code is CreateAccountCode.OK:
+                    assert row is not None
+                    return row, shard
+                if code is not CreateAccountCode.ID_TAKEN:
+                    self.metrics.fence_rejections.labels(self.region, shard.name, code.value).inc()
+                    refused = True
+                    break
+            if not refused:
+                raise RegionUnavailable("could not allocate an account id", retry_after_s=1)
+            if not deadline.expired():
+                await self._refresh(topo.revision)
+        raise RegionUnavailable("the region's shards are changing hands; retry shortly")
+
+    async def _create_one(
+        self,
+        shard: Shard,
+        slot_epoch: int,
+        account_id: int,
+        tenant: str,
+        currency: str,
+        overdraft_limit: int,
+        metadata: Mapping[str, Any],
+        deadline: Deadline,
+    ) -> tuple[CreateAccountCode, AccountRow | None]:
+        if deadline.expired():
+            raise OutcomeUnknown("the request deadline passed")
+        try:
+            store = await self.stores.for_node(shard.primary)
+            res: tuple[CreateAccountCode, AccountRow | None] = await self._timed(
+                shard.name,
+                "create_account",
+                store.create_account(
+                    shard_epoch=shard.epoch,
+                    slot_epoch=slot_epoch,
+                    account_id=account_id,
+                    tenant=tenant,
+                    currency=currency,
+                    overdraft_limit=overdraft_limit,
+                    metadata=metadata,
+                    timeout_s=deadline.remaining(),
+                ),
+            )
+        except StoreUnavailable as exc:
+            raise RegionUnavailable(
+                "the home shard is not reachable; nothing was written",
+                retry_after_s=RETRY_AFTER_S,
+            ) from exc
+        except StoreOutcomeUnknown as exc:
+            # Account creation carries no idempotency key: the client may find a stray empty
+            # account if it retries, never a wrong balance.
+            raise OutcomeUnknown("the account may or may not have been created") from exc
+        return res
+
+    async def read(self, slot: int, op: str, fn: Any, deadline: Deadline) -> tuple[Any, Shard]:
+        """Run a read on the home primary of ``slot``: ``fn(store, timeout_s)``."""
+        shard, _ = self.topology.route(slot)
+        try:
+            store = await self.stores.for_node(shard.primary)
+            value = await self._timed(shard.name, op, fn(store, max(deadline.remaining(), 0.01)))
+        except (StoreUnavailable, StoreOutcomeUnknown) as exc:
+            raise RegionUnavailable(
+                "the account's home shard is not reachable", retry_after_s=RETRY_AFTER_S
+            ) from exc
+        return value, shard
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
