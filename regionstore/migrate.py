@@ -25,7 +25,7 @@ APP_ROLE: Final = "txr_app"
 
 MIGRATIONS_DIR: Final = Path(__file__).with_name("migrations")
 _FILE_RE: Final = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
-_ROLE_TOKEN: Final = "__APP_ROLE__"
+_ROLE_PLACEHOLDER: Final = "__APP_ROLE__"
 
 # Session advisory lock held while migrating, so two launchers never apply the same file twice.
 _MIGRATE_LOCK_KEY: Final = 7478706500002
@@ -59,7 +59,7 @@ def available_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
 
 def _render(text: str, conn: psycopg.Connection[object], app_role: str) -> str:
     quoted = sql.Identifier(app_role).as_string(conn)
-    return text.replace(_ROLE_TOKEN, quoted)
+    return text.replace(_ROLE_PLACEHOLDER, quoted)
 
 
 def apply_migrations(admin_dsn: str, *, app_role: str = APP_ROLE) -> list[str]:

@@ -1,3 +1,3 @@
 """Fixtures live in tests/fixtures/; this file only registers them."""
 
-pytest_plugins = ["tests.fixtures.pg", "tests.fixtures.cluster"]
+pytest_plugins = ["tests.fixtures.pg", "tests.fixtures.cluster", "tests.fixtures.api"]

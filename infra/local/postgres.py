@@ -67,6 +67,14 @@ def _chown_to_pg_user(path: Path) -> None:
         os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
+def pg_owned_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) owned by the server user, who writes logs and data in it."""
+    path.mkdir(parents=True, exist_ok=True)
+    _chown_to_pg_user(path)
+    path.chmod(0o700)
+    return path
+
+
 def _pg_user_can_use(path: Path) -> bool:
     if not running_as_root():
         return True

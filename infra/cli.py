@@ -1,0 +1,241 @@
+"""``txr``: the operator's command line (API.md, "CLI").
+
+Exit codes: 0 success, 1 the operation ran and failed (reason on stderr), 2 usage error
+(argparse's own code). Subcommands register themselves in ``build_parser``; each handler takes
+the parsed arguments and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+from infra.local import cluster, procs
+from infra.local.ports import plan_ports
+from router.auth import SCOPES
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+DEFAULT_TOKEN_TTL_S: Final = 3600
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT reached the foreground launcher."""
+
+
+def _err(msg: str) -> None:
+    print(f"txr: {msg}", file=sys.stderr)
+
+
+def _progress(msg: str) -> None:
+    print(f"[txr local] {msg}", file=sys.stderr, flush=True)
+
+
+def _regions(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("at least one region")
+    return names
+
+
+def _scopes(text: str) -> list[str]:
+    scopes = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = set(scopes) - SCOPES
+    if unknown or not scopes:
+        raise argparse.ArgumentTypeError(
+            f"scopes are a comma list of: {', '.join(sorted(SCOPES))}"
+        )
+    return scopes
+
+
+# -- txr local ----------------------------------------------------------------------------
+
+
+def _print_endpoints(state: dict[str, Any], cluster_dir: Path) -> None:
+    desc = cluster.status(cluster_dir)
+    print(f"txr local cluster up in {state.get('start_seconds')} s "
+          f"(started {state.get('started_at')}, WAN {state.get('wan')})")
+    for region, r in desc["regions"].items():
+        print(f"  {region:10s} router {r['router']}  redis {r['redis']}  etcd {r['etcd']}")
+    print(f"  WAN control {desc['wan']['control']}")
+    print(f"  logs        {cluster_dir.resolve() / 'logs'}")
+    if state.get("routers_started"):
+        tok = cluster.dev_token(cluster_dir)
+        first = next(iter(desc["regions"].values()))["router"]
+        print(f"\ndev token (tenant dev, all scopes, 24 h):\n{tok}\n")
+        print("try:")
+        print(f"  curl -s -X POST {first}/v1/accounts -H 'Authorization: Bearer {tok}' "
+              "-H 'Content-Type: application/json' -d '{\"currency\": \"EUR\"}'")
+
+
+def _cmd_local_up(args: argparse.Namespace) -> int:
+    opts = cluster.UpOptions(
+        dir=args.dir, base_port=args.base_port, regions=args.regions, wan=args.wan
+    )
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    # SIGTERM during start-up behaves like Ctrl-C: stop what was started, then exit.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        state = cluster.up(opts, progress=_progress)
+    except cluster.ClusterError as exc:
+        _err(f"local up failed: {exc}")
+        return EXIT_FAILED
+    except _Stop as exc:
+        _err(f"interrupted by {exc} during start-up; stopped what was started")
+        return EXIT_FAILED
+    _print_endpoints(state, args.dir)
+    if args.detach:
+        return EXIT_OK
+    print("running in the foreground; Ctrl-C stops the cluster", flush=True)
+    reported: set[int] = set()
+    try:
+        while True:
+            time.sleep(cluster.MONITOR_INTERVAL_S)
+            for name, pid in _dead_children(args.dir):
+                if pid not in reported:
+                    reported.add(pid)
+                    _err(f"{name} (pid {pid}) exited; see {args.dir.resolve() / 'logs'}")
+    except _Stop as exc:
+        _progress(f"{exc}: stopping the cluster")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        cluster.down(args.dir, progress=_progress)
+    except cluster.ClusterError as exc:
+        _err(f"local down failed: {exc}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _dead_children(cluster_dir: Path) -> list[tuple[str, int]]:
+    state = cluster.load_state(cluster_dir)
+    dead = [
+        (p["name"], int(p["pid"])) for p in state.data.get("procs", [])
+        if not procs.is_alive(int(p["pid"]), p.get("marker"))
+    ]
+    dead += [
+        (f"postgres {e['node']}", int(e["pid"])) for e in state.data.get("pg", [])
+        if e.get("pid") and not procs.is_alive(int(e["pid"]), e["datadir"])
+    ]
+    return dead
+
+
+def _cmd_local_status(args: argparse.Namespace) -> int:
+    try:
+        desc = cluster.status(args.dir)
+    except cluster.ClusterError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(desc, indent=2))
+        return EXIT_OK
+    print(f"cluster {desc['dir']}: {desc['status']} (started {desc['started_at']}, "
+          f"WAN {desc['wan']['profile']}, topology from {desc['topology_source']})")
+    for region, r in desc["regions"].items():
+        print(f"\n{region}")
+        print(f"  router {r['router']:28s} pid {r['router_pid']}")
+        print(f"  redis  {r['redis']:28s} pid {r['redis_pid']}")
+        print(f"  etcd   {r['etcd']:28s} pid {r['etcd_pid']}")
+        for n in r["nodes"]:
+            print(f"  pg     {n['shard']:12s} {n['role']:8s} {n['dsn']}  pid {n['pid']}")
+    print("\nshard        home       primary    epoch")
+    for name, s in desc["shards"].items():
+        print(f"{name:12s} {s['home_region']:10s} {s['primary_region']:10s} {s['epoch']}")
+    return EXIT_OK
+
+
+def _cmd_local_down(args: argparse.Namespace) -> int:
+    try:
+        found = cluster.down(args.dir, progress=_progress)
+    except cluster.ClusterError as exc:
+        _err(f"local down failed: {exc}")
+        return EXIT_FAILED
+    if not found:
+        _progress(f"no cluster state in {args.dir.resolve()}; nothing to stop")
+    return EXIT_OK
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    try:
+        print(cluster.token(args.dir, args.tenant, args.scopes, args.ttl))
+    except (cluster.ClusterError, ValueError) as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def _add_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, default=cluster.DEFAULT_DIR,
+                   help="cluster directory (default: .txr/local)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="txr", description="txrouter operations")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    local = sub.add_parser("local", help="a cluster on this machine")
+    local_sub = local.add_subparsers(dest="local_command", required=True, metavar="ACTION")
+
+    p = local_sub.add_parser("up", help="start a local cluster")
+    _add_dir(p)
+    p.add_argument("--base-port", type=int, default=cluster.DEFAULT_BASE_PORT)
+    p.add_argument("--regions", type=_regions, default=cluster.DEFAULT_REGIONS)
+    p.add_argument("--wan", choices=("none", "realistic"), default="none")
+    p.add_argument("--detach", action="store_true", help="return once every router is ready")
+    p.set_defaults(handler=_cmd_local_up)
+
+    p = local_sub.add_parser("status", help="describe a local cluster")
+    _add_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_local_status)
+
+    p = local_sub.add_parser("down", help="stop every process of a local cluster")
+    _add_dir(p)
+    p.set_defaults(handler=_cmd_local_down)
+
+    p = sub.add_parser("token", help="print a JWT for a local cluster")
+    _add_dir(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--scopes", type=_scopes, required=True)
+    p.add_argument("--ttl", type=int, default=DEFAULT_TOKEN_TTL_S, help="seconds")
+    p.set_defaults(handler=_cmd_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if getattr(args, "base_port", None) is not None:
+        try:
+            plan_ports(args.base_port, args.regions)
+        except ValueError as exc:
+            parser.error(str(exc))
+    handler: Handler = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

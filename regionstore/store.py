@@ -1,0 +1,555 @@
+"""Async client of one shard primary: the only way the router writes money.
+
+Each method is one round trip: writes call a stored procedure (``txr.post_transfers``,
+``txr.create_account``) in autocommit mode, so the statement is its own transaction and no
+BEGIN/COMMIT round trips are added; reads are single parameterised SELECTs.
+
+Business outcomes come back as values (``TransferCode`` per item, ``CreateAccountCode``);
+operational failures raise the exceptions of :mod:`regionstore.errors`, classified by what the
+caller may conclude about a write:
+
+- nothing sent (pool acquire timed out, server unreachable, pool closed) -> StoreUnavailable;
+- sent, then the deadline passed, the connection broke, or the primary reported that the
+  commit's wait for the synchronous standby was cancelled -> StoreOutcomeUnknown;
+- the server rolled the statement back (connection healthy) -> StoreUnavailable, or
+  StoreInvariantViolation when the refusal is a bug (bad arguments, CHECK, ledger assertion).
+
+Deadlines are strict: the call runs in its own task and the caller waits on it for at most
+``timeout_s``. On expiry the caller gets its exception at once, and the task is cancelled in
+the background: psycopg then cancels the query on the server and the pool rolls back or
+discards the connection, so a connection is never reused mid-transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Final, TypeVar
+
+import psycopg
+import psycopg_pool
+from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
+from psycopg.types.json import Jsonb
+from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
+
+from consistency.limits import BATCH_ITEMS_MAX, ENTRIES_PAGE_MAX, ENTRIES_PAGE_MIN
+from regionstore.errors import (
+    StoreError,
+    StoreInvariantViolation,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+# Establishing a TCP + SCRAM session to a primary across a WAN takes a few round trips; beyond
+# this the server is as good as down and the pool retries with backoff.
+CONNECT_TIMEOUT_S: Final = 5
+# Server-side ceiling on any statement: router deadlines are far shorter, so this only bounds
+# the work of a call whose client went away without its cancel reaching the server.
+STATEMENT_TIMEOUT_MS: Final = 30_000
+# Recycle connections now and then (server memory, DNS/primary moves after failover) and close
+# idle extras so a quiet router does not pin server slots.
+POOL_MAX_LIFETIME_S: Final = 30 * 60.0
+POOL_MAX_IDLE_S: Final = 5 * 60.0
+# A primary may be down for a whole failover; keep reconnecting with backoff that long.
+POOL_RECONNECT_TIMEOUT_S: Final = 10 * 60.0
+# Waiters beyond this fail at once (StoreUnavailable) instead of queueing without bound.
+POOL_MAX_WAITING: Final = 1024
+# Closing waits this long for checked-out connections to come back.
+POOL_CLOSE_TIMEOUT_S: Final = 5.0
+# psycopg prepares a statement server-side after this many executions on a connection: our few
+# hot statements are prepared almost at once, and parse/plan is skipped afterwards.
+PREPARE_THRESHOLD: Final = 2
+
+# SQLSTATE classes that mean the call itself was wrong: data exception, integrity violation,
+# syntax/privilege error, PL/pgSQL RAISE, internal error. Retrying cannot help.
+_INVARIANT_SQLSTATE_CLASSES: Final = frozenset({"22", "23", "42", "P0", "XX", "2B", "2F"})
+# A WARNING with these SQLSTATEs while a commit waits for the synchronous standby means the
+# transaction committed locally but the wait was cut short: not known to be replicated (G1).
+_SYNC_WAIT_CANCELLED_SQLSTATES: Final = frozenset({"57014", "57P01", "57P02"})
+
+
+class TransferCode(StrEnum):
+    OK = "ok"
+    REPLAYED = "replayed"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    CURRENCY_MISMATCH = "currency_mismatch"
+    NOT_FOUND = "not_found"
+    STALE_EPOCH = "stale_epoch"
+    WRONG_SHARD = "wrong_shard"
+    BALANCE_LIMIT = "balance_limit"
+
+
+class CreateAccountCode(StrEnum):
+    OK = "ok"
+    STALE_EPOCH = "stale_epoch"
+    WRONG_SHARD = "wrong_shard"
+    ID_TAKEN = "id_taken"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferItem:
+    transfer_id: uuid.UUID
+    tenant: str
+    source: int
+    destination: int
+    amount: int
+    currency: str
+    reference: str | None
+    idempotency_key: str
+    fingerprint: bytes
+    source_slot_epoch: int
+    destination_slot_epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """One item's outcome. ``ok`` and ``replayed`` carry the transfer and both accounts'
+    balances and versions (for ``replayed``: the original transfer, current balances);
+    refusals carry only the code."""
+
+    code: TransferCode
+    transfer_id: uuid.UUID | None
+    status: str | None
+    created_at: datetime | None
+    source_balance: int | None
+    source_version: int | None
+    destination_balance: int | None
+    destination_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    id: int
+    tenant: str
+    currency: str
+    balance: int
+    overdraft_limit: int
+    version: int
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRow:
+    id: uuid.UUID
+    tenant: str
+    source: int
+    destination: int
+    amount: int
+    currency: str
+    reference: str | None
+    status: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRow:
+    account_id: int
+    seq: int
+    transfer_id: uuid.UUID
+    amount: int
+    balance_after: int
+    created_at: datetime
+
+
+_POST_TRANSFERS_SQL: Final = (
+    "SELECT idx, code, transfer_id, status, created_at, source_balance, source_version,"
+    " destination_balance, destination_version"
+    " FROM txr.post_transfers(%s::bigint, %s::uuid[], %s::text[], %s::bigint[], %s::bigint[],"
+    " %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[], %s::bigint[])"
+)
+_CREATE_ACCOUNT_SQL: Final = (
+    "SELECT code, created_at FROM txr.create_account("
+    "%s::bigint, %s::bigint, %s::bigint, %s::text, %s::text, %s::bigint, %s::jsonb)"
+)
+_GET_ACCOUNT_SQL: Final = (
+    "SELECT id, tenant, currency, balance, overdraft_limit, version, metadata, created_at"
+    " FROM txr.accounts WHERE id = %s::bigint AND tenant = %s::text AND kind = 'customer'"
+)
+_GET_TRANSFER_SQL: Final = (
+    "SELECT id, tenant, source, destination, amount, currency, reference, status, created_at"
+    " FROM txr.transfers WHERE id = %s::uuid AND tenant = %s::text"
+)
+# One round trip answers both "is the account visible" (no row) and "its page" (a row per entry,
+# or one all-NULL row when it has none).
+_LIST_ENTRIES_SQL: Final = (
+    "SELECT e.account_id, e.seq, e.transfer_id, e.amount, e.balance_after, e.created_at"
+    " FROM txr.accounts a"
+    " LEFT JOIN LATERAL ("
+    "   SELECT le.account_id, le.seq, le.transfer_id, le.amount, le.balance_after, le.created_at"
+    "   FROM txr.ledger_entries le"
+    "   WHERE le.account_id = a.id AND le.seq < coalesce(%s::bigint, 9223372036854775807)"
+    "   ORDER BY le.seq DESC LIMIT %s::int"
+    " ) e ON true"
+    " WHERE a.id = %s::bigint AND a.tenant = %s::text AND a.kind = 'customer'"
+    " ORDER BY e.seq DESC"
+)
+
+
+class _CallState:
+    """What a call got as far as, so a failure can be classified (sent or not)."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+class ShardStore:
+    """A pool of connections to one shard primary, as the app role."""
+
+    def __init__(self, conninfo: str, *, name: str, pool_min: int = 2, pool_max: int = 10) -> None:
+        assert 0 < pool_min <= pool_max
+        self.name = name
+        # Per connection: set when the server warned that a commit's synchronous-replication
+        # wait was cancelled (checked after each write).
+        self._sync_wait_cancelled: weakref.WeakKeyDictionary[Conn, bool] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._background: set[asyncio.Task[Any]] = set()
+        self._pool: psycopg_pool.AsyncConnectionPool[Conn] = psycopg_pool.AsyncConnectionPool(
+            conninfo,
+            min_size=pool_min,
+            max_size=pool_max,
+            open=False,
+            name=f"shard-{name}",
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "prepare_threshold": PREPARE_THRESHOLD,
+                "application_name": f"txr-router-{name}"[:63],
+                "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            },
+            configure=self._configure,
+            max_waiting=POOL_MAX_WAITING,
+            max_lifetime=POOL_MAX_LIFETIME_S,
+            max_idle=POOL_MAX_IDLE_S,
+            reconnect_timeout=POOL_RECONNECT_TIMEOUT_S,
+            reconnect_failed=self._reconnect_failed,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self, *, timeout_s: float) -> None:
+        """Open the pool; wait up to ``timeout_s`` for a first connection, never fail on it.
+
+        A router starts while a primary may be down (failover, cold start): the pool keeps
+        connecting in the background and calls fail with StoreUnavailable until it succeeds.
+        """
+        await self._pool.open(wait=False)
+        try:
+            async with self._pool.connection(timeout=timeout_s):
+                pass
+        except psycopg_pool.PoolTimeout:
+            logger.warning("shard %s: no connection after %.1fs; retrying", self.name, timeout_s)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._pool.close(timeout=POOL_CLOSE_TIMEOUT_S)
+
+    async def _configure(self, conn: Conn) -> None:
+        # Every integer we send is a bigint column: dump Python ints as int8 always, so a
+        # statement has one parameter signature (one prepared plan), whatever the values.
+        conn.adapters.register_dumper(int, Int8Dumper)
+        conn.adapters.register_dumper(int, Int8BinaryDumper)
+        self._sync_wait_cancelled[conn] = False
+        ref = weakref.ref(conn)
+
+        def on_notice(diag: pg_errors.Diagnostic) -> None:
+            c = ref()
+            if c is not None and diag.sqlstate in _SYNC_WAIT_CANCELLED_SQLSTATES:
+                self._sync_wait_cancelled[c] = True
+
+        conn.add_notice_handler(on_notice)
+
+    def _reconnect_failed(self, pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+        logger.error("shard %s: reconnection attempts exhausted; retrying on demand", self.name)
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        op: Callable[[Conn], Awaitable[T]],
+        *,
+        timeout_s: float,
+        write: bool,
+        what: str,
+    ) -> T:
+        """Run ``op`` on a pooled connection within ``timeout_s``, classifying failures."""
+        state = _CallState()
+        deadline = time.monotonic() + timeout_s
+        task = asyncio.ensure_future(self._on_connection(op, state, deadline, write, what))
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(task)
+        except TimeoutError as exc:
+            self._abandon(task)
+            if write and state.sent:
+                raise StoreOutcomeUnknown(
+                    f"shard {self.name}: {what} timed out after {timeout_s}s once sent"
+                ) from exc
+            raise StoreUnavailable(
+                f"shard {self.name}: {what} timed out after {timeout_s}s"
+                + (" (read)" if state.sent else " before it was sent")
+            ) from exc
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
+
+    def _abandon(self, task: asyncio.Task[Any]) -> None:
+        """Cancel a call we stopped waiting for and let it clean up in the background."""
+        if task.done():
+            if not task.cancelled():
+                task.exception()  # retrieved: the caller already got its own exception
+            return
+        task.cancel()
+        self._background.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._background.discard(t)
+            if not t.cancelled():
+                t.exception()
+
+        task.add_done_callback(done)
+
+    async def _on_connection(
+        self,
+        op: Callable[[Conn], Awaitable[T]],
+        state: _CallState,
+        deadline: float,
+        write: bool,
+        what: str,
+    ) -> T:
+        try:
+            conn = await self._pool.getconn(timeout=max(deadline - time.monotonic(), 0.001))
+        except (psycopg_pool.PoolTimeout, psycopg_pool.TooManyRequests) as exc:
+            raise StoreUnavailable(f"shard {self.name}: no connection for {what}") from exc
+        except psycopg_pool.PoolClosed as exc:
+            raise StoreUnavailable(f"shard {self.name}: store closed") from exc
+        try:
+            state.sent = True
+            self._sync_wait_cancelled[conn] = False
+            try:
+                result = await op(conn)
+            except psycopg.Error as exc:
+                raise self._classify(exc, conn, write, what) from exc
+            if write and self._sync_wait_cancelled.get(conn, False):
+                raise StoreOutcomeUnknown(
+                    f"shard {self.name}: {what} committed locally but its synchronous "
+                    "replication wait was cancelled"
+                )
+            return result
+        finally:
+            # The pool checks the state: a connection still running a query (cancelled
+            # mid-call) is closed, one inside a transaction is rolled back, never reused as is.
+            await self._pool.putconn(conn)
+
+    def _classify(self, exc: psycopg.Error, conn: Conn, write: bool, what: str) -> StoreError:
+        status = conn.pgconn.transaction_status
+        if conn.closed or status not in (TransactionStatus.IDLE, TransactionStatus.INERROR):
+            # The connection broke under the call: a write may have committed before it did.
+            if write:
+                return StoreOutcomeUnknown(f"shard {self.name}: {what}: connection lost ({exc})")
+            return StoreUnavailable(f"shard {self.name}: {what}: connection lost ({exc})")
+        # The server answered with an error on a live autocommit connection: the statement was
+        # rolled back, the write certainly did not happen.
+        sqlstate = exc.sqlstate or ""
+        if sqlstate[:2] in _INVARIANT_SQLSTATE_CLASSES:
+            return StoreInvariantViolation(
+                f"shard {self.name}: {what} refused: {sqlstate} {exc.diag.message_primary}"
+            )
+        return StoreUnavailable(f"shard {self.name}: {what} rolled back: {sqlstate}")
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def post_transfers(
+        self, shard_epoch: int, items: Sequence[TransferItem], *, timeout_s: float
+    ) -> list[TransferResult]:
+        """Post a batch in one transaction; one result per item, in order."""
+        if len(items) > BATCH_ITEMS_MAX:
+            raise ValueError(f"{len(items)} items exceed BATCH_ITEMS_MAX={BATCH_ITEMS_MAX}")
+        if not items:
+            return []
+        params = (
+            shard_epoch,
+            [it.transfer_id for it in items],
+            [it.tenant for it in items],
+            [it.source for it in items],
+            [it.destination for it in items],
+            [it.amount for it in items],
+            [it.currency for it in items],
+            [it.reference for it in items],
+            [it.idempotency_key for it in items],
+            [it.fingerprint for it in items],
+            [it.source_slot_epoch for it in items],
+            [it.destination_slot_epoch for it in items],
+        )
+
+        async def op(conn: Conn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(_POST_TRANSFERS_SQL, params)
+            return await cur.fetchall()
+
+        rows = await self._call(op, timeout_s=timeout_s, write=True, what="post_transfers")
+        if [r[0] for r in rows] != list(range(len(items))):
+            # Committed, but we cannot tell which item got what: the client must retry with
+            # the same keys (replays), exactly as for any unknown outcome.
+            raise StoreOutcomeUnknown(
+                f"shard {self.name}: post_transfers returned {len(rows)} rows for {len(items)}"
+            )
+        return [
+            TransferResult(
+                code=TransferCode(r[1]),
+                transfer_id=r[2],
+                status=r[3],
+                created_at=r[4],
+                source_balance=r[5],
+                source_version=r[6],
+                destination_balance=r[7],
+                destination_version=r[8],
+            )
+            for r in rows
+        ]
+
+    async def create_account(
+        self,
+        *,
+        shard_epoch: int,
+        slot_epoch: int,
+        account_id: int,
+        tenant: str,
+        currency: str,
+        overdraft_limit: int,
+        metadata: Mapping[str, Any],
+        timeout_s: float,
+    ) -> tuple[CreateAccountCode, AccountRow | None]:
+        """Create a customer account with balance 0 and version 1; the row only when ``ok``."""
+        meta = dict(metadata)
+        params = (shard_epoch, slot_epoch, account_id, tenant, currency, overdraft_limit,
+                  Jsonb(meta))
+
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(_CREATE_ACCOUNT_SQL, params)
+            return await cur.fetchone()
+
+        row = await self._call(op, timeout_s=timeout_s, write=True, what="create_account")
+        if row is None:
+            raise StoreOutcomeUnknown(f"shard {self.name}: create_account returned no row")
+        code = CreateAccountCode(row[0])
+        if code is not CreateAccountCode.OK:
+            return code, None
+        return code, AccountRow(
+            id=account_id,
+            tenant=tenant,
+            currency=currency,
+            balance=0,
+            overdraft_limit=overdraft_limit,
+            version=1,
+            metadata=meta,
+            created_at=row[1],
+        )
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get_account(self, account_id: int, tenant: str, *, timeout_s: float
+                          ) -> AccountRow | None:
+        """The account, or None when missing, another tenant's, or a transit account."""
+
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(_GET_ACCOUNT_SQL, (account_id, tenant))
+            return await cur.fetchone()
+
+        row = await self._call(op, timeout_s=timeout_s, write=False, what="get_account")
+        if row is None:
+            return None
+        return AccountRow(
+            id=row[0],
+            tenant=row[1],
+            currency=row[2],
+            balance=row[3],
+            overdraft_limit=row[4],
+            version=row[5],
+            metadata=row[6],
+            created_at=row[7],
+        )
+
+    async def get_transfer(self, transfer_id: uuid.UUID, tenant: str, *, timeout_s: float
+                           ) -> TransferRow | None:
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(_GET_TRANSFER_SQL, (transfer_id, tenant))
+            return await cur.fetchone()
+
+        row = await self._call(op, timeout_s=timeout_s, write=False, what="get_transfer")
+        if row is None:
+            return None
+        return TransferRow(
+            id=row[0],
+            tenant=row[1],
+            source=row[2],
+            destination=row[3],
+            amount=row[4],
+            currency=row[5],
+            reference=row[6],
+            status=row[7],
+            created_at=row[8],
+        )
+
+    async def list_entries(
+        self,
+        account_id: int,
+        tenant: str,
+        *,
+        before_seq: int | None,
+        limit: int,
+        timeout_s: float,
+    ) -> list[EntryRow] | None:
+        """Entries newest first (seq < before_seq when given); None when not visible."""
+        if not ENTRIES_PAGE_MIN <= limit <= ENTRIES_PAGE_MAX:
+            raise ValueError(f"limit {limit} outside {ENTRIES_PAGE_MIN}..{ENTRIES_PAGE_MAX}")
+
+        async def op(conn: Conn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(_LIST_ENTRIES_SQL, (before_seq, limit, account_id, tenant))
+            return await cur.fetchall()
+
+        rows = await self._call(op, timeout_s=timeout_s, write=False, what="list_entries")
+        if not rows:
+            return None
+        return [
+            EntryRow(
+                account_id=r[0],
+                seq=r[1],
+                transfer_id=r[2],
+                amount=r[3],
+                balance_after=r[4],
+                created_at=r[5],
+            )
+            for r in rows
+            if r[0] is not None
+        ]
+
+    async def ping(self, *, timeout_s: float) -> float:
+        """Round-trip seconds of ``SELECT 1`` on a pooled connection (acquire excluded)."""
+
+        async def op(conn: Conn) -> float:
+            start = time.perf_counter()
+            cur = await conn.execute("SELECT 1")
+            await cur.fetchone()
+            return time.perf_counter() - start
+
+        return await self._call(op, timeout_s=timeout_s, write=False, what="ping")

@@ -1,0 +1,124 @@
+"""The served OpenAPI document matches the code; metrics, headers and logs are as promised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from router.app import create_app
+from router.config import RouterConfig
+from tests.fixtures.api import Api, new_tenant
+
+pytestmark = pytest.mark.integration
+
+REGIONS = ("us-east", "eu-west", "ap-south")
+
+
+def _validator(doc: dict[str, Any], name: str) -> Draft202012Validator:
+    registry: Registry[Any] = Registry().with_resource(
+        "urn:openapi", Resource.from_contents(doc, default_specification=DRAFT202012)
+    )
+    return Draft202012Validator(
+        {"$ref": f"urn:openapi#/components/schemas/{name}"}, registry=registry
+    )
+
+
+async def test_openapi_lists_exactly_the_routes_the_app_serves(api: Api, tmp_path: Path) -> None:
+    r = await api.call("GET", "us-east", "/openapi.json")
+    assert r.status == 200
+    doc = r.body
+    assert doc["openapi"].startswith("3.1")
+    documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    secret = tmp_path / "k"
+    secret.write_text("00" * 32)
+    config = RouterConfig(
+        region="x",
+        host="127.0.0.1",
+        port=1,
+        etcd_endpoints=("http://127.0.0.1:1",),
+        dial={},
+        db_user="u",
+        db_password_file=secret,
+        db_name="d",
+        redis_url="redis://127.0.0.1:1",
+        jwt_secret_file=secret,
+    )
+    app = create_app(config)
+    served = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    }
+    assert served == documented
+
+
+async def test_responses_match_the_documented_schemas(api: Api) -> None:
+    doc = (await api.call("GET", "eu-west", "/openapi.json")).body
+    tenant = new_tenant()
+    src = await api.funded(tenant, "eu-west", 50)
+    dst = await api.open_account(tenant, "us-east")
+    dst_same = await api.open_account(tenant, "eu-west")
+    created = await api.call(
+        "POST",
+        "ap-south",
+        "/v1/accounts",
+        tenant=tenant,
+        json={"currency": "JPY", "metadata": {"k": "v"}},
+    )
+    _validator(doc, "Account").validate(created.body)
+    assert created.body["home_region"] == "ap-south", "defaults to the router's region"
+    posted = await api.transfer(tenant, "us-east", src, dst_same, 5)
+    _validator(doc, "Transfer").validate(posted.body)
+    _validator(doc, "Account").validate(await api.account(tenant, "ap-south", dst))
+    entries = await api.call("GET", "us-east", f"/v1/accounts/{src}/entries", tenant=tenant)
+    _validator(doc, "EntriesPage").validate(entries.body)
+    problem = await api.transfer(tenant, "us-east", src, dst_same, 10**9)
+    _validator(doc, "Problem").validate(problem.body)
+
+
+async def test_metrics_count_requests_by_route_status_and_region(api: Api) -> None:
+    tenant = new_tenant()
+    await api.open_account(tenant, "eu-west")
+    r = await api.call("GET", "eu-west", "/metrics")
+    assert r.status == 200
+    text = r.body.decode()
+    assert (
+        'txr_http_requests_total{method="POST",region="eu-west",route="/v1/accounts",'
+        'status="201"}' in text
+    )
+    assert "txr_http_request_duration_seconds_bucket" in text
+    assert 'txr_store_call_duration_seconds_count{op="create_account",region="eu-west"' in text
+    assert "txr_fence_rejections_total" in text
+
+
+async def test_health_and_readiness_in_every_region(api: Api) -> None:
+    for region in REGIONS:
+        h = await api.call("GET", region, "/healthz")
+        assert h.status == 200
+        r = await api.call("GET", region, "/readyz")
+        assert r.status == 200
+        assert r.body["ready"] is True
+        assert r.body["etcd_reachable"] is True
+
+
+async def test_no_token_or_secret_reaches_a_log(api: Api) -> None:
+    tenant = new_tenant()
+    token = api.token(tenant)
+    acc = await api.open_account(tenant, "us-east")
+    await api.call("GET", "ap-south", f"/v1/accounts/{acc}", token=token)
+    await api.call("GET", "ap-south", "/v1/accounts/acc_zzz", token=token + "x")
+    secrets = [token, token.split(".")[2], api.cluster.jwt_secret.hex()]
+    secrets += [p.read_text().strip() for p in (api.cluster.dir / "secrets").glob("*password*")]
+    logs = list((api.cluster.dir / "logs").glob("router-*.log"))
+    assert logs, "router logs are written"
+    for path in logs:
+        text = path.read_text(errors="replace")
+        assert '"request_id"' in text
+        for s in secrets:
+            assert s not in text, f"a secret leaked into {path.name}"
+        assert "Bearer" not in text
