@@ -53,9 +53,7 @@ def _scopes(text: str) -> list[str]:
     scopes = [x.strip() for x in text.split(",") if x.strip()]
     unknown = set(scopes) - SCOPES
     if unknown or not scopes:
-        raise argparse.ArgumentTypeError(
-            f"scopes are a comma list of: {', '.join(sorted(SCOPES))}"
-        )
+        raise argparse.ArgumentTypeError(f"scopes are a comma list of: {', '.join(sorted(SCOPES))}")
     return scopes
 
 
@@ -64,8 +62,10 @@ def _scopes(text: str) -> list[str]:
 
 def _print_endpoints(state: dict[str, Any], cluster_dir: Path) -> None:
     desc = cluster.status(cluster_dir)
-    print(f"txr local cluster up in {state.get('start_seconds')} s "
-          f"(started {state.get('started_at')}, WAN {state.get('wan')})")
+    print(
+        f"txr local cluster up in {state.get('start_seconds')} s "
+        f"(started {state.get('started_at')}, WAN {state.get('wan')})"
+    )
     for region, r in desc["regions"].items():
         print(f"  {region:10s} router {r['router']}  redis {r['redis']}  etcd {r['etcd']}")
     print(f"  WAN control {desc['wan']['control']}")
@@ -75,8 +75,10 @@ def _print_endpoints(state: dict[str, Any], cluster_dir: Path) -> None:
         first = next(iter(desc["regions"].values()))["router"]
         print(f"\ndev token (tenant dev, all scopes, 24 h):\n{tok}\n")
         print("try:")
-        print(f"  curl -s -X POST {first}/v1/accounts -H 'Authorization: Bearer {tok}' "
-              "-H 'Content-Type: application/json' -d '{\"currency\": \"EUR\"}'")
+        print(
+            f"  curl -s -X POST {first}/v1/accounts -H 'Authorization: Bearer {tok}' "
+            "-H 'Content-Type: application/json' -d '{\"currency\": \"EUR\"}'"
+        )
 
 
 def _cmd_local_up(args: argparse.Namespace) -> int:
@@ -125,11 +127,13 @@ def _cmd_local_up(args: argparse.Namespace) -> int:
 def _dead_children(cluster_dir: Path) -> list[tuple[str, int]]:
     state = cluster.load_state(cluster_dir)
     dead = [
-        (p["name"], int(p["pid"])) for p in state.data.get("procs", [])
+        (p["name"], int(p["pid"]))
+        for p in state.data.get("procs", [])
         if not procs.is_alive(int(p["pid"]), p.get("marker"))
     ]
     dead += [
-        (f"postgres {e['node']}", int(e["pid"])) for e in state.data.get("pg", [])
+        (f"postgres {e['node']}", int(e["pid"]))
+        for e in state.data.get("pg", [])
         if e.get("pid") and not procs.is_alive(int(e["pid"]), e["datadir"])
     ]
     return dead
@@ -144,8 +148,10 @@ def _cmd_local_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(desc, indent=2))
         return EXIT_OK
-    print(f"cluster {desc['dir']}: {desc['status']} (started {desc['started_at']}, "
-          f"WAN {desc['wan']['profile']}, topology from {desc['topology_source']})")
+    print(
+        f"cluster {desc['dir']}: {desc['status']} (started {desc['started_at']}, "
+        f"WAN {desc['wan']['profile']}, topology from {desc['topology_source']})"
+    )
     for region, r in desc["regions"].items():
         print(f"\n{region}")
         print(f"  router {r['router']:28s} pid {r['router_pid']}")
@@ -183,8 +189,12 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def _add_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dir", type=Path, default=cluster.DEFAULT_DIR,
-                   help="cluster directory (default: .txr/local)")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=cluster.DEFAULT_DIR,
+        help="cluster directory (default: .txr/local)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ import collections
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -55,6 +55,10 @@ PEEK_TIMEOUT_S: Final = 2.0
 # HTTP request headers of rafthttp are a few hundred bytes; stop peeking well before a body.
 PEEK_BYTES_MAX: Final = 16 * 1024
 UNKNOWN: Final = "unknown"
+# Matched case-insensitively: Go's net/http canonicalises etcd's "X-PeerURLs" to "X-Peerurls".
+_PEER_URLS_HEADER: Final = b"\r\nx-peerurls:"
+# Enough to hold the header name and a few peer URLs across a read boundary.
+SNIFF_TAIL_BYTES: Final = 512
 
 # One-way latency per link in milliseconds. Named pairs for the default regions; custom region
 # names take the same figures by position (first/second, first/third, second/third).
@@ -204,12 +208,14 @@ class _Direction:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        link: Link | None,
+        conn: _Connection,
         initial: bytes,
+        sniff: Callable[[_Connection, bytes], None] | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
-        self._link = link
+        self._conn = conn
+        self._sniff = sniff
         self._queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self._buffered = 0
         self._has_data = asyncio.Event()
@@ -218,7 +224,8 @@ class _Direction:
         self._initial = initial
 
     def _delay(self) -> float:
-        return self._link.delay_s if self._link is not None else 0.0
+        link = self._conn.link
+        return link.delay_s if link is not None else 0.0
 
     def _push(self, data: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -234,6 +241,8 @@ class _Direction:
         while True:
             await self._has_room.wait()
             data = await self._reader.read(READ_CHUNK_BYTES)
+            if self._sniff is not None and self._conn.link is None and data:
+                self._sniff(self._conn, data)
             self._push(data)
             if not data:
                 return
@@ -260,10 +269,17 @@ class _Direction:
 
 
 class _Connection:
-    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter, link: Link | None
+    ) -> None:
         self.client = client
         self.upstream = upstream
+        # None: an etcd peer connection whose sender is not known (yet); no delay, never cut.
+        self.link = link
         self.tasks: list[asyncio.Task[None]] = []
+        # The tail of the previous chunk, so a header split across two reads is still found.
+        self.sniff_tail = b""
+        self.dst = ""
 
     def abort(self) -> None:
         for w in (self.client, self.upstream):
@@ -309,12 +325,15 @@ class Wan:
         app.router.add_post("/links/{a}/{b}/latency", self._h_latency)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.control_port,
-                           reuse_address=True)
+        site = web.TCPSite(
+            self._runner, self.config.host, self.config.control_port, reuse_address=True
+        )
         await site.start()
         log.info(
             "WAN emulator up: %d listeners, control on %s:%d, links %s",
-            len(self._servers), self.config.host, self.config.control_port,
+            len(self._servers),
+            self.config.host,
+            self.config.control_port,
             {f"{a}/{b}": ms for (a, b), ms in self.config.latency_ms.items()},
         )
 
@@ -354,9 +373,9 @@ class Wan:
 
     # -- connections -----------------------------------------------------------------------
 
-    async def _identify_peer(self, reader: asyncio.StreamReader, spec: ListenerSpec) -> tuple[
-        str, bytes
-    ]:
+    async def _identify_peer(
+        self, reader: asyncio.StreamReader, spec: ListenerSpec
+    ) -> tuple[str, bytes]:
         """Read the first request's headers; return (source region or unknown, bytes read)."""
         buf = b""
         loop = asyncio.get_running_loop()
@@ -379,17 +398,54 @@ class Wan:
             name, sep, value = line.partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
-        src = UNKNOWN
-        for url in headers.get("x-peerurls", "").split(","):
-            region = self.config.peer_urls.get(url.strip().rstrip("/"))
-            if region is not None:
-                src = region
-                break
+        src = self._region_of_peer_urls(headers.get("x-peerurls", ""))
         log.info(
             "peer front %s: %r X-PeerURLs=%r X-Server-From=%r -> source %s",
-            spec.dst, lines[0][:120], headers.get("x-peerurls"), headers.get("x-server-from"), src,
+            spec.dst,
+            lines[0][:120],
+            headers.get("x-peerurls"),
+            headers.get("x-server-from"),
+            src,
         )
         return src, buf
+
+    def _region_of_peer_urls(self, value: str) -> str:
+        for url in value.split(","):
+            region = self.config.peer_urls.get(url.strip().rstrip("/"))
+            if region is not None:
+                return region
+        return UNKNOWN
+
+    def _resniff(self, conn: _Connection, data: bytes) -> None:
+        """Look for a sender header in a later request of an anonymous peer connection.
+
+        etcd's prober (``GET /raft/probing``, no sender header) and its pipeline (``POST
+        /raft``, with one) share a keep-alive connection pool, so a connection that opened
+        anonymous may carry raft messages later: without this a cut link would still pass them
+        (seen against etcd 3.4: a member cut off from both peers kept committing).
+        """
+        buf = (conn.sniff_tail + data).lower()
+        conn.sniff_tail = buf[-SNIFF_TAIL_BYTES:]
+        at = buf.find(_PEER_URLS_HEADER)
+        if at < 0:
+            return
+        end = buf.find(b"\r\n", at + len(_PEER_URLS_HEADER))
+        if end < 0:
+            return
+        value = buf[at + len(_PEER_URLS_HEADER) : end].decode("latin-1").strip()
+        src = self._region_of_peer_urls(value)
+        dst = conn.dst
+        if src in (UNKNOWN, dst):
+            return
+        link = self.link(src, dst)
+        log.info("peer front %s: anonymous connection now carries traffic from %s", dst, src)
+        self._anonymous.discard(conn)
+        conn.link = link
+        link.connections.add(conn)
+        link.accepted_total += 1
+        if link.cut:
+            link.refused_total += 1
+            conn.abort()
 
     async def _serve(
         self, spec: ListenerSpec, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -407,8 +463,7 @@ class Wan:
                 return
         try:
             up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(spec.target_host, spec.target_port,
-                                        limit=READ_CHUNK_BYTES),
+                asyncio.open_connection(spec.target_host, spec.target_port, limit=READ_CHUNK_BYTES),
                 CONNECT_TIMEOUT_S,
             )
         except (OSError, TimeoutError) as exc:
@@ -421,13 +476,16 @@ class Wan:
             writer.transport.abort()
             up_writer.transport.abort()
             return
-        conn = _Connection(writer, up_writer)
-        bucket = link.connections if link is not None else self._anonymous
-        bucket.add(conn)
+        conn = _Connection(writer, up_writer, link)
+        conn.dst = spec.dst
         if link is not None:
+            link.connections.add(conn)
             link.accepted_total += 1
-        forward = _Direction(reader, up_writer, link, initial)
-        backward = _Direction(up_reader, writer, link, b"")
+        else:
+            self._anonymous.add(conn)
+        sniff = self._resniff if spec.src is None else None
+        forward = _Direction(reader, up_writer, conn, initial, sniff)
+        backward = _Direction(up_reader, writer, conn, b"")
         conn.tasks = [
             asyncio.create_task(forward.read_side()),
             asyncio.create_task(forward.write_side()),
@@ -445,7 +503,9 @@ class Wan:
                 if any(t.cancelled() for t in done):
                     break
         finally:
-            bucket.discard(conn)
+            self._anonymous.discard(conn)
+            if conn.link is not None:
+                conn.link.connections.discard(conn)
             conn.abort()
             for t in conn.tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -533,9 +593,7 @@ class WanControl:
         return result
 
     async def set_latency(self, a: str, b: str, ms: float) -> dict[str, Any]:
-        result: dict[str, Any] = await self._req(
-            "POST", f"/links/{a}/{b}/latency", ms=str(ms)
-        )
+        result: dict[str, Any] = await self._req("POST", f"/links/{a}/{b}/latency", ms=str(ms))
         return result
 
 
@@ -555,9 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.wan", description=__doc__)
     parser.add_argument("--config", type=Path, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = WanConfig.load(args.config)
     import uvloop
 

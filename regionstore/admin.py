@@ -166,13 +166,22 @@ def ledger_check(admin_dsn: str) -> dict[str, Any]:
     for acc_id, balance, version, total_e, n, min_seq, max_seq, last_after in per_account:
         if balance != total_e or (n > 0 and last_after != balance):
             balance_bad.append(
-                {"account_id": acc_id, "balance": balance, "entries_sum": int(total_e),
-                 "last_balance_after": last_after}
+                {
+                    "account_id": acc_id,
+                    "balance": balance,
+                    "entries_sum": int(total_e),
+                    "last_balance_after": last_after,
+                }
             )
         if version != n + 1 or (n > 0 and (min_seq != 2 or max_seq != version)):
             version_bad.append(
-                {"account_id": acc_id, "version": version, "entries": n,
-                 "min_seq": min_seq, "max_seq": max_seq}
+                {
+                    "account_id": acc_id,
+                    "version": version,
+                    "entries": n,
+                    "min_seq": min_seq,
+                    "max_seq": max_seq,
+                }
             )
     return {
         "ok": total == 0 and not balance_bad and not version_bad and not unbalanced,

@@ -76,8 +76,12 @@ PREPARE_THRESHOLD: Final = 2
 # SQLSTATE classes that mean the call itself was wrong: data exception, integrity violation,
 # syntax/privilege error, PL/pgSQL RAISE, internal error. Retrying cannot help.
 _INVARIANT_SQLSTATE_CLASSES: Final = frozenset({"22", "23", "42", "P0", "XX", "2B", "2F"})
-# A WARNING with these SQLSTATEs while a commit waits for the synchronous standby means the
-# transaction committed locally but the wait was cut short: not known to be replicated (G1).
+# When a commit's wait for the synchronous standby is cancelled (statement_timeout,
+# pg_cancel_backend) the server commits locally, sends a WARNING and then the normal result: the
+# write is not known to be replicated (G1). PostgreSQL 15 gives that WARNING no SQLSTATE of its
+# own (01000), so it is recognised by its message; the cluster runs lc_messages=C (initdb
+# --locale=C), so the text is stable. The SQLSTATEs cover the variant sent before termination.
+_SYNC_WAIT_CANCELLED_TEXT: Final = "wait for synchronous replication"
 _SYNC_WAIT_CANCELLED_SQLSTATES: Final = frozenset({"57014", "57P01", "57P02"})
 
 
@@ -161,6 +165,7 @@ class EntryRow:
     account_id: int
     seq: int
     transfer_id: uuid.UUID
+    counterparty: int
     amount: int
     balance_after: int
     created_at: datetime
@@ -187,10 +192,12 @@ _GET_TRANSFER_SQL: Final = (
 # One round trip answers both "is the account visible" (no row) and "its page" (a row per entry,
 # or one all-NULL row when it has none).
 _LIST_ENTRIES_SQL: Final = (
-    "SELECT e.account_id, e.seq, e.transfer_id, e.amount, e.balance_after, e.created_at"
+    "SELECT e.account_id, e.seq, e.transfer_id, e.counterparty, e.amount, e.balance_after,"
+    " e.created_at"
     " FROM txr.accounts a"
     " LEFT JOIN LATERAL ("
-    "   SELECT le.account_id, le.seq, le.transfer_id, le.amount, le.balance_after, le.created_at"
+    "   SELECT le.account_id, le.seq, le.transfer_id, le.counterparty, le.amount,"
+    "          le.balance_after, le.created_at"
     "   FROM txr.ledger_entries le"
     "   WHERE le.account_id = a.id AND le.seq < coalesce(%s::bigint, 9223372036854775807)"
     "   ORDER BY le.seq DESC LIMIT %s::int"
@@ -274,7 +281,12 @@ class ShardStore:
 
         def on_notice(diag: pg_errors.Diagnostic) -> None:
             c = ref()
-            if c is not None and diag.sqlstate in _SYNC_WAIT_CANCELLED_SQLSTATES:
+            if c is None:
+                return
+            if diag.sqlstate in _SYNC_WAIT_CANCELLED_SQLSTATES or (
+                _SYNC_WAIT_CANCELLED_TEXT in (diag.message_primary or "")
+            ):
+                logger.warning("shard %s: %s", self.name, diag.message_primary)
                 self._sync_wait_cancelled[c] = True
 
         conn.add_notice_handler(on_notice)
@@ -441,8 +453,15 @@ class ShardStore:
     ) -> tuple[CreateAccountCode, AccountRow | None]:
         """Create a customer account with balance 0 and version 1; the row only when ``ok``."""
         meta = dict(metadata)
-        params = (shard_epoch, slot_epoch, account_id, tenant, currency, overdraft_limit,
-                  Jsonb(meta))
+        params = (
+            shard_epoch,
+            slot_epoch,
+            account_id,
+            tenant,
+            currency,
+            overdraft_limit,
+            Jsonb(meta),
+        )
 
         async def op(conn: Conn) -> tuple[Any, ...] | None:
             cur = await conn.execute(_CREATE_ACCOUNT_SQL, params)
@@ -467,8 +486,9 @@ class ShardStore:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def get_account(self, account_id: int, tenant: str, *, timeout_s: float
-                          ) -> AccountRow | None:
+    async def get_account(
+        self, account_id: int, tenant: str, *, timeout_s: float
+    ) -> AccountRow | None:
         """The account, or None when missing, another tenant's, or a transit account."""
 
         async def op(conn: Conn) -> tuple[Any, ...] | None:
@@ -489,8 +509,9 @@ class ShardStore:
             created_at=row[7],
         )
 
-    async def get_transfer(self, transfer_id: uuid.UUID, tenant: str, *, timeout_s: float
-                           ) -> TransferRow | None:
+    async def get_transfer(
+        self, transfer_id: uuid.UUID, tenant: str, *, timeout_s: float
+    ) -> TransferRow | None:
         async def op(conn: Conn) -> tuple[Any, ...] | None:
             cur = await conn.execute(_GET_TRANSFER_SQL, (transfer_id, tenant))
             return await cur.fetchone()
@@ -535,9 +556,10 @@ class ShardStore:
                 account_id=r[0],
                 seq=r[1],
                 transfer_id=r[2],
-                amount=r[3],
-                balance_after=r[4],
-                created_at=r[5],
+                counterparty=r[3],
+                amount=r[4],
+                balance_after=r[5],
+                created_at=r[6],
             )
             for r in rows
             if r[0] is not None

@@ -42,10 +42,14 @@ def transfer(row: TransferRow) -> dict[str, Any]:
 
 
 def entry(row: EntryRow) -> dict[str, Any]:
+    # A transfer's public id carries its source's slot: the source is this account for a
+    # debit and the counterparty for a credit.
+    source = row.account_id if row.amount < 0 else row.counterparty
     return {
         "account": ids.format_account_id(row.account_id),
+        "counterparty": ids.format_account_id(row.counterparty),
         "seq": row.seq,
-        "transfer_id": ids.format_transfer_id(ids.account_slot(row.account_id), row.transfer_id),
+        "transfer_id": ids.format_transfer_id(ids.account_slot(source), row.transfer_id),
         "amount": row.amount,
         "balance_after": row.balance_after,
         "created_at": timestamp(row.created_at),

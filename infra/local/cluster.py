@@ -371,15 +371,26 @@ class Launcher:
         return env
 
     def _spawn(
-        self, name: str, kind: str, region: str | None, argv: list[str], marker: str,
+        self,
+        name: str,
+        kind: str,
+        region: str | None,
+        argv: list[str],
+        marker: str,
         env: dict[str, str] | None = None,
     ) -> tuple[int, Path]:
         log_path = self.logs / f"{name}.log"
         p = procs.spawn(argv, log_path, env=env, cwd=self.dir)
         self.popen[name] = p
         self.state.add_proc(
-            {"name": name, "kind": kind, "region": region, "pid": p.pid, "marker": marker,
-             "log": str(log_path)}
+            {
+                "name": name,
+                "kind": kind,
+                "region": region,
+                "pid": p.pid,
+                "marker": marker,
+                "log": str(log_path),
+            }
         )
         return p.pid, log_path
 
@@ -394,27 +405,39 @@ class Launcher:
         peer_urls: dict[str, str] = {}
         for region, front in self.plan.etcd_peer_front.items():
             listeners.append(
-                ListenerSpec(front, region, HOST, self.plan.region[region].etcd_peer, None,
-                             "etcd-peer")
+                ListenerSpec(
+                    front, region, HOST, self.plan.region[region].etcd_peer, None, "etcd-peer"
+                )
             )
             peer_urls[f"http://{HOST}:{front}"] = region
         for (src, dst, svc), port in self.plan.wan.items():
             listeners.append(
                 ListenerSpec(port, dst, HOST, self.plan.region[dst].service(svc), src, svc)
             )
-        return WanConfig(HOST, self.plan.wan_control, dict(self.latency), tuple(listeners),
-                         peer_urls)
+        return WanConfig(
+            HOST, self.plan.wan_control, dict(self.latency), tuple(listeners), peer_urls
+        )
 
     def _start_wan(self) -> None:
         self.progress(f"WAN emulator ({self.opts.wan})")
         path = self.run_dir / "wan.json"
         self.wan_config().save(path)
-        self._spawn("wan", "wan", None,
-                    [sys.executable, "-m", "infra.wan", "--config", str(path)], str(path),
-                    env=self._python_env())
+        self._spawn(
+            "wan",
+            "wan",
+            None,
+            [sys.executable, "-m", "infra.wan", "--config", str(path)],
+            str(path),
+            env=self._python_env(),
+        )
         url = f"http://{HOST}:{self.plan.wan_control}/links"
-        procs.wait_until("WAN emulator", lambda: _http_ok(url), WAN_READY_TIMEOUT_S,
-                         alive=self._alive("wan"), log_path=self.logs / "wan.log")
+        procs.wait_until(
+            "WAN emulator",
+            lambda: _http_ok(url),
+            WAN_READY_TIMEOUT_S,
+            alive=self._alive("wan"),
+            log_path=self.logs / "wan.log",
+        )
         self.state.data["wan_control"] = f"http://{HOST}:{self.plan.wan_control}"
         self.state.save()
 
@@ -422,8 +445,9 @@ class Launcher:
 
     def _start_etcd(self) -> None:
         heartbeat, election = etcd_timing_ms(self.latency)
-        self.progress(f"etcd x{len(self.regions)} (heartbeat {heartbeat} ms, "
-                      f"election {election} ms)")
+        self.progress(
+            f"etcd x{len(self.regions)} (heartbeat {heartbeat} ms, election {election} ms)"
+        )
         initial = ",".join(
             f"{r}=http://{HOST}:{self.plan.etcd_peer_front[r]}" for r in self.regions
         )
@@ -434,22 +458,35 @@ class Launcher:
             data_dir.parent.mkdir(parents=True, exist_ok=True)
             argv = [
                 shutil.which("etcd") or "etcd",
-                "--name", r,
-                "--data-dir", str(data_dir),
-                "--listen-client-urls", f"http://{HOST}:{ports.etcd_client}",
-                "--advertise-client-urls", f"http://{HOST}:{ports.etcd_client}",
-                "--listen-peer-urls", f"http://{HOST}:{ports.etcd_peer}",
+                "--name",
+                r,
+                "--data-dir",
+                str(data_dir),
+                "--listen-client-urls",
+                f"http://{HOST}:{ports.etcd_client}",
+                "--advertise-client-urls",
+                f"http://{HOST}:{ports.etcd_client}",
+                "--listen-peer-urls",
+                f"http://{HOST}:{ports.etcd_peer}",
                 # Peers dial this member through its WAN front, so raft crosses the WAN.
-                "--initial-advertise-peer-urls", f"http://{HOST}:{self.plan.etcd_peer_front[r]}",
-                "--initial-cluster", initial,
-                "--initial-cluster-state", "new",
-                "--initial-cluster-token", token,
-                "--heartbeat-interval", str(heartbeat),
-                "--election-timeout", str(election),
+                "--initial-advertise-peer-urls",
+                f"http://{HOST}:{self.plan.etcd_peer_front[r]}",
+                "--initial-cluster",
+                initial,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                token,
+                "--heartbeat-interval",
+                str(heartbeat),
+                "--election-timeout",
+                str(election),
                 # A member cut off by a partition must not disrupt the majority when it returns.
                 "--pre-vote=true",
-                "--logger", "zap",
-                "--log-outputs", "stderr",
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
             ]
             self._spawn(f"etcd-{r}", "etcd", r, argv, str(data_dir))
         for r in self.regions:
@@ -486,6 +523,7 @@ class Launcher:
     def _start_primaries(self) -> None:
         self.progress("PostgreSQL primaries")
         slotmap = SlotMap.even([shard_name(r) for r in self.regions])
+
         def one(region: str) -> None:
             self._start_primary(region, slotmap)
 
@@ -498,8 +536,14 @@ class Launcher:
         datadir = self.pg_root / postgres.application_name(node)
         logfile = self._pg_log(node)
         entry: dict[str, Any] = {
-            "node": node, "shard": shard, "region": region, "role": "primary", "port": port,
-            "datadir": str(datadir), "log": str(logfile), "pid": None,
+            "node": node,
+            "shard": shard,
+            "region": region,
+            "role": "primary",
+            "port": port,
+            "datadir": str(datadir),
+            "log": str(logfile),
+            "pid": None,
         }
         # Recorded before the server exists, so `down` finds its data directory either way.
         self.state.add_pg(entry)
@@ -519,8 +563,10 @@ class Launcher:
             apply_migrations(self.admin_dsn(port))
             init_shard(self.admin_dsn(port), epoch=1, slots=slotmap.slots_of(shard), slot_epoch=1)
         self.state.data["shards"][shard] = {
-            "home_region": region, "primary_region": region,
-            "standby_region": self.standby_region(region), "epoch": 1,
+            "home_region": region,
+            "primary_region": region,
+            "standby_region": self.standby_region(region),
+            "epoch": 1,
         }
         self.state.save()
 
@@ -536,8 +582,14 @@ class Launcher:
         datadir = self.pg_root / postgres.application_name(node)
         logfile = self._pg_log(node)
         entry: dict[str, Any] = {
-            "node": node, "shard": shard, "region": region, "role": "standby", "port": port,
-            "datadir": str(datadir), "log": str(logfile), "pid": None,
+            "node": node,
+            "shard": shard,
+            "region": region,
+            "role": "standby",
+            "port": port,
+            "datadir": str(datadir),
+            "log": str(logfile),
+            "pid": None,
         }
         self.state.add_pg(entry)
         postgres.init_standby(
@@ -579,22 +631,33 @@ class Launcher:
             data_dir.mkdir(parents=True, exist_ok=True)
             argv = [
                 shutil.which("redis-server") or "redis-server",
-                "--port", str(port),
-                "--bind", HOST,
+                "--port",
+                str(port),
+                "--bind",
+                HOST,
                 # A cache: nothing to persist, and a save must never stall the event loop.
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(data_dir),
-                "--daemonize", "no",
-                "--logfile", "",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data_dir),
+                "--daemonize",
+                "no",
+                "--logfile",
+                "",
             ]
             # redis-server rewrites its process title to "redis-server 127.0.0.1:PORT".
             self._spawn(f"redis-{r}", "redis", r, argv, f"{HOST}:{port}")
         for r in self.regions:
             port = self.plan.region[r].redis
-            procs.wait_until(f"redis {r}", functools.partial(procs.port_open, port),
-                             REDIS_READY_TIMEOUT_S, alive=self._alive(f"redis-{r}"),
-                             log_path=self.logs / f"redis-{r}.log")
+            procs.wait_until(
+                f"redis {r}",
+                functools.partial(procs.port_open, port),
+                REDIS_READY_TIMEOUT_S,
+                alive=self._alive(f"redis-{r}"),
+                log_path=self.logs / f"redis-{r}.log",
+            )
 
     # -- topology and routers -----------------------------------------------------------------
 
@@ -610,8 +673,9 @@ class Launcher:
                 standbys=(Node(node_name(shard, sr), sr, HOST, self.plan.region[sr].pg_standby),),
                 epoch=1,
             )
-        regions = {r: Region(r, f"http://{HOST}:{self.plan.region[r].router}") for r in
-                   self.regions}
+        regions = {
+            r: Region(r, f"http://{HOST}:{self.plan.region[r].router}") for r in self.regions
+        }
         return Topology(0, regions, shards, SlotMap.even(list(shards)))
 
     def _bootstrap_topology(self) -> None:
@@ -668,14 +732,23 @@ class Launcher:
             )
         for r in self.regions:
             cfg = self.run_dir / f"router-{r}.json"
-            self._spawn(f"router-{r}", "router", r,
-                        [sys.executable, "-m", "router", "--config", str(cfg)], str(cfg),
-                        env=self._python_env())
+            self._spawn(
+                f"router-{r}",
+                "router",
+                r,
+                [sys.executable, "-m", "router", "--config", str(cfg)],
+                str(cfg),
+                env=self._python_env(),
+            )
         for r in self.regions:
             url = f"http://{HOST}:{self.plan.region[r].router}/readyz"
-            procs.wait_until(f"router {r} /readyz", functools.partial(_http_ok, url),
-                             ROUTER_READY_TIMEOUT_S, alive=self._alive(f"router-{r}"),
-                             log_path=self.logs / f"router-{r}.log")
+            procs.wait_until(
+                f"router {r} /readyz",
+                functools.partial(_http_ok, url),
+                ROUTER_READY_TIMEOUT_S,
+                alive=self._alive(f"router-{r}"),
+                log_path=self.logs / f"router-{r}.log",
+            )
 
 
 def up(opts: UpOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -702,7 +775,8 @@ _STOP_ORDER: Final = ("router", "wan", "redis")
 
 def _live_pids(state: State) -> list[int]:
     live = [
-        p["pid"] for p in state.data.get("procs", [])
+        p["pid"]
+        for p in state.data.get("procs", [])
         if procs.is_alive(int(p["pid"]), p.get("marker"))
     ]
     for pg in state.data.get("pg", []):
@@ -773,6 +847,24 @@ def down(cluster_dir: Path, progress: Callable[[str], None] | None = None) -> bo
     return True
 
 
+def purge(cluster_dir: Path) -> None:
+    """Delete a stopped cluster's data, including a PostgreSQL state root outside the directory.
+
+    ``down`` keeps data for inspection; tests call this so that clusters under temporary
+    directories do not leave their PostgreSQL data in /var/tmp.
+    """
+    state = State.load(cluster_dir.resolve())
+    if state is None:
+        return
+    if _live_pids(state):
+        raise ClusterError(f"cluster in {cluster_dir} still runs; stop it before purging")
+    pg_root = state.data.get("pg_root")
+    if pg_root:
+        shutil.rmtree(pg_root, ignore_errors=True)
+    for sub in ("etcd", "redis", "pg"):
+        shutil.rmtree(cluster_dir / sub, ignore_errors=True)
+
+
 # -- status -----------------------------------------------------------------------------------
 
 
@@ -809,9 +901,7 @@ def status(cluster_dir: Path) -> dict[str, Any]:
     procs_by_name = {p["name"]: p for p in d.get("procs", [])}
     topo = None
     if d.get("status") == "up":
-        topo = _live_topology(
-            [f"http://{HOST}:{ports[r]['etcd_client']}" for r in d["regions"]]
-        )
+        topo = _live_topology([f"http://{HOST}:{ports[r]['etcd_client']}" for r in d["regions"]])
 
     def pid_of(name: str) -> int | None:
         p = procs_by_name.get(name)
@@ -828,15 +918,19 @@ def status(cluster_dir: Path) -> dict[str, Any]:
                 role = "primary" if topo.shards[e["shard"]].primary.name == e["node"] else "standby"
             pid = e.get("pid")
             alive = bool(pid) and procs.is_alive(int(pid), e["datadir"])
-            nodes.append({
-                "shard": e["shard"],
-                "node": e["node"],
-                "role": role,
-                "dsn": postgres.redact(
-                    postgres.dsn(HOST, e["port"], postgres.APP_ROLE, pw["app_password"], DB_NAME)
-                ),
-                "pid": pid if alive else None,
-            })
+            nodes.append(
+                {
+                    "shard": e["shard"],
+                    "node": e["node"],
+                    "role": role,
+                    "dsn": postgres.redact(
+                        postgres.dsn(
+                            HOST, e["port"], postgres.APP_ROLE, pw["app_password"], DB_NAME
+                        )
+                    ),
+                    "pid": pid if alive else None,
+                }
+            )
         regions[r] = {
             "router": f"http://{HOST}:{ports[r]['router']}",
             "router_pid": pid_of(f"router-{r}"),
@@ -848,8 +942,11 @@ def status(cluster_dir: Path) -> dict[str, Any]:
         }
     shards: dict[str, Any] = {}
     for name, s in d.get("shards", {}).items():
-        entry = {"home_region": s["home_region"], "primary_region": s["primary_region"],
-                 "epoch": s["epoch"]}
+        entry = {
+            "home_region": s["home_region"],
+            "primary_region": s["primary_region"],
+            "epoch": s["epoch"],
+        }
         if topo is not None and name in topo.shards:
             live = topo.shards[name]
             entry.update(primary_region=live.primary.region, epoch=live.epoch)
@@ -859,8 +956,12 @@ def status(cluster_dir: Path) -> dict[str, Any]:
         "status": d.get("status"),
         "started_at": d.get("started_at"),
         "start_seconds": d.get("start_seconds"),
-        "wan": {"profile": d.get("wan"), "control": d.get("wan_control"),
-                "latency_ms": d.get("wan_latency_ms"), "pid": pid_of("wan")},
+        "wan": {
+            "profile": d.get("wan"),
+            "control": d.get("wan_control"),
+            "latency_ms": d.get("wan_latency_ms"),
+            "pid": pid_of("wan"),
+        },
         "topology_source": "etcd" if topo is not None else STATE_FILE,
         "regions": regions,
         "shards": shards,
@@ -880,8 +981,14 @@ def jwt_secret(cluster_dir: Path) -> bytes:
 
 
 def token(cluster_dir: Path, tenant: str, scopes: Sequence[str], ttl_s: int) -> str:
-    return mint_token(jwt_secret(cluster_dir), tenant=tenant, scopes=list(scopes), ttl_s=ttl_s,
-                      issuer=JWT_ISSUER, audience=JWT_AUDIENCE)
+    return mint_token(
+        jwt_secret(cluster_dir),
+        tenant=tenant,
+        scopes=list(scopes),
+        ttl_s=ttl_s,
+        issuer=JWT_ISSUER,
+        audience=JWT_AUDIENCE,
+    )
 
 
 def dev_token(cluster_dir: Path) -> str:

@@ -65,8 +65,14 @@ class PortPlan:
     def all_ports(self) -> list[int]:
         ports: list[int] = []
         for rp in self.region.values():
-            ports += [rp.router, rp.redis, rp.etcd_client, rp.etcd_peer, rp.pg_primary,
-                      rp.pg_standby]
+            ports += [
+                rp.router,
+                rp.redis,
+                rp.etcd_client,
+                rp.etcd_peer,
+                rp.pg_primary,
+                rp.pg_standby,
+            ]
         ports.append(self.wan_control)
         ports += self.etcd_peer_front.values()
         ports += self.wan.values()

@@ -78,9 +78,7 @@ def pg_owned_dir(path: Path) -> Path:
 def _pg_user_can_use(path: Path) -> bool:
     if not running_as_root():
         return True
-    res = subprocess.run(
-        _as_pg_user(["test", "-w", str(path), "-a", "-x", str(path)]), check=False
-    )
+    res = subprocess.run(_as_pg_user(["test", "-w", str(path), "-a", "-x", str(path)]), check=False)
     return res.returncode == 0
 
 
@@ -306,8 +304,17 @@ def start(datadir: Path, logfile: Path) -> int:
         logfile.touch()
     _chown_to_pg_user(logfile)
     _run(
-        [str(bindir() / "pg_ctl"), "start", "-w", "-t", str(PG_CTL_TIMEOUT_S), "-D", str(datadir),
-         "-l", str(logfile)],
+        [
+            str(bindir() / "pg_ctl"),
+            "start",
+            "-w",
+            "-t",
+            str(PG_CTL_TIMEOUT_S),
+            "-D",
+            str(datadir),
+            "-l",
+            str(logfile),
+        ],
         timeout=PG_CTL_TIMEOUT_S + 5,
     )
     return postmaster_pid(datadir)
@@ -330,16 +337,32 @@ def stop(datadir: Path, mode: str = "fast") -> None:
     if not (datadir / "postmaster.pid").exists():
         return
     _run(
-        [str(bindir() / "pg_ctl"), "stop", "-w", "-t", str(PG_CTL_TIMEOUT_S), "-m", mode, "-D",
-         str(datadir)],
+        [
+            str(bindir() / "pg_ctl"),
+            "stop",
+            "-w",
+            "-t",
+            str(PG_CTL_TIMEOUT_S),
+            "-m",
+            mode,
+            "-D",
+            str(datadir),
+        ],
         timeout=PG_CTL_TIMEOUT_S + 5,
     )
 
 
 def promote(datadir: Path) -> None:
     _run(
-        [str(bindir() / "pg_ctl"), "promote", "-w", "-t", str(PG_CTL_TIMEOUT_S), "-D",
-         str(datadir)],
+        [
+            str(bindir() / "pg_ctl"),
+            "promote",
+            "-w",
+            "-t",
+            str(PG_CTL_TIMEOUT_S),
+            "-D",
+            str(datadir),
+        ],
         timeout=PG_CTL_TIMEOUT_S + 5,
     )
 

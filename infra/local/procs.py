@@ -27,6 +27,12 @@ POLL_INTERVAL_S: Final = 0.05
 CONNECT_PROBE_TIMEOUT_S: Final = 0.5
 
 
+# Children this process started, by pid. Keeping the Popen objects lets us reap them through
+# Popen (so it records their exit and does not warn that they "still run" when collected) and
+# keeps them referenced while a detached cluster outlives the calls that started it.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 class ProcessError(RuntimeError):
     """A process could not be started, did not come up or did not go away."""
 
@@ -41,7 +47,7 @@ def spawn(
     """Start ``argv`` in a new session with stdout and stderr appended to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
-        return subprocess.Popen(
+        p = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -50,10 +56,17 @@ def spawn(
             env=env,
             cwd=str(cwd) if cwd else None,
         )
+    _CHILDREN[p.pid] = p
+    return p
 
 
 def _reap(pid: int) -> None:
     """Collect ``pid`` if it is our child, so it does not linger as a zombie."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            del _CHILDREN[pid]
+        return
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
 

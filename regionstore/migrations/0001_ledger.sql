@@ -62,6 +62,10 @@ CREATE TABLE txr.ledger_entries (
     -- The account's version right after this posting: 2, 3, ... without gaps.
     seq bigint NOT NULL CHECK (seq >= 2),
     transfer_id uuid NOT NULL,
+    -- The other account of the posting (the destination of a debit, the source of a credit),
+    -- so a statement line names its counterparty and the transfer's public id can be formed
+    -- from the source's slot without a join to a transfer that may live in another shard.
+    counterparty bigint NOT NULL,
     -- Signed: a debit is negative, a credit positive; never zero.
     amount bigint NOT NULL CHECK (amount <> 0),
     balance_after bigint NOT NULL,
@@ -288,9 +292,9 @@ BEGIN
         VALUES (p_ids[i], p_tenants[i], p_sources[i], p_destinations[i], v_amount,
                 p_currencies[i], p_references[i], 'settled', v_now);
         INSERT INTO txr.ledger_entries
-            (account_id, seq, transfer_id, amount, balance_after, created_at)
-        VALUES (p_sources[i], v_sv, p_ids[i], -v_amount, v_sb, v_now),
-               (p_destinations[i], v_dv, p_ids[i], v_amount, v_db, v_now);
+            (account_id, seq, transfer_id, counterparty, amount, balance_after, created_at)
+        VALUES (p_sources[i], v_sv, p_ids[i], p_destinations[i], -v_amount, v_sb, v_now),
+               (p_destinations[i], v_dv, p_ids[i], p_sources[i], v_amount, v_db, v_now);
         -- G4: the posting balances (debit + credit = 0), asserted on what was written.
         IF (SELECT sum(e.amount) FROM txr.ledger_entries e
              WHERE (e.account_id, e.seq) IN ((p_sources[i], v_sv), (p_destinations[i], v_dv)))

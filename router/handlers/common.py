@@ -13,7 +13,7 @@ from router.auth import AuthError, Principal
 from router.errors import Forbidden, Unauthorized, Unprocessable
 from router.resources import CONFIG, VERIFIER
 
-SERVED_BY_KEY = "txr_served_by"
+SERVED_BY_KEY = web.RequestKey("served_by", str)
 
 
 def authorize(request: web.Request, scope: str) -> Principal:

@@ -1,0 +1,213 @@
+"""The local cluster launcher: what ``txr local up`` builds, and that ``down`` removes it all.
+
+The shared ``local_cluster`` (base port 7600) serves the read-only checks; the start/stop tests
+run their own clusters on base port 7500 so that they can tear them down.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import jwt
+import psycopg
+import pytest
+
+from consistency.etcd import EtcdClient
+from consistency.topology import SlotMap
+from infra import cli
+from infra.local import cluster as lc
+from infra.local import postgres, procs
+from infra.local.ports import plan_ports
+from infra.wan import WanControl
+from regionstore.replication import standbys
+from tests.fixtures.cluster import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+OWN_BASE_PORT: Final = 7500
+# A standby applies a synchronously committed row within one replay cycle; allow for load.
+REPLAY_TIMEOUT_S: Final = 10.0
+
+
+def _with_db(dsn: str, db: str) -> str:
+    return dsn.rsplit("/", 1)[0] + "/" + db
+
+
+def _all_pids(cluster_dir: Path) -> list[tuple[int, str]]:
+    state = lc.load_state(cluster_dir).data
+    pids = [(int(p["pid"]), p["marker"]) for p in state["procs"]]
+    pids += [(int(e["pid"]), e["datadir"]) for e in state["pg"] if e.get("pid")]
+    return pids
+
+
+def _assert_nothing_left(cluster_dir: Path) -> None:
+    state = lc.load_state(cluster_dir).data
+    left = [pid for pid, marker in _all_pids(cluster_dir) if procs.is_alive(pid, marker)]
+    assert left == [], f"processes left behind: {left}"
+    plan = plan_ports(state["base_port"], state["regions"])
+    busy = [p for p in plan.all_ports() if not procs.port_free(p)]
+    assert busy == [], f"ports still bound: {busy}"
+
+
+async def test_etcd_cluster_formed_through_the_peer_fronts(local_cluster: LocalCluster) -> None:
+    state = lc.load_state(local_cluster.dir).data
+    fronts = {f"http://127.0.0.1:{p}" for p in state["ports"]["etcd_peer_front"].values()}
+    for region, url in local_cluster.etcd.items():
+        async with aiohttp.ClientSession() as http, http.get(url + "/health") as resp:
+            assert json.loads(await resp.read())["health"] == "true", region
+        async with EtcdClient([url]) as client:
+            members = await client.member_list()
+        assert {m["name"] for m in members} == set(local_cluster.regions)
+        assert {u for m in members for u in m["peerURLs"]} == fronts
+    # Raft traffic crossed every link of the emulator (identified by its X-PeerURLs header).
+    async with WanControl(local_cluster.wan_control) as wan:
+        links = await wan.links()
+    assert len(links) == 3
+    assert all(link["accepted_total"] > 0 and not link["cut"] for link in links), links
+
+
+def test_every_primary_has_its_sync_standby_in_the_previous_region(
+    local_cluster: LocalCluster,
+) -> None:
+    regions = local_cluster.regions
+    for i, region in enumerate(regions):
+        shard = lc.shard_name(region)
+        standby_region = regions[(i - 1) % len(regions)]
+        expected = postgres.application_name(lc.node_name(shard, standby_region))
+        found = standbys(_with_db(local_cluster.primary_admin_dsn[shard], "postgres"))
+        assert [(s.application_name, s.state, s.sync_state) for s in found] == [
+            (expected, "streaming", "sync")
+        ]
+
+
+def test_a_commit_on_a_primary_is_on_its_standby(local_cluster: LocalCluster) -> None:
+    for shard, primary in local_cluster.primary_admin_dsn.items():
+        token = secrets.token_hex(8)
+        # The probe table lives in the maintenance database, away from the ledger's schema.
+        with psycopg.connect(_with_db(primary, "postgres"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS infra_probe (v text)")
+            conn.execute("INSERT INTO infra_probe VALUES (%s)", (token,))
+        standby = _with_db(local_cluster.standby_admin_dsn[shard], "postgres")
+        with psycopg.connect(standby, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+            deadline = time.monotonic() + REPLAY_TIMEOUT_S
+            query = "SELECT EXISTS (SELECT 1 FROM infra_probe WHERE v = %s)"
+            while conn.execute(query, (token,)).fetchone() != (True,):
+                assert time.monotonic() < deadline, f"{shard}: row not replayed on the standby"
+                time.sleep(0.05)
+
+
+def test_status_describes_the_cluster(
+    local_cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["local", "status", "--dir", str(local_cluster.dir), "--json"]) == 0
+    desc: dict[str, Any] = json.loads(capsys.readouterr().out)
+    assert desc["topology_source"] == "etcd"
+    assert set(desc["regions"]) == set(local_cluster.regions)
+    for region, r in desc["regions"].items():
+        assert r["router"].startswith("http://127.0.0.1:")
+        assert r["redis"].startswith("redis://127.0.0.1:")
+        roles = sorted((n["role"], n["shard"]) for n in r["nodes"])
+        assert roles[0] == ("primary", lc.shard_name(region))
+        assert roles[1][0] == "standby"
+        for n in r["nodes"]:
+            assert n["pid"]
+            assert ":***@" in n["dsn"]
+        if local_cluster.routers_started:
+            assert r["router_pid"]
+    for shard, s in desc["shards"].items():
+        # Other tests may have bumped an epoch (the fencing tests); it is never below 1.
+        assert s["home_region"] == s["primary_region"] == shard[:-2]
+        assert s["epoch"] >= 1
+    secret_values = lc.pg_passwords(local_cluster.dir).values()
+    text = json.dumps(desc)
+    assert not any(v in text for v in secret_values if len(v) >= 16)
+
+
+def test_token_command_signs_with_the_cluster_key(
+    local_cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "token",
+        "--dir",
+        str(local_cluster.dir),
+        "--tenant",
+        "t1",
+        "--scopes",
+        "accounts:read,admin",
+        "--ttl",
+        "60",
+    ]
+    assert cli.main(argv) == 0
+    tok = capsys.readouterr().out.strip()
+    claims = jwt.decode(
+        tok,
+        local_cluster.jwt_secret,
+        algorithms=["HS256"],
+        audience=lc.JWT_AUDIENCE,
+        issuer=lc.JWT_ISSUER,
+    )
+    assert claims["sub"] == "t1"
+    assert claims["scope"] == "accounts:read admin"
+    assert claims["exp"] - claims["iat"] == 60
+
+
+@pytest.mark.slow
+def test_up_then_down_leaves_nothing(tmp_path: Path) -> None:
+    cluster_dir = tmp_path / "c"
+    opts = lc.UpOptions(
+        dir=cluster_dir, base_port=OWN_BASE_PORT, wan="realistic", start_routers=False
+    )
+    try:
+        state = lc.up(opts)
+        assert state["status"] == "up"
+        # Under --wan realistic a commit on us-east-1 waits for its standby in ap-south: one
+        # 2 x 95 ms round trip at least (the price of G1).
+        dsn = postgres.dsn(
+            lc.HOST,
+            state["ports"]["regions"]["us-east"]["pg_primary"],
+            postgres.ADMIN_ROLE,
+            lc.pg_passwords(cluster_dir)["admin_password"],
+            "postgres",
+        )
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (v int)")
+            t0 = time.perf_counter()
+            conn.execute("INSERT INTO t VALUES (1)")
+            assert time.perf_counter() - t0 >= 0.190
+    finally:
+        assert lc.down(cluster_dir) is True
+    _assert_nothing_left(cluster_dir)
+    lc.purge(cluster_dir)
+    # Idempotent: a second down finds nothing running and succeeds.
+    assert cli.main(["local", "down", "--dir", str(cluster_dir)]) == 0
+    lc.purge(cluster_dir)
+
+
+def test_down_cleans_up_after_a_start_that_crashed_half_way(tmp_path: Path) -> None:
+    cluster_dir = tmp_path / "c"
+    launcher = lc.Launcher(
+        lc.UpOptions(
+            dir=cluster_dir, base_port=OWN_BASE_PORT, start_routers=False, init_schema=False
+        ),
+        lambda _msg: None,
+    )
+    try:
+        # The steps of up() as far as the first PostgreSQL server, then "crash".
+        launcher._prepare()
+        launcher._secrets()
+        launcher._start_wan()
+        launcher._start_etcd()
+        launcher._start_primary(launcher.regions[0], SlotMap.even(["x"]))
+    except Exception:
+        lc.down(cluster_dir)
+        raise
+    assert len([p for p, m in _all_pids(cluster_dir) if procs.is_alive(p, m)]) == 5
+    assert lc.down(cluster_dir) is True
+    _assert_nothing_left(cluster_dir)
+    lc.purge(cluster_dir)
