@@ -117,13 +117,17 @@ class TransferItem:
     fingerprint: bytes
     source_slot_epoch: int
     destination_slot_epoch: int
+    # None: the destination lives on this shard (one transaction). A shard name: leg 1 of a
+    # cross-shard transfer to that shard (debit + transit credit + outbox; status 'pending').
+    destination_shard: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class TransferResult:
     """One item's outcome. ``ok`` and ``replayed`` carry the transfer and both accounts'
     balances and versions (for ``replayed``: the original transfer, current balances);
-    refusals carry only the code."""
+    refusals carry only the code. A cross-shard item (leg 1) carries no destination balance:
+    the destination lives on another shard."""
 
     code: TransferCode
     transfer_id: uuid.UUID | None
@@ -158,6 +162,63 @@ class TransferRow:
     reference: str | None
     status: str
     created_at: datetime
+    # Why the destination refused a cross-shard transfer (status 'reversed'); else None.
+    refusal_code: str | None = None
+
+
+class InboundCode(StrEnum):
+    """Leg 2's answer on the destination shard. not_found / currency_mismatch /
+    balance_limit are refusals (recorded: every re-delivery gets the same one)."""
+
+    APPLIED = "applied"
+    NOT_FOUND = "not_found"
+    CURRENCY_MISMATCH = "currency_mismatch"
+    BALANCE_LIMIT = "balance_limit"
+    STALE_EPOCH = "stale_epoch"
+    WRONG_SHARD = "wrong_shard"
+
+
+INBOUND_REFUSALS: Final = frozenset(
+    {InboundCode.NOT_FOUND, InboundCode.CURRENCY_MISMATCH, InboundCode.BALANCE_LIMIT}
+)
+
+
+class SettleCode(StrEnum):
+    SETTLED = "settled"
+    REVERSED = "reversed"
+    ALREADY = "already"  # settled or reversed before: ``status`` says which
+    STALE_EPOCH = "stale_epoch"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A pending cross-shard transfer as a relay delivers it."""
+
+    transfer_id: uuid.UUID
+    tenant: str
+    source: int
+    destination: int
+    amount: int
+    currency: str
+    destination_shard: str  # as resolved at leg 1: names the transit account it credited
+    attempts: int  # claims so far, this one included
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class InboundResult:
+    code: InboundCode
+    replayed: bool
+    destination_balance: int | None  # after the credit; None unless applied
+    destination_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    code: SettleCode
+    status: str | None  # the transfer's status after the call; None for stale_epoch
+    source_balance: int | None
+    source_version: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +236,32 @@ _POST_TRANSFERS_SQL: Final = (
     "SELECT idx, code, transfer_id, status, created_at, source_balance, source_version,"
     " destination_balance, destination_version"
     " FROM txr.post_transfers(%s::bigint, %s::uuid[], %s::text[], %s::bigint[], %s::bigint[],"
-    " %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[], %s::bigint[])"
+    " %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[], %s::bigint[],"
+    " %s::text[])"
 )
+_APPLY_INBOUND_SQL: Final = (
+    "SELECT code, replayed, destination_balance, destination_version"
+    " FROM txr.apply_inbound(%s::bigint, %s::uuid, %s::text, %s::text, %s::bigint, %s::bigint,"
+    " %s::bigint, %s::text, %s::bigint)"
+)
+_SETTLE_OUTBOUND_SQL: Final = (
+    "SELECT code, status, source_balance, source_version"
+    " FROM txr.settle_outbound(%s::bigint, %s::uuid, %s::text)"
+)
+_CLAIM_OUTBOX_SQL: Final = (
+    "SELECT transfer_id, tenant, source, destination, amount, currency, destination_shard,"
+    " attempts, created_at FROM txr.claim_outbox(%s::int, %s::float8)"
+)
+_DEFER_OUTBOX_SQL: Final = "SELECT txr.defer_outbox(%s::uuid, %s::float8)"
+_OUTBOX_STATS_SQL: Final = (
+    "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
+    " FROM txr.outbox WHERE state = 'pending'"
+)
+# The channel post_transfers notifies on commit of a cross-shard leg 1.
+OUTBOX_CHANNEL: Final = "txr_outbox"
+# Reconnecting the LISTEN connection after a failure: at most this often, so a down primary
+# does not turn the relay's wait into a connect loop (polling covers the gap).
+LISTEN_RETRY_MIN_S: Final = 1.0
 _CREATE_ACCOUNT_SQL: Final = (
     "SELECT code, created_at FROM txr.create_account("
     "%s::bigint, %s::bigint, %s::bigint, %s::text, %s::text, %s::bigint, %s::jsonb)"
@@ -186,8 +271,8 @@ _GET_ACCOUNT_SQL: Final = (
     " FROM txr.accounts WHERE id = %s::bigint AND tenant = %s::text AND kind = 'customer'"
 )
 _GET_TRANSFER_SQL: Final = (
-    "SELECT id, tenant, source, destination, amount, currency, reference, status, created_at"
-    " FROM txr.transfers WHERE id = %s::uuid AND tenant = %s::text"
+    "SELECT id, tenant, source, destination, amount, currency, reference, status, created_at,"
+    " refusal_code FROM txr.transfers WHERE id = %s::uuid AND tenant = %s::text"
 )
 # One round trip answers both "is the account visible" (no row) and "its page" (a row per entry,
 # or one all-NULL row when it has none).
@@ -228,6 +313,10 @@ class ShardStore:
             weakref.WeakKeyDictionary()
         )
         self._background: set[asyncio.Task[Any]] = set()
+        self._conninfo = conninfo
+        # The dedicated LISTEN connection of wait_for_outbox (not pooled: it holds a session).
+        self._listen: Conn | None = None
+        self._listen_failed_at = -LISTEN_RETRY_MIN_S
         self._pool: psycopg_pool.AsyncConnectionPool[Conn] = psycopg_pool.AsyncConnectionPool(
             conninfo,
             min_size=pool_min,
@@ -265,6 +354,7 @@ class ShardStore:
             logger.warning("shard %s: no connection after %.1fs; retrying", self.name, timeout_s)
 
     async def close(self) -> None:
+        await self._close_listen()
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -412,6 +502,7 @@ class ShardStore:
             [it.fingerprint for it in items],
             [it.source_slot_epoch for it in items],
             [it.destination_slot_epoch for it in items],
+            [it.destination_shard for it in items],
         )
 
         async def op(conn: Conn) -> list[tuple[Any, ...]]:
@@ -529,6 +620,7 @@ class ShardStore:
             reference=row[6],
             status=row[7],
             created_at=row[8],
+            refusal_code=row[9],
         )
 
     async def list_entries(

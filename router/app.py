@@ -104,23 +104,26 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 unexpected = RegionUnavailable("the router could not complete this read")
             resp = problem_response(unexpected)
         span.set_attribute("http.status_code", resp.status)
-    elapsed = time.perf_counter() - start
-    resp.headers["X-Request-Id"] = rid
-    resp.headers["X-Served-By"] = request.get(SERVED_BY_KEY, f"{config.region}/router")
-    status = str(resp.status)
-    metrics.requests.labels(config.region, route, request.method, status).inc()
-    metrics.request_latency.labels(config.region, route, request.method, status).observe(elapsed)
-    log.info(
-        "request",
-        extra={
-            "fields": {
-                "method": request.method,
-                "route": route,
-                "status": resp.status,
-                "ms": round(elapsed * 1000, 3),
-            }
-        },
-    )
+        elapsed = time.perf_counter() - start
+        resp.headers["X-Request-Id"] = rid
+        resp.headers["X-Served-By"] = request.get(SERVED_BY_KEY, f"{config.region}/router")
+        status = str(resp.status)
+        metrics.requests.labels(config.region, route, request.method, status).inc()
+        metrics.request_latency.labels(config.region, route, request.method, status).observe(
+            elapsed
+        )
+        # Logged inside the span so the line carries the trace id.
+        log.info(
+            "request",
+            extra={
+                "fields": {
+                    "method": request.method,
+                    "route": route,
+                    "status": resp.status,
+                    "ms": round(elapsed * 1000, 3),
+                }
+            },
+        )
     request_id_var.reset(token)
     return resp
 

@@ -86,6 +86,32 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.outbox_depth = Gauge(
+            "txr_outbox_depth",
+            "Cross-shard transfers whose leg 1 committed and that are not settled or reversed.",
+            ["region", "shard"],
+            registry=self.registry,
+        )
+        self.outbox_oldest_age = Gauge(
+            "txr_outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending outbox message of a source shard.",
+            ["region", "shard"],
+            registry=self.registry,
+        )
+        self.delivery_attempts = Counter(
+            "txr_outbox_delivery_attempts_total",
+            "Leg-2 deliveries tried by this region's relay or router, by result.",
+            ["region", "source_shard", "result"],
+            registry=self.registry,
+        )
+        self.settle_latency = Histogram(
+            "txr_transfer_settle_duration_seconds",
+            "From leg 1's commit to the source's settled (or reversed) mark.",
+            ["region", "source_shard", "outcome"],
+            buckets=(*LATENCY_BUCKETS_S, 10.0, 30.0, 60.0),
+            registry=self.registry,
+        )
+
     def exposition(self) -> bytes:
         self.topology_revision.labels(self.region)
         return generate_latest(self.registry)

@@ -119,6 +119,7 @@ async def test_no_token_or_secret_reaches_a_log(api: Api) -> None:
     for path in logs:
         text = path.read_text(errors="replace")
         assert '"request_id"' in text
+        assert '"trace_id"' in text
         for s in secrets:
             assert s not in text, f"a secret leaked into {path.name}"
         assert "Bearer" not in text
