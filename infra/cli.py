@@ -18,8 +18,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
+import psycopg
+
+from consistency import reconcile
 from infra.local import cluster, procs
 from infra.local.ports import plan_ports
+from regionstore import admin
 from router.auth import SCOPES
 
 EXIT_OK: Final = 0
@@ -185,6 +189,44 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- txr reconcile ------------------------------------------------------------------------
+
+
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    """G4 across every shard: ledgers balance, transit accounts net to the money in flight."""
+    try:
+        dsns = cluster.primary_admin_dsns(args.dir)
+        snapshots = {shard: admin.reconcile_snapshot(dsn) for shard, dsn in sorted(dsns.items())}
+    except (cluster.ClusterError, OSError, psycopg.Error) as exc:
+        _err(f"reconcile could not read every shard: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    problems = reconcile.reconcile(snapshots)
+    summary = reconcile.summarize(snapshots)
+    if args.json:
+        print(
+            json.dumps(
+                {"ok": not problems, "discrepancies": problems, "shards": summary},
+                indent=2,
+                default=str,
+            )
+        )
+    else:
+        print(f"{'shard':12} {'accounts':>8} {'pending':>8} {'in flight':>14} {'inbox':>6}  sums")
+        for shard, s in summary.items():
+            sums = ", ".join(f"{cur} {total}" for cur, total in sorted(s["sums"].items())) or "-"
+            print(
+                f"{shard:12} {s['accounts']:8d} {s['pending']:8d} {s['in_flight']:14d} "
+                f"{s['inbox']:6d}  {sums}"
+            )
+        if problems:
+            print(f"\n{len(problems)} discrepancies:")
+            for p in problems:
+                print(f"  - {p}")
+        else:
+            print("\nclean: every ledger balances and transit accounts net to the money in flight")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------------
 
 
@@ -228,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scopes", type=_scopes, required=True)
     p.add_argument("--ttl", type=int, default=DEFAULT_TOKEN_TTL_S, help="seconds")
     p.set_defaults(handler=_cmd_token)
+
+    p = sub.add_parser("reconcile", help="check G4 across every shard; exit 1 on a discrepancy")
+    _add_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_reconcile)
     return parser
 
 

@@ -197,3 +197,126 @@ def ledger_check(admin_dsn: str) -> dict[str, Any]:
         ],
         "unbalanced_transfers_count": len(unbalanced),
     }
+
+
+def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
+    """Everything ``consistency.reconcile.reconcile`` needs from this shard, read in one
+    repeatable-read transaction (one consistent snapshot). See that module for the shape.
+
+    Besides the ledger_check rules it checks each cross-shard leg's entries here: a pending or
+    settled transfer has exactly leg 1 (source -a, transit +a), a reversed one also its
+    reversal (transit -a, source +a); an inbox row 'applied' has exactly (transit -a,
+    destination +a) and a refused one no entries at all.
+    """
+    with _connect(admin_dsn) as conn:
+        conn.read_only = True
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            totals = conn.execute(
+                "SELECT currency, sum(balance) FROM txr.accounts GROUP BY currency"
+            ).fetchall()
+            accounts = (conn.execute("SELECT count(*) FROM txr.accounts").fetchone() or (0,))[0]
+            per_account = conn.execute(
+                "SELECT a.id, a.balance, a.version, coalesce(e.total, 0), coalesce(e.n, 0)"
+                " FROM txr.accounts a"
+                " LEFT JOIN (SELECT account_id, sum(amount) AS total, count(*) AS n"
+                "            FROM txr.ledger_entries GROUP BY account_id) e"
+                " ON e.account_id = a.id"
+                " WHERE a.balance <> coalesce(e.total, 0) OR a.version <> coalesce(e.n, 0) + 1"
+            ).fetchall()
+            unbalanced = conn.execute(
+                "SELECT transfer_id, sum(amount) FROM txr.ledger_entries"
+                " GROUP BY transfer_id HAVING sum(amount) <> 0"
+            ).fetchall()
+            transit = conn.execute(
+                "SELECT t.remote_shard, t.currency, a.balance FROM txr.transit_accounts t"
+                " JOIN txr.accounts a ON a.id = t.account_id"
+            ).fetchall()
+            outbox = conn.execute(
+                "SELECT transfer_id, destination_shard, amount, currency, state FROM txr.outbox"
+            ).fetchall()
+            inbox = conn.execute(
+                "SELECT transfer_id, source_shard, result FROM txr.inbox"
+            ).fetchall()
+            # Outbound legs: the entries each state must have, as (account, amount) multisets
+            # compared by count and per-side sums.
+            out_legs = conn.execute(
+                "SELECT o.transfer_id, o.state FROM txr.outbox o"
+                " JOIN txr.transit_accounts t"
+                "   ON t.remote_shard = o.destination_shard AND t.currency = o.currency"
+                " LEFT JOIN txr.ledger_entries e ON e.transfer_id = o.transfer_id"
+                " GROUP BY o.transfer_id, o.state, o.amount, o.source, t.account_id"
+                " HAVING count(e.amount) <> CASE o.state WHEN 'reversed' THEN 4 ELSE 2 END"
+                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source"
+                "      AND e.amount < 0), 0) <> -o.amount"
+                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id"
+                "      AND e.amount > 0), 0) <> o.amount"
+                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source"
+                "      AND e.amount > 0), 0)"
+                "      <> CASE o.state WHEN 'reversed' THEN o.amount ELSE 0 END"
+                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id"
+                "      AND e.amount < 0), 0)"
+                "      <> CASE o.state WHEN 'reversed' THEN -o.amount ELSE 0 END"
+            ).fetchall()
+            # An outbox row without its transit account cannot have had a valid leg 1.
+            orphan_out = conn.execute(
+                "SELECT o.transfer_id, o.state FROM txr.outbox o WHERE NOT EXISTS ("
+                " SELECT 1 FROM txr.transit_accounts t"
+                " WHERE t.remote_shard = o.destination_shard AND t.currency = o.currency)"
+            ).fetchall()
+            in_legs = conn.execute(
+                "SELECT i.transfer_id, i.result FROM txr.inbox i"
+                " LEFT JOIN txr.transit_accounts t"
+                "   ON t.remote_shard = i.source_shard AND t.currency = i.currency"
+                " LEFT JOIN txr.ledger_entries e ON e.transfer_id = i.transfer_id"
+                " GROUP BY i.transfer_id, i.result, i.amount, i.destination, t.account_id"
+                " HAVING count(e.amount) <> CASE i.result WHEN 'applied' THEN 2 ELSE 0 END"
+                "   OR (i.result = 'applied' AND ("
+                "     coalesce(sum(e.amount) FILTER (WHERE e.account_id = i.destination), 0)"
+                "       <> i.amount"
+                "     OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id), 0)"
+                "       <> -i.amount))"
+            ).fetchall()
+    transits: dict[str, dict[str, int]] = {}
+    for remote, currency, balance in transit:
+        transits.setdefault(remote, {})[currency] = int(balance)
+    leg_violations = [
+        {"transfer_id": str(t), "state": s, "reason": "outbound leg entries wrong"}
+        for t, s in out_legs
+    ]
+    leg_violations += [
+        {"transfer_id": str(t), "state": s, "reason": "no transit account for its leg 1"}
+        for t, s in orphan_out
+    ]
+    leg_violations += [
+        {"transfer_id": str(t), "state": r, "reason": "inbound leg entries wrong"}
+        for t, r in in_legs
+    ]
+    return {
+        "accounts": int(accounts),
+        "totals": {cur: int(total) for cur, total in totals},
+        "balance_mismatches": [
+            {"account_id": a, "balance": b, "entries_sum": int(t)}
+            for a, b, _v, t, _n in per_account
+            if b != t
+        ],
+        "version_mismatches": [
+            {"account_id": a, "version": v, "entries": int(n)}
+            for a, _b, v, _t, n in per_account
+            if v != n + 1
+        ],
+        "unbalanced_postings": [{"transfer_id": str(t), "sum": int(s)} for t, s in unbalanced],
+        "leg_violations": leg_violations,
+        "transit": transits,
+        "outbox": [
+            {
+                "transfer_id": str(t),
+                "destination_shard": d,
+                "amount": int(a),
+                "currency": c,
+                "state": s,
+            }
+            for t, d, a, c, s in outbox
+        ],
+        "inbox": [{"transfer_id": str(t), "source_shard": s, "result": r} for t, s, r in inbox],
+    }

@@ -4,7 +4,13 @@ Each method is one round trip: writes call a stored procedure (``txr.post_transf
 ``txr.create_account``) in autocommit mode, so the statement is its own transaction and no
 BEGIN/COMMIT round trips are added; reads are single parameterised SELECTs.
 
-Business outcomes come back as values (``TransferCode`` per item, ``CreateAccountCode``);
+Cross-shard transfers (DESIGN.md section 6) add leg 2 (``apply_inbound``, on the destination),
+the source's mark (``settle_outbound``), the relay's queue operations (``claim_outbox``,
+``defer_outbox``, ``outbox_stats``) and its wake-up (``wait_for_outbox``: LISTEN on a dedicated
+connection, the only connection not taken from the pool).
+
+Business outcomes come back as values (``TransferCode`` per item, ``CreateAccountCode``,
+``InboundCode``, ``SettleCode``);
 operational failures raise the exceptions of :mod:`regionstore.errors`, classified by what the
 caller may conclude about a write:
 
@@ -23,6 +29,7 @@ discards the connection, so a connection is never reused mid-transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -317,6 +324,9 @@ class ShardStore:
         # The dedicated LISTEN connection of wait_for_outbox (not pooled: it holds a session).
         self._listen: Conn | None = None
         self._listen_failed_at = -LISTEN_RETRY_MIN_S
+        # One waiter at a time on the LISTEN connection (psycopg allows one operation per
+        # connection); a notification wakes whichever waiter holds it, the others poll.
+        self._listen_lock = asyncio.Lock()
         self._pool: psycopg_pool.AsyncConnectionPool[Conn] = psycopg_pool.AsyncConnectionPool(
             conninfo,
             min_size=pool_min,
@@ -574,6 +584,187 @@ class ShardStore:
             metadata=meta,
             created_at=row[1],
         )
+
+    # -- cross-shard saga (regionstore/migrations/0002_saga.sql) ---------------------------
+
+    async def apply_inbound(
+        self,
+        shard_epoch: int,
+        *,
+        transfer_id: uuid.UUID,
+        source_shard: str,
+        tenant: str,
+        source: int,
+        destination: int,
+        amount: int,
+        currency: str,
+        destination_slot_epoch: int,
+        timeout_s: float,
+    ) -> InboundResult:
+        """Leg 2 on this (destination) shard, exactly once per ``transfer_id``.
+
+        A first call applies or refuses and records the answer in the inbox; any later call
+        returns the recorded answer with ``replayed=True``. stale_epoch / wrong_shard record
+        nothing (deliver again after re-resolving the destination's shard).
+        """
+        params = (
+            shard_epoch,
+            transfer_id,
+            source_shard,
+            tenant,
+            source,
+            destination,
+            amount,
+            currency,
+            destination_slot_epoch,
+        )
+
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(_APPLY_INBOUND_SQL, params)
+            return await cur.fetchone()
+
+        row = await self._call(op, timeout_s=timeout_s, write=True, what="apply_inbound")
+        if row is None:
+            raise StoreOutcomeUnknown(f"shard {self.name}: apply_inbound returned no row")
+        return InboundResult(
+            code=InboundCode(row[0]),
+            replayed=row[1],
+            destination_balance=row[2],
+            destination_version=row[3],
+        )
+
+    async def settle_outbound(
+        self,
+        shard_epoch: int,
+        transfer_id: uuid.UUID,
+        *,
+        refusal_code: str | None,
+        timeout_s: float,
+    ) -> SettleResult:
+        """Record leg 2's answer on this (source) shard: settled (refusal_code None), or post
+        the reversal with that code. Idempotent: a second call answers ``already``."""
+
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(_SETTLE_OUTBOUND_SQL, (shard_epoch, transfer_id, refusal_code))
+            return await cur.fetchone()
+
+        row = await self._call(op, timeout_s=timeout_s, write=True, what="settle_outbound")
+        if row is None:
+            raise StoreOutcomeUnknown(f"shard {self.name}: settle_outbound returned no row")
+        return SettleResult(
+            code=SettleCode(row[0]), status=row[1], source_balance=row[2], source_version=row[3]
+        )
+
+    async def claim_outbox(
+        self, *, limit: int, lease_s: float, timeout_s: float
+    ) -> list[OutboxMessage]:
+        """Up to ``limit`` due pending messages, each leased for ``lease_s`` (not due again
+        until then, so concurrent relays do not deliver the same message at once)."""
+
+        async def op(conn: Conn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(_CLAIM_OUTBOX_SQL, (limit, lease_s))
+            return await cur.fetchall()
+
+        rows = await self._call(op, timeout_s=timeout_s, write=True, what="claim_outbox")
+        return [
+            OutboxMessage(
+                transfer_id=r[0],
+                tenant=r[1],
+                source=r[2],
+                destination=r[3],
+                amount=r[4],
+                currency=r[5],
+                destination_shard=r[6],
+                attempts=r[7],
+                created_at=r[8],
+            )
+            for r in rows
+        ]
+
+    async def defer_outbox(
+        self, transfer_id: uuid.UUID, *, delay_s: float, timeout_s: float
+    ) -> None:
+        """Make a pending message due again in ``delay_s`` (backoff after a failed attempt)."""
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(_DEFER_OUTBOX_SQL, (transfer_id, delay_s))
+
+        await self._call(op, timeout_s=timeout_s, write=True, what="defer_outbox")
+
+    async def outbox_stats(self, *, timeout_s: float) -> tuple[int, float]:
+        """(pending messages, age in seconds of the oldest one; 0 when none)."""
+
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(_OUTBOX_STATS_SQL)
+            return await cur.fetchone()
+
+        row = await self._call(op, timeout_s=timeout_s, write=False, what="outbox_stats")
+        if row is None:
+            return 0, 0.0
+        return int(row[0]), float(row[1])
+
+    async def wait_for_outbox(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a leg-1 commit's notification: True when one came.
+
+        Uses a dedicated LISTEN connection, opened on first use and reopened after a failure
+        (at most every LISTEN_RETRY_MIN_S). A notification sent while we were not waiting is
+        queued on the connection and returns at once next time; one sent while the connection
+        was down is lost, which only costs latency: callers poll with this as the timeout.
+        Never raises for a connection problem: it waits out the timeout and returns False.
+        """
+        deadline = time.monotonic() + timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._listen_lock.acquire()
+        except TimeoutError:
+            return False
+        try:
+            return await self._wait_locked(deadline)
+        finally:
+            self._listen_lock.release()
+
+    async def _wait_locked(self, deadline: float) -> bool:
+        try:
+            conn = await self._listen_connection(deadline)
+            if conn is not None:
+                remaining = max(deadline - time.monotonic(), 0.0)
+                async for _ in conn.notifies(timeout=remaining, stop_after=1):
+                    return True
+                return False
+        except (psycopg.Error, TimeoutError, OSError) as exc:
+            logger.warning("shard %s: outbox LISTEN connection failed: %s", self.name, exc)
+            self._listen_failed_at = time.monotonic()
+            await self._close_listen()
+        except asyncio.CancelledError:
+            # Interrupted mid-wait: the connection's protocol state is unknown; start afresh.
+            await self._close_listen()
+            raise
+        await asyncio.sleep(max(deadline - time.monotonic(), 0.0))
+        return False
+
+    async def _listen_connection(self, deadline: float) -> Conn | None:
+        if self._listen is not None and not self._listen.closed:
+            return self._listen
+        if time.monotonic() - self._listen_failed_at < LISTEN_RETRY_MIN_S:
+            return None
+        await self._close_listen()
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+            conn = await psycopg.AsyncConnection.connect(
+                self._conninfo,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                application_name=f"txr-listen-{self.name}"[:63],
+            )
+            self._listen = conn
+            await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+        return conn
+
+    async def _close_listen(self) -> None:
+        conn, self._listen = self._listen, None
+        if conn is not None and not conn.closed:
+            # Already broken or not: nothing else to release.
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
 
     # -- reads -----------------------------------------------------------------------------
 

@@ -7,12 +7,14 @@ in one cleanup context, in dependency order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from collections.abc import AsyncIterator
 from importlib import resources as importlib_resources
 
+import aiohttp
 import orjson
 import yaml
 from aiohttp import web
@@ -20,7 +22,8 @@ from aiohttp.typedefs import Handler
 from opentelemetry.trace import SpanKind
 
 from consistency.etcd import EtcdClient
-from consistency.topology import TopologyWatcher
+from consistency.topology import Node, TopologyWatcher
+from router import rtt
 from router.auth import Verifier
 from router.cache import RegionCache
 from router.config import RouterConfig
@@ -39,7 +42,17 @@ from router.handlers.common import SERVED_BY_KEY
 from router.limits import BODY_BYTES_MAX, TOPOLOGY_INITIAL_TIMEOUT_S
 from router.logs import request_id_var
 from router.metrics import Metrics
-from router.resources import CACHE, CONFIG, METRICS, OPENAPI, ROUTER, STORES, TOPOLOGY, VERIFIER
+from router.resources import (
+    CACHE,
+    CONFIG,
+    METRICS,
+    OPENAPI,
+    ROUTER,
+    RTT,
+    STORES,
+    TOPOLOGY,
+    VERIFIER,
+)
 from router.routing import ShardRouter, StoreRegistry, new_request_id
 from router.tracing import setup_tracing, tracer
 
@@ -155,6 +168,61 @@ async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
     await stores.close()
 
 
+async def _relays_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Outbox relays for the shards homed in this region (several may run: SKIP LOCKED)."""
+    config = app[CONFIG]
+    router = app[ROUTER]
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(router.relay_for(shard.name).run(stop), name=f"relay-{shard.name}")
+        for shard in router.topology.shards_homed_in(config.region)
+    ]
+    yield
+    stop.set()
+    await router.close()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _rtt_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Probe every store node and peer router (cost model of the read path; /metrics)."""
+    config = app[CONFIG]
+    stores = app[STORES]
+    watcher = app[TOPOLOGY]
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=rtt.PROBE_TIMEOUT_S))
+
+    def node_probe(node: Node) -> rtt.Probe:
+        async def probe() -> float:
+            store = await stores.for_node(node)
+            return await store.ping(timeout_s=rtt.PROBE_TIMEOUT_S)
+
+        return probe
+
+    def router_probe(url: str) -> rtt.Probe:
+        async def probe() -> float:
+            return await rtt.probe_router(session, url)
+
+        return probe
+
+    def targets() -> dict[str, rtt.Probe]:
+        out: dict[str, rtt.Probe] = {}
+        for shard in watcher.current.shards.values():
+            for node in (shard.primary, *shard.standbys):
+                out[f"node:{node.name}"] = node_probe(node)
+        for region, url in config.peer_routers.items():
+            out[f"router:{region}"] = router_probe(url)
+        return out
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(rtt.run_prober(app[RTT], targets, stop), name="rtt-prober")
+    yield
+    stop.set()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await session.close()
+
+
 async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = RegionCache(app[CONFIG].redis_url, app[METRICS])
     app[CACHE] = cache
@@ -174,7 +242,8 @@ def create_app(config: RouterConfig) -> web.Application:
         audience=config.jwt_audience,
     )
     app[OPENAPI] = _load_openapi()
-    app.cleanup_ctx.extend([_topology_ctx, _cache_ctx, _stores_ctx])
+    app[RTT] = rtt.RttTable(config.region, app[METRICS])
+    app.cleanup_ctx.extend([_topology_ctx, _cache_ctx, _stores_ctx, _rtt_ctx, _relays_ctx])
     app.router.add_post("/v1/accounts", accounts.create_account)
     app.router.add_get("/v1/accounts/{id}", accounts.get_account, allow_head=False)
     app.router.add_get("/v1/accounts/{id}/entries", accounts.list_entries, allow_head=False)

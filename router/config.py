@@ -35,6 +35,10 @@ class RouterConfig:
     # Per-region router URLs as dialled from this region (RTT probes, forwarding).
     peer_routers: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
+    # The invalidation relay's role (REPLICATION: logical decoding). Optional so that configs
+    # written before the relay still load; without a password file the relay does not run.
+    repl_user: str = "txr_repl"
+    repl_password_file: Path | None = None
 
     def dial_address(self, host: str, port: int) -> tuple[str, int]:
         mapped = self.dial.get(f"{host}:{port}")
@@ -59,6 +63,10 @@ class RouterConfig:
             "jwt_audience": self.jwt_audience,
             "peer_routers": dict(self.peer_routers),
             "log_level": self.log_level,
+            "repl_user": self.repl_user,
+            "repl_password_file": (
+                str(self.repl_password_file) if self.repl_password_file is not None else None
+            ),
         }
 
     @classmethod
@@ -78,6 +86,10 @@ class RouterConfig:
             jwt_audience=str(d.get("jwt_audience", "txrouter")),
             peer_routers={str(k): str(v) for k, v in d.get("peer_routers", {}).items()},
             log_level=str(d.get("log_level", "INFO")),
+            repl_user=str(d.get("repl_user", "txr_repl")),
+            repl_password_file=(
+                Path(d["repl_password_file"]) if d.get("repl_password_file") else None
+            ),
         )
 
     @classmethod

@@ -38,3 +38,11 @@ CACHE_TTL_S: Final = 300
 # A cache write after commit is best effort: the commit is already durable, so a slow Redis must
 # not delay the answer by more than this.
 CACHE_WRITE_TIMEOUT_S: Final = 0.25
+
+# After leg 1 of a cross-shard transfer the router delivers leg 2 itself and waits this long
+# for the settle mark before answering ``pending``. Under --wan realistic leg 2 plus the settle
+# mark cost two cross-region round trips and two synchronous commits (up to about 0.8 s).
+INLINE_SETTLE_WAIT_S: Final = 1.0
+# Inline deliveries still running in the background per router; past this, new cross-shard
+# transfers answer ``pending`` at once and leave delivery to the relays.
+INLINE_DELIVERIES_MAX: Final = 256

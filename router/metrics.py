@@ -112,6 +112,40 @@ class Metrics:
             registry=self.registry,
         )
 
+        # -- invalidation relay (router/relays/invalidation.py) -------------------------------
+        self.invalidation_lag_seconds = Gauge(
+            "txr_invalidation_lag_seconds",
+            "How far this region's cache may be behind a shard's commits: now minus the newest "
+            "instant before which every acknowledged change is applied (NaN: unknown).",
+            ["region", "shard"],
+            registry=self.registry,
+        )
+        self.invalidation_lag_bytes = Gauge(
+            "txr_invalidation_lag_bytes",
+            "pg_current_wal_lsn() minus the relay slot's confirmed_flush_lsn, per shard.",
+            ["region", "shard"],
+            registry=self.registry,
+        )
+        self.invalidation_applied = Counter(
+            "txr_invalidation_applied_total",
+            "Account changes the relay applied to this region's cache (fills and tombstones).",
+            ["region", "shard"],
+            registry=self.registry,
+        )
+        self.invalidation_resets = Counter(
+            "txr_invalidation_resets_total",
+            "Times the relay dropped a shard's entries because it could not prove continuity.",
+            ["region", "shard", "reason"],
+            registry=self.registry,
+        )
+
+        self.rtt = Gauge(
+            "txr_rtt_seconds",
+            "Round-trip time from this router to a store node or peer router (ewma and tail).",
+            ["region", "target", "stat"],
+            registry=self.registry,
+        )
+
     def exposition(self) -> bytes:
         self.topology_revision.labels(self.region)
         return generate_latest(self.registry)

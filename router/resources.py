@@ -10,6 +10,7 @@ from router.cache import RegionCache
 from router.config import RouterConfig
 from router.metrics import Metrics
 from router.routing import ShardRouter, StoreRegistry
+from router.rtt import RttTable
 
 CONFIG = web.AppKey("config", RouterConfig)
 METRICS = web.AppKey("metrics", Metrics)
@@ -19,3 +20,4 @@ STORES = web.AppKey("stores", StoreRegistry)
 CACHE = web.AppKey("cache", RegionCache)
 ROUTER = web.AppKey("router", ShardRouter)
 OPENAPI = web.AppKey("openapi", bytes)
+RTT = web.AppKey("rtt", RttTable)

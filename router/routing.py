@@ -25,15 +25,24 @@ from regionstore.errors import StoreOutcomeUnknown, StoreUnavailable
 from regionstore.store import (
     AccountRow,
     CreateAccountCode,
+    OutboxMessage,
     ShardStore,
     TransferCode,
     TransferItem,
     TransferResult,
 )
 from router.config import RouterConfig
-from router.errors import OutcomeUnknown, RegionUnavailable, Unprocessable
+from router.errors import (
+    BusinessRefusal,
+    NotFound,
+    OutcomeUnknown,
+    RegionUnavailable,
+    Unprocessable,
+)
 from router.limits import (
     ACCOUNT_ID_RETRIES_MAX,
+    INLINE_DELIVERIES_MAX,
+    INLINE_SETTLE_WAIT_S,
     POOL_MAX,
     POOL_MIN,
     POOL_OPEN_TIMEOUT_S,
@@ -41,6 +50,7 @@ from router.limits import (
     STALE_RETRIES_MAX,
 )
 from router.metrics import Metrics
+from router.relays.outbox import Delivery, OutboxRelay
 from router.tracing import tracer
 
 log = logging.getLogger(__name__)
@@ -121,6 +131,8 @@ class PostedTransfer:
     result: TransferResult
     shard: Shard
     source_slot: int
+    # Set for a cross-shard transfer: the shard of the destination at leg 1.
+    destination_shard: str | None = None
 
 
 class ShardRouter:
@@ -131,6 +143,36 @@ class ShardRouter:
         self.stores = stores
         self.metrics = metrics
         self.region = region
+        self._relays: dict[str, OutboxRelay] = {}
+        self._inline: set[asyncio.Task[Delivery]] = set()
+
+    # -- ShardResolver, for the outbox relays (router.relays.outbox) --------------------------
+
+    def route_account(self, account_id: int) -> tuple[str, int, int]:
+        shard, slot_epoch = self.topology.route(ids.account_slot(account_id))
+        return shard.name, shard.epoch, slot_epoch
+
+    def shard_epoch(self, shard: str) -> int:
+        return self.topology.shards[shard].epoch
+
+    async def store_for_shard(self, shard: str) -> ShardStore:
+        return await self.stores.for_node(self.topology.shards[shard].primary)
+
+    async def refresh(self) -> None:
+        await self.watcher.refresh(newer_than=self.topology.revision)
+
+    def relay_for(self, source_shard: str) -> OutboxRelay:
+        relay = self._relays.get(source_shard)
+        if relay is None:
+            relay = OutboxRelay(source_shard, self, region=self.region, metrics=self.metrics)
+            self._relays[source_shard] = relay
+        return relay
+
+    async def close(self) -> None:
+        """Stop inline deliveries; each is idempotent, so the relays finish what they left."""
+        for task in list(self._inline):
+            task.cancel()
+        await asyncio.gather(*self._inline, return_exceptions=True)
 
     @property
     def topology(self) -> Topology:
@@ -176,16 +218,17 @@ class ShardRouter:
         )
         # One id for every attempt: a retry after a refusal re-sends the same transfer.
         transfer_id = ids.new_transfer_id()
+        checked_destination = False
         for attempt in range(STALE_RETRIES_MAX + 1):
             topo = self.topology
             shard, source_epoch = topo.route(source_slot)
             dest_shard, dest_epoch = topo.route(dest_slot)
-            if dest_shard.name != shard.name:
-                raise Unprocessable(
-                    "source and destination live in different shards; cross-shard transfers "
-                    "are not available yet",
-                    code="cross_shard_unsupported",
-                )
+            cross = dest_shard.name != shard.name
+            if cross and not checked_destination:
+                # Most refusals happen here, before any money moves; leg 2 checks again, and
+                # a destination that changes in between is reversed by the saga.
+                await self._check_remote_destination(tenant, req, deadline)
+                checked_destination = True
             item = TransferItem(
                 transfer_id=transfer_id,
                 tenant=tenant,
@@ -198,10 +241,13 @@ class ShardRouter:
                 fingerprint=fingerprint,
                 source_slot_epoch=source_epoch,
                 destination_slot_epoch=dest_epoch,
+                destination_shard=dest_shard.name if cross else None,
             )
             result = await self._post_one(shard, item, deadline)
             if result.code not in _FENCE_CODES:
-                return PostedTransfer(result, shard, source_slot)
+                return PostedTransfer(
+                    result, shard, source_slot, dest_shard.name if cross else None
+                )
             self.metrics.fence_rejections.labels(self.region, shard.name, result.code.value).inc()
             if attempt < STALE_RETRIES_MAX and not deadline.expired():
                 await self._refresh(topo.revision)
@@ -209,6 +255,60 @@ class ShardRouter:
             "the account's shard is moving; retry with the same Idempotency-Key",
             retry_after_s=RETRY_AFTER_S,
         )
+
+    async def _check_remote_destination(
+        self, tenant: str, req: TransferRequest, deadline: Deadline
+    ) -> None:
+        async def fetch(store: ShardStore, timeout_s: float) -> AccountRow | None:
+            return await store.get_account(req.destination, tenant, timeout_s=timeout_s)
+
+        row, _ = await self.read(ids.account_slot(req.destination), "get_account", fetch, deadline)
+        if row is None:
+            raise NotFound("source or destination account not found")
+        if row.currency != req.currency:
+            raise BusinessRefusal(
+                "source, destination and transfer currencies must match", code="currency_mismatch"
+            )
+
+    async def settle_inline(self, tenant: str, posted: PostedTransfer, req: TransferRequest) -> str:
+        """Deliver leg 2 and mark the source right away, waiting at most a short bound.
+
+        Returns the status to answer with. Past the bound the delivery goes on in the
+        background (and the relay would finish it anyway); the client gets ``pending``.
+        """
+        res = posted.result
+        assert res.transfer_id is not None
+        assert res.created_at is not None
+        assert posted.destination_shard is not None
+        if len(self._inline) >= INLINE_DELIVERIES_MAX:
+            return "pending"
+        msg = OutboxMessage(
+            transfer_id=res.transfer_id,
+            tenant=tenant,
+            source=req.source,
+            destination=req.destination,
+            amount=req.amount,
+            currency=req.currency,
+            destination_shard=posted.destination_shard,
+            attempts=0,
+            created_at=res.created_at,
+        )
+        return await self._deliver_bounded(posted.shard.name, msg)
+
+    async def _deliver_bounded(self, source_shard: str, msg: OutboxMessage) -> str:
+        task = asyncio.create_task(self.relay_for(source_shard).deliver(msg))
+        self._inline.add(task)
+        task.add_done_callback(self._inline.discard)
+        try:
+            delivery = await asyncio.wait_for(asyncio.shield(task), INLINE_SETTLE_WAIT_S)
+        except TimeoutError:
+            return "pending"
+        except Exception as exc:  # noqa: BLE001 - the relay retries; the client sees pending
+            log.warning("inline delivery failed, the relay will retry: %s", type(exc).__name__)
+            return "pending"
+        if delivery.outcome in ("settled", "reversed"):
+            return delivery.outcome
+        return "pending"
 
     async def _post_one(
         self, shard: Shard, item: TransferItem, deadline: Deadline

@@ -361,6 +361,8 @@ class Launcher:
             ),
         )
         _write_secret(self.secrets_dir / "db_app.password", self.creds.app_password)
+        # The routers' invalidation relays decode the commit log as the replication role.
+        _write_secret(self.secrets_dir / "db_repl.password", self.creds.repl_password)
         self.passfile = postgres.write_passfile(self.pg_root, self.creds)
 
     def _python_env(self) -> dict[str, str]:
@@ -717,6 +719,8 @@ class Launcher:
             jwt_issuer=JWT_ISSUER,
             jwt_audience=JWT_AUDIENCE,
             peer_routers=peer_routers,
+            repl_user=postgres.REPL_ROLE,
+            repl_password_file=self.secrets_dir / "db_repl.password",
         )
 
     def _write_router_configs(self) -> None:
@@ -993,3 +997,33 @@ def token(cluster_dir: Path, tenant: str, scopes: Sequence[str], ttl_s: int) -> 
 
 def dev_token(cluster_dir: Path) -> str:
     return token(cluster_dir, "dev", sorted(SCOPES), DEV_TOKEN_TTL_S)
+
+
+def primary_admin_dsns(cluster_dir: Path) -> dict[str, str]:
+    """Shard -> admin DSN (database txr) of its *current* primary: etcd first, else the state.
+
+    Operator commands (reconcile, failover) must act on the primary etcd names, not on the one
+    the cluster started with.
+    """
+    state = load_state(cluster_dir)
+    d = state.data
+    ports = d["ports"]["regions"]
+    pw = pg_passwords(cluster_dir)
+    topo = _live_topology([f"http://{HOST}:{ports[r]['etcd_client']}" for r in d["regions"]])
+    out: dict[str, str] = {}
+    if topo is not None:
+        for name, shard in topo.shards.items():
+            out[name] = postgres.dsn(
+                shard.primary.host,
+                shard.primary.port,
+                postgres.ADMIN_ROLE,
+                pw["admin_password"],
+                DB_NAME,
+            )
+        return out
+    for e in d.get("pg", []):
+        if e["role"] == "primary":
+            out[e["shard"]] = postgres.dsn(
+                HOST, e["port"], postgres.ADMIN_ROLE, pw["admin_password"], DB_NAME
+            )
+    return out

@@ -230,8 +230,10 @@ BEGIN
     v_transit := array_fill(NULL::bigint, ARRAY[greatest(v_n, 1)]);
     FOR i IN 1 .. v_n LOOP
         IF p_destination_shards[i] IS NOT NULL THEN
-            SELECT t.account_id INTO v_transit[i] FROM txr.transit_accounts t
-             WHERE t.remote_shard = p_destination_shards[i] AND t.currency = p_currencies[i];
+            -- NULL when not created above (the item is refused before it is needed).
+            v_transit[i] := (SELECT t.account_id FROM txr.transit_accounts t
+                              WHERE t.remote_shard = p_destination_shards[i]
+                                AND t.currency = p_currencies[i]);
         END IF;
     END LOOP;
 
@@ -332,11 +334,19 @@ BEGIN
             CONTINUE;
         END IF;
 
-        IF v_src.currency <> p_currencies[i]
-           OR (NOT v_cross AND v_dst.currency <> p_currencies[i]) THEN
+        IF v_src.currency <> p_currencies[i] THEN
             code := 'currency_mismatch';
             RETURN NEXT;
             CONTINUE;
+        END IF;
+        -- Nested, not OR-ed: v_dst is unassigned for a cross-shard item and PL/pgSQL does not
+        -- promise to short-circuit.
+        IF NOT v_cross THEN
+            IF v_dst.currency <> p_currencies[i] THEN
+                code := 'currency_mismatch';
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
         END IF;
 
         -- G3: never below the floor. No overflow: |balance| <= 2^62 and amount <= 10^15.

@@ -42,9 +42,10 @@ async def create_transfer(request: web.Request) -> web.Response:
     assert res.status is not None
     assert res.created_at is not None
     assert res.source_version is not None
-    assert res.destination_version is not None
     assert res.source_balance is not None
-    assert res.destination_balance is not None
+    status = res.status
+    if res.code is TransferCode.OK and posted.destination_shard is not None:
+        status = await router.settle_inline(principal.tenant, posted, req)
     row = TransferRow(
         id=res.transfer_id,
         tenant=principal.tenant,
@@ -53,23 +54,23 @@ async def create_transfer(request: web.Request) -> web.Response:
         amount=req.amount,
         currency=req.currency,
         reference=req.reference,
-        status=res.status,
+        status=status,
         created_at=res.created_at,
     )
+    # A cross-shard leg 1 reports only the source; leg 2 runs on another shard.
+    versions = [(req.source, res.source_version)]
+    committed = {req.source: (res.source_version, {"balance": res.source_balance})}
+    if res.destination_version is not None and res.destination_balance is not None:
+        versions.append((req.destination, res.destination_version))
+        committed[req.destination] = (res.destination_version, {"balance": res.destination_balance})
     if res.code is TransferCode.OK:
-        await request.app[CACHE].put_committed(
-            posted.shard.epoch,
-            {
-                req.source: (res.source_version, {"balance": res.source_balance}),
-                req.destination: (res.destination_version, {"balance": res.destination_balance}),
-            },
-        )
+        await request.app[CACHE].put_committed(posted.shard.epoch, committed)
     headers = {"Idempotent-Replayed": "true"} if res.code is TransferCode.REPLAYED else {}
     return json_response(
         request,
         render.transfer(row),
         status=201,
-        versions=[(req.source, res.source_version), (req.destination, res.destination_version)],
+        versions=versions,
         served_by="primary",
         headers=headers,
     )

@@ -381,7 +381,8 @@ async def test_fence_waits_for_in_flight_write(store: ShardStore, pg_shard: PgSh
     conn = await psycopg.AsyncConnection.connect(pg_shard.admin_dsn)
     try:
         cur = await conn.execute(
-            "SELECT code FROM txr.post_transfers(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "SELECT code FROM txr.post_transfers("
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[])",
             (
                 SHARD_EPOCH,
                 [in_flight.transfer_id],
@@ -395,6 +396,7 @@ async def test_fence_waits_for_in_flight_write(store: ShardStore, pg_shard: PgSh
                 [in_flight.fingerprint],
                 [SLOT_EPOCH],
                 [SLOT_EPOCH],
+                [None],
             ),
         )
         assert await cur.fetchall() == [("ok",)]
