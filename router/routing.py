@@ -308,6 +308,9 @@ class ShardRouter:
             return "pending"
         if delivery.outcome in ("settled", "reversed"):
             return delivery.outcome
+        if delivery.outcome == "already" and delivery.code in ("settled", "reversed"):
+            # A relay got there first; its mark is the answer.
+            return delivery.code
         return "pending"
 
     async def _post_one(
