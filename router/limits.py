@@ -46,3 +46,13 @@ INLINE_SETTLE_WAIT_S: Final = 1.0
 # Inline deliveries still running in the background per router; past this, new cross-shard
 # transfers answer ``pending`` at once and leave delivery to the relays.
 INLINE_DELIVERIES_MAX: Final = 256
+
+# A write whose home primary is unreachable waits this long (within its deadline) for an
+# operator's failover to publish a new primary, then goes there; otherwise 503. An operator
+# failover takes seconds, so most writes caught in one see a retry, not an error.
+FAILOVER_BUFFER_S: Final = 3.0
+# Writes held at once per router while waiting for a new primary; past this, 503 at once so a
+# dead shard cannot pile up every connection of the router.
+FAILOVER_BUFFERED_MAX: Final = 512
+# A write follows at most this many primary changes before giving up.
+FAILOVER_WAITS_MAX: Final = 1

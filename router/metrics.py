@@ -139,6 +139,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.failover_buffered = Gauge(
+            "txr_failover_buffered_writes",
+            "Writes held while their shard's primary is unreachable, waiting for a new one.",
+            ["region"],
+            registry=self.registry,
+        )
         self.rtt = Gauge(
             "txr_rtt_seconds",
             "Round-trip time from this router to a store node or peer router (ewma and tail).",

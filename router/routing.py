@@ -41,6 +41,9 @@ from router.errors import (
 )
 from router.limits import (
     ACCOUNT_ID_RETRIES_MAX,
+    FAILOVER_BUFFER_S,
+    FAILOVER_BUFFERED_MAX,
+    FAILOVER_WAITS_MAX,
     INLINE_DELIVERIES_MAX,
     INLINE_SETTLE_WAIT_S,
     POOL_MAX,
@@ -56,6 +59,10 @@ from router.tracing import tracer
 log = logging.getLogger(__name__)
 
 _FENCE_CODES = frozenset({TransferCode.STALE_EPOCH, TransferCode.WRONG_SHARD})
+
+
+class _PrimaryUnreachable(Exception):
+    """The home primary could not be reached; the write was certainly not sent."""
 
 
 class Deadline:
@@ -144,6 +151,7 @@ class ShardRouter:
         self.metrics = metrics
         self.region = region
         self._relays: dict[str, OutboxRelay] = {}
+        self._buffered = 0
         self._inline: set[asyncio.Task[Delivery]] = set()
 
     # -- ShardResolver, for the outbox relays (router.relays.outbox) --------------------------
@@ -219,7 +227,9 @@ class ShardRouter:
         # One id for every attempt: a retry after a refusal re-sends the same transfer.
         transfer_id = ids.new_transfer_id()
         checked_destination = False
-        for attempt in range(STALE_RETRIES_MAX + 1):
+        stale_retries = 0
+        failover_waits = 0
+        while True:
             topo = self.topology
             shard, source_epoch = topo.route(source_slot)
             dest_shard, dest_epoch = topo.route(dest_slot)
@@ -243,18 +253,51 @@ class ShardRouter:
                 destination_slot_epoch=dest_epoch,
                 destination_shard=dest_shard.name if cross else None,
             )
-            result = await self._post_one(shard, item, deadline)
+            try:
+                result = await self._post_one(shard, item, deadline)
+            except _PrimaryUnreachable as exc:
+                # Nothing was sent. If an operator is failing the shard over, hold the write
+                # (bounded) until the new primary is published, then send it there.
+                if failover_waits < FAILOVER_WAITS_MAX and await self._await_new_primary(
+                    topo, shard.name, deadline
+                ):
+                    failover_waits += 1
+                    continue
+                raise RegionUnavailable(
+                    "the account's home shard is not reachable; nothing was written",
+                    retry_after_s=RETRY_AFTER_S,
+                ) from exc
             if result.code not in _FENCE_CODES:
                 return PostedTransfer(
                     result, shard, source_slot, dest_shard.name if cross else None
                 )
             self.metrics.fence_rejections.labels(self.region, shard.name, result.code.value).inc()
-            if attempt < STALE_RETRIES_MAX and not deadline.expired():
-                await self._refresh(topo.revision)
-        raise RegionUnavailable(
-            "the account's shard is moving; retry with the same Idempotency-Key",
-            retry_after_s=RETRY_AFTER_S,
-        )
+            if stale_retries >= STALE_RETRIES_MAX or deadline.expired():
+                raise RegionUnavailable(
+                    "the account's shard is moving; retry with the same Idempotency-Key",
+                    retry_after_s=RETRY_AFTER_S,
+                )
+            stale_retries += 1
+            await self._refresh(topo.revision)
+
+    async def _await_new_primary(self, seen: Topology, shard: str, deadline: Deadline) -> bool:
+        """Wait (bounded in time and in waiters) for ``shard``'s primary or epoch to change."""
+        if self._buffered >= FAILOVER_BUFFERED_MAX:
+            return False
+        before = seen.shards[shard]
+        self._buffered += 1
+        self.metrics.failover_buffered.labels(self.region).set(self._buffered)
+        try:
+            end = time.monotonic() + min(deadline.remaining(), FAILOVER_BUFFER_S)
+            while (left := end - time.monotonic()) > 0:
+                now = self.topology.shards.get(shard)
+                if now is not None and (now.epoch, now.primary) != (before.epoch, before.primary):
+                    return True
+                await self.watcher.wait_changed(left)
+            return False
+        finally:
+            self._buffered -= 1
+            self.metrics.failover_buffered.labels(self.region).set(self._buffered)
 
     async def _check_remote_destination(
         self, tenant: str, req: TransferRequest, deadline: Deadline
@@ -326,10 +369,7 @@ class ShardRouter:
                 store.post_transfers(shard.epoch, [item], timeout_s=deadline.remaining()),
             )
         except StoreUnavailable as exc:
-            raise RegionUnavailable(
-                "the account's home shard is not reachable; nothing was written",
-                retry_after_s=RETRY_AFTER_S,
-            ) from exc
+            raise _PrimaryUnreachable(shard.name) from exc
         except StoreOutcomeUnknown as exc:
             raise OutcomeUnknown(
                 "the transfer may or may not have been applied; retry with the same "
