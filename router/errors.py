@@ -8,6 +8,7 @@
      +-- NotFound              404 not_found        (also another tenant's object)
      +-- Conflict              409 idempotency_key_reused
      +-- BusinessRefusal       422 insufficient_funds / currency_mismatch / balance_limit
+     +-- RateLimited           429 rate_limited       (with Retry-After)
      +-- RegionUnavailable     503 region_unavailable (with Retry-After)
      +-- OutcomeUnknown        504 outcome_unknown  (a write that may or may not have happened)
 
@@ -105,6 +106,19 @@ class PayloadTooLarge(ApiError):
 class BusinessRefusal(ApiError):
     status = 422
     title = "Refused"
+
+
+class RateLimited(ApiError):
+    status = 429
+    default_code = "rate_limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class RegionUnavailable(ApiError):

@@ -56,3 +56,16 @@ FAILOVER_BUFFER_S: Final = 3.0
 FAILOVER_BUFFERED_MAX: Final = 512
 # A write follows at most this many primary changes before giving up.
 FAILOVER_WAITS_MAX: Final = 1
+
+# Batching (router.batcher). A batch's size is bounded by the procedure's own bound
+# (consistency.limits.BATCH_ITEMS_MAX); 64 keeps one batch's row locks and its commit short.
+BATCH_SIZE_MAX: Final = 64
+# Batches of one shard in flight at once. Two overlap one batch's commit wait with the next
+# batch's work; more only adds lock waits on hot accounts (they lock in the same order, so
+# they queue but never deadlock).
+BATCH_INFLIGHT_MAX: Final = 2
+# While a shard is busy, a new batch waits at most this long for followers. Idle shards never
+# linger: the first transfer leaves at once.
+BATCH_LINGER_US: Final = 200
+# Transfers queued per shard beyond those in flight; past this the router answers 429.
+BATCH_QUEUE_ITEMS_MAX: Final = 4096

@@ -139,6 +139,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.batch_size = Histogram(
+            "txr_batch_items",
+            "Transfers per call of the batch procedure, by shard.",
+            ["region", "shard"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.failover_buffered = Gauge(
             "txr_failover_buffered_writes",
             "Writes held while their shard's primary is unreachable, waiting for a new one.",

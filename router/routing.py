@@ -31,11 +31,13 @@ from regionstore.store import (
     TransferItem,
     TransferResult,
 )
+from router.batcher import BatcherFull, ShardBatcher
 from router.config import RouterConfig
 from router.errors import (
     BusinessRefusal,
     NotFound,
     OutcomeUnknown,
+    RateLimited,
     RegionUnavailable,
     Unprocessable,
 )
@@ -152,6 +154,7 @@ class ShardRouter:
         self.region = region
         self._relays: dict[str, OutboxRelay] = {}
         self._buffered = 0
+        self._batchers: dict[tuple[str, int], ShardBatcher] = {}
         self._inline: set[asyncio.Task[Delivery]] = set()
 
     # -- ShardResolver, for the outbox relays (router.relays.outbox) --------------------------
@@ -177,7 +180,9 @@ class ShardRouter:
         return relay
 
     async def close(self) -> None:
-        """Stop inline deliveries; each is idempotent, so the relays finish what they left."""
+        """Drain batches, then stop inline deliveries (idempotent: the relays finish them)."""
+        for batcher in list(self._batchers.values()):
+            await batcher.close()
         for task in list(self._inline):
             task.cancel()
         await asyncio.gather(*self._inline, return_exceptions=True)
@@ -361,13 +366,18 @@ class ShardRouter:
     ) -> TransferResult:
         if deadline.expired():
             raise OutcomeUnknown("the request deadline passed; retry with the same key")
+        batcher = self._batcher(shard)
         try:
-            store = await self.stores.for_node(shard.primary)
-            results: list[TransferResult] = await self._timed(
+            result: TransferResult = await self._timed(
                 shard.name,
                 "post_transfers",
-                store.post_transfers(shard.epoch, [item], timeout_s=deadline.remaining()),
+                batcher.submit(item, timeout_s=deadline.remaining()),
             )
+        except BatcherFull as exc:
+            raise RateLimited(
+                f"too many transfers queued for shard {shard.name}; retry shortly",
+                retry_after_s=RETRY_AFTER_S,
+            ) from exc
         except StoreUnavailable as exc:
             raise _PrimaryUnreachable(shard.name) from exc
         except StoreOutcomeUnknown as exc:
@@ -375,8 +385,25 @@ class ShardRouter:
                 "the transfer may or may not have been applied; retry with the same "
                 "Idempotency-Key to learn its outcome"
             ) from exc
-        assert len(results) == 1, "one result per item"
-        return results[0]
+        return result
+
+    def _batcher(self, shard: Shard) -> ShardBatcher:
+        key = (shard.primary.name, shard.epoch)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            # Batchers of an older epoch or primary of this shard are idle from now on (a batch
+            # carries one epoch); forget those that have drained.
+            for old_key, old in list(self._batchers.items()):
+                if old_key[0] == shard.primary.name and old.queued == 0:
+                    del self._batchers[old_key]
+            node = shard.primary
+            batcher = ShardBatcher(
+                lambda: self.stores.for_node(node),
+                shard.epoch,
+                observe_batch=self.metrics.batch_size.labels(self.region, shard.name).observe,
+            )
+            self._batchers[key] = batcher
+        return batcher
 
     async def create_account(
         self,

@@ -1,0 +1,160 @@
+"""Per-shard write batching: concurrent transfers for one shard share one call and one commit.
+
+One call of ``txr.post_transfers`` costs one round trip and one synchronous-replication wait
+whatever its size, so coalescing is the throughput lever (DESIGN.md section 4). The batcher is
+adaptive: when no batch of the shard is in flight a transfer is sent at once (no linger while
+idle); while batches are in flight, newcomers queue and leave together, up to a size bound, as
+soon as an in-flight slot frees or the linger bound passes. Results come back per item; an
+operational failure of the call reaches every item of that batch as the same exception.
+A batch that the database aborts as a whole (an invariant violation, which no business outcome
+causes) is retried item by item, so one bad item never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from regionstore.errors import StoreInvariantViolation, StoreOutcomeUnknown
+from regionstore.store import ShardStore, TransferItem, TransferResult
+from router.limits import (
+    BATCH_INFLIGHT_MAX,
+    BATCH_LINGER_US,
+    BATCH_QUEUE_ITEMS_MAX,
+    BATCH_SIZE_MAX,
+)
+
+log = logging.getLogger(__name__)
+
+
+class BatcherFull(Exception):
+    """The shard's queue is at its bound: the caller sheds load (429) instead of queueing."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    item: TransferItem
+    future: asyncio.Future[TransferResult]
+    timeout_s: float
+
+
+class ShardBatcher:
+    """Batches for one (primary node, shard epoch): a batch carries exactly one epoch."""
+
+    def __init__(
+        self,
+        store: Callable[[], Awaitable[ShardStore]],
+        shard_epoch: int,
+        *,
+        size_max: int = BATCH_SIZE_MAX,
+        inflight_max: int = BATCH_INFLIGHT_MAX,
+        linger_us: int = BATCH_LINGER_US,
+        queue_max: int = BATCH_QUEUE_ITEMS_MAX,
+        observe_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._epoch = shard_epoch
+        self._size_max = size_max
+        self._inflight_max = inflight_max
+        self._linger_s = linger_us / 1_000_000
+        self._queue_max = queue_max
+        self._observe_batch = observe_batch
+        self._queue: deque[_Pending] = deque()
+        self._inflight = 0
+        self._linger_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, item: TransferItem, *, timeout_s: float) -> TransferResult:
+        """The item's result. Raises the store's exception if its batch failed, and
+        ``StoreOutcomeUnknown`` if ``timeout_s`` passes first (the batch may still commit)."""
+        if len(self._queue) >= self._queue_max:
+            raise BatcherFull(f"{len(self._queue)} transfers already queued for this shard")
+        fut: asyncio.Future[TransferResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(item, fut, timeout_s))
+        self._schedule()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError:
+            raise StoreOutcomeUnknown("the transfer's deadline passed while in a batch") from None
+
+    def _schedule(self) -> None:
+        while self._queue and self._inflight < self._inflight_max:
+            if self._inflight > 0 and len(self._queue) < self._size_max and self._linger_s > 0:
+                # Busy: give followers a moment to join this batch, bounded by the linger.
+                if self._linger_task is None:
+                    self._linger_task = asyncio.create_task(self._linger())
+                return
+            self._launch()
+
+    async def _linger(self) -> None:
+        try:
+            await asyncio.sleep(self._linger_s)
+        finally:
+            self._linger_task = None
+        while self._queue and self._inflight < self._inflight_max:
+            self._launch()
+
+    def _launch(self) -> None:
+        batch = [self._queue.popleft() for _ in range(min(self._size_max, len(self._queue)))]
+        # Items whose callers already gave up are still sent: their outcome is unknown to the
+        # caller, and dropping them now would only make the retry's answer depend on timing.
+        self._inflight += 1
+        task = asyncio.create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            await self._send(batch)
+        finally:
+            self._inflight -= 1
+            self._schedule()
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        if self._observe_batch is not None:
+            self._observe_batch(len(batch))
+        timeout_s = max(p.timeout_s for p in batch)
+        try:
+            store = await self._store()
+            results = await store.post_transfers(
+                self._epoch, [p.item for p in batch], timeout_s=timeout_s
+            )
+        except StoreInvariantViolation as exc:
+            if len(batch) == 1:
+                _fail(batch, exc)
+                return
+            # The transaction rolled back whole; find the culprit by sending items alone.
+            log.warning("batch of %d aborted (%s); retrying item by item", len(batch), exc)
+            for p in batch:
+                await self._send([p])
+            return
+        except Exception as exc:  # noqa: BLE001 - every waiter must get the batch's failure
+            _fail(batch, exc)
+            return
+        assert len(results) == len(batch), "one result per item"
+        for p, res in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(res)
+
+    async def close(self) -> None:
+        if self._linger_task is not None:
+            self._linger_task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(exc)
+            # Mark retrieved: a caller that timed out no longer awaits this future.
+            p.future.exception()
