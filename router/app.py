@@ -42,9 +42,11 @@ from router.handlers.common import SERVED_BY_KEY
 from router.limits import BODY_BYTES_MAX, TOPOLOGY_INITIAL_TIMEOUT_S
 from router.logs import request_id_var
 from router.metrics import Metrics
+from router.relays.invalidation import InvalidationRelay
 from router.resources import (
     CACHE,
     CONFIG,
+    INVALIDATION,
     METRICS,
     OPENAPI,
     ROUTER,
@@ -223,6 +225,21 @@ async def _rtt_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def _invalidation_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The commit-log relay that keeps this region's cache coherent (router.relays)."""
+    config = app[CONFIG]
+    relay = None
+    if config.repl_password_file is not None:
+        relay = InvalidationRelay.from_config(config, app[TOPOLOGY], app[CACHE], app[METRICS])
+        relay.start()
+    else:
+        log.warning("no replication credentials: invalidation relay off, reads use primaries")
+    app[INVALIDATION] = relay
+    yield
+    if relay is not None:
+        await relay.stop()
+
+
 async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = RegionCache(app[CONFIG].redis_url, app[METRICS])
     app[CACHE] = cache
@@ -243,7 +260,9 @@ def create_app(config: RouterConfig) -> web.Application:
     )
     app[OPENAPI] = _load_openapi()
     app[RTT] = rtt.RttTable(config.region, app[METRICS])
-    app.cleanup_ctx.extend([_topology_ctx, _cache_ctx, _stores_ctx, _rtt_ctx, _relays_ctx])
+    app.cleanup_ctx.extend(
+        [_topology_ctx, _cache_ctx, _invalidation_ctx, _stores_ctx, _rtt_ctx, _relays_ctx]
+    )
     app.router.add_post("/v1/accounts", accounts.create_account)
     app.router.add_get("/v1/accounts/{id}", accounts.get_account, allow_head=False)
     app.router.add_get("/v1/accounts/{id}/entries", accounts.list_entries, allow_head=False)

@@ -1,57 +1,131 @@
 """The region cache path: versioned account entries in this region's Redis.
 
-Entries are hashes ``{v: version, d: payload}`` under ``txr:acct:{shard epoch}:{account id}``.
-Every write goes through one server-side script that only moves the version forward, so a slow
-writer holding an older version can never overwrite a newer one. Keying by shard epoch means a
-failover (new epoch) starts from an empty cache instead of trusting entries from the old
-primary's history.
+The protocol (keys, the forward-only version rule, tombstones, the generation fence, TTLs) is
+``consistency.coherence``; this module is its Redis client. Every write goes through one of the
+two server-side scripts there, so no code path can move a version backwards.
+
+Failure policy: ``put_committed`` and ``read_through`` are on the request path and treat Redis
+as optional (a failure is a miss, logged and counted); ``get``, ``fill``, ``invalidate`` and the
+relay-facing methods raise ``CacheUnavailable`` so their callers (tests, the relay) can tell a
+refused write from one that never happened.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from router.limits import CACHE_TTL_S, CACHE_WRITE_TIMEOUT_S
+from consistency import coherence
+from consistency.coherence import Mode
+from router.limits import CACHE_WRITE_TIMEOUT_S
 from router.metrics import Metrics
 from router.tracing import tracer
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] entry key; ARGV[1] version, ARGV[2] payload, ARGV[3] ttl seconds.
-# Returns 1 when it wrote, 0 when the cache already held this version or a newer one.
-_FILL_FORWARD: Final = """
-local cur = redis.call('HGET', KEYS[1], 'v')
-if cur and tonumber(cur) >= tonumber(ARGV[1]) then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
-"""
+# Concurrent misses of one key in this process share one loader call. Past this many keys in
+# flight (a flood of distinct misses) new misses load on their own instead of growing the
+# table: the database pools bound those anyway, and the table must never grow without bound.
+SINGLE_FLIGHT_KEYS_MAX: Final = 4096
+# Keys per SCAN step when dropping a shard: large enough to sweep a few million keys in
+# seconds, small enough that one step never blocks Redis noticeably.
+DROP_SCAN_COUNT: Final = 1000
+# Relay and drop calls may carry a thousand keys; they get more room than one request write.
+BULK_TIMEOUT_S: Final = 5.0
+# Connections per router to its Redis. Every request-path operation is one round trip of well
+# under a millisecond, so 64 serve tens of thousands of operations per second; a burst beyond
+# waits up to the write timeout for a free one. Bulk: one per shard worker plus a drop.
+REDIS_CONNECTIONS_MAX: Final = 64
+BULK_CONNECTIONS_MAX: Final = 16
+# Random bits of a cache generation token (coherence.GENERATION_KEY): collisions must be
+# negligible across restarts, since a repeated token would let a fenced-out fill in.
+GENERATION_BYTES: Final = 16
+
+
+def _reconnect_once() -> Retry:
+    # A pooled connection to a Redis that restarted fails once with "connection closed": retry
+    # that on a fresh connection at once. Safe because every write here is forward-only (a
+    # repeat is refused or identical); timeouts are not retried (they bound request latency).
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
+class CacheUnavailable(Exception):
+    """Redis did not answer (down, restarting, timed out); nothing is known to be written."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A cached committed account row: its version and the row (coherence.ACCOUNT_FIELDS)."""
+
+    version: int
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOp:
+    """One change the invalidation relay applies: a fill of the full row, or a tombstone."""
+
+    account_id: int
+    version: int
+    payload: Mapping[str, Any] | None  # None: invalidate only
+
+
+Loader = Callable[[], Awaitable[CacheEntry | None]]
 
 
 def entry_key(shard_epoch: int, account_id: int) -> str:
-    return f"txr:acct:{shard_epoch}:{account_id}"
+    return coherence.entry_key(shard_epoch, account_id)
 
 
 class RegionCache:
     def __init__(self, url: str, metrics: Metrics) -> None:
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=CACHE_WRITE_TIMEOUT_S,
-            socket_connect_timeout=CACHE_WRITE_TIMEOUT_S,
+        # A blocking pool: a burst of requests waits (briefly) for a connection instead of
+        # failing, and the number of connections to Redis stays bounded.
+        self._redis = aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=REDIS_CONNECTIONS_MAX,
+                timeout=CACHE_WRITE_TIMEOUT_S,
+                socket_timeout=CACHE_WRITE_TIMEOUT_S,
+                socket_connect_timeout=CACHE_WRITE_TIMEOUT_S,
+                retry=_reconnect_once(),
+            )
         )
-        self._fill = self._redis.register_script(_FILL_FORWARD)
+        # Bulk operations (relay batches, shard drops) use their own connections with a longer
+        # timeout, so that a big batch never times out a request-path write or vice versa.
+        self._bulk = aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=BULK_CONNECTIONS_MAX,
+                timeout=BULK_TIMEOUT_S,
+                socket_timeout=BULK_TIMEOUT_S,
+                socket_connect_timeout=BULK_TIMEOUT_S,
+                retry=_reconnect_once(),
+            )
+        )
+        self._apply = self._redis.register_script(coherence.APPLY_SCRIPT)
+        self._relay_apply = self._bulk.register_script(coherence.RELAY_APPLY_SCRIPT)
         self._metrics = metrics
+        self._flights: dict[tuple[int, int], asyncio.Task[CacheEntry | None]] = {}
 
     async def close(self) -> None:
+        for task in list(self._flights.values()):
+            task.cancel()
         await self._redis.aclose()
+        await self._bulk.aclose()
 
     async def ping(self) -> bool:
         try:
@@ -59,31 +133,286 @@ class RegionCache:
         except (RedisError, OSError):
             return False
 
+    def _count(self, op: str, result: str) -> None:
+        self._metrics.cache_ops.labels(self._metrics.region, op, result).inc()
+
+    # -- request path -----------------------------------------------------------------------
+
     async def put_committed(
         self, shard_epoch: int, versions: Mapping[int, tuple[int, Mapping[str, Any]]]
     ) -> None:
         """Record committed ``{account: (version, payload)}``; best effort, never raises.
 
-        The commit is already durable when this runs, so a Redis failure only costs a later
-        cache miss; it must not turn a committed transfer into an error.
+        A full row (coherence.ACCOUNT_FIELDS) is filled; anything less (the transfer path knows
+        only the balance) becomes a tombstone at that version: the cache then knows the version
+        is committed and refuses every older fill, and the relay (or the next read) fills the
+        row at that version. The commit is already durable when this runs, so a Redis failure
+        only costs a later miss; it must not turn a committed transfer into an error.
         """
         with tracer().start_as_current_span("cache.put_committed"):
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for acc, (version, payload) in versions.items():
-                        await self._fill(
-                            keys=[entry_key(shard_epoch, acc)],
-                            args=[version, orjson.dumps(payload), CACHE_TTL_S],
+                        full = coherence.is_full_payload(payload)
+                        await self._call_apply(
+                            shard_epoch,
+                            acc,
+                            "fill" if full else "inval",
+                            version,
+                            payload if full else None,
+                            None,
                             client=pipe,
                         )
                     await pipe.execute()
-                self._metrics.cache_ops.labels(self._metrics.region, "put", "ok").inc()
+                self._count("put", "ok")
             except (RedisError, OSError) as exc:
-                self._metrics.cache_ops.labels(self._metrics.region, "put", "error").inc()
+                self._count("put", "error")
                 log.warning("cache write after commit failed: %s", type(exc).__name__)
 
-    async def get(self, shard_epoch: int, account_id: int) -> tuple[int, dict[str, Any]] | None:
-        raw = await self._redis.hmget(entry_key(shard_epoch, account_id), ["v", "d"])
+    async def read_through(
+        self, shard_epoch: int, account_id: int, loader: Loader
+    ) -> tuple[CacheEntry | None, bool]:
+        """The cached row, or ``loader()``'s (then filled, fenced and age-checked).
+
+        Returns ``(entry, hit)``. Concurrent misses of one key in this process make one loader
+        call; the others wait for its result. The loader's exceptions reach every waiter; Redis
+        failures never do (they count as a miss). ``(None, False)``: the loader found nothing.
+        """
+        key = (shard_epoch, account_id)
+        generation: str | None
+        try:
+            entry, generation = await self._get_with_generation(shard_epoch, account_id)
+        except CacheUnavailable:
+            entry, generation = None, None
+        if entry is not None:
+            self._count("get", "hit")
+            return entry, True
+        self._count("get", "miss")
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(self._load_and_fill(key, loader, generation))
+            if len(self._flights) < SINGLE_FLIGHT_KEYS_MAX:
+                self._flights[key] = flight
+                flight.add_done_callback(lambda _t: self._flights.pop(key, None))
+            # Retrieve a failure even when every waiter was cancelled (no "never retrieved").
+            flight.add_done_callback(_swallow)
+        # shield: a cancelled caller must not cancel the load other callers wait for.
+        return await asyncio.shield(flight), False
+
+    async def _load_and_fill(
+        self, key: tuple[int, int], loader: Loader, generation: str | None
+    ) -> CacheEntry | None:
+        started = time.monotonic()
+        entry = await loader()
+        if entry is None or generation is None:
+            # Not found, or Redis was down when we looked: no generation to fence with.
+            return entry
+        if time.monotonic() - started > coherence.FILL_AGE_MAX_S:
+            self._count("fill", "too_old")
+            return entry
+        try:
+            await self.fill(key[0], key[1], entry.version, entry.payload, generation=generation)
+        except CacheUnavailable as exc:
+            log.debug("cache fill failed: %s", exc)
+        return entry
+
+    # -- explicit operations ----------------------------------------------------------------
+
+    async def get(self, shard_epoch: int, account_id: int) -> CacheEntry | None:
+        """The cached value; None on a miss or a tombstone."""
+        entry, _ = await self._get_with_generation(shard_epoch, account_id)
+        return entry
+
+    async def generation(self) -> str:
+        """The current generation token (coherence.GENERATION_ABSENT when there is none)."""
+        try:
+            raw = await self._redis.get(coherence.GENERATION_KEY)
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"redis: {exc!r}") from exc
+        return _text(raw) if raw is not None else coherence.GENERATION_ABSENT
+
+    async def fill(
+        self,
+        shard_epoch: int,
+        account_id: int,
+        version: int,
+        payload: Mapping[str, Any],
+        *,
+        generation: str | None = None,
+    ) -> bool:
+        """Write a committed row unless the cache already holds this version or a newer one.
+
+        ``generation``: the token (``generation()``) read *before* the row was read from the
+        database; the fill is refused if it changed since. None skips that fence: only for
+        rows that are current by construction (straight from a commit).
+        """
+        if not coherence.is_full_payload(payload):
+            raise ValueError("a fill needs the whole account row (coherence.ACCOUNT_FIELDS)")
+        try:
+            res = await self._call_apply(
+                shard_epoch, account_id, "fill", version, payload, generation, client=None
+            )
+        except (RedisError, OSError) as exc:
+            self._count("fill", "error")
+            raise CacheUnavailable(f"redis: {exc!r}") from exc
+        result = {1: "ok", 0: "stale", -1: "fenced"}.get(int(res), "unknown")
+        self._count("fill", result)
+        return int(res) == 1
+
+    async def invalidate(self, shard_epoch: int, account_id: int, version: int) -> None:
+        """Record that ``version`` committed: older entries and fills lose from now on."""
+        try:
+            await self._call_apply(
+                shard_epoch, account_id, "inval", version, None, None, client=None
+            )
+        except (RedisError, OSError) as exc:
+            self._count("invalidate", "error")
+            raise CacheUnavailable(f"redis: {exc!r}") from exc
+        self._count("invalidate", "ok")
+
+    async def drop_shard(self, slots: Collection[int]) -> int:
+        """Fence in-flight fills (new generation), then delete every entry of these slots.
+
+        The generation changes first: a fill that read the database before this call is then
+        refused even if it lands after the sweep. Returns the number of keys deleted.
+        """
+        wanted = frozenset(slots)
+        try:
+            await self._bulk.set(coherence.GENERATION_KEY, secrets.token_hex(GENERATION_BYTES))
+            dropped = 0
+            batch: list[str] = []
+            async for raw in self._bulk.scan_iter(
+                match=coherence.ENTRY_SCAN_PATTERN, count=DROP_SCAN_COUNT
+            ):
+                key = raw.decode()
+                parsed = coherence.parse_entry_key(key)
+                if parsed is not None and (parsed[1] >> 48) in wanted:
+                    batch.append(key)
+                if len(batch) >= DROP_SCAN_COUNT:
+                    dropped += int(await self._bulk.unlink(*batch))
+                    batch.clear()
+            if batch:
+                dropped += int(await self._bulk.unlink(*batch))
+        except (RedisError, OSError) as exc:
+            self._count("drop", "error")
+            raise CacheUnavailable(f"redis: {exc!r}") from exc
+        self._count("drop", "ok")
+        return dropped
+
+    # -- relay-facing -----------------------------------------------------------------------
+
+    async def position(self, shard: str) -> tuple[str, int] | None:
+        """(slot name, position) this cache follows for ``shard``; None when unknown."""
+        try:
+            raw = await self._bulk.hmget(coherence.position_key(shard), ["slot", "lsn"])
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"redis: {exc!r}") from exc
         if raw[0] is None or raw[1] is None:
             return None
-        return int(raw[0]), orjson.loads(raw[1])
+        return _text(raw[0]), int(_text(raw[1]), 16)
+
+    async def set_position(self, shard: str, slot: str, lsn: int) -> None:
+        """Start following ``slot`` from ``lsn`` (after a reset: entries already dropped)."""
+        try:
+            await self._bulk.hset(
+                coherence.position_key(shard),
+                mapping={"slot": slot, "lsn": coherence.lsn_sortable(lsn)},
+            )
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"redis: {exc!r}") from exc
+
+    async def relay_apply(
+        self,
+        shard: str,
+        shard_epoch: int,
+        *,
+        slot: str,
+        slot_confirmed: int,
+        position: int,
+        ops: Sequence[RelayOp],
+    ) -> int | None:
+        """Apply one relay batch atomically with moving the shard's position marker forward.
+
+        Returns the number of keys written, or None (nothing written) when the marker does not
+        prove continuity (coherence.RELAY_APPLY_SCRIPT): the relay must reset the shard.
+        """
+        keys = [coherence.position_key(shard)]
+        args: list[str | int | bytes] = [
+            slot,
+            coherence.lsn_sortable(slot_confirmed),
+            coherence.lsn_sortable(position),
+            coherence.ENTRY_TTL_S,
+            coherence.TOMBSTONE_TTL_S,
+        ]
+        for op in ops:
+            _check_version(op.version)
+            keys.append(coherence.entry_key(shard_epoch, op.account_id))
+            if op.payload is not None:
+                args += ["fill", op.version, orjson.dumps(dict(op.payload))]
+            else:
+                args += ["inval", op.version, b""]
+        try:
+            res = int(await self._relay_apply(keys=keys, args=args))
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"redis: {exc!r}") from exc
+        return None if res < 0 else res
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _get_with_generation(
+        self, shard_epoch: int, account_id: int
+    ) -> tuple[CacheEntry | None, str]:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(entry_key(shard_epoch, account_id), ["v", "t", "d"])
+                pipe.get(coherence.GENERATION_KEY)
+                (v, t, d), gen = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._count("get", "error")
+            raise CacheUnavailable(f"redis: {exc!r}") from exc
+        generation = gen.decode() if gen is not None else coherence.GENERATION_ABSENT
+        if v is None or d is None or t is not None:
+            return None, generation
+        return CacheEntry(int(v), orjson.loads(d)), generation
+
+    async def _call_apply(
+        self,
+        shard_epoch: int,
+        account_id: int,
+        mode: Mode,
+        version: int,
+        payload: Mapping[str, Any] | None,
+        generation: str | None,
+        *,
+        client: Any,
+    ) -> Any:
+        _check_version(version)
+        return await self._apply(
+            keys=[entry_key(shard_epoch, account_id), coherence.GENERATION_KEY],
+            args=[
+                mode,
+                version,
+                orjson.dumps(dict(payload)) if payload is not None else b"",
+                coherence.ENTRY_TTL_S,
+                coherence.TOMBSTONE_TTL_S,
+                "1" if generation is not None else "0",
+                generation or "",
+            ],
+            client=client,
+        )
+
+
+def _check_version(version: int) -> None:
+    if not (1 <= version <= coherence.VERSION_MAX):
+        raise ValueError(f"version {version} outside 1..{coherence.VERSION_MAX}")
+
+
+def _text(raw: bytes | str) -> str:
+    # Our clients do not decode responses; the stubs allow either.
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _swallow(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        with contextlib.suppress(BaseException):
+            task.exception()

@@ -32,9 +32,6 @@ POOL_OPEN_TIMEOUT_S: Final = 5.0
 # this long before exiting with an error.
 TOPOLOGY_INITIAL_TIMEOUT_S: Final = 30.0
 
-# Cache entries written on commit live this long; the TTL is a safety net, the version is the
-# correctness mechanism.
-CACHE_TTL_S: Final = 300
 # A cache write after commit is best effort: the commit is already durable, so a slow Redis must
 # not delay the answer by more than this.
 CACHE_WRITE_TIMEOUT_S: Final = 0.25
@@ -69,3 +66,8 @@ BATCH_INFLIGHT_MAX: Final = 2
 BATCH_LINGER_US: Final = 200
 # Transfers queued per shard beyond those in flight; past this the router answers 429.
 BATCH_QUEUE_ITEMS_MAX: Final = 4096
+
+# A ``cached`` read is served from the region cache only while the region's invalidation relay
+# is at most this far behind the shard (G6); otherwise it goes to the home primary. The relay
+# polls every 50 ms and, for a remote shard under --wan realistic, pays one RTT per round.
+CACHED_LAG_BOUND_S: Final = 1.0

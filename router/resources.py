@@ -9,6 +9,7 @@ from router.auth import Verifier
 from router.cache import RegionCache
 from router.config import RouterConfig
 from router.metrics import Metrics
+from router.relays.invalidation import InvalidationRelay
 from router.routing import ShardRouter, StoreRegistry
 from router.rtt import RttTable
 
@@ -21,3 +22,5 @@ CACHE = web.AppKey("cache", RegionCache)
 ROUTER = web.AppKey("router", ShardRouter)
 OPENAPI = web.AppKey("openapi", bytes)
 RTT = web.AppKey("rtt", RttTable)
+# None when the router runs without replication credentials: cached reads then use the primary.
+INVALIDATION: web.AppKey[InvalidationRelay | None] = web.AppKey("invalidation")

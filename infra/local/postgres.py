@@ -231,6 +231,10 @@ def create_roles_sql(creds: Credentials) -> list[tuple[str, tuple[str, ...]]]:
     return [
         (f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{creds.app_password}'", ()),
         (f"CREATE ROLE {REPL_ROLE} LOGIN REPLICATION PASSWORD '{creds.repl_password}'", ()),
+        # The routers' invalidation relays decode only what the synchronous standby has flushed
+        # (router/relays/invalidation.py); pg_stat_replication shows that position only to
+        # roles with pg_read_all_stats.
+        (f"GRANT pg_read_all_stats TO {REPL_ROLE}", ()),
     ]
 
 

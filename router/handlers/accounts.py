@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 from aiohttp import web
 
-from consistency import ids
+from consistency import coherence, ids
+from consistency.topology import Node, Shard
+from regionstore.errors import StoreError
 from regionstore.store import AccountRow, EntryRow, ShardStore
 from router import render
+from router.cache import CacheEntry, CacheUnavailable
 from router.errors import NotFound
 from router.handlers.common import authorize, client_token, json_response
-from router.limits import READ_DEADLINE_S, WRITE_DEADLINE_S
-from router.resources import CONFIG, ROUTER
+from router.limits import CACHED_LAG_BOUND_S, READ_DEADLINE_S, WRITE_DEADLINE_S
+from router.resources import CACHE, CONFIG, INVALIDATION, ROUTER, RTT, STORES
 from router.routing import Deadline
 from router.validation import (
     consistency_level,
@@ -54,24 +60,127 @@ def _account_id(request: web.Request) -> int:
 
 
 async def get_account(request: web.Request) -> web.Response:
+    """Serve a read from the cheapest source that satisfies its consistency level (G6).
+
+    strong: the home primary. session: the region cache if its version is at least the one in
+    the client's token, else this region's synchronous standby when it is closer than the
+    primary and new enough, else the primary. cached: the region cache while the region's
+    invalidation relay is within its lag bound for the shard, else the primary.
+    """
     principal = authorize(request, "accounts:read")
     account_id = _account_id(request)
-    consistency_level(request)
-    client_token(request)
-    router = request.app[ROUTER]
-
-    async def fetch(store: ShardStore, timeout_s: float) -> AccountRow | None:
-        return await store.get_account(account_id, principal.tenant, timeout_s=timeout_s)
-
-    # Every level is served by the home primary until the commit-log relay keeps region caches
-    # coherent; the primary satisfies strong, session and cached alike.
-    row, shard = await router.read(
-        ids.account_slot(account_id), "get_account", fetch, Deadline(READ_DEADLINE_S)
-    )
+    level = consistency_level(request)
+    seen = client_token(request)
+    row, shard, source = await read_account(request, account_id, principal.tenant, level, seen)
     if row is None:
         raise NotFound("no such account")
     return json_response(
-        request, render.account(row, shard), versions=[(row.id, row.version)], served_by="primary"
+        request, render.account(row, shard), versions=[(row.id, row.version)], served_by=source
+    )
+
+
+async def read_account(
+    request: web.Request, account_id: int, tenant: str, level: str, seen: dict[int, int]
+) -> tuple[AccountRow | None, Shard, str]:
+    """``(row, shard, source)`` where source is ``cache``, ``standby`` or ``primary``."""
+    router = request.app[ROUTER]
+    cache = request.app[CACHE]
+    config = request.app[CONFIG]
+    deadline = Deadline(READ_DEADLINE_S)
+    slot = ids.account_slot(account_id)
+    shard, _ = router.topology.route(slot)
+
+    async def from_primary() -> tuple[AccountRow | None, Shard, str]:
+        async def fetch(store: ShardStore, timeout_s: float) -> AccountRow | None:
+            return await store.get_account(account_id, tenant, timeout_s=timeout_s)
+
+        row, home = await router.read(slot, "get_account", fetch, deadline)
+        return row, home, "primary"
+
+    if level == "strong":
+        return await from_primary()
+
+    if level == "session":
+        needed = seen.get(account_id, 0)
+        try:
+            entry = await cache.get(shard.epoch, account_id)
+        except CacheUnavailable:
+            entry = None  # a Redis outage costs latency, never correctness
+        if entry is not None and entry.version >= needed:
+            return _visible(entry.payload, tenant), shard, "cache"
+        standby = _closer_local_standby(request, shard, config.region)
+        if standby is not None:
+            row = await _read_standby(request, standby, account_id, tenant, deadline)
+            if row is not None and row.version >= needed:
+                return row, shard, "standby"
+        return await from_primary()
+
+    relay = request.app[INVALIDATION]
+    lag = relay.lag(shard.name) if relay is not None else None
+    if lag is None or lag > CACHED_LAG_BOUND_S:
+        return await from_primary()
+
+    async def loader() -> CacheEntry | None:
+        row, _, _ = await from_primary()
+        if row is None:
+            return None
+        return CacheEntry(row.version, _payload(row))
+
+    entry, hit = await cache.read_through(shard.epoch, account_id, loader)
+    if entry is None:
+        return None, shard, "primary"
+    return _visible(entry.payload, tenant), shard, "cache" if hit else "primary"
+
+
+def _closer_local_standby(request: web.Request, shard: Shard, region: str) -> Node | None:
+    table = request.app[RTT]
+    for node in shard.standbys:
+        if node.region == region and table.cost(f"node:{node.name}") < table.cost(
+            f"node:{shard.primary.name}"
+        ):
+            return node
+    return None
+
+
+async def _read_standby(
+    request: web.Request, node: Node, account_id: int, tenant: str, deadline: Deadline
+) -> AccountRow | None:
+    try:
+        store = await request.app[STORES].for_node(node)
+        return await store.get_account(
+            account_id, tenant, timeout_s=max(deadline.remaining(), 0.01)
+        )
+    except StoreError:
+        # The standby is only a shortcut; the primary still answers.
+        return None
+
+
+def _payload(row: AccountRow) -> dict[str, Any]:
+    return coherence.account_payload(
+        id=row.id,
+        tenant=row.tenant,
+        currency=row.currency,
+        balance=row.balance,
+        overdraft_limit=row.overdraft_limit,
+        version=row.version,
+        metadata=row.metadata,
+        created_at=row.created_at,
+    )
+
+
+def _visible(payload: dict[str, Any], tenant: str) -> AccountRow | None:
+    """The cached row as the caller may see it: another tenant's (or a transit) row is absent."""
+    if payload.get("tenant") != tenant:
+        return None
+    return AccountRow(
+        id=int(payload["id"]),
+        tenant=str(payload["tenant"]),
+        currency=str(payload["currency"]),
+        balance=int(payload["balance"]),
+        overdraft_limit=int(payload["overdraft_limit"]),
+        version=int(payload["version"]),
+        metadata=dict(payload["metadata"]),
+        created_at=datetime.fromisoformat(str(payload["created_at"])),
     )
 
 

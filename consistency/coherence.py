@@ -1,0 +1,240 @@
+"""The cache-coherence protocol of the region caches (DESIGN.md section 5, guarantee G6).
+
+Pure rules and the Redis server-side scripts; the Redis client lives in ``router.cache`` and the
+commit-log relay in ``router.relays.invalidation``.
+
+Entries
+    One Redis hash per account under ``txr:acct:{shard epoch}:{account id}``:
+    ``{v: version, d: payload}`` (a value) or ``{v: version, t: 1}`` (a tombstone). Keying by
+    shard epoch means a failover (new epoch) starts from an empty cache.
+
+The version rule (one script, ``APPLY_SCRIPT``, for fills and invalidations)
+    * a fill of version ``n`` writes unless the key holds a value at ``>= n`` or a tombstone at
+      ``> n``. A tombstone at exactly ``n`` says "version n committed, value not here"; a fill
+      of ``n`` carries exactly that value (every change of an account row bumps its version:
+      regionstore migrations), so it may replace it. This is what lets the relay (or a read)
+      supply the row after the request path could only record the version.
+    * an invalidation at ``n`` writes a tombstone at ``n`` unless the key holds ``>= n``.
+    So the version under a key never goes down while the key exists, and a slow fill of an
+    older read can never overwrite a newer tombstone or value.
+
+Bounded lifetimes (safety nets, not the correctness mechanism)
+    Values live ``ENTRY_TTL_S``. Tombstones live ``TOMBSTONE_TTL_S``: a tombstone only has to
+    outlive the fills that started before it, and readers refuse to fill with a read older than
+    ``FILL_AGE_MAX_S``, so a tombstone expiring can never let an old read in. Redis must not
+    evict keys by memory pressure (``maxmemory-policy noeviction``): an evicted tombstone would
+    break that argument.
+
+The generation fence (state loss)
+    ``GENERATION_KEY`` holds a random token. It changes whenever this region's cache may have
+    lost invalidations: Redis restarted (the key is gone with everything else) or the relay
+    dropped a shard's entries because it could not prove it saw every change (slot lost or
+    recreated, failover, position marker gone). A read-through fill carries the token it saw
+    *before* it read the database and is refused if the token changed: an invalidation lost in
+    between can then never be "undone" by a fill of a read taken before the loss.
+
+Relay positions
+    ``txr:inval:{shard}`` = ``{slot: <slot name>, lsn: <16 hex digits>}``: the replication slot
+    this region's cache follows for the shard and the position up to which every change was
+    applied. ``RELAY_APPLY_SCRIPT`` applies a batch only while that marker names the expected
+    slot at a position at or beyond the slot's own, atomically with moving it forward.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Final, Literal
+
+# Values: a safety net against a missed invalidation (a bug), not the coherence mechanism.
+# Five minutes keeps hot accounts cached across bursts without holding cold ones for long.
+ENTRY_TTL_S: Final = 300
+# A read older than this (from loader start to the fill being sent) is not written to the cache.
+# Reads are bounded by the router's read deadline (3 s); the margin covers a slow event loop.
+FILL_AGE_MAX_S: Final = 10.0
+# Tombstones must outlive every fill that may still be in flight: FILL_AGE_MAX_S plus the Redis
+# write timeout, with a wide margin. They are small, so a minute costs nothing.
+TOMBSTONE_TTL_S: Final = 60
+assert TOMBSTONE_TTL_S > 2 * FILL_AGE_MAX_S
+
+# Versions are compared as Lua numbers (doubles): exact below 2^53, which at one posting per
+# microsecond per account is 285 years away.
+VERSION_MAX: Final = 2**53 - 1
+
+ENTRY_PREFIX: Final = "txr:acct:"
+ENTRY_SCAN_PATTERN: Final = ENTRY_PREFIX + "*"
+GENERATION_KEY: Final = "txr:cache:gen"
+POSITION_PREFIX: Final = "txr:inval:"
+# No generation key at all (a fresh or restarted Redis) is represented by the empty string.
+GENERATION_ABSENT: Final = ""
+
+# The payload of a value: the full account row, so that a cached read can check the tenant and
+# render the account without touching the database. ``created_at`` is ISO 8601 with offset.
+ACCOUNT_FIELDS: Final = (
+    "id",
+    "tenant",
+    "currency",
+    "balance",
+    "overdraft_limit",
+    "version",
+    "metadata",
+    "created_at",
+)
+
+Mode = Literal["fill", "inval"]
+
+
+def entry_key(shard_epoch: int, account_id: int) -> str:
+    return f"{ENTRY_PREFIX}{shard_epoch}:{account_id}"
+
+
+def parse_entry_key(key: str) -> tuple[int, int] | None:
+    """(shard epoch, account id) of an entry key; None for anything else."""
+    if not key.startswith(ENTRY_PREFIX):
+        return None
+    epoch, _, account = key[len(ENTRY_PREFIX) :].partition(":")
+    if not (epoch.isdigit() and account.isdigit()):
+        return None
+    return int(epoch), int(account)
+
+
+def position_key(shard: str) -> str:
+    return POSITION_PREFIX + shard
+
+
+def account_payload(
+    *,
+    id: int,
+    tenant: str,
+    currency: str,
+    balance: int,
+    overdraft_limit: int,
+    version: int,
+    metadata: Mapping[str, Any],
+    created_at: datetime,
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "tenant": tenant,
+        "currency": currency,
+        "balance": balance,
+        "overdraft_limit": overdraft_limit,
+        "version": version,
+        "metadata": dict(metadata),
+        "created_at": created_at.isoformat(),
+    }
+
+
+def is_full_payload(payload: Mapping[str, Any]) -> bool:
+    """True when ``payload`` is a whole account row (only those may be cached as values)."""
+    return all(f in payload for f in ACCOUNT_FIELDS)
+
+
+def fill_wins(current_version: int | None, current_is_tombstone: bool, version: int) -> bool:
+    """The fill rule of APPLY_SCRIPT, in Python (documentation and property tests)."""
+    if current_version is None:
+        return True
+    if current_is_tombstone:
+        return version >= current_version
+    return version > current_version
+
+
+def invalidation_wins(current_version: int | None, version: int) -> bool:
+    """The invalidation rule of APPLY_SCRIPT, in Python."""
+    return current_version is None or version > current_version
+
+
+# -- LSNs ------------------------------------------------------------------------------------
+
+_LSN_RE: Final = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
+
+
+def parse_lsn(text: str) -> int:
+    m = _LSN_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not an LSN: {text!r}")
+    return (int(m.group(1), 16) << 32) | int(m.group(2), 16)
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def lsn_sortable(lsn: int) -> str:
+    """Fixed-width hex: compares as a string in Lua exactly as the integer does (no doubles)."""
+    return f"{lsn:016X}"
+
+
+# -- the scripts -----------------------------------------------------------------------------
+
+# The one forward-only rule, shared by both scripts. Returns 1 when it wrote, 0 when refused.
+_APPLY_FN: Final = """
+local function apply(key, mode, ver, payload, ttl, tomb_ttl)
+  local cur = redis.call('HMGET', key, 'v', 't')
+  local cv = tonumber(cur[1])
+  if mode == 'fill' then
+    if cv and (cv > ver or (cv == ver and cur[2] ~= '1')) then
+      return 0
+    end
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'v', ver, 'd', payload)
+    redis.call('EXPIRE', key, ttl)
+    return 1
+  end
+  if cv and cv >= ver then
+    return 0
+  end
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'v', ver, 't', '1')
+  redis.call('EXPIRE', key, tomb_ttl)
+  return 1
+end
+"""
+
+# KEYS[1] entry, KEYS[2] generation key.
+# ARGV[1] mode ('fill' | 'inval'), ARGV[2] version, ARGV[3] payload ('' for 'inval'),
+# ARGV[4] value ttl s, ARGV[5] tombstone ttl s, ARGV[6] '1' to check the generation fence,
+# ARGV[7] the generation the writer saw before it read ('' = none existed).
+# Returns 1 written, 0 refused by the version rule, -1 refused by the generation fence.
+APPLY_SCRIPT: Final = (
+    _APPLY_FN
+    + """
+if ARGV[6] == '1' then
+  local gen = redis.call('GET', KEYS[2]) or ''
+  if gen ~= ARGV[7] then
+    return -1
+  end
+end
+return apply(KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+"""
+)
+
+# KEYS[1] the shard's position marker, KEYS[2..n] entries.
+# ARGV[1] slot name, ARGV[2] the slot's confirmed position (lsn_sortable), ARGV[3] the position
+# this batch brings the cache to (lsn_sortable), ARGV[4] value ttl, ARGV[5] tombstone ttl, then
+# per entry key i (from 2): ARGV[6 + 3*(i-2)] mode, ARGV[7 + ...] version, ARGV[8 + ...] payload.
+# Returns the number of keys written, or -1 (nothing written) when the marker does not prove
+# that this Redis holds every change up to the slot's position: marker missing (Redis lost its
+# data), naming another slot (recreated), or behind the slot (someone consumed changes that
+# never reached this Redis).
+RELAY_APPLY_SCRIPT: Final = (
+    _APPLY_FN
+    + """
+local m = redis.call('HMGET', KEYS[1], 'slot', 'lsn')
+if m[1] ~= ARGV[1] or not m[2] or m[2] < ARGV[2] then
+  return -1
+end
+local ttl = tonumber(ARGV[4])
+local tomb_ttl = tonumber(ARGV[5])
+local written = 0
+for i = 2, #KEYS do
+  local a = 6 + 3 * (i - 2)
+  written = written + apply(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ttl, tomb_ttl)
+end
+if ARGV[3] > m[2] then
+  redis.call('HSET', KEYS[1], 'lsn', ARGV[3])
+end
+return written
+"""
+)
