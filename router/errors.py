@@ -108,30 +108,27 @@ class BusinessRefusal(ApiError):
     title = "Refused"
 
 
-class RateLimited(ApiError):
+class _RetryLater(ApiError):
+    """An error the client should retry after ``Retry-After`` seconds, unchanged."""
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class RateLimited(_RetryLater):
     status = 429
     default_code = "rate_limited"
     title = "Too many requests"
 
-    def __init__(self, detail: str, *, retry_after_s: int = 1, **extra: Any) -> None:
-        super().__init__(detail, **extra)
-        self.retry_after_s = retry_after_s
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
-
-
-class RegionUnavailable(ApiError):
+class RegionUnavailable(_RetryLater):
     status = 503
     default_code = "region_unavailable"
     title = "Region unavailable"
-
-    def __init__(self, detail: str, *, retry_after_s: int = 1, **extra: Any) -> None:
-        super().__init__(detail, **extra)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 class OutcomeUnknown(ApiError):
