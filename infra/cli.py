@@ -20,8 +20,11 @@ from typing import Any, Final
 
 import psycopg
 
+from consistency import failover as procedures
 from consistency import reconcile
-from infra.local import cluster, procs
+from consistency.errors import ConsistencyError
+from infra import failover as real_ops
+from infra.local import cluster, postgres, procs
 from infra.local.ports import plan_ports
 from regionstore import admin
 from router.auth import SCOPES
@@ -227,6 +230,107 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+# -- txr failover / switchover / rejoin / status ----------------------------------------------
+
+# What an operator command may run into besides a refusal: the cluster state, etcd, PostgreSQL.
+_OP_ERRORS: Final = (
+    ConsistencyError,
+    cluster.ClusterError,
+    postgres.PostgresError,
+    psycopg.Error,
+    OSError,
+)
+
+
+def _step(msg: str) -> None:
+    print(f"[txr] {msg}", file=sys.stderr, flush=True)
+
+
+def _run_procedure(args: argparse.Namespace, name: str, fn: Callable[[], Any]) -> int:
+    try:
+        outcome = fn()
+    except procedures.FailoverRefused as exc:
+        _err(f"{name} refused: {exc}")
+        return EXIT_FAILED
+    except _OP_ERRORS as exc:
+        _err(f"{name} failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(outcome.to_json(), indent=2))
+    else:
+        print(
+            f"{name} of {outcome.shard} done in {outcome.steps[-1][1]:.2f} s: primary "
+            f"{outcome.new_primary}, epoch {outcome.epoch}, region survival "
+            f"{'yes' if outcome.region_survival else 'NO'}"
+        )
+        for note in outcome.notes:
+            print(f"  note: {note}")
+    return EXIT_OK
+
+
+def _cmd_failover(args: argparse.Namespace) -> int:
+    return _run_procedure(
+        args,
+        "failover",
+        lambda: procedures.failover(
+            real_ops.LocalShardOps(args.dir),
+            args.shard,
+            args.to,
+            accept_data_loss=args.accept_data_loss,
+            progress=_step,
+        ),
+    )
+
+
+def _cmd_switchover(args: argparse.Namespace) -> int:
+    return _run_procedure(
+        args,
+        "switchover",
+        lambda: procedures.switchover(
+            real_ops.LocalShardOps(args.dir), args.shard, args.to, progress=_step
+        ),
+    )
+
+
+def _cmd_rejoin(args: argparse.Namespace) -> int:
+    return _run_procedure(
+        args,
+        "rejoin",
+        lambda: procedures.rejoin(
+            real_ops.LocalShardOps(args.dir), args.shard, args.node, progress=_step
+        ),
+    )
+
+
+def _cmd_rehome(args: argparse.Namespace) -> int:
+    try:
+        result = real_ops.rehome(args.dir, args.slot, args.to, progress=_step)
+    except procedures.FailoverRefused as exc:
+        _err(f"rehome refused: {exc}")
+        return EXIT_FAILED
+    except _OP_ERRORS as exc:
+        _err(f"rehome failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(
+            f"slot {result['slot']} moved {result['from']} -> {result['to']} "
+            f"(slot epoch {result['epoch']}): {result['copied']}"
+        )
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    try:
+        st = real_ops.cluster_status(args.dir)
+    except _OP_ERRORS as exc:
+        _err(f"status failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    print(json.dumps(st, indent=2) if args.json else real_ops.format_status(st))
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------------
 
 
@@ -275,6 +379,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dir(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_reconcile)
+
+    p = sub.add_parser("status", help="shards, primaries, epochs, replication, etcd health")
+    _add_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_status)
+
+    for name, handler, what in (
+        ("failover", _cmd_failover, "promote a shard's standby after its primary was lost"),
+        ("switchover", _cmd_switchover, "planned move of a shard's primary, zero writes lost"),
+    ):
+        p = sub.add_parser(name, help=what)
+        _add_dir(p)
+        p.add_argument("shard")
+        p.add_argument("--to", required=True, metavar="REGION", help="the standby's region")
+        p.add_argument("--json", action="store_true")
+        if name == "failover":
+            p.add_argument(
+                "--accept-data-loss",
+                action="store_true",
+                help="promote even when the target cannot be shown to hold every acked commit",
+            )
+        p.set_defaults(handler=handler)
+
+    p = sub.add_parser("rejoin", help="rewind a former primary into a standby of the new one")
+    _add_dir(p)
+    p.add_argument("shard")
+    p.add_argument("--node", required=True, metavar="REGION", help="the former primary's region")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_rejoin)
+
+    p = sub.add_parser("rehome", help="move a slot to another shard")
+    _add_dir(p)
+    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--to", required=True, metavar="SHARD")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_rehome)
+
     return parser
 
 

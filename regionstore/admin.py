@@ -12,10 +12,11 @@ again), so these functions refuse to lower one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import psycopg
+from psycopg import sql
 
 from consistency.limits import SLOT_COUNT
 
@@ -320,3 +321,143 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
         ],
         "inbox": [{"transfer_id": str(t), "source_shard": s, "result": r} for t, s, r in inbox],
     }
+
+
+# The fence's lock wait is bounded by FENCE_LOCK_TIMEOUT_MS; its COMMIT does not wait for the
+# synchronous standby at all (see fence_and_flush_lsn), so this only bounds a stuck server.
+FENCE_STATEMENT_TIMEOUT_MS: Final = 5_000
+# Deciding that an old primary is dead must not take the whole failover budget.
+FENCE_CONNECT_TIMEOUT_S: Final = 3
+
+
+def fence_and_flush_lsn(admin_dsn: str) -> int:
+    """``fence_all`` with bounded waits, then the WAL flush LSN (bytes) after the fence.
+
+    After the fence nothing can commit here any more, so a standby that has received this LSN
+    holds every transaction this server ever acknowledged. Raises ``psycopg.OperationalError``
+    when the server does not answer within FENCE_CONNECT_TIMEOUT_S.
+    """
+    with psycopg.connect(
+        admin_dsn,
+        connect_timeout=FENCE_CONNECT_TIMEOUT_S,
+        options=f"-c statement_timeout={FENCE_STATEMENT_TIMEOUT_MS}",
+    ) as conn:
+        with conn.transaction():
+            # The fence works the moment it commits locally: every later write reads it. Its
+            # COMMIT must not wait for the synchronous standby, which may be the node being
+            # promoted or gone (statement_timeout does not cover that wait: PostgreSQL stops
+            # the timer before COMMIT; checked, it waited in SyncRep for minutes).
+            conn.execute("SET LOCAL synchronous_commit = local")
+            _lock_fence(conn)
+            cur = conn.execute("UPDATE txr.fence SET fenced = true")
+            if cur.rowcount != 1:
+                conn.execute(
+                    "INSERT INTO txr.fence (singleton, epoch, fenced) VALUES (true, 0, true)"
+                )
+        row = conn.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_flush_lsn(), '0/0')::bigint"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# What a slot's rows are, table by table: an account lives in the slot of its id; ledger
+# entries follow their account; a transfer, its idempotency key and its outbox message live
+# with the source account (the public transfer id carries the source's slot); an inbox row
+# lives with the destination account it credited.
+_SLOT_ROWS: Final = (
+    ("accounts", "kind = 'customer' AND id >> 48 = %(slot)s"),
+    ("ledger_entries", "account_id >= 0 AND account_id >> 48 = %(slot)s"),
+    ("transfers", "source >> 48 = %(slot)s"),
+    ("idempotency_keys", "source >> 48 = %(slot)s"),
+    ("outbox", "source >> 48 = %(slot)s"),
+    ("inbox", "destination >> 48 = %(slot)s"),
+)
+
+
+def move_slot_rows(
+    source_dsn: str,
+    target_dsn: str,
+    slot: int,
+    *,
+    new_epoch: int,
+    flip: Callable[[], None],
+) -> dict[str, int]:
+    """Move every row of ``slot`` from the source shard to the target shard.
+
+    The caller has already unowned the slot on the source (``set_slot(owned=False)``): no write
+    procedure touches its accounts any more. What still could is a relay settling one of the
+    slot's outbox messages (settle_outbound checks only the shard fence), so this locks those
+    rows and the slot's accounts first and holds the locks to the end.
+
+    1. source (READ COMMITTED, locks held): copy the rows out (COPY text format, exact types);
+    2. target, one transaction: copy them in, create the transit accounts pending messages will
+       settle against, own the slot at ``new_epoch``; commit;
+    3. ``flip()`` (the caller's etcd slot-map CAS): routers now send the slot to the target;
+    4. source: delete the rows and commit. A relay blocked on a moved message then finds it
+       gone; the target's relays deliver the copy, and leg 2 is idempotent by transfer id.
+
+    If ``flip`` raises, the source rolls back its (uncommitted) delete: the rows stay there,
+    unowned, and the slot is refused everywhere until an operator finishes the move; it is never
+    writable in two places. Returns the number of rows moved per table.
+    """
+    _check_slot(slot)
+    counts: dict[str, int] = {}
+    params = {"slot": slot}
+    with _connect(source_dsn) as src, _connect(target_dsn) as dst, src.transaction():
+        src.execute(f"SET LOCAL lock_timeout = '{FENCE_LOCK_TIMEOUT_MS}ms'")
+        if src.execute("SELECT 1 FROM txr.owned_slots WHERE slot = %s", (slot,)).fetchone():
+            raise ValueError(f"slot {slot} is still owned by the source: unown it first")
+        src.execute(
+            "SELECT 1 FROM txr.accounts WHERE kind = 'customer' AND id >> 48 = %(slot)s"
+            " ORDER BY id FOR UPDATE",
+            params,
+        )
+        src.execute("SELECT 1 FROM txr.outbox WHERE source >> 48 = %(slot)s FOR UPDATE", params)
+        data: dict[str, bytes] = {}
+        for table, where in _SLOT_ROWS:
+            query = sql.SQL("COPY (SELECT * FROM {} WHERE {}) TO STDOUT").format(
+                sql.Identifier("txr", table),
+                sql.SQL(where.replace("%(slot)s", str(int(slot)))),
+            )
+            with src.cursor().copy(query) as cp:
+                data[table] = b"".join(bytes(block) for block in cp)
+            counts[table] = data[table].count(b"\n")
+        with dst.transaction():
+            _lock_fence(dst)
+            for table, _where in _SLOT_ROWS:
+                if not data[table]:
+                    continue
+                with dst.cursor().copy(
+                    sql.SQL("COPY {} FROM STDIN").format(sql.Identifier("txr", table))
+                ) as cp:
+                    cp.write(data[table])
+            # Settling a moved pending message (or reversing it) posts against the
+            # target's transit account toward its destination shard.
+            dst.execute(
+                "SELECT txr.transit_account(destination_shard, currency::text)"
+                " FROM (SELECT DISTINCT destination_shard, currency FROM txr.outbox"
+                "       WHERE state = 'pending' AND source >> 48 = %(slot)s"
+                "       ORDER BY 1, 2) p",
+                params,
+            )
+            row = dst.execute(
+                "SELECT epoch FROM txr.owned_slots WHERE slot = %s FOR UPDATE", (slot,)
+            ).fetchone()
+            if row is not None and row[0] > new_epoch:
+                raise EpochRegression(f"slot {slot} epoch {row[0]} > {new_epoch}")
+            dst.execute(
+                "INSERT INTO txr.owned_slots (slot, epoch) VALUES (%s, %s)"
+                " ON CONFLICT (slot) DO UPDATE SET epoch = excluded.epoch",
+                (slot, new_epoch),
+            )
+        flip()
+        # Children first (foreign keys: entries -> accounts).
+        for table, where in reversed(_SLOT_ROWS):
+            src.execute(
+                sql.SQL("DELETE FROM {} WHERE {}").format(
+                    sql.Identifier("txr", table), sql.SQL(where)
+                ),
+                params,
+            )
+    return counts

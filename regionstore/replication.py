@@ -91,3 +91,74 @@ def set_sync_standby(
                     else f"synchronous standby not cleared after {timeout_s}s"
                 )
             time.sleep(_POLL_INTERVAL_S)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLsn:
+    """A standby's own view of its progress, in WAL bytes."""
+
+    in_recovery: bool
+    receive: int
+    replay: int
+
+
+def standby_progress(admin_dsn: str, *, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> ReplicaLsn:
+    """Receive and replay LSN of a standby (``in_recovery`` False: it is a primary)."""
+    with psycopg.connect(
+        admin_dsn, autocommit=True, connect_timeout=int(max(1, connect_timeout_s))
+    ) as conn:
+        row = conn.execute(
+            "SELECT pg_is_in_recovery(),"
+            # After a restart the receive position is NULL until the first byte arrives; what
+            # was replayed is then the most the standby certainly holds.
+            " coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), '0/0'), 0)::bigint,"
+            " coalesce(pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0'), 0)::bigint"
+        ).fetchone()
+    assert row is not None
+    in_recovery, receive, replay = bool(row[0]), int(row[1]), int(row[2])
+    return ReplicaLsn(in_recovery, max(receive, replay), replay)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationRow:
+    """One standby as its primary sees it (pg_stat_replication), lags in bytes and seconds."""
+
+    application_name: str
+    state: str
+    sync_state: str
+    flush_lag_bytes: int | None
+    replay_lag_bytes: int | None
+    replay_lag_s: float | None
+
+
+def replication_report(
+    admin_dsn: str, *, connect_timeout_s: float = CONNECT_TIMEOUT_S
+) -> list[ReplicationRow]:
+    """The primary's standbys with their lag behind its current WAL position."""
+    with psycopg.connect(
+        admin_dsn, autocommit=True, connect_timeout=int(max(1, connect_timeout_s))
+    ) as conn:
+        rows = conn.execute(
+            "SELECT application_name, state, sync_state,"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint,"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint,"
+            " extract(epoch FROM replay_lag)::float8"
+            " FROM pg_stat_replication ORDER BY application_name"
+        ).fetchall()
+    return [ReplicationRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
+def ensure_physical_slot(admin_dsn: str, slot_name: str) -> None:
+    """Create the physical replication slot ``slot_name`` (reserving WAL now) if missing.
+
+    A rejoining standby streams through its slot, so the new primary keeps the WAL it still
+    needs however long the standby takes to come up (bounded by max_slot_wal_keep_size).
+    """
+    if not _APP_NAME_RE.fullmatch(slot_name):
+        raise ValueError(f"not a slot name: {slot_name!r}")
+    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        conn.execute(
+            "SELECT pg_create_physical_replication_slot(%s, true)"
+            " WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)",
+            (slot_name, slot_name),
+        )

@@ -239,6 +239,10 @@ class EntryRow:
     created_at: datetime
 
 
+# Longest wait for a pooled connection. Writes are batched (a couple in flight per shard) and
+# reads are short, so a healthy pool hands one out in milliseconds.
+ACQUIRE_TIMEOUT_S_MAX: Final = 1.0
+
 _POST_TRANSFERS_SQL: Final = (
     "SELECT idx, code, transfer_id, status, created_at, source_balance, source_version,"
     " destination_balance, destination_version"
@@ -450,7 +454,11 @@ class ShardStore:
         what: str,
     ) -> T:
         try:
-            conn = await self._pool.getconn(timeout=max(deadline - time.monotonic(), 0.001))
+            # Bounded separately from the call: a pool that has no connection for this long is
+            # reconnecting to a dead server, and the caller does better to learn it now (and,
+            # for a write, wait for a failover) than at the end of its deadline.
+            wait_s = min(deadline - time.monotonic(), ACQUIRE_TIMEOUT_S_MAX)
+            conn = await self._pool.getconn(timeout=max(wait_s, 0.001))
         except (psycopg_pool.PoolTimeout, psycopg_pool.TooManyRequests) as exc:
             raise StoreUnavailable(f"shard {self.name}: no connection for {what}") from exc
         except psycopg_pool.PoolClosed as exc:

@@ -1,0 +1,395 @@
+"""The real operations behind ``consistency.failover`` for a local cluster.
+
+PostgreSQL through ``regionstore.admin`` / ``regionstore.replication`` and the server commands of
+``infra.local.postgres``; etcd through ``consistency.etcd``; the launcher's ``cluster.json``
+follows every role change, so ``txr local status``, ``down`` and the test fixtures keep finding
+each node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+import psycopg
+
+from consistency import failover as procedures
+from consistency.etcd import EtcdClient
+from consistency.failover import FailoverError, FailoverRefused, Progress, ShardRecord, StandbyLsn
+from consistency.limits import SLOT_COUNT
+from consistency.topology import SHARD_PREFIX, SLOTMAP_KEY, Node, SlotMap
+from infra.local import cluster, postgres
+from regionstore import admin, replication
+
+# pg_rewind copies the changed blocks and the WAL since the fork; a few seconds locally.
+REWIND_TIMEOUT_S: Final = 300
+# A standby that does not answer within this is treated as unreachable for one LSN poll.
+LSN_CONNECT_TIMEOUT_S: Final = 2.0
+# `txr status` must answer quickly when a region is down.
+STATUS_CONNECT_TIMEOUT_S: Final = 2.0
+ETCD_HEALTH_TIMEOUT_S: Final = 2.0
+
+
+class LocalShardOps:
+    """``consistency.failover.ShardOps`` for the local cluster at ``cluster_dir``."""
+
+    def __init__(self, cluster_dir: Path) -> None:
+        self.dir = cluster_dir.resolve()
+        self.state = cluster.load_state(self.dir)
+        self.pw = cluster.pg_passwords(self.dir)
+        ports = self.state.data["ports"]["regions"]
+        self.etcd = [f"http://{cluster.HOST}:{ports[r]['etcd_client']}" for r in self.regions]
+
+    @property
+    def regions(self) -> list[str]:
+        return list(self.state.data["regions"])
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    def _entry(self, node_name: str) -> dict[str, Any]:
+        for e in self.state.data.get("pg", []):
+            if e["node"] == node_name:
+                return dict(e)
+        raise FailoverError(f"node {node_name} is not part of the cluster in {self.dir}")
+
+    def admin_dsn(self, node: Node, db: str = cluster.DB_NAME) -> str:
+        return postgres.dsn(
+            cluster.HOST, node.port, postgres.ADMIN_ROLE, self.pw["admin_password"], db
+        )
+
+    def node_in(self, shard: str, region: str) -> Node:
+        for e in self.state.data.get("pg", []):
+            if e["shard"] == shard and e["region"] == region:
+                return Node(e["node"], region, cluster.HOST, int(e["port"]))
+        raise FailoverError(f"{shard} has no node in {region}")
+
+    def _wan_port(self, src_region: str, to: Node) -> int:
+        """The port ``src_region`` dials to reach ``to`` (through the WAN emulator)."""
+        ports = self.state.data["ports"]
+        if src_region == to.region:
+            return to.port
+        svc = "pg-primary" if ports["regions"][to.region]["pg_primary"] == to.port else "pg-standby"
+        for w in ports["wan"]:
+            if w["src"] == src_region and w["dst"] == to.region and w["service"] == svc:
+                return int(w["port"])
+        raise FailoverError(f"no WAN link {src_region} -> {to.region} ({svc})")
+
+    # -- etcd -----------------------------------------------------------------------------------
+
+    def load(self, shard: str) -> tuple[ShardRecord, int]:
+        async def run() -> tuple[bytes, int] | None:
+            async with EtcdClient(self.etcd) as client:
+                return await client.get(SHARD_PREFIX + shard)
+
+        got = cluster._run_async(run)
+        if got is None:
+            raise FailoverError(f"no shard {shard} in etcd")
+        return ShardRecord.from_json(orjson.loads(got[0])), got[1]
+
+    def cas(self, shard: str, expected_revision: int, record: ShardRecord) -> int:
+        key = SHARD_PREFIX + shard
+
+        async def run() -> int:
+            async with EtcdClient(self.etcd) as client:
+                return await client.cas(
+                    key, expected_revision, {key: orjson.dumps(record.to_json())}
+                )
+
+        # The txn's header revision is the key's new mod_revision (one put, one revision);
+        # CasConflict propagates to the procedure, which names it.
+        return cluster._run_async(run)
+
+    # -- PostgreSQL -----------------------------------------------------------------------------
+
+    def fence_old(self, node: Node) -> int | None:
+        try:
+            return admin.fence_and_flush_lsn(self.admin_dsn(node))
+        except psycopg.OperationalError:
+            return None
+
+    def standby_lsn(self, node: Node) -> StandbyLsn | None:
+        try:
+            got = replication.standby_progress(
+                self.admin_dsn(node, "postgres"), connect_timeout_s=LSN_CONNECT_TIMEOUT_S
+            )
+        except psycopg.OperationalError:
+            return None
+        if not got.in_recovery:
+            return None
+        return StandbyLsn(got.receive, got.replay)
+
+    def stop(self, node: Node) -> None:
+        postgres.stop(Path(self._entry(node.name)["datadir"]), "fast")
+
+    def promote(self, node: Node) -> None:
+        postgres.promote(Path(self._entry(node.name)["datadir"]))
+
+    def set_epoch_in_db(self, node: Node, epoch: int) -> None:
+        admin.set_fence(self.admin_dsn(node), epoch=epoch)
+
+    def await_sync_standby(self, primary: Node, standby: Node) -> None:
+        try:
+            replication.set_sync_standby(
+                self.admin_dsn(primary, "postgres"), postgres.application_name(standby.name)
+            )
+        except (replication.ReplicationError, psycopg.OperationalError) as exc:
+            raise FailoverError(str(exc)) from exc
+
+    def rejoin(self, node: Node, primary: Node) -> None:
+        """Stop ``node``, ``pg_rewind`` it from ``primary`` and start it as a standby.
+
+        pg_rewind runs as the server user (as root: ``runuser``); the source DSN names the
+        password file the standbys use, so no password reaches a command line. A target that
+        crashed is recovered by pg_rewind itself (single-user mode, PostgreSQL 13+).
+        """
+        entry = self._entry(node.name)
+        datadir = Path(entry["datadir"])
+        try:
+            postgres.stop(datadir, "fast")
+        except postgres.PostgresError:
+            postgres.stop(datadir, "immediate")
+        pg_root = Path(self.state.data["pg_root"])
+        passfile = pg_root / "pgpass"
+        app = postgres.application_name(node.name)
+        src_port = self._wan_port(node.region, primary)
+        source = (
+            f"host={cluster.HOST} port={src_port} user={postgres.ADMIN_ROLE} "
+            f"dbname=postgres passfile={passfile}"
+        )
+        args = [str(postgres.bindir() / "pg_rewind"), "-D", str(datadir), "--source-server", source]
+        if postgres.running_as_root():
+            args = ["runuser", "-u", postgres.UNPRIVILEGED_USER, "--", *args]
+        try:
+            res = subprocess.run(
+                args,
+                capture_output=True,
+                text=True,
+                timeout=REWIND_TIMEOUT_S,
+                check=False,
+                cwd="/",
+                env=dict(os.environ, PGCONNECT_TIMEOUT="10"),
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FailoverError(f"pg_rewind of {node.name} timed out") from exc
+        if res.returncode != 0:
+            raise FailoverError(f"pg_rewind of {node.name} failed: {res.stderr[-2000:]}")
+        # The slot first: the standby names it in primary_slot_name and refuses to stream
+        # without it.
+        replication.ensure_physical_slot(self.admin_dsn(primary, "postgres"), app)
+        postgres.configure_as_standby(
+            datadir,
+            int(entry["port"]),
+            primary_host=cluster.HOST,
+            primary_port=src_port,
+            passfile=passfile,
+            app_name=app,
+        )
+        pid = postgres.start(datadir, Path(entry["log"]))
+        self._update_entry(node.name, pid=pid, role="standby")
+
+    # -- the launcher's state -------------------------------------------------------------------
+
+    def _update_entry(self, node_name: str, **fields: Any) -> None:
+        state = cluster.load_state(self.dir)
+        for e in state.data.get("pg", []):
+            if e["node"] == node_name:
+                e.update(fields)
+        state.save()
+        self.state = state
+
+    def node_role_changed(self, shard: str, primary: Node, standbys: tuple[Node, ...]) -> None:
+        state = cluster.load_state(self.dir)
+        names = {s.name for s in standbys}
+        for e in state.data.get("pg", []):
+            if e["shard"] != shard:
+                continue
+            if e["node"] == primary.name:
+                e["role"] = "primary"
+            elif e["node"] in names:
+                e["role"] = "standby"
+            else:
+                # Not serving: the old primary after a failover, until `txr rejoin`.
+                e["role"] = "detached"
+        s = state.data.setdefault("shards", {}).setdefault(shard, {})
+        s["primary_region"] = primary.region
+        s["standby_region"] = standbys[0].region if standbys else None
+        record, _ = self.load(shard)
+        s["epoch"] = record.shard.epoch
+        state.save()
+        self.state = state
+
+
+# -- txr status ---------------------------------------------------------------------------------
+
+
+def _etcd_health(url: str) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=ETCD_HEALTH_TIMEOUT_S) as r:  # noqa: S310
+            ok = json.loads(r.read()).get("health") == "true"
+        return {"endpoint": url, "healthy": ok}
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return {"endpoint": url, "healthy": False, "error": type(exc).__name__}
+
+
+def cluster_status(cluster_dir: Path) -> dict[str, Any]:
+    """Shards (primary, epoch, region survival, standbys with sync state and lag) and etcd."""
+    ops = LocalShardOps(cluster_dir)
+    members = [_etcd_health(u) for u in ops.etcd]
+    shards: dict[str, Any] = {}
+    names = sorted({e["shard"] for e in ops.state.data.get("pg", [])})
+    for name in names:
+        try:
+            rec, _rev = ops.load(name)
+        except Exception as exc:  # noqa: BLE001 - etcd down: report it, keep going
+            shards[name] = {"error": f"etcd: {type(exc).__name__}: {exc}"}
+            continue
+        sh = rec.shard
+        entry: dict[str, Any] = {
+            "home_region": sh.home_region,
+            "primary": sh.primary.name,
+            "primary_region": sh.primary.region,
+            "epoch": sh.epoch,
+            "region_survival": rec.region_survival,
+            "standbys": [],
+        }
+        try:
+            rows = {
+                r.application_name: r
+                for r in replication.replication_report(
+                    ops.admin_dsn(sh.primary, "postgres"),
+                    connect_timeout_s=STATUS_CONNECT_TIMEOUT_S,
+                )
+            }
+            entry["primary_reachable"] = True
+        except psycopg.Error as exc:
+            rows = {}
+            entry["primary_reachable"] = False
+            entry["primary_error"] = type(exc).__name__
+        sync_streaming = False
+        for n in sh.standbys:
+            r = rows.get(postgres.application_name(n.name))
+            sb = {
+                "node": n.name,
+                "region": n.region,
+                "state": r.state if r else "not connected",
+                "sync_state": r.sync_state if r else None,
+                "flush_lag_bytes": r.flush_lag_bytes if r else None,
+                "replay_lag_bytes": r.replay_lag_bytes if r else None,
+                "replay_lag_s": r.replay_lag_s if r else None,
+            }
+            sync_streaming |= bool(
+                r
+                and r.sync_state == "sync"
+                and r.state == "streaming"
+                and n.region != sh.primary.region
+            )
+            entry["standbys"].append(sb)
+        # The record says what the operator set up; the primary says what holds right now.
+        entry["region_survival_now"] = sync_streaming
+        detached = [
+            e["node"]
+            for e in ops.state.data.get("pg", [])
+            if e["shard"] == name
+            and e["node"] != sh.primary.name
+            and e["node"] not in {n.name for n in sh.standbys}
+        ]
+        entry["detached"] = detached
+        shards[name] = entry
+    return {"etcd": members, "shards": shards}
+
+
+def _fmt_standby(b: dict[str, Any]) -> str:
+    lag = "-" if b["replay_lag_bytes"] is None else f"{b['replay_lag_bytes']} B"
+    if b["replay_lag_s"] is not None:
+        lag += f" {b['replay_lag_s']:.3f}s"
+    return f"{b['node']} ({b['sync_state'] or b['state']}, {lag})"
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = ["etcd members:"]
+    for m in st["etcd"]:
+        lines.append(f"  {m['endpoint']:28s} {'healthy' if m['healthy'] else 'UNHEALTHY'}")
+    lines.append("")
+    lines.append(
+        f"{'shard':12s} {'primary':24s} {'epoch':>5s}  {'survival':8s}  standbys (sync, lag)"
+    )
+    for name, s in st["shards"].items():
+        if "error" in s:
+            lines.append(f"{name:12s} {s['error']}")
+            continue
+        survival = "yes" if s["region_survival_now"] else "NO"
+        prim = s["primary"] + ("" if s.get("primary_reachable") else " (DOWN)")
+        sbs = ", ".join(_fmt_standby(b) for b in s["standbys"]) or "none"
+        lines.append(f"{name:12s} {prim:24s} {s['epoch']:5d}  {survival:8s}  {sbs}")
+        if s["detached"]:
+            lines.append(f"{'':12s} detached: {', '.join(s['detached'])} (txr rejoin)")
+        if not s["region_survival_now"]:
+            lines.append(f"{'':12s} WARNING: no synchronous standby in another region (G1 off)")
+    return "\n".join(lines)
+
+
+class LocalRehomeOps:
+    """``consistency.failover.RehomeOps`` for the local cluster."""
+
+    def __init__(self, cluster_dir: Path) -> None:
+        self.ops = LocalShardOps(cluster_dir)
+
+    def _primary_dsn(self, shard: str) -> str:
+        rec, _ = self.ops.load(shard)
+        return self.ops.admin_dsn(rec.shard.primary)
+
+    def _slotmap(self) -> tuple[SlotMap, int]:
+        async def run() -> tuple[bytes, int] | None:
+            async with EtcdClient(self.ops.etcd) as client:
+                return await client.get(SLOTMAP_KEY)
+
+        got = cluster._run_async(run)
+        if got is None:
+            raise FailoverError("no slot map in etcd")
+        return SlotMap.from_json(orjson.loads(got[0])), got[1]
+
+    def slot_owner(self, slot: int) -> tuple[str, int, int]:
+        slots, rev = self._slotmap()
+        shard, epoch = slots.lookup(slot)
+        return shard, epoch, rev
+
+    def unown(self, shard: str, slot: int, epoch: int) -> None:
+        admin.set_slot(self._primary_dsn(shard), slot, epoch=epoch, owned=False)
+
+    def move_rows(
+        self, source: str, target: str, slot: int, new_epoch: int, flip: Callable[[], None]
+    ) -> dict[str, int]:
+        return admin.move_slot_rows(
+            self._primary_dsn(source),
+            self._primary_dsn(target),
+            slot,
+            new_epoch=new_epoch,
+            flip=flip,
+        )
+
+    def cas_slot(self, slot: int, shard: str, epoch: int, expected_revision: int) -> None:
+        slots, _ = self._slotmap()
+        names, epochs = slots.table()
+        names[slot], epochs[slot] = shard, epoch
+        new = SlotMap.from_table(names, epochs)
+
+        async def run() -> int:
+            async with EtcdClient(self.ops.etcd) as client:
+                return await client.cas(
+                    SLOTMAP_KEY, expected_revision, {SLOTMAP_KEY: orjson.dumps(new.to_json())}
+                )
+
+        cluster._run_async(run)
+
+
+def rehome(cluster_dir: Path, slot: int, to_shard: str, *, progress: Progress) -> dict[str, Any]:
+    if not 0 <= slot < SLOT_COUNT:
+        raise FailoverRefused(f"slot {slot} outside 0..{SLOT_COUNT - 1}")
+    return procedures.rehome(LocalRehomeOps(cluster_dir), slot, to_shard, progress=progress)

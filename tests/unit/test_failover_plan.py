@@ -1,0 +1,132 @@
+"""The order of the failover procedures, against a recording fake of our own ShardOps."""
+
+from __future__ import annotations
+
+import pytest
+
+from consistency import failover as fo
+from consistency.errors import CasConflict
+from consistency.topology import Node, Shard
+
+OLD = Node("s-1@a", "a", "h", 1)
+SB = Node("s-1@b", "b", "h", 2)
+
+
+class Fake:
+    def __init__(self, *, old_alive: bool, survival: bool = True, lsn: int = 100) -> None:
+        self.rec = fo.ShardRecord(Shard("s-1", "a", OLD, (SB,), 1), survival)
+        self.rev = 10
+        self.old_alive = old_alive
+        self.lsn = lsn
+        self.calls: list[str] = []
+        self.conflict = False
+
+    def load(self, shard: str) -> tuple[fo.ShardRecord, int]:
+        return self.rec, self.rev
+
+    def cas(self, shard: str, expected_revision: int, record: fo.ShardRecord) -> int:
+        self.calls.append(f"cas epoch={record.shard.epoch} survival={record.region_survival}")
+        if self.conflict or expected_revision != self.rev:
+            raise CasConflict("x")
+        self.rec, self.rev = record, self.rev + 1
+        return self.rev
+
+    def fence_old(self, node: Node) -> int | None:
+        self.calls.append(f"fence {node.name}")
+        return 120 if self.old_alive else None
+
+    def standby_lsn(self, node: Node) -> fo.StandbyLsn | None:
+        return fo.StandbyLsn(self.lsn, self.lsn)
+
+    def stop(self, node: Node) -> None:
+        self.calls.append(f"stop {node.name}")
+
+    def promote(self, node: Node) -> None:
+        self.calls.append(f"promote {node.name}")
+
+    def set_epoch_in_db(self, node: Node, epoch: int) -> None:
+        self.calls.append(f"epoch {node.name} {epoch}")
+
+    def await_sync_standby(self, primary: Node, standby: Node) -> None:
+        self.calls.append(f"sync {primary.name} <- {standby.name}")
+
+    def rejoin(self, node: Node, primary: Node) -> None:
+        self.calls.append(f"rejoin {node.name} -> {primary.name}")
+
+    def node_in(self, shard: str, region: str) -> Node:
+        return OLD
+
+    def node_role_changed(self, shard: str, primary: Node, standbys: tuple[Node, ...]) -> None:
+        self.calls.append(f"roles {primary.name}")
+
+
+def test_failover_dead_primary_sync_standby_order() -> None:
+    f = Fake(old_alive=False)
+    out = fo.failover(f, "s-1", "b")
+    assert f.calls == [
+        "fence s-1@a",
+        "cas epoch=2 survival=False",
+        "promote s-1@b",
+        "epoch s-1@b 2",
+        "roles s-1@b",
+    ]
+    assert out.epoch == 2
+    assert not out.region_survival
+    assert f.rec.shard.primary == SB
+    assert f.rec.shard.standbys == ()
+
+
+def test_failover_refuses_without_sync_proof_unless_accepted() -> None:
+    f = Fake(old_alive=False, survival=False)
+    with pytest.raises(fo.FailoverRefused, match="lost"):
+        fo.failover(f, "s-1", "b")
+    assert "promote s-1@b" not in f.calls
+    assert not any(c.startswith("cas") for c in f.calls)
+    out = fo.failover(f, "s-1", "b", accept_data_loss=True)
+    assert out.data_loss_accepted
+    assert "promote s-1@b" in f.calls
+
+
+def test_failover_alive_primary_behind_standby_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fo, "FAILOVER_CATCHUP_TIMEOUT_S", 0.05)
+    f = Fake(old_alive=True, lsn=100)  # fenced at LSN 120, the standby holds 100
+    with pytest.raises(fo.FailoverRefused, match="would be lost"):
+        fo.failover(f, "s-1", "b")
+    assert f.calls == ["fence s-1@a"]
+
+
+def test_switchover_fences_first_and_accepts_writes_only_with_a_sync_standby() -> None:
+    f = Fake(old_alive=True, lsn=120)
+    out = fo.switchover(f, "s-1", "b")
+    assert f.calls == [
+        "fence s-1@a",
+        "stop s-1@a",
+        "cas epoch=2 survival=False",
+        "promote s-1@b",
+        "rejoin s-1@a -> s-1@b",
+        "sync s-1@b <- s-1@a",
+        "epoch s-1@b 2",
+        "roles s-1@b",
+        "cas epoch=2 survival=True",
+    ]
+    assert out.region_survival
+    assert f.rec.shard.standbys == (OLD,)
+
+
+def test_cas_conflict_stops_before_promotion() -> None:
+    f = Fake(old_alive=False)
+    f.conflict = True
+    with pytest.raises(fo.FailoverError, match="changed"):
+        fo.failover(f, "s-1", "b")
+    assert not any(c.startswith("promote") for c in f.calls)
+
+
+def test_rejoin_restores_survival() -> None:
+    f = Fake(old_alive=False)
+    fo.failover(f, "s-1", "b")
+    f.calls.clear()
+    out = fo.rejoin(f, "s-1", "a")
+    assert f.calls[1:3] == ["rejoin s-1@a -> s-1@b", "sync s-1@b <- s-1@a"]
+    assert out.region_survival
+    assert f.rec.region_survival
+    assert f.rec.shard.standbys == (OLD,)
