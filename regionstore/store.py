@@ -248,7 +248,7 @@ _POST_TRANSFERS_SQL: Final = (
     " destination_balance, destination_version"
     " FROM txr.post_transfers(%s::bigint, %s::uuid[], %s::text[], %s::bigint[], %s::bigint[],"
     " %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[], %s::bigint[],"
-    " %s::text[])"
+    " %s::text[], %s::double precision)"
 )
 _APPLY_INBOUND_SQL: Final = (
     "SELECT code, replayed, destination_balance, destination_version"
@@ -500,9 +500,18 @@ class ShardStore:
     # -- writes ----------------------------------------------------------------------------
 
     async def post_transfers(
-        self, shard_epoch: int, items: Sequence[TransferItem], *, timeout_s: float
+        self,
+        shard_epoch: int,
+        items: Sequence[TransferItem],
+        *,
+        timeout_s: float,
+        relay_grace_s: float = 0.0,
     ) -> list[TransferResult]:
-        """Post a batch in one transaction; one result per item, in order."""
+        """Post a batch in one transaction; one result per item, in order.
+
+        ``relay_grace_s``: how long the caller itself will deliver the cross-shard items' leg 2
+        before the relays take over (0: the relays start at once).
+        """
         if len(items) > BATCH_ITEMS_MAX:
             raise ValueError(f"{len(items)} items exceed BATCH_ITEMS_MAX={BATCH_ITEMS_MAX}")
         if not items:
@@ -521,6 +530,7 @@ class ShardStore:
             [it.source_slot_epoch for it in items],
             [it.destination_slot_epoch for it in items],
             [it.destination_shard for it in items],
+            relay_grace_s,
         )
 
         async def op(conn: Conn) -> list[tuple[Any, ...]]:

@@ -55,6 +55,7 @@ class ShardBatcher:
         linger_us: int = BATCH_LINGER_US,
         queue_max: int = BATCH_QUEUE_ITEMS_MAX,
         observe_batch: Callable[[int], None] | None = None,
+        relay_grace_s: float = 0.0,
     ) -> None:
         self._store = store
         self._epoch = shard_epoch
@@ -63,6 +64,7 @@ class ShardBatcher:
         self._linger_s = linger_us / 1_000_000
         self._queue_max = queue_max
         self._observe_batch = observe_batch
+        self._relay_grace_s = relay_grace_s
         self._queue: deque[_Pending] = deque()
         self._inflight = 0
         self._linger_task: asyncio.Task[None] | None = None
@@ -125,7 +127,10 @@ class ShardBatcher:
         try:
             store = await self._store()
             results = await store.post_transfers(
-                self._epoch, [p.item for p in batch], timeout_s=timeout_s
+                self._epoch,
+                [p.item for p in batch],
+                timeout_s=timeout_s,
+                relay_grace_s=self._relay_grace_s,
             )
         except StoreInvariantViolation as exc:
             if len(batch) == 1:

@@ -40,6 +40,9 @@ CACHE_WRITE_TIMEOUT_S: Final = 0.25
 # for the settle mark before answering ``pending``. Under --wan realistic leg 2 plus the settle
 # mark cost two cross-region round trips and two synchronous commits (up to about 0.8 s).
 INLINE_SETTLE_WAIT_S: Final = 1.0
+# The relays leave a cross-shard transfer to the router that posted it for this long (it
+# delivers leg 2 inline); past it they take over, e.g. when that router died after leg 1.
+RELAY_GRACE_S: Final = INLINE_SETTLE_WAIT_S + 1.0
 # Inline deliveries still running in the background per router; past this, new cross-shard
 # transfers answer ``pending`` at once and leave delivery to the relays.
 INLINE_DELIVERIES_MAX: Final = 256

@@ -51,6 +51,7 @@ from router.limits import (
     POOL_MAX,
     POOL_MIN,
     POOL_OPEN_TIMEOUT_S,
+    RELAY_GRACE_S,
     RETRY_AFTER_S,
     STALE_RETRIES_MAX,
 )
@@ -401,6 +402,7 @@ class ShardRouter:
                 lambda: self.stores.for_node(node),
                 shard.epoch,
                 observe_batch=self.metrics.batch_size.labels(self.region, shard.name).observe,
+                relay_grace_s=RELAY_GRACE_S,
             )
             self._batchers[key] = batcher
         return batcher

@@ -136,7 +136,11 @@ CREATE FUNCTION txr.post_transfers(
     p_fingerprints bytea[],
     p_source_slot_epochs bigint[],
     p_destination_slot_epochs bigint[],
-    p_destination_shards text[]
+    p_destination_shards text[],
+    -- Seconds the calling router will spend delivering leg 2 itself: the relays leave the
+    -- outbox message alone that long (and are not woken), so a transfer is not delivered twice
+    -- in parallel. 0 (tests, tools) hands it to the relays at once.
+    p_relay_grace_s double precision DEFAULT 0
 )
 RETURNS TABLE (
     idx int,                    -- 0-based position of the item in the arrays
@@ -395,7 +399,10 @@ BEGIN
                 (transfer_id, tenant, source, destination, amount, currency, destination_shard,
                  state, attempts, next_attempt_at, created_at)
             VALUES (p_ids[i], p_tenants[i], p_sources[i], p_destinations[i], v_amount,
-                    p_currencies[i], p_destination_shards[i], 'pending', 0, v_now, v_now);
+                    p_currencies[i], p_destination_shards[i], 'pending', 0,
+                    v_now + make_interval(secs => least(greatest(coalesce(p_relay_grace_s, 0),
+                                                                 0), 60)),
+                    v_now);
             INSERT INTO txr.idempotency_keys
                 (tenant, source, key, fingerprint, transfer_id, status_code, created_at)
             VALUES (p_tenants[i], p_sources[i], p_keys[i], p_fingerprints[i], p_ids[i], 201,
@@ -460,7 +467,7 @@ BEGIN
     END LOOP;
     -- Wakes the relays. NOTIFY is transactional: delivered on commit, dropped on rollback, and
     -- one per transaction however many items (identical notifications are folded).
-    IF v_notify THEN
+    IF v_notify AND coalesce(p_relay_grace_s, 0) <= 0 THEN
         PERFORM pg_notify('txr_outbox', '');
     END IF;
     RETURN;
@@ -779,7 +786,7 @@ END;
 $$;
 
 REVOKE ALL ON FUNCTION txr.post_transfers(bigint, uuid[], text[], bigint[], bigint[], bigint[],
-    text[], text[], text[], bytea[], bigint[], bigint[], text[]) FROM PUBLIC;
+    text[], text[], text[], bytea[], bigint[], bigint[], text[], double precision) FROM PUBLIC;
 REVOKE ALL ON FUNCTION txr.apply_inbound(bigint, uuid, text, text, bigint, bigint, bigint, text,
     bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION txr.settle_outbound(bigint, uuid, text) FROM PUBLIC;
@@ -788,7 +795,8 @@ REVOKE ALL ON FUNCTION txr.defer_outbox(uuid, double precision) FROM PUBLIC;
 
 GRANT SELECT ON txr.transit_accounts, txr.outbox, txr.inbox TO __APP_ROLE__;
 GRANT EXECUTE ON FUNCTION txr.post_transfers(bigint, uuid[], text[], bigint[], bigint[],
-    bigint[], text[], text[], text[], bytea[], bigint[], bigint[], text[]) TO __APP_ROLE__;
+    bigint[], text[], text[], text[], bytea[], bigint[], bigint[], text[], double precision)
+    TO __APP_ROLE__;
 GRANT EXECUTE ON FUNCTION txr.apply_inbound(bigint, uuid, text, text, bigint, bigint, bigint,
     text, bigint) TO __APP_ROLE__;
 GRANT EXECUTE ON FUNCTION txr.settle_outbound(bigint, uuid, text) TO __APP_ROLE__;

@@ -169,6 +169,7 @@ class OutboxRelay:
     async def _deliver(self, msg: OutboxMessage) -> Delivery:
         dest_shard, dest_epoch, slot_epoch = self.resolver.route_account(msg.destination)
         dest = await self.resolver.store_for_shard(dest_shard)
+        started = time.perf_counter()
         inbound = await dest.apply_inbound(
             dest_epoch,
             transfer_id=msg.transfer_id,
@@ -181,6 +182,7 @@ class OutboxRelay:
             destination_slot_epoch=slot_epoch,
             timeout_s=APPLY_TIMEOUT_S,
         )
+        self._observe_call(dest_shard, "apply_inbound", started)
         if inbound.code in (InboundCode.STALE_EPOCH, InboundCode.WRONG_SHARD):
             # Our map is behind (failover or a slot move): nothing was recorded there.
             await self._refresh()
@@ -188,12 +190,14 @@ class OutboxRelay:
         refusal = inbound.code.value if inbound.code in INBOUND_REFUSALS else None
 
         source = await self.resolver.store_for_shard(self.source_shard)
+        started = time.perf_counter()
         settle = await source.settle_outbound(
             self.resolver.shard_epoch(self.source_shard),
             msg.transfer_id,
             refusal_code=refusal,
             timeout_s=SETTLE_TIMEOUT_S,
         )
+        self._observe_call(self.source_shard, "settle_outbound", started)
         if settle.code is SettleCode.STALE_EPOCH:
             await self._refresh()
             return Delivery("retry", settle.code.value)
@@ -208,6 +212,13 @@ class OutboxRelay:
             await self.resolver.refresh()
         except Exception as exc:  # noqa: BLE001 - etcd down: keep the last map, retry later
             log.warning("outbox %s: topology refresh failed: %r", self.source_shard, exc)
+
+    def _observe_call(self, shard: str, op: str, started: float) -> None:
+        """Leg 2 and the settle mark, as store calls (one WAN round trip and one commit each)."""
+        if self.metrics is not None:
+            self.metrics.store_latency.labels(self.region, shard, op).observe(
+                time.perf_counter() - started
+            )
 
     def _observe(self, msg: OutboxMessage, delivery: Delivery) -> None:
         if self.metrics is None:

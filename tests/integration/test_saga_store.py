@@ -621,3 +621,26 @@ async def test_timings(stores: dict[str, ShardStore]) -> None:
         f" deliver median {statistics.median(delivers) * 1e3:.2f} ms"
     )
     assert statistics.median(delivers) < 1.0
+
+
+async def test_relays_leave_a_transfer_to_its_router_for_the_grace(
+    stores: dict[str, ShardStore],
+) -> None:
+    """A router that delivers leg 2 itself posts leg 1 with a grace: no relay claims the message
+    meanwhile (no parallel double delivery); after the grace the relays own it."""
+    a, b = stores[SHARD_A], stores[SHARD_B]
+    tenant = new_tenant()
+    src = await funded(a, tenant, 100)
+    dst = await new_account(b, tenant)
+    await drain(stores)
+    it = item(tenant, src, dst, 10)
+    (res,) = await a.post_transfers(SHARD_EPOCH, [it], timeout_s=TIMEOUT_S, relay_grace_s=1.0)
+    assert res.code is TransferCode.OK
+    claimed = await a.claim_outbox(limit=10, lease_s=30, timeout_s=TIMEOUT_S)
+    assert it.transfer_id not in {m.transfer_id for m in claimed}
+    await asyncio.sleep(1.2)
+    claimed = await a.claim_outbox(limit=10, lease_s=0.1, timeout_s=TIMEOUT_S)
+    assert it.transfer_id in {m.transfer_id for m in claimed}
+    await asyncio.sleep(0.2)
+    await drain(stores)
+    assert await status(a, it.transfer_id, tenant) == ("settled", None)
