@@ -34,6 +34,8 @@ REWIND_TIMEOUT_S: Final = 300
 LSN_CONNECT_TIMEOUT_S: Final = 2.0
 # `txr status` must answer quickly when a region is down.
 STATUS_CONNECT_TIMEOUT_S: Final = 2.0
+# The operator token `txr status` mints to ask each router for its view; a minute is plenty.
+ROUTER_STATUS_TOKEN_TTL_S: Final = 60
 ETCD_HEALTH_TIMEOUT_S: Final = 2.0
 
 
@@ -302,7 +304,27 @@ def cluster_status(cluster_dir: Path) -> dict[str, Any]:
         ]
         entry["detached"] = detached
         shards[name] = entry
-    return {"etcd": members, "shards": shards}
+    return {"etcd": members, "shards": shards, "routers": _router_views(cluster_dir)}
+
+
+def _router_views(cluster_dir: Path) -> dict[str, Any]:
+    """Each region's router's own view: invalidation lag per shard and RTTs (admin scope)."""
+    try:
+        desc = cluster.status(cluster_dir)
+        token = cluster.token(cluster_dir, "operator", ["admin"], ROUTER_STATUS_TOKEN_TTL_S)
+    except Exception as exc:  # noqa: BLE001 - the rest of the status is still worth printing
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    out: dict[str, Any] = {}
+    for region, r in desc["regions"].items():
+        req = urllib.request.Request(  # noqa: S310 - a loopback URL from our own state file
+            r["router"] + "/v1/admin/status", headers={"Authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=STATUS_CONNECT_TIMEOUT_S) as resp:  # noqa: S310
+                out[region] = json.loads(resp.read())
+        except (OSError, ValueError) as exc:
+            out[region] = {"error": type(exc).__name__}
+    return out
 
 
 def _fmt_standby(b: dict[str, Any]) -> str:
@@ -328,6 +350,25 @@ def format_status(st: dict[str, Any]) -> str:
         prim = s["primary"] + ("" if s.get("primary_reachable") else " (DOWN)")
         sbs = ", ".join(_fmt_standby(b) for b in s["standbys"]) or "none"
         lines.append(f"{name:12s} {prim:24s} {s['epoch']:5d}  {survival:8s}  {sbs}")
+    routers = st.get("routers", {})
+    if routers and "error" not in routers:
+        lines.append("")
+        lines.append("routers: invalidation lag per shard (s), RTT ewma/tail (ms)")
+        for region, v in routers.items():
+            if "error" in v:
+                lines.append(f"  {region:10s} unreachable ({v['error']})")
+                continue
+            lags = ", ".join(
+                f"{sh} {'-' if lg['seconds'] is None else format(lg['seconds'], '.3f')}"
+                for sh, lg in v["invalidation_lag"].items()
+            )
+            lines.append(f"  {region:10s} lag: {lags}")
+            rtts = ", ".join(
+                f"{t.split(':', 1)[1]} {x['ewma_ms']:.1f}/{x['tail_ms']:.1f}"
+                for t, x in v["rtt"].items()
+                if x["ewma_ms"] is not None and x["tail_ms"] is not None
+            )
+            lines.append(f"  {'':10s} rtt: {rtts}")
         if s["detached"]:
             lines.append(f"{'':12s} detached: {', '.join(s['detached'])} (txr rejoin)")
         if not s["region_survival_now"]:

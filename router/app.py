@@ -272,4 +272,5 @@ def create_app(config: RouterConfig) -> web.Application:
     app.router.add_get("/readyz", ops.readyz, allow_head=False)
     app.router.add_get("/metrics", ops.metrics, allow_head=False)
     app.router.add_get("/openapi.json", ops.openapi, allow_head=False)
+    app.router.add_get("/v1/admin/status", ops.admin_status, allow_head=False)
     return app

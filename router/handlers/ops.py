@@ -6,8 +6,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from router.handlers.common import SERVED_BY_KEY
-from router.resources import CACHE, CONFIG, METRICS, OPENAPI, TOPOLOGY
+from router.handlers.common import SERVED_BY_KEY, authorize, json_response
+from router.resources import CACHE, CONFIG, INVALIDATION, METRICS, OPENAPI, RTT, TOPOLOGY
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -45,3 +45,26 @@ async def metrics(request: web.Request) -> web.Response:
 async def openapi(request: web.Request) -> web.Response:
     request[SERVED_BY_KEY] = f"{request.app[CONFIG].region}/router"
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+async def admin_status(request: web.Request) -> web.Response:
+    """What this router sees (scope admin): topology, invalidation lag per shard, RTTs."""
+    authorize(request, "admin")
+    watcher = request.app[TOPOLOGY]
+    relay = request.app[INVALIDATION]
+    shards = watcher.current.shards if watcher.loaded else {}
+    lag = {
+        name: {
+            "seconds": relay.lag(name) if relay is not None else None,
+            "bytes": relay.lag_bytes(name) if relay is not None else None,
+        }
+        for name in sorted(shards)
+    }
+    body = {
+        "region": request.app[CONFIG].region,
+        "topology_revision": watcher.current.revision if watcher.loaded else None,
+        "etcd_reachable": watcher.etcd_reachable,
+        "invalidation_lag": lag,
+        "rtt": request.app[RTT].snapshot(),
+    }
+    return json_response(request, body, served_by="router")

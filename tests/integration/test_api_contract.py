@@ -123,3 +123,17 @@ async def test_no_token_or_secret_reaches_a_log(api: Api) -> None:
         for s in secrets:
             assert s not in text, f"a secret leaked into {path.name}"
         assert "Bearer" not in text
+
+
+async def test_admin_status_shows_lag_and_rtts_to_operators_only(api: Api) -> None:
+    tenant = new_tenant()
+    r = await api.call(
+        "GET", "us-east", "/v1/admin/status", token=api.token(tenant, ("accounts:read",))
+    )
+    assert r.status == 403
+    r = await api.call("GET", "us-east", "/v1/admin/status", token=api.token(tenant, ("admin",)))
+    assert r.status == 200, r.body
+    assert r.body["region"] == "us-east"
+    assert set(r.body["invalidation_lag"]) == {"us-east-1", "eu-west-1", "ap-south-1"}
+    assert any(t.startswith("node:") for t in r.body["rtt"])
+    assert any(t.startswith("router:") for t in r.body["rtt"])
