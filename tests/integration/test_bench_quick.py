@@ -1,0 +1,66 @@
+"""``txr bench --quick`` end to end: the report has every part, and every figure is positive.
+
+No thresholds: timings on a shared two-core machine are noise; the full run is for numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from bench import report, suite
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LATENCY_KEYS: Final = ("p50", "p90", "p99", "p99.9", "mean", "max")
+
+
+def _check_run(run: dict[str, Any]) -> None:
+    assert run["ok"] > 0
+    assert run["rate"] > 0
+    assert run["duration_s"] > 0
+    for key in LATENCY_KEYS:
+        assert run["latency_ms"][key] > 0, key
+    curve = list(run["percentile_curve_ms"].values())
+    assert curve == sorted(curve), "a percentile curve never goes down"
+
+
+def test_quick_bench_writes_a_complete_report(tmp_path: Path) -> None:
+    out = tmp_path / "bench-out"
+    rep = suite.run(out, quick=True)
+
+    on_disk = json.loads((out / report.REPORT_FILE).read_text())
+    assert on_disk["quick"] is True
+    for name in (report.PLOT_LATENCY_VS_RATE, report.PLOT_PERCENTILES):
+        png = (out / name).read_bytes()
+        assert png.startswith(b"\x89PNG"), name
+
+    ceiling = on_disk["ceiling"]
+    assert ceiling["tps"] > 0
+    assert ceiling["history_rows"] > 0
+    assert all(r["tps"] > 0 and r["transactions"] > 0 for r in ceiling["runs"])
+    # The ceiling pays the same durability as the router: a synchronous standby on every commit.
+    assert ceiling["replication"]["synchronous_commit"] == "on"
+    assert "sync" in ceiling["replication"]["standbys"].values()
+
+    router = on_disk["router"]
+    assert router["ratio_to_ceiling"] > 0
+    assert router["mean_batch_size"] >= 1
+    for run in router["saturation"]["runs"]:
+        _check_run(run)
+    assert set(router["open_loop"]) == {"50%", "80%"}
+    for run in router["open_loop"].values():
+        _check_run(run)
+        assert run["target_rate"] > 0
+
+    assert set(on_disk["reads"]) == {"cached", "strong"}
+    for run in on_disk["reads"].values():
+        _check_run(run)
+    assert any(k.endswith("/primary") for k in on_disk["reads"]["strong"]["served_by"])
+    _check_run(on_disk["skewed"])
+
+    text = report.summary(rep)
+    assert "ratio router/pgbench" in text
