@@ -331,6 +331,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- txr bench ----------------------------------------------------------------------------
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """The benchmark suite (bench.suite) on a private cluster it starts and purges itself."""
+    # Imported here: the suite pulls in matplotlib and HdrHistogram, which no other command needs.
+    from bench import report, suite
+
+    try:
+        rep = suite.run(args.out, quick=args.quick)
+    except Exception as exc:  # noqa: BLE001 - any failure of the run is exit 1 with its reason
+        _err(f"bench failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    print(json.dumps(rep, indent=2) if args.json else report.summary(rep))
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------------
 
 
@@ -416,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_rehome)
 
+    p = sub.add_parser("bench", help="benchmark one region's router against the pgbench ceiling")
+    p.add_argument("--quick", action="store_true", help="every part very briefly (CI)")
+    p.add_argument("--json", action="store_true", help="print the JSON report")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="report directory")
+    p.set_defaults(handler=_cmd_bench)
     return parser
 
 

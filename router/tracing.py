@@ -33,4 +33,9 @@ def setup_tracing(region: str) -> None:
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    # The API's proxy tracer follows the provider installed later, so one module-level tracer
+    # serves every span; get_tracer() per span was a measurable share of the hot path.
+    return _TRACER
+
+
+_TRACER = trace.get_tracer(TRACER_NAME)

@@ -1,0 +1,156 @@
+"""The benchmark report: one JSON document, PNG plots beside it, and a readable summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Final
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a CI machine or a server
+
+# The backend is chosen above, before pyplot loads.
+import matplotlib.pyplot as plt
+
+REPORT_FILE: Final = "report.json"
+PLOT_LATENCY_VS_RATE: Final = "latency_vs_throughput.png"
+PLOT_PERCENTILES: Final = "latency_percentiles.png"
+PLOT_DPI: Final = 110
+
+
+def write(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write the JSON report and the plots into ``out_dir``; return what was written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "latency_vs_throughput": _plot_latency_vs_rate(report, out_dir / PLOT_LATENCY_VS_RATE),
+        "latency_percentiles": _plot_percentiles(report, out_dir / PLOT_PERCENTILES),
+    }
+    report["files"] = {k: str(v) for k, v in files.items()} | {"report": str(out_dir / REPORT_FILE)}
+    path = out_dir / REPORT_FILE
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    files["report"] = path
+    return files
+
+
+def _plot_latency_vs_rate(report: dict[str, Any], path: Path) -> Path:
+    """Closed-loop runs as curves (one point per concurrency), open-loop runs as markers."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    closed = report["router"]["saturation"]["runs"]
+    opened = report["router"]["open_loop"]
+    for pct, colour in (("p50", "tab:blue"), ("p99", "tab:orange"), ("p99.9", "tab:green")):
+        ax.plot(
+            [r["rate"] for r in closed],
+            [r["latency_ms"][pct] for r in closed],
+            marker="o",
+            color=colour,
+            label=f"closed loop {pct}",
+        )
+        ax.scatter(
+            [r["rate"] for r in opened.values()],
+            [r["latency_ms"][pct] for r in opened.values()],
+            marker="x",
+            s=60,
+            color=colour,
+            label=f"open loop {pct}",
+        )
+    for r in closed:
+        ax.annotate(
+            f"c={r['concurrency']}",
+            (r["rate"], r["latency_ms"]["p50"]),
+            fontsize=7,
+            xytext=(3, -10),
+            textcoords="offset points",
+        )
+    for name, r in opened.items():
+        ax.annotate(
+            f"open {name}",
+            (r["rate"], r["latency_ms"]["p99"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ceiling = report["ceiling"]["tps"]
+    ax.axvline(ceiling, color="grey", linestyle="--", label=f"pgbench ceiling {ceiling:.0f}/s")
+    ax.set_xlabel("transfers/s (achieved)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title("router: latency vs throughput (one shard, synchronous replication)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
+
+
+def _plot_percentiles(report: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    runs: dict[str, dict[str, Any]] = {
+        f"open {k}": v for k, v in report["router"]["open_loop"].items()
+    }
+    runs["saturation (closed)"] = report["router"]["saturation"]["best"]
+    runs["skewed (closed)"] = report["skewed"]
+    for name, run in runs.items():
+        curve = run["percentile_curve_ms"]
+        # x as "nines": 1/(1-p) on a log axis spreads the tail like HdrHistogram's own plots.
+        xs = [1.0 / (1.0 - float(p) / 100.0) for p in curve if float(p) < 100.0]
+        ys = [v for p, v in curve.items() if float(p) < 100.0]
+        ax.plot(xs, ys, marker=".", label=name)
+    ticks = [1.0, 2.0, 10.0, 100.0, 1000.0, 10000.0]
+    ax.set_xscale("log")
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["0%", "50%", "90%", "99%", "99.9%", "99.99%"])
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("transfer latency by percentile (open loop from intended send time)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
+
+
+def summary(report: dict[str, Any]) -> str:
+    c = report["ceiling"]
+    r = report["router"]
+    sat = r["saturation"]["best"]
+    lines = [
+        f"txr bench ({'quick' if report['quick'] else 'full'}) on shard {report['shard']} "
+        f"via router {report['region']}, WAN none, {report['elapsed_s']:.0f} s",
+        "",
+        f"pgbench ceiling       {c['tps']:10.1f} transfers/s  (best of clients "
+        f"{[x['clients'] for x in c['runs']]}: c={c['best_clients']})",
+        f"router saturation     {sat['rate']:10.1f} transfers/s  (closed loop, "
+        f"c={sat['concurrency']}, p50 {sat['latency_ms']['p50']:.1f} ms)",
+        f"ratio router/pgbench  {r['ratio_to_ceiling']:10.2f}",
+        f"mean batch size       {r.get('mean_batch_size', 0.0):10.1f}",
+        "",
+        "open loop (latency from intended send time, ms):",
+    ]
+    for name, run in r["open_loop"].items():
+        lat = run["latency_ms"]
+        lines.append(
+            f"  {name:4s} of saturation: target {run['target_rate']:8.1f}/s achieved "
+            f"{run['rate']:8.1f}/s  p50 {lat['p50']:7.1f}  p90 {lat['p90']:7.1f}  "
+            f"p99 {lat['p99']:7.1f}  p99.9 {lat['p99.9']:7.1f}  errors {run['errors']}"
+        )
+    reads = report["reads"]
+    lines += [
+        "",
+        "reads (closed loop):",
+        *(
+            f"  {level:7s} {run['rate']:10.1f} reads/s  p50 {run['latency_ms']['p50']:.1f} ms  "
+            f"p99 {run['latency_ms']['p99']:.1f} ms  served by {run.get('served_by', {})}"
+            for level, run in reads.items()
+        ),
+        "",
+        f"skewed ({report['skewed']['hot_share']:.0%} of transfers touch "
+        f"{report['skewed']['hot_accounts']} hot accounts): {report['skewed']['rate']:.1f} "
+        f"transfers/s, p99 {report['skewed']['latency_ms']['p99']:.1f} ms, "
+        f"errors {report['skewed']['errors']}",
+    ]
+    if "files" in report:
+        lines += ["", *(f"{k:22s}{v}" for k, v in report["files"].items())]
+    return "\n".join(lines)

@@ -1,0 +1,329 @@
+"""``txr bench``: start a private cluster, measure every part side by side, report, tear down.
+
+Parts (the performance issue): (a) the pgbench ceiling on one shard primary; (b) router
+transfers/s at saturation (closed loop) and the ratio to (a); (c) latency at 50% and 80% of that
+rate (open loop, from the intended send time, HdrHistogram); (d) cached vs strong reads;
+(e) a skewed mix where most transfers touch a few hot accounts. The cluster lives in a temp
+directory on ports 7000-7099 with ``--wan none`` and is stopped and purged even on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import uvloop
+
+from bench import ceiling, loadgen, report
+from infra.local import cluster
+
+BASE_PORT: Final = 7000
+TENANT: Final = "bench"
+TOKEN_TTL_S: Final = 3600
+SCOPES: Final = ("accounts:read", "accounts:write", "transfers:write")
+CURRENCY: Final = "EUR"
+# The mint account funds every bench account; its overdraft is the API's own maximum.
+MINT_OVERDRAFT: Final = 10**15
+# Each bench account starts with this much; transfers move 1, so no run can exhaust it.
+FUNDING_AMOUNT: Final = 10**9
+TRANSFER_AMOUNT: Final = 1
+# Requests in flight while creating and funding accounts (set-up, not measured).
+SETUP_CONCURRENCY: Final = 32
+# Skewed mix: this share of transfers has one side among HOT_ACCOUNTS accounts.
+HOT_SHARE: Final = 0.8
+HOT_ACCOUNTS: Final = 5
+# Open-loop rates as fractions of the measured saturation rate.
+OPEN_LOOP_FRACTIONS: Final = (("50%", 0.5), ("80%", 0.8))
+OK_WRITE: Final = frozenset({201})
+OK_READ: Final = frozenset({200})
+# The saturation sweep stops at the knee: once a run errs or falls below this share of the best
+# rate so far, more concurrency only queues (and overload leaves work behind for the next part).
+SATURATION_KNEE_FRACTION: Final = 0.9
+# Pause between parts so that requests a part gave up on finish in the router before the next.
+SETTLE_S: Final = 2.0
+# Every closed-loop run also stops after this many requests, whatever its duration.
+REQUESTS_MAX_PER_RUN: Final = 2_000_000
+
+_BATCH_SUM_RE: Final = r'^txr_batch_items_sum\{{region="{r}",shard="{s}"\}} ([0-9.e+]+)$'
+_BATCH_COUNT_RE: Final = r'^txr_batch_items_count\{{region="{r}",shard="{s}"\}} ([0-9.e+]+)$'
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Profile:
+    """Sizes and durations of one run; ``QUICK`` keeps the whole command well under 2 minutes."""
+
+    pgbench_clients: tuple[int, ...]
+    pgbench_s: float
+    accounts: int
+    warmup_s: float
+    saturation_concurrency: tuple[int, ...]
+    saturation_s: float
+    open_loop_s: float
+    read_concurrency: int
+    read_s: float
+    skew_concurrency: int
+    skew_s: float
+
+
+FULL: Final = Profile(
+    pgbench_clients=ceiling.PGBENCH_CLIENTS_FULL,
+    pgbench_s=10.0,
+    accounts=2000,
+    warmup_s=3.0,
+    saturation_concurrency=(16, 32, 64, 128, 256),
+    saturation_s=10.0,
+    open_loop_s=20.0,
+    read_concurrency=64,
+    read_s=8.0,
+    skew_concurrency=128,
+    skew_s=10.0,
+)
+QUICK: Final = Profile(
+    pgbench_clients=ceiling.PGBENCH_CLIENTS_QUICK,
+    pgbench_s=3.0,
+    accounts=200,
+    warmup_s=1.0,
+    saturation_concurrency=(64,),
+    saturation_s=3.0,
+    open_loop_s=3.0,
+    read_concurrency=32,
+    read_s=2.0,
+    skew_concurrency=64,
+    skew_s=2.0,
+)
+
+
+def _progress(msg: str) -> None:
+    sys.stderr.write(f"[txr bench] {msg}\n")
+    sys.stderr.flush()
+
+
+def run(
+    out_dir: Path, *, quick: bool, progress: Callable[[str], None] = _progress
+) -> dict[str, Any]:
+    """Run the whole suite and write the report into ``out_dir``; returns the report."""
+    prof = QUICK if quick else FULL
+    t0 = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="txr-bench-"))
+    # The postgres user reads the pgbench script from here.
+    tmp.chmod(0o755)
+    cluster_dir = tmp / "cluster"
+    try:
+        progress(f"starting a local cluster in {cluster_dir} (base port {BASE_PORT}, WAN none)")
+        cluster.up(
+            cluster.UpOptions(dir=cluster_dir, base_port=BASE_PORT, wan="none"), progress=progress
+        )
+        desc = cluster.status(cluster_dir)
+        region = next(iter(desc["regions"]))
+        shard = cluster.shard_name(region)
+        router_url = desc["regions"][region]["router"]
+        loadgen.check_loopback(router_url)
+        admin_dsn = cluster.primary_admin_dsns(cluster_dir)[shard]
+        progress(f"pgbench ceiling on {shard}: clients {prof.pgbench_clients}, {prof.pgbench_s} s")
+        ceil = ceiling.measure(
+            admin_dsn, tmp, clients=prof.pgbench_clients, duration_s=prof.pgbench_s
+        )
+        progress(f"pgbench ceiling {ceil['tps']:.1f} transfers/s")
+        tok = cluster.token(cluster_dir, TENANT, SCOPES, TOKEN_TTL_S)
+        parts = uvloop.run(_router_parts(router_url, tok, region, shard, prof, progress))
+    finally:
+        progress("stopping and purging the cluster")
+        try:
+            cluster.down(cluster_dir, progress=progress)
+        finally:
+            cluster.purge(cluster_dir)
+            shutil.rmtree(tmp, ignore_errors=True)
+    sat_rate = parts["router"]["saturation"]["best"]["rate"]
+    parts["router"]["ratio_to_ceiling"] = sat_rate / ceil["tps"] if ceil["tps"] > 0 else 0.0
+    rep: dict[str, Any] = {
+        "quick": quick,
+        "region": region,
+        "shard": shard,
+        "wan": "none",
+        "profile": dataclasses.asdict(prof),
+        "ceiling": ceil,
+        **parts,
+        "elapsed_s": time.monotonic() - t0,
+    }
+    report.write(rep, out_dir)
+    return rep
+
+
+async def _create_account(s: aiohttp.ClientSession, url: str, region: str, overdraft: int) -> str:
+    body = {"currency": CURRENCY, "home_region": region, "overdraft_limit": overdraft}
+    async with s.post(url + "/v1/accounts", json=body) as r:
+        if r.status != 201:
+            raise RuntimeError(f"account creation failed: {r.status} {await r.text()}")
+        return str((await r.json())["id"])
+
+
+async def _transfer(s: aiohttp.ClientSession, url: str, src: str, dst: str, amount: int) -> int:
+    body = {"source": src, "destination": dst, "amount": amount, "currency": CURRENCY}
+    async with s.post(
+        url + "/v1/transfers", json=body, headers={"Idempotency-Key": uuid.uuid4().hex}
+    ) as r:
+        await r.read()
+        return r.status
+
+
+async def _bounded(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    """``fn(0..n-1)`` with at most SETUP_CONCURRENCY in flight."""
+    sem = asyncio.Semaphore(SETUP_CONCURRENCY)
+
+    async def one(i: int) -> Any:
+        async with sem:
+            return await fn(i)
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def _batch_totals(s: aiohttp.ClientSession, url: str, region: str, shard: str) -> list[float]:
+    """(sum, count) of the router's batch-size histogram for the shard."""
+    async with s.get(url + "/metrics") as r:
+        text = await r.text()
+    out = []
+    for pattern in (_BATCH_SUM_RE, _BATCH_COUNT_RE):
+        m = re.search(pattern.format(r=re.escape(region), s=re.escape(shard)), text, re.M)
+        out.append(float(m.group(1)) if m else 0.0)
+    return out
+
+
+async def _router_parts(
+    url: str, tok: str, region: str, shard: str, prof: Profile, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    rng = random.Random(0x7E5)  # reproducible choice of accounts; the timing is not
+    async with loadgen.session({"Authorization": f"Bearer {tok}"}) as s:
+        progress(f"creating and funding {prof.accounts} accounts homed in {region}")
+        mint = await _create_account(s, url, region, MINT_OVERDRAFT)
+        accounts: list[str] = await _bounded(
+            prof.accounts, lambda _i: _create_account(s, url, region, 0)
+        )
+        statuses = await _bounded(
+            len(accounts), lambda i: _transfer(s, url, mint, accounts[i], FUNDING_AMOUNT)
+        )
+        if any(st != 201 for st in statuses):
+            raise RuntimeError(f"funding failed: {Counter(statuses)}")
+
+        async def uniform(sess: aiohttp.ClientSession, _seq: int) -> int:
+            src, dst = rng.sample(accounts, 2)
+            return await _transfer(sess, url, src, dst, TRANSFER_AMOUNT)
+
+        progress(f"warm-up {prof.warmup_s} s")
+        await loadgen.closed_loop(
+            s,
+            uniform,
+            concurrency=prof.saturation_concurrency[0],
+            duration_s=prof.warmup_s,
+            max_requests=REQUESTS_MAX_PER_RUN,
+            ok_statuses=OK_WRITE,
+        )
+        before = await _batch_totals(s, url, region, shard)
+        sat_runs = []
+        for c in prof.saturation_concurrency:
+            res = await loadgen.closed_loop(
+                s,
+                uniform,
+                concurrency=c,
+                duration_s=prof.saturation_s,
+                max_requests=REQUESTS_MAX_PER_RUN,
+                ok_statuses=OK_WRITE,
+            )
+            progress(f"closed loop c={c}: {res.rate:.1f} transfers/s, errors {res.errors}")
+            sat_runs.append(res)
+            if res.errors or res.rate < SATURATION_KNEE_FRACTION * max(r.rate for r in sat_runs):
+                break
+        after = await _batch_totals(s, url, region, shard)
+        batches = after[1] - before[1]
+        mean_batch = (after[0] - before[0]) / batches if batches > 0 else 0.0
+        best = max(sat_runs, key=lambda r: r.rate)
+
+        open_runs = {}
+        for name, frac in OPEN_LOOP_FRACTIONS:
+            await asyncio.sleep(SETTLE_S)
+            rate = max(1.0, best.rate * frac)
+            res = await loadgen.open_loop(
+                s, uniform, rate=rate, duration_s=prof.open_loop_s, ok_statuses=OK_WRITE
+            )
+            open_runs[name] = res.to_json()
+            lat = open_runs[name]["latency_ms"]
+            progress(
+                f"open loop {name} ({rate:.0f}/s): p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms"
+            )
+
+        reads = {}
+        for level in ("cached", "strong"):
+            await asyncio.sleep(SETTLE_S)
+            served: Counter[str] = Counter()
+
+            async def read(
+                sess: aiohttp.ClientSession,
+                _seq: int,
+                level: str = level,
+                served: Counter[str] = served,
+            ) -> int:
+                acct = rng.choice(accounts)
+                async with sess.get(
+                    f"{url}/v1/accounts/{acct}", params={"consistency": level}
+                ) as r:
+                    await r.read()
+                    served[r.headers.get("X-Served-By", "?")] += 1
+                    return r.status
+
+            res = await loadgen.closed_loop(
+                s,
+                read,
+                concurrency=prof.read_concurrency,
+                duration_s=prof.read_s,
+                max_requests=REQUESTS_MAX_PER_RUN,
+                ok_statuses=OK_READ,
+            )
+            progress(f"{level} reads: {res.rate:.1f}/s")
+            reads[level] = res.to_json() | {"served_by": dict(served)}
+
+        hot = accounts[:HOT_ACCOUNTS]
+        cold = accounts[HOT_ACCOUNTS:]
+
+        async def skewed(sess: aiohttp.ClientSession, _seq: int) -> int:
+            if rng.random() < HOT_SHARE:
+                pair = [rng.choice(hot), rng.choice(cold)]
+                rng.shuffle(pair)
+                src, dst = pair
+            else:
+                src, dst = rng.sample(cold, 2)
+            return await _transfer(sess, url, src, dst, TRANSFER_AMOUNT)
+
+        await asyncio.sleep(SETTLE_S)
+        res = await loadgen.closed_loop(
+            s,
+            skewed,
+            concurrency=prof.skew_concurrency,
+            duration_s=prof.skew_s,
+            max_requests=REQUESTS_MAX_PER_RUN,
+            ok_statuses=OK_WRITE,
+        )
+        progress(f"skewed: {res.rate:.1f} transfers/s, errors {res.errors}")
+        skew = res.to_json() | {"hot_share": HOT_SHARE, "hot_accounts": HOT_ACCOUNTS}
+
+    return {
+        "router": {
+            "url": url,
+            "accounts": len(accounts),
+            "saturation": {"runs": [r.to_json() for r in sat_runs], "best": best.to_json()},
+            "mean_batch_size": mean_batch,
+            "open_loop": open_runs,
+        },
+        "reads": reads,
+        "skewed": skew,
+    }
