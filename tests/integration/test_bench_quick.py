@@ -11,7 +11,8 @@ from typing import Any, Final
 
 import pytest
 
-from bench import report, suite
+from bench import report
+from infra import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,9 +29,13 @@ def _check_run(run: dict[str, Any]) -> None:
     assert curve == sorted(curve), "a percentile curve never goes down"
 
 
-def test_quick_bench_writes_a_complete_report(tmp_path: Path) -> None:
+def test_quick_bench_writes_a_complete_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "bench-out"
-    rep = suite.run(out, quick=True)
+    # Through the command line, exactly as API.md has it.
+    assert cli.main(["bench", "--quick", "--json", "--out", str(out)]) == 0
+    rep: dict[str, Any] = json.loads(capsys.readouterr().out)
 
     on_disk = json.loads((out / report.REPORT_FILE).read_text())
     assert on_disk["quick"] is True
