@@ -8,7 +8,6 @@ client listing all members keeps working while a majority is up.
 from __future__ import annotations
 
 import base64
-import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Final
 
@@ -182,6 +181,4 @@ class EtcdClient:
                     return
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 last = exc
-                with contextlib.suppress(Exception):
-                    pass
         raise EtcdUnavailable(f"watch failed on every endpoint: {last!r}") from last

@@ -362,8 +362,10 @@ class ShardStore:
         """
         await self._pool.open(wait=False)
         try:
-            async with self._pool.connection(timeout=timeout_s):
-                pass
+            # Borrow and return one connection: proves the server answers. (The pool's own
+            # wait() would close the pool on timeout, and this pool must keep trying.)
+            conn = await self._pool.getconn(timeout=timeout_s)
+            await self._pool.putconn(conn)
         except psycopg_pool.PoolTimeout:
             logger.warning("shard %s: no connection after %.1fs; retrying", self.name, timeout_s)
 
