@@ -37,6 +37,8 @@ def transfer(row: TransferRow) -> dict[str, Any]:
         "currency": row.currency,
         "reference": row.reference,
         "status": row.status,
+        # Why the destination refused a reversed cross-shard transfer; null otherwise.
+        "refusal_code": row.refusal_code,
         "created_at": timestamp(row.created_at),
     }
 

@@ -57,6 +57,9 @@ async def create_transfer(request: web.Request) -> web.Response:
         status=status,
         created_at=res.created_at,
     )
+    if status == "reversed":
+        # Rare: the destination refused. The stored row carries the refusal code.
+        row = await _stored_transfer(request, principal.tenant, row)
     # A cross-shard leg 1 reports only the source; leg 2 runs on another shard.
     versions = [(req.source, res.source_version)]
     committed = {req.source: (res.source_version, {"balance": res.source_balance})}
@@ -74,6 +77,16 @@ async def create_transfer(request: web.Request) -> web.Response:
         served_by="primary",
         headers=headers,
     )
+
+
+async def _stored_transfer(request: web.Request, tenant: str, row: TransferRow) -> TransferRow:
+    async def fetch(store: ShardStore, timeout_s: float) -> TransferRow | None:
+        return await store.get_transfer(row.id, tenant, timeout_s=timeout_s)
+
+    stored, _shard = await request.app[ROUTER].read(
+        ids.account_slot(row.source), "get_transfer", fetch, Deadline(READ_DEADLINE_S)
+    )
+    return stored if stored is not None else row
 
 
 async def get_transfer(request: web.Request) -> web.Response:

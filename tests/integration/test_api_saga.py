@@ -9,8 +9,10 @@ import time
 import uuid
 from typing import Any
 
+import psycopg
 import pytest
 
+from consistency import ids
 from infra import cli
 from tests.fixtures.api import Api, new_tenant
 
@@ -159,5 +161,40 @@ async def test_randomized_workload_across_every_region_pair_reconciles(
     for r in REGIONS:
         total += (await api.account(tenant, r, funding[r]))["balance"]
     assert total == 0, "money is conserved: funding debits equal customer credits"
+    report = reconcile(local_cluster, capsys)
+    assert report["ok"], report["discrepancies"]
+
+
+async def test_destination_refusal_at_leg_2_reverses_with_its_code(
+    api: Api, local_cluster: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The up-front checks pass, but leg 2 refuses (the destination would exceed the balance
+    ceiling): the source is credited back exactly once and the transfer shows the reason."""
+    tenant = new_tenant()
+    src = await api.funded(tenant, "us-east", 100)
+    dst = await api.open_account(tenant, "eu-west")
+    dst_id = ids.parse_account_id(dst)
+    dsn = local_cluster.primary_admin_dsn["eu-west-1"]
+    # As admin, park the destination just under the 2^62 ceiling (no entries: restored below).
+    near_ceiling = 2**62 - 5
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE txr.accounts SET balance = %s WHERE id = %s", (near_ceiling, dst_id))
+    try:
+        r = await api.transfer(tenant, "ap-south", src, dst, 10, key="refused-1")
+        assert r.status == 201, r.body
+        statuses = await wait_settled(api, tenant, [r.body["id"]])
+        assert statuses[r.body["id"]] == "reversed"
+        got = await api.call("GET", "eu-west", f"/v1/transfers/{r.body['id']}", tenant=tenant)
+        assert got.body["status"] == "reversed"
+        assert got.body["refusal_code"] == "balance_limit"
+        again = await api.transfer(tenant, "us-east", src, dst, 10, key="refused-1")
+        assert again.body["status"] == "reversed"
+        assert again.body["refusal_code"] == "balance_limit"
+        assert (await api.account(tenant, "us-east", src))["balance"] == 100
+        entries = await api.call("GET", "us-east", f"/v1/accounts/{src}/entries", tenant=tenant)
+        assert [e["amount"] for e in entries.body["data"]][:2] == [10, -10], "one reversal"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("UPDATE txr.accounts SET balance = 0 WHERE id = %s", (dst_id,))
     report = reconcile(local_cluster, capsys)
     assert report["ok"], report["discrepancies"]
