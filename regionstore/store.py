@@ -44,6 +44,7 @@ import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
@@ -58,6 +59,8 @@ from regionstore.errors import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# A row dataclass that class_row builds from a query whose columns name its fields.
+R = TypeVar("R")
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 # Establishing a TCP + SCRAM session to a primary across a WAN takes a few round trips; beyond
@@ -792,47 +795,28 @@ class ShardStore:
         self, account_id: int, tenant: str, *, timeout_s: float
     ) -> AccountRow | None:
         """The account, or None when missing, another tenant's, or a transit account."""
-
-        async def op(conn: Conn) -> tuple[Any, ...] | None:
-            cur = await conn.execute(_GET_ACCOUNT_SQL, (account_id, tenant))
-            return await cur.fetchone()
-
-        row = await self._call(op, timeout_s=timeout_s, write=False, what="get_account")
-        if row is None:
-            return None
-        return AccountRow(
-            id=row[0],
-            tenant=row[1],
-            currency=row[2],
-            balance=row[3],
-            overdraft_limit=row[4],
-            version=row[5],
-            metadata=row[6],
-            created_at=row[7],
+        return await self._fetch_one(
+            AccountRow, _GET_ACCOUNT_SQL, (account_id, tenant), timeout_s, "get_account"
         )
 
     async def get_transfer(
         self, transfer_id: uuid.UUID, tenant: str, *, timeout_s: float
     ) -> TransferRow | None:
-        async def op(conn: Conn) -> tuple[Any, ...] | None:
-            cur = await conn.execute(_GET_TRANSFER_SQL, (transfer_id, tenant))
+        return await self._fetch_one(
+            TransferRow, _GET_TRANSFER_SQL, (transfer_id, tenant), timeout_s, "get_transfer"
+        )
+
+    async def _fetch_one(
+        self, cls: type[R], sql: str, params: tuple[Any, ...], timeout_s: float, what: str
+    ) -> R | None:
+        """One row as ``cls``; the query's column names are the dataclass's field names."""
+
+        async def op(conn: Conn) -> R | None:
+            cur = conn.cursor(row_factory=class_row(cls))
+            await cur.execute(sql, params)
             return await cur.fetchone()
 
-        row = await self._call(op, timeout_s=timeout_s, write=False, what="get_transfer")
-        if row is None:
-            return None
-        return TransferRow(
-            id=row[0],
-            tenant=row[1],
-            source=row[2],
-            destination=row[3],
-            amount=row[4],
-            currency=row[5],
-            reference=row[6],
-            status=row[7],
-            created_at=row[8],
-            refusal_code=row[9],
-        )
+        return await self._call(op, timeout_s=timeout_s, write=False, what=what)
 
     async def list_entries(
         self,
