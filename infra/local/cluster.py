@@ -239,6 +239,15 @@ def _plan_json(plan: PortPlan) -> dict[str, Any]:
     }
 
 
+def python_env() -> dict[str, str]:
+    """The environment of a Python child: it imports our packages from this checkout, whether
+    or not the checkout is installed."""
+    root = str(Path(infra.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def _log_progress(msg: str) -> None:
     log.info("%s", msg)
 
@@ -366,11 +375,7 @@ class Launcher:
         self.passfile = postgres.write_passfile(self.pg_root, self.creds)
 
     def _python_env(self) -> dict[str, str]:
-        # Children import our packages from this checkout, whether or not it is installed.
-        root = str(Path(infra.__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        return env
+        return python_env()
 
     def _spawn(
         self,
@@ -392,6 +397,9 @@ class Launcher:
                 "pid": p.pid,
                 "marker": marker,
                 "log": str(log_path),
+                # Enough to start the same process again (infra.local.control.restart).
+                "argv": list(argv),
+                "python_env": env is not None,
             }
         )
         return p.pid, log_path
