@@ -4,7 +4,8 @@ Parts (the performance issue): (a) the pgbench ceiling on one shard primary; (b)
 transfers/s at saturation (closed loop) and the ratio to (a); (c) latency at 50% and 80% of that
 rate (open loop, from the intended send time, HdrHistogram); (d) cached vs strong reads;
 (e) a skewed mix where most transfers touch a few hot accounts. The cluster lives in a temp
-directory on ports 7000-7099 with ``--wan none`` and is stopped and purged even on failure.
+directory on ports 7000-7099 (``--base-port`` moves them) with ``--wan none`` and is stopped
+and purged even on failure.
 """
 
 from __future__ import annotations
@@ -111,7 +112,11 @@ def _progress(msg: str) -> None:
 
 
 def run(
-    out_dir: Path, *, quick: bool, progress: Callable[[str], None] = _progress
+    out_dir: Path,
+    *,
+    quick: bool,
+    base_port: int = BASE_PORT,
+    progress: Callable[[str], None] = _progress,
 ) -> dict[str, Any]:
     """Run the whole suite and write the report into ``out_dir``; returns the report."""
     prof = QUICK if quick else FULL
@@ -121,9 +126,9 @@ def run(
     tmp.chmod(0o755)
     cluster_dir = tmp / "cluster"
     try:
-        progress(f"starting a local cluster in {cluster_dir} (base port {BASE_PORT}, WAN none)")
+        progress(f"starting a local cluster in {cluster_dir} (base port {base_port}, WAN none)")
         cluster.up(
-            cluster.UpOptions(dir=cluster_dir, base_port=BASE_PORT, wan="none"), progress=progress
+            cluster.UpOptions(dir=cluster_dir, base_port=base_port, wan="none"), progress=progress
         )
         desc = cluster.status(cluster_dir)
         region = next(iter(desc["regions"]))

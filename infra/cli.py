@@ -340,7 +340,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from bench import report, suite
 
     try:
-        rep = suite.run(args.out, quick=args.quick)
+        base_port = suite.BASE_PORT if args.base_port is None else args.base_port
+        rep = suite.run(args.out, quick=args.quick, base_port=base_port)
     except Exception as exc:  # noqa: BLE001 - any failure of the run is exit 1 with its reason
         _err(f"bench failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
@@ -437,7 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="every part very briefly (CI)")
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="report directory")
-    p.set_defaults(handler=_cmd_bench)
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        help="first of the cluster's 100 ports (default 7000)",
+    )
+    p.set_defaults(handler=_cmd_bench, regions=cluster.DEFAULT_REGIONS)
     return parser
 
 

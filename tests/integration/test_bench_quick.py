@@ -13,6 +13,10 @@ import pytest
 
 from bench import report
 from infra import cli
+from tests.fixtures import PORT_OFFSET
+
+# bench.suite's default base port, moved with the rest of the suite's ports.
+BASE_PORT: Final = 7000 + PORT_OFFSET
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +38,10 @@ def test_quick_bench_writes_a_complete_report(
 ) -> None:
     out = tmp_path / "bench-out"
     # Through the command line, exactly as API.md has it.
-    assert cli.main(["bench", "--quick", "--json", "--out", str(out)]) == 0
+    assert (
+        cli.main(["bench", "--quick", "--json", "--out", str(out), "--base-port", str(BASE_PORT)])
+        == 0
+    )
     rep: dict[str, Any] = json.loads(capsys.readouterr().out)
 
     on_disk = json.loads((out / report.REPORT_FILE).read_text())

@@ -36,12 +36,13 @@ from infra.local import postgres
 from router.app import create_app
 from router.config import RouterConfig
 from router.resources import TOPOLOGY
+from tests.fixtures import PORT_OFFSET
 from tests.fixtures.api import ALL_SCOPES, FUNDING_OVERDRAFT
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
 
-BASE_PORT: Final = 7300
+BASE_PORT: Final = 7300 + PORT_OFFSET
 CLIENTS: Final = 3
 LOAD_S: Final = 2.5
 # A client retries an unacknowledged write (503/504/connection error) with the same key for at

@@ -25,11 +25,12 @@ from infra.local import postgres, procs
 from infra.local.ports import plan_ports
 from infra.wan import WanControl
 from regionstore.replication import standbys
+from tests.fixtures import PORT_OFFSET
 from tests.fixtures.cluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 
-OWN_BASE_PORT: Final = 7500
+OWN_BASE_PORT: Final = 7500 + PORT_OFFSET
 # A standby applies a synchronously committed row within one replay cycle; allow for load.
 REPLAY_TIMEOUT_S: Final = 10.0
 

@@ -13,15 +13,18 @@ import pytest
 import pytest_asyncio
 
 from infra.wan import ListenerSpec, Wan, WanConfig, WanControl
+from tests.fixtures import PORT_OFFSET
 
 pytestmark = pytest.mark.integration
 
 HOST: Final = "127.0.0.1"
-ECHO_PORT: Final = 7590
-AB_PORT: Final = 7591  # region a dials this to reach the echo service "in" region b
-CONTROL_PORT: Final = 7592
-FRONT_PORT: Final = 7593  # an etcd-style peer front of region b
-A_PEER_URL: Final = "http://127.0.0.1:7594"  # what "region a" advertises as its peer URL
+ECHO_PORT: Final = 7590 + PORT_OFFSET
+AB_PORT: Final = 7591 + PORT_OFFSET  # region a dials this to reach the echo service "in" region b
+CONTROL_PORT: Final = 7592 + PORT_OFFSET
+FRONT_PORT: Final = 7593 + PORT_OFFSET  # an etcd-style peer front of region b
+A_PEER_URL: Final = (
+    f"http://127.0.0.1:{7594 + PORT_OFFSET}"  # what "region a" advertises as its peer URL
+)
 ONE_WAY_MS: Final = 20.0
 # Scheduling slack on a loaded two-core machine; the emulator itself adds well under 1 ms.
 SLACK_S: Final = 0.030
