@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import signal
 import sys
 import time
@@ -349,6 +350,60 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- txr chaos ----------------------------------------------------------------------------
+
+
+def _scenario_list(text: str) -> list[str]:
+    from chaos.nemesis import SCENARIOS
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if names == ["all"]:
+        return list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"scenarios are 'all' or a comma list of: {', '.join(SCENARIOS)}"
+        )
+    return names
+
+
+def _duration(text: str) -> float:
+    from chaos.runner import DURATION_MAX_S, DURATION_MIN_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not DURATION_MIN_S <= value <= DURATION_MAX_S:
+        raise argparse.ArgumentTypeError(
+            f"duration must be {DURATION_MIN_S:g} to {DURATION_MAX_S:g} seconds"
+        )
+    return value
+
+
+def _cmd_chaos_run(args: argparse.Namespace) -> int:
+    """Every scenario on its own fresh cluster (chaos.runner); exit 1 if any fails."""
+    from chaos import runner
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    try:
+        rep = runner.run(
+            args.scenario,
+            duration_s=args.duration,
+            seed=seed,
+            base_port=args.base_port,
+            wan=args.wan,
+            out_dir=args.out,
+        )
+    except Exception as exc:  # noqa: BLE001 - a crashed run is exit 1 with its reason
+        _err(f"chaos run failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    print(json.dumps(rep, indent=2) if args.json else runner.summary(rep))
+    if not rep["ok"]:
+        _err(f"chaos run failed (seed {seed}); report and histories in {args.out}")
+    return EXIT_OK if rep["ok"] else EXIT_FAILED
+
+
 # -- parser -------------------------------------------------------------------------------
 
 
@@ -433,6 +488,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="SHARD")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_rehome)
+
+    chaos = sub.add_parser("chaos", help="fault-injection scenarios with a history checker")
+    chaos_sub = chaos.add_subparsers(dest="chaos_command", required=True, metavar="ACTION")
+    p = chaos_sub.add_parser("run", help="run scenarios, each on a fresh local cluster")
+    p.add_argument(
+        "--scenario",
+        type=_scenario_list,
+        default="all",
+        help="'all' or a comma list of scenario names",
+    )
+    p.add_argument("--duration", type=_duration, default=60.0, help="seconds per scenario")
+    p.add_argument("--seed", type=int, default=None, help="reproduces a run (default: random)")
+    p.add_argument("--json", action="store_true", help="print the JSON report")
+    p.add_argument("--base-port", type=int, default=6800, help="first of each cluster's ports")
+    p.add_argument("--wan", choices=("none", "realistic"), default="none")
+    p.add_argument(
+        "--out", type=Path, default=Path("chaos-out"), help="report and histories directory"
+    )
+    p.set_defaults(handler=_cmd_chaos_run, regions=cluster.DEFAULT_REGIONS)
 
     p = sub.add_parser("bench", help="benchmark one region's router against the pgbench ceiling")
     p.add_argument("--quick", action="store_true", help="every part very briefly (CI)")

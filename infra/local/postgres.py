@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from infra.local import procs
+
 # initdb and pg_ctl on a loaded two-core machine take a few seconds; give them ample room.
 PG_CTL_TIMEOUT_S: Final = 60
 BASEBACKUP_TIMEOUT_S: Final = 180
@@ -339,6 +341,13 @@ def postmaster_pid(datadir: Path) -> int:
 def stop(datadir: Path, mode: str = "fast") -> None:
     """Stop the server if it runs (``fast`` rolls back sessions; ``immediate`` is a crash)."""
     if not (datadir / "postmaster.pid").exists():
+        return
+    # A server killed with SIGKILL leaves its pid file behind, and pg_ctl stop then fails
+    # ("could not send stop signal"): nothing runs, so there is nothing to stop.
+    try:
+        if not procs.is_alive(postmaster_pid(datadir), str(datadir)):
+            return
+    except PostgresError:
         return
     _run(
         [

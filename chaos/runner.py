@@ -1,0 +1,323 @@
+"""``txr chaos run``: each scenario on a fresh local cluster, the bank workload under its faults,
+then heal, settle, read everything back and check (chaos/checker.py).
+
+One scenario, in order: start a cluster (``--wan none`` unless asked otherwise); open and fund
+the accounts; run the workload for ``duration`` seconds while the nemesis follows its schedule;
+heal whatever is still broken; wait until every router is ready and every cross-shard transfer
+has settled; read every account strongly; read every stored transfer of the tenant from every
+shard's primary, and reconcile; check; stop and purge the cluster (its logs are kept in the
+report directory when the scenario fails).
+
+A seed fixes the accounts' regions, the operation mix, each fault's target and the schedule; the
+interleaving of concurrent requests is the machine's, so a rerun with the same seed repeats the
+same experiment, not the same history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+
+from chaos import nemesis
+from chaos.checker import FinalAccount, FinalState, check
+from chaos.history import History
+from chaos.workload import REQUEST_TIMEOUT_S, SETUP_RETRY_FOR_S, Bank, WorkloadConfig
+from consistency import reconcile
+from infra.local import cluster
+from infra.wan import WanControl
+from regionstore import admin, audit
+from router.auth import SCOPES
+from router.client import Client
+from router.limits import CACHED_LAG_BOUND_S
+
+DEFAULT_BASE_PORT: Final = 6800
+DEFAULT_DURATION_S: Final = 60.0
+DURATION_MIN_S: Final = 5.0
+DURATION_MAX_S: Final = 3600.0
+# After the last heal: every router ready again, and every cross-shard transfer settled.
+READY_TIMEOUT_S: Final = 60.0
+SETTLE_TIMEOUT_S: Final = 90.0
+POLL_S: Final = 0.5
+# Scheduling noise on a loaded machine on top of the routers' cache lag bound: a cached read
+# must reflect every write acknowledged longer than the bound plus this before it began.
+CACHED_SLACK_S: Final = 0.5
+TOKEN_TTL_S: Final = 6 * 3600
+REPORT_FILE: Final = "chaos-report.json"
+
+
+def _progress(msg: str) -> None:
+    sys.stderr.write(f"[txr chaos] {msg}\n")
+    sys.stderr.flush()
+
+
+def run(
+    scenarios: list[str],
+    *,
+    duration_s: float,
+    seed: int,
+    base_port: int = DEFAULT_BASE_PORT,
+    wan: str = "none",
+    out_dir: Path,
+    progress: Callable[[str], None] = _progress,
+) -> dict[str, Any]:
+    """Run each scenario on its own cluster; write and return the report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    work = Path(tempfile.mkdtemp(prefix="txr-chaos-"))
+    # PostgreSQL (as the postgres user when we are root) must be able to enter it.
+    work.chmod(0o755)
+    try:
+        for name in scenarios:
+            progress(f"scenario {name}: seed {seed}, {duration_s:g} s")
+            res = asyncio.run(
+                _scenario(name, duration_s, seed, base_port, wan, work / name, out_dir, progress)
+            )
+            results.append(res)
+            progress(
+                f"scenario {name}: {'ok' if res['ok'] else 'FAILED'} ({res['ops']} ops, "
+                f"{res['acked']} acked, {res['unknown']} unknown)"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "seed": seed,
+        "duration_s": duration_s,
+        "wan": wan,
+        "ok": all(r["ok"] for r in results),
+        "scenarios": results,
+    }
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True))
+    return report
+
+
+async def _scenario(
+    name: str,
+    duration_s: float,
+    seed: int,
+    base_port: int,
+    wan: str,
+    cluster_dir: Path,
+    out_dir: Path,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    rng = random.Random(f"{seed}/{name}")
+    t_start = time.monotonic()
+    res: dict[str, Any] = {"name": name, "seed": seed, "duration_s": duration_s, "ok": False}
+    history = History()
+    try:
+        await asyncio.to_thread(
+            cluster.up,
+            cluster.UpOptions(dir=cluster_dir, base_port=base_port, wan=wan),
+            progress,
+        )
+        res["cluster_up_s"] = round(time.monotonic() - t_start, 2)
+        await _exercise(name, duration_s, seed, rng, cluster_dir, history, res, progress)
+    except Exception as exc:  # noqa: BLE001 - the scenario failed; the report says how
+        res["error"] = f"{type(exc).__name__}: {exc}"
+        progress(f"scenario {name}: error: {res['error']}")
+    finally:
+        if history.transfers:
+            history.save(out_dir / f"{name}-history.jsonl")
+        if not res.get("ok") and (cluster_dir / "logs").is_dir():
+            with contextlib.suppress(OSError):
+                shutil.copytree(
+                    cluster_dir / "logs",
+                    out_dir / f"{name}-logs",
+                    dirs_exist_ok=True,
+                    symlinks=False,
+                    ignore_dangling_symlinks=True,
+                )
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(cluster.down, cluster_dir, progress)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(cluster.purge, cluster_dir)
+    res["total_s"] = round(time.monotonic() - t_start, 2)
+    # A scenario cut short by an error still says what its clients saw.
+    res.setdefault("ops", history.ops())
+    res.setdefault("acked", sum(op.outcome == "ok" for op in history.transfers))
+    res.setdefault("unknown", sum(op.outcome == "info" for op in history.transfers))
+    for key in ("lost", "duplicated", "stale_reads"):
+        res.setdefault(key, None)
+    res.setdefault("conserved", None)
+    return res
+
+
+async def _exercise(
+    name: str,
+    duration_s: float,
+    seed: int,
+    rng: random.Random,
+    d: Path,
+    history: History,
+    res: dict[str, Any],
+    progress: Callable[[str], None],
+) -> None:
+    desc = cluster.status(d)
+    routers = {r: v["router"] for r, v in desc["regions"].items()}
+    tenant = f"chaos-{seed}-{name}"
+    bearer = cluster.token(d, tenant, sorted(SCOPES), TOKEN_TTL_S)
+    t_run0 = time.monotonic()
+
+    def clock() -> float:
+        return time.monotonic() - t_run0
+
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    wan_url = cluster.load_state(d).data["wan_control"]
+    async with aiohttp.ClientSession(timeout=timeout) as session, WanControl(wan_url) as wan:
+        bank = Bank(session, routers, bearer, tenant, WorkloadConfig(), rng, clock, history)
+        await bank.setup()
+        ctx = nemesis.Ctx(d, sorted(routers), sorted(desc["shards"]), wan, progress)
+        steps = nemesis.schedule(name, duration_s, ctx, rng)
+        stop = asyncio.Event()
+        t0 = time.monotonic()
+        load = asyncio.create_task(bank.run(duration_s, stop))
+        try:
+            res["faults"] = await nemesis.run_schedule(steps, ctx, t0, stop)
+        finally:
+            # A fault whose inject or heal raised is healed again (heal is idempotent), and the
+            # workload always finishes within its own bound.
+            for step in steps:
+                with contextlib.suppress(Exception):
+                    await step.fault.heal(ctx)
+            await load
+        _recovery(steps, bank.history, t_run0, t0, res)
+        progress(f"scenario {name}: healed; settling and reading back")
+        final = await _final_state(d, bank.history, routers, session, bearer, tenant)
+    result = check(bank.history, final, cached_bound_s=CACHED_LAG_BOUND_S + CACHED_SLACK_S)
+    res.update(
+        {
+            "ok": result.ok,
+            **{k: v for k, v in asdict(result).items() if k != "anomalies"},
+            "anomalies": result.anomalies,
+        }
+    )
+
+
+def _recovery(
+    steps: list[nemesis.Step], history: History, t_run0: float, t0: float, res: dict[str, Any]
+) -> None:
+    """Per fault: seconds from its repair to the first acknowledged transfer that needed it,
+    and the longest gap between such acknowledgements from the injection on. The history's
+    clock starts at ``t_run0``, the schedule's at ``t0`` (both monotonic)."""
+    for step, event in zip(steps, res.get("faults", []), strict=False):
+        f = step.fault
+        affected = sorted(
+            op.complete_t
+            for op in history.transfers
+            if op.outcome == "ok" and op.process >= 0 and f.affects(op, history)
+        )
+        repaired = f.repaired_at()
+        if repaired is not None:
+            rel = repaired - t_run0
+            after = [t for t in affected if t >= rel]
+            event["recovery_s"] = round(after[0] - rel, 3) if after else None
+        injected = float(event["injected_s"]) + (t0 - t_run0)
+        window = [t for t in affected if t >= injected]
+        gaps = [b - a for a, b in zip([injected, *window], window, strict=False)]
+        event["longest_gap_s"] = round(max(gaps), 3) if gaps else None
+        event["acked_affected"] = len(window)
+
+
+async def _wait_ready(session: aiohttp.ClientSession, routers: dict[str, str]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    pending = dict(routers)
+    while pending:
+        for region, url in list(pending.items()):
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url + "/readyz") as r:
+                    if r.status == 200:
+                        del pending[region]
+        if pending and time.monotonic() > deadline:
+            raise RuntimeError(f"routers not ready {READY_TIMEOUT_S:g} s after heal: {pending}")
+        if pending:
+            await asyncio.sleep(POLL_S)
+
+
+def _snapshots(d: Path) -> dict[str, dict[str, Any]]:
+    return {s: admin.reconcile_snapshot(dsn) for s, dsn in cluster.primary_admin_dsns(d).items()}
+
+
+async def _settled_snapshots(d: Path) -> dict[str, dict[str, Any]]:
+    """Reconcile snapshots once nothing is pending, or the last ones at the bound."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        snaps = await asyncio.to_thread(_snapshots, d)
+        pending = sum(s["pending"] for s in reconcile.summarize(snaps).values())
+        if pending == 0 or time.monotonic() > deadline:
+            return snaps
+        await asyncio.sleep(POLL_S)
+
+
+async def _final_state(
+    d: Path,
+    history: History,
+    routers: dict[str, str],
+    session: aiohttp.ClientSession,
+    bearer: str,
+    tenant: str,
+) -> FinalState:
+    await _wait_ready(session, routers)
+    snaps = await _settled_snapshots(d)
+    summary = reconcile.summarize(snaps)
+    problems = reconcile.reconcile(snaps)
+    transfers: list[audit.StoredTransfer] = []
+    foreign = 0
+    for shard, dsn in cluster.primary_admin_dsns(d).items():
+        a = await asyncio.to_thread(audit.tenant_audit, dsn, shard, tenant)
+        transfers.extend(a.transfers)
+        foreign += a.foreign_slot_transfers
+    accounts: dict[str, FinalAccount] = {}
+    for acc in history.accounts.values():
+        client = Client(session, routers[acc.region], bearer)
+        deadline = time.monotonic() + SETUP_RETRY_FOR_S
+        while True:
+            resp = await client.get_account(acc.id, "strong")
+            if resp.status == 200 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(POLL_S)
+        if resp.status == 200:
+            accounts[acc.id] = FinalAccount(int(resp.body["balance"]), int(resp.body["version"]))
+    return FinalState(
+        accounts=accounts,
+        transfers=list(transfers),
+        in_flight=sum(int(s["in_flight"]) for s in summary.values()),
+        reconcile_problems=[str(p) for p in problems],
+        foreign_slot_transfers=foreign,
+    )
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A readable table of the report."""
+    lines = [
+        f"chaos run: seed {report['seed']}, {report['duration_s']:g} s per scenario, "
+        f"WAN {report['wan']}",
+        f"{'scenario':14} {'ops':>6} {'acked':>6} {'unknown':>7} {'lost':>4} {'dup':>4} "
+        f"{'stale':>5} {'conserved':>9} {'recovery_s':>10}  result",
+    ]
+    for r in report["scenarios"]:
+        rec = [f.get("recovery_s") for f in r.get("faults", [])]
+        rec_s = ",".join("-" if x is None else f"{x:.2f}" for x in rec) or "-"
+        cells = [r[k] for k in ("ops", "acked", "unknown", "lost", "duplicated", "stale_reads")]
+        ops, acked, unknown, lost, dup, stale = ("-" if c is None else str(c) for c in cells)
+        lines.append(
+            f"{r['name']:14} {ops:>6} {acked:>6} {unknown:>7} {lost:>4} {dup:>4} {stale:>5} "
+            f"{r['conserved']!s:>9} {rec_s:>10}  {'ok' if r['ok'] else 'FAILED'}"
+        )
+        if r.get("error"):
+            lines.append(f"    error: {r['error']}")
+        for a in r.get("anomalies", [])[:5]:
+            lines.append(f"    - {a}")
+    lines.append("PASS" if report["ok"] else "FAIL")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Fault handles on a running local cluster: signal, kill, pause and restart its processes.
+
+The chaos nemeses (chaos/nemesis.py) and operators' drills use these; nothing here decides what
+to break, only how. Every process the launcher started is recorded in ``cluster.json`` with its
+argv, so any of them can be killed and started again alone. PostgreSQL servers are not restarted
+here: a lost primary comes back through ``txr failover`` and ``txr rejoin`` (infra/failover.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from infra.local import cluster, procs
+
+# Readiness after a restart: a router reloads its topology and reconnects its pools, an etcd
+# member rejoins the raft group; Redis binds at once.
+RESTART_READY_TIMEOUT_S: Final = {
+    "router": 60.0,
+    "relays": 30.0,
+    "etcd": 60.0,
+    "redis": 15.0,
+    "wan": 15.0,
+}
+KILL_WAIT_S: Final = 10.0
+
+
+class ControlError(RuntimeError):
+    """The process to act on is not in the cluster, or did not do what was asked."""
+
+
+def procs_of(cluster_dir: Path, kind: str, region: str | None = None) -> list[dict[str, Any]]:
+    """The recorded processes of ``kind`` (in ``region`` when given), in launch order."""
+    state = cluster.load_state(cluster_dir)
+    return [
+        p
+        for p in state.data.get("procs", [])
+        if p["kind"] == kind and (region is None or p.get("region") == region)
+    ]
+
+
+def kill(cluster_dir: Path, kind: str, region: str | None) -> list[str]:
+    """SIGKILL every process of ``kind`` in ``region``; wait until they are gone. Returns names."""
+    found = procs_of(cluster_dir, kind, region)
+    if not found:
+        raise ControlError(f"no {kind} process recorded for region {region}")
+    for p in found:
+        if procs.is_alive(int(p["pid"]), p["marker"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(p["pid"]), signal.SIGKILL)
+    for p in found:
+        if not procs.wait_gone(int(p["pid"]), KILL_WAIT_S, p["marker"]):
+            raise ControlError(f"{p['name']} (pid {p['pid']}) survived SIGKILL")
+    return [str(p["name"]) for p in found]
+
+
+def _ready_probe(cluster_dir: Path, entry: dict[str, Any]) -> Callable[[], bool]:
+    plan = cluster.load_state(cluster_dir).data["ports"]
+    region = entry.get("region")
+    ports = plan["regions"][region] if region else {}
+    kind = entry["kind"]
+    host = cluster.HOST
+    if kind == "router":
+        return functools.partial(cluster._http_ok, f"http://{host}:{ports['router']}/readyz")
+    if kind == "etcd":
+        return functools.partial(
+            cluster._http_ok, f"http://{host}:{ports['etcd_client']}/health", cluster._etcd_healthy
+        )
+    if kind == "redis":
+        return functools.partial(procs.port_open, int(ports["redis"]))
+    # Relays and the WAN emulator: alive is ready (they retry their own connections).
+    return lambda: True
+
+
+def restart(cluster_dir: Path, name: str) -> int:
+    """Start the recorded process ``name`` again from its argv (it must not be running) and wait
+    until it is ready; the state file gets the new pid. Returns the pid."""
+    state = cluster.load_state(cluster_dir)
+    entry = next((p for p in state.data.get("procs", []) if p["name"] == name), None)
+    if entry is None:
+        raise ControlError(f"no process named {name} in {cluster_dir}")
+    if procs.is_alive(int(entry["pid"]), entry["marker"]):
+        raise ControlError(f"{name} is still running (pid {entry['pid']})")
+    argv = entry.get("argv")
+    if not argv:
+        raise ControlError(f"{name} was recorded without its argv; restart the cluster")
+    env = cluster.python_env() if entry.get("python_env") else None
+    p = procs.spawn(argv, Path(entry["log"]), env=env, cwd=cluster_dir.resolve())
+    entry["pid"] = p.pid
+    state.save()
+    procs.wait_until(
+        f"{name} after restart",
+        _ready_probe(cluster_dir, entry),
+        RESTART_READY_TIMEOUT_S.get(entry["kind"], 30.0),
+        alive=lambda: p.poll() is None,
+        log_path=Path(entry["log"]),
+    )
+    return p.pid
+
+
+def pg_entry(cluster_dir: Path, node: str) -> dict[str, Any]:
+    state = cluster.load_state(cluster_dir)
+    entry = next((e for e in state.data.get("pg", []) if e["node"] == node), None)
+    if entry is None or not entry.get("pid"):
+        raise ControlError(f"no running PostgreSQL node {node} recorded")
+    return dict(entry)
+
+
+def _pg_tree(postmaster: int) -> list[int]:
+    """The postmaster and its children (backends, walsender, checkpointer...)."""
+    out = [postmaster]
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[-1].split()[1])
+        if ppid == postmaster:
+            out.append(int(d.name))
+    return out
+
+
+def pg_signal(cluster_dir: Path, node: str, sig: signal.Signals) -> list[int]:
+    """Send ``sig`` to a PostgreSQL server and every process it forked: SIGSTOP freezes the
+    whole server (a postmaster alone stopped would leave its backends answering), SIGKILL is a
+    crash. Returns the pids signalled."""
+    entry = pg_entry(cluster_dir, node)
+    pids = _pg_tree(int(entry["pid"]))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return pids
