@@ -9,6 +9,7 @@ each node.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import urllib.error
@@ -157,6 +158,16 @@ class LocalShardOps:
             postgres.stop(datadir, "fast")
         except postgres.PostgresError:
             postgres.stop(datadir, "immediate")
+        # pg_rewind (PostgreSQL 15) reads the source's timeline from its control file, which a
+        # promoted server updates only at its next checkpoint: right after a failover it still
+        # says the old timeline, pg_rewind answers "no rewind required", and the node then
+        # cannot follow the new timeline. A checkpoint first makes the fork visible.
+        with psycopg.connect(
+            self.admin_dsn(primary, "postgres"),
+            autocommit=True,
+            connect_timeout=math.ceil(LSN_CONNECT_TIMEOUT_S),
+        ) as conn:
+            conn.execute("CHECKPOINT")
         pg_root = Path(self.state.data["pg_root"])
         passfile = pg_root / "pgpass"
         app = postgres.application_name(node.name)

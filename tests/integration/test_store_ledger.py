@@ -661,6 +661,16 @@ async def test_no_ack_without_the_sync_standby(store: ShardStore, pg_shard: PgSh
                 await asyncio.sleep(0.02)
         with pytest.raises(StoreOutcomeUnknown, match="synchronous replication"):
             await call
+        # 3. Both are committed locally and visible on the primary, but not replicated: a retry
+        # with the same key must not acknowledge them now (a replay locks the source row, so
+        # its commit waits for the standby too). Acking here would lose them with the region.
+        for it in (timed_out, cancelled):
+            with pytest.raises(StoreOutcomeUnknown):
+                await store.post_transfers(
+                    SHARD_EPOCH,
+                    [item(tenant, a, b, it.amount, key=it.idempotency_key)],
+                    timeout_s=0.5,
+                )
     finally:
         await asyncio.to_thread(pg.start, pg_shard.standby_dir, pg_shard.standby_log)
         await asyncio.to_thread(replication.set_sync_standby, pg_shard.admin_dsn, STANDBY_APP_NAME)
