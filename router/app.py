@@ -37,18 +37,18 @@ from router.errors import (
     RegionUnavailable,
     problem_response,
 )
+from router.freshness import RelayLag
 from router.handlers import accounts, ops, transfers
 from router.handlers.common import SERVED_BY_KEY
 from router.limits import BODY_BYTES_MAX, TOPOLOGY_INITIAL_TIMEOUT_S
 from router.logs import request_id_var
 from router.metrics import Metrics
-from router.relays.invalidation import InvalidationRelay
 from router.resources import (
     CACHE,
     CONFIG,
-    INVALIDATION,
     METRICS,
     OPENAPI,
+    RELAY_LAG,
     ROUTER,
     RTT,
     STORES,
@@ -167,24 +167,9 @@ async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ROUTER] = ShardRouter(app[TOPOLOGY], stores, app[METRICS], config.region)
     await stores.warm(app[TOPOLOGY].current)
     yield
+    # Drain batches and inline deliveries before the pools they use close.
+    await app[ROUTER].close()
     await stores.close()
-
-
-async def _relays_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Outbox relays for the shards homed in this region (several may run: SKIP LOCKED)."""
-    config = app[CONFIG]
-    router = app[ROUTER]
-    stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(router.relay_for(shard.name).run(stop), name=f"relay-{shard.name}")
-        for shard in router.topology.shards_homed_in(config.region)
-    ]
-    yield
-    stop.set()
-    await router.close()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _rtt_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -225,24 +210,13 @@ async def _rtt_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-async def _invalidation_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The commit-log relay that keeps this region's cache coherent (router.relays)."""
-    config = app[CONFIG]
-    relay = None
-    if config.repl_password_file is not None:
-        relay = InvalidationRelay.from_config(config, app[TOPOLOGY], app[CACHE], app[METRICS])
-        relay.start()
-    else:
-        log.warning("no replication credentials: invalidation relay off, reads use primaries")
-    app[INVALIDATION] = relay
-    yield
-    if relay is not None:
-        await relay.stop()
-
-
 async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = RegionCache(app[CONFIG].redis_url, app[METRICS])
     app[CACHE] = cache
+    watcher = app[TOPOLOGY]
+    # The relays run in their own process (python -m router.relays); the router reads their
+    # heartbeats from this region's Redis.
+    app[RELAY_LAG] = RelayLag(cache, lambda: sorted(watcher.current.shards))
     yield
     await cache.close()
 
@@ -260,9 +234,7 @@ def create_app(config: RouterConfig) -> web.Application:
     )
     app[OPENAPI] = _load_openapi()
     app[RTT] = rtt.RttTable(config.region, app[METRICS])
-    app.cleanup_ctx.extend(
-        [_topology_ctx, _cache_ctx, _invalidation_ctx, _stores_ctx, _rtt_ctx, _relays_ctx]
-    )
+    app.cleanup_ctx.extend([_topology_ctx, _cache_ctx, _stores_ctx, _rtt_ctx])
     app.router.add_post("/v1/accounts", accounts.create_account)
     app.router.add_get("/v1/accounts/{id}", accounts.get_account, allow_head=False)
     app.router.add_get("/v1/accounts/{id}/entries", accounts.list_entries, allow_head=False)

@@ -53,6 +53,38 @@ BULK_CONNECTIONS_MAX: Final = 16
 # Random bits of a cache generation token (coherence.GENERATION_KEY): collisions must be
 # negligible across restarts, since a repeated token would let a fenced-out fill in.
 GENERATION_BYTES: Final = 16
+# A relay heartbeat no relay refreshed for this long disappears (a shard that left the
+# topology, a region whose relay is gone for good). Freshness never depends on it: an old
+# heartbeat already reads as a large lag; this only keeps Redis tidy.
+RELAY_STATE_TTL_S: Final = 600
+RELAY_STATE_PREFIX: Final = "txr:relay:"
+_RELAY_STATE_FIELDS: Final = ("through", "epoch", "primary", "lag_bytes")
+
+# The relay's heartbeat for one shard (router.freshness reads it). Redis's own clock stamps it,
+# so the relay's and the router's hosts never compare their clocks: ``through`` is Redis time
+# minus the age the relay reports. Forward-only while the (epoch, primary) it follows stays the
+# same, so a second relay of the region (a restart overlapping the old process) that is behind
+# cannot make a fresher claim look older; '' as age means "no claim" and moves nothing.
+# KEYS[1] the heartbeat; ARGV[1] age s of applied_through ('' = unknown), ARGV[2] epoch,
+# ARGV[3] primary node, ARGV[4] lag bytes ('' = unknown), ARGV[5] ttl s.
+_PUBLISH_SCRIPT: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local cur = redis.call('HMGET', KEYS[1], 'through', 'epoch', 'primary')
+local same = cur[2] == ARGV[2] and cur[3] == ARGV[3]
+local through = ''
+if same and cur[1] then through = cur[1] end
+if ARGV[1] ~= '' then
+  local mine = now - tonumber(ARGV[1])
+  if through == '' or mine > tonumber(through) then
+    through = string.format('%.6f', mine)
+  end
+end
+redis.call('HSET', KEYS[1], 'through', through, 'epoch', ARGV[2], 'primary', ARGV[3],
+           'lag_bytes', ARGV[4])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+return 1
+"""
 
 
 def _reconnect_once() -> Retry:
@@ -72,6 +104,16 @@ class CacheEntry:
 
     version: int
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RelayState:
+    """A relay heartbeat as read back: ``through`` in Redis clock seconds (None = unknown)."""
+
+    through: float | None
+    epoch: int
+    primary: str
+    lag_bytes: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +160,7 @@ class RegionCache:
         )
         self._apply = self._redis.register_script(coherence.APPLY_SCRIPT)
         self._relay_apply = self._bulk.register_script(coherence.RELAY_APPLY_SCRIPT)
+        self._publish = self._bulk.register_script(_PUBLISH_SCRIPT)
         self._metrics = metrics
         self._flights: dict[tuple[int, int], asyncio.Task[CacheEntry | None]] = {}
 
@@ -364,6 +407,48 @@ class RegionCache:
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"redis: {exc!r}") from exc
         return None if res < 0 else res
+
+    async def publish_relay_state(
+        self, shard: str, *, age_s: float | None, epoch: int, primary: str, lag_bytes: int | None
+    ) -> None:
+        """The relay's heartbeat for ``shard`` (``_PUBLISH_SCRIPT``): its applied-through age."""
+        args: list[str | int | bytes] = [
+            "" if age_s is None else f"{max(age_s, 0.0):.6f}",
+            epoch,
+            primary,
+            "" if lag_bytes is None else lag_bytes,
+            RELAY_STATE_TTL_S,
+        ]
+        try:
+            await self._publish(keys=[RELAY_STATE_PREFIX + shard], args=args)
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"redis: {exc!r}") from exc
+
+    async def relay_states(self, shards: Sequence[str]) -> tuple[float, dict[str, RelayState]]:
+        """Redis's clock now and the heartbeats of ``shards`` (absent ones are left out).
+
+        One round trip on the request-path pool: the read path calls it when its view is old.
+        """
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.time()
+                for shard in shards:
+                    pipe.hmget(RELAY_STATE_PREFIX + shard, _RELAY_STATE_FIELDS)
+                replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"redis: {exc!r}") from exc
+        secs, micros = replies[0]
+        states: dict[str, RelayState] = {}
+        for shard, (through, epoch, primary, lag_bytes) in zip(shards, replies[1:], strict=True):
+            if epoch is None or primary is None:
+                continue
+            states[shard] = RelayState(
+                through=float(_text(through)) if through else None,
+                epoch=int(_text(epoch)),
+                primary=_text(primary),
+                lag_bytes=int(_text(lag_bytes)) if lag_bytes else None,
+            )
+        return int(secs) + int(micros) / 1_000_000, states
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -74,3 +74,8 @@ BATCH_QUEUE_ITEMS_MAX: Final = 4096
 # is at most this far behind the shard (G6); otherwise it goes to the home primary. The relay
 # polls every 50 ms and, for a remote shard under --wan realistic, pays one RTT per round.
 CACHED_LAG_BOUND_S: Final = 1.0
+# The router re-reads the relay heartbeats (router.freshness) at most this often. Its view only
+# over-states the lag (elapsed time is added), so this costs at most this much of the bound on
+# a healthy relay, and a dead relay is still noticed exactly at the bound. One Redis round trip
+# per interval, whatever the read rate.
+RELAY_LAG_REFRESH_S: Final = 0.1

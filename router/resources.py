@@ -8,8 +8,8 @@ from consistency.topology import TopologyWatcher
 from router.auth import Verifier
 from router.cache import RegionCache
 from router.config import RouterConfig
+from router.freshness import RelayLag
 from router.metrics import Metrics
-from router.relays.invalidation import InvalidationRelay
 from router.routing import ShardRouter, StoreRegistry
 from router.rtt import RttTable
 
@@ -22,5 +22,5 @@ CACHE = web.AppKey("cache", RegionCache)
 ROUTER = web.AppKey("router", ShardRouter)
 OPENAPI = web.AppKey("openapi", bytes)
 RTT = web.AppKey("rtt", RttTable)
-# None when the router runs without replication credentials: cached reads then use the primary.
-INVALIDATION: web.AppKey[InvalidationRelay | None] = web.AppKey("invalidation")
+# The relay process's heartbeats as this router sees them (router.freshness).
+RELAY_LAG = web.AppKey("relay_lag", RelayLag)

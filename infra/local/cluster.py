@@ -4,7 +4,8 @@ Start order (each step needs the one before): secrets -> WAN emulator -> etcd (3
 peer traffic through the WAN peer fronts) -> PostgreSQL primaries (roles, database, migrations,
 shard init) -> standbys (cloned and streaming through the WAN) -> synchronous standby named on
 every primary -> Redis -> topology bootstrapped into etcd -> one router config per region ->
-routers, each answering ``/readyz``.
+one relay process per region (``python -m router.relays``, same config) and the routers, each
+answering ``/readyz`` -> every relay's heartbeat for every shard in its region's Redis.
 
 Every pid is written to ``cluster.json`` as soon as it exists, so ``down`` can clean up after an
 ``up`` that crashed half way. ``up`` tears down what it started when it fails.
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import psycopg
+import redis
 
 import infra
 from consistency.etcd import EtcdClient
@@ -51,6 +53,7 @@ from infra.local import postgres, procs
 from infra.local.ports import PortPlan, plan_ports
 from infra.wan import ListenerSpec, WanConfig, profile_latencies
 from router.auth import SCOPES, mint_token
+from router.cache import RELAY_STATE_PREFIX
 from router.config import RouterConfig
 
 log = logging.getLogger("txr.local")
@@ -77,6 +80,9 @@ WAN_READY_TIMEOUT_S: Final = 15.0
 REDIS_READY_TIMEOUT_S: Final = 15.0
 ETCD_READY_TIMEOUT_S: Final = 60.0
 ROUTER_READY_TIMEOUT_S: Final = 60.0
+# A region's relay process is ready once it published a heartbeat for every shard: it attached
+# a logical slot on every primary (one WAN round trip each) and finished a round.
+RELAYS_READY_TIMEOUT_S: Final = 60.0
 # One HTTP probe of a loopback health endpoint.
 PROBE_TIMEOUT_S: Final = 2.0
 # `status` reads the live epochs from etcd, but must answer quickly when etcd is down.
@@ -142,6 +148,17 @@ def _http_ok(url: str, expect: Callable[[bytes], bool] | None = None) -> bool:
             return bool(resp.status == 200 and (expect is None or expect(body)))
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _relay_heartbeats(redis_url: str, shards: Sequence[str]) -> bool:
+    """True when the region's Redis holds a relay heartbeat with a claim for every shard."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=PROBE_TIMEOUT_S)
+    try:
+        return all(client.hget(RELAY_STATE_PREFIX + s, "through") for s in shards)
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
 
 
 def _etcd_healthy(body: bytes) -> bool:
@@ -293,7 +310,9 @@ class Launcher:
         self._bootstrap_topology()
         self._write_router_configs()
         if self.opts.start_routers:
+            self._start_relays()
             self._start_routers()
+            self._wait_relays()
         elapsed = time.monotonic() - t0
         self.state.data["status"] = "up"
         self.state.data["start_seconds"] = round(elapsed, 2)
@@ -735,6 +754,32 @@ class Launcher:
         for r in self.regions:
             self.router_config(r).save(self.run_dir / f"router-{r}.json")
 
+    def _start_relays(self) -> None:
+        """One relay process per region (python -m router.relays), beside its routers."""
+        self.progress("relays")
+        for r in self.regions:
+            cfg = self.run_dir / f"router-{r}.json"
+            self._spawn(
+                f"relays-{r}",
+                "relays",
+                r,
+                [sys.executable, "-m", "router.relays", "--config", str(cfg)],
+                f"router.relays --config {cfg}",
+                env=self._python_env(),
+            )
+
+    def _wait_relays(self) -> None:
+        shards = [shard_name(r) for r in self.regions]
+        for r in self.regions:
+            url = f"redis://{HOST}:{self.plan.region[r].redis}/0"
+            procs.wait_until(
+                f"relays {r} heartbeats",
+                functools.partial(_relay_heartbeats, url, shards),
+                RELAYS_READY_TIMEOUT_S,
+                alive=self._alive(f"relays-{r}"),
+                log_path=self.logs / f"relays-{r}.log",
+            )
+
     def _start_routers(self) -> None:
         self.progress("routers")
         if importlib.util.find_spec("router.__main__") is None:
@@ -782,7 +827,7 @@ def up(opts: UpOptions, progress: Callable[[str], None] | None = None) -> dict[s
 
 # -- down -------------------------------------------------------------------------------------
 
-_STOP_ORDER: Final = ("router", "wan", "redis")
+_STOP_ORDER: Final = ("router", "relays", "wan", "redis")
 
 
 def _live_pids(state: State) -> list[int]:
@@ -946,6 +991,7 @@ def status(cluster_dir: Path) -> dict[str, Any]:
         regions[r] = {
             "router": f"http://{HOST}:{ports[r]['router']}",
             "router_pid": pid_of(f"router-{r}"),
+            "relays_pid": pid_of(f"relays-{r}"),
             "redis": f"redis://{HOST}:{ports[r]['redis']}",
             "redis_pid": pid_of(f"redis-{r}"),
             "etcd": f"http://{HOST}:{ports[r]['etcd_client']}",

@@ -16,7 +16,7 @@ from router.cache import CacheEntry, CacheUnavailable
 from router.errors import NotFound
 from router.handlers.common import authorize, client_token, json_response
 from router.limits import CACHED_LAG_BOUND_S, READ_DEADLINE_S, WRITE_DEADLINE_S
-from router.resources import CACHE, CONFIG, INVALIDATION, ROUTER, RTT, STORES
+from router.resources import CACHE, CONFIG, RELAY_LAG, ROUTER, RTT, STORES
 from router.routing import Deadline
 from router.validation import (
     consistency_level,
@@ -115,8 +115,7 @@ async def read_account(
                 return row, shard, "standby"
         return await from_primary()
 
-    relay = request.app[INVALIDATION]
-    lag = relay.lag(shard.name) if relay is not None else None
+    lag = await request.app[RELAY_LAG].lag(shard)
     if lag is None or lag > CACHED_LAG_BOUND_S:
         return await from_primary()
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from router.handlers.common import SERVED_BY_KEY, authorize, json_response
-from router.resources import CACHE, CONFIG, INVALIDATION, METRICS, OPENAPI, RTT, TOPOLOGY
+from router.resources import CACHE, CONFIG, METRICS, OPENAPI, RELAY_LAG, RTT, TOPOLOGY
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -36,6 +38,13 @@ async def metrics(request: web.Request) -> web.Response:
     watcher = request.app[TOPOLOGY]
     if watcher.loaded:
         m.topology_revision.labels(m.region).set(watcher.current.revision)
+        relay_lag = request.app[RELAY_LAG]
+        for shard in watcher.current.shards.values():
+            # The relay process's heartbeat as this router's read path sees it (NaN: unknown).
+            lag = await relay_lag.lag(shard)
+            m.invalidation_lag_seconds.labels(m.region, shard.name).set(
+                math.nan if lag is None else lag
+            )
     m.etcd_reachable.labels(m.region).set(1 if watcher.etcd_reachable else 0)
     resp = web.Response(body=m.exposition())
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
@@ -51,13 +60,10 @@ async def admin_status(request: web.Request) -> web.Response:
     """What this router sees (scope admin): topology, invalidation lag per shard, RTTs."""
     authorize(request, "admin")
     watcher = request.app[TOPOLOGY]
-    relay = request.app[INVALIDATION]
+    relay_lag = request.app[RELAY_LAG]
     shards = watcher.current.shards if watcher.loaded else {}
     lag = {
-        name: {
-            "seconds": relay.lag(name) if relay is not None else None,
-            "bytes": relay.lag_bytes(name) if relay is not None else None,
-        }
+        name: {"seconds": await relay_lag.lag(shards[name]), "bytes": relay_lag.lag_bytes(name)}
         for name in sorted(shards)
     }
     body = {

@@ -1,11 +1,12 @@
 """The invalidation relay: every shard's committed account changes into this region's Redis.
 
-One relay per region (per router process); one worker per shard of the topology. A worker reads
-the shard primary's commit log through PostgreSQL logical decoding (built-in ``test_decoding``
-plugin, a logical slot per (region, shard), polled with ``pg_logical_slot_peek_changes`` over a
-normal connection: psycopg 3 has no replication protocol), turns each committed row of
-``txr.accounts`` into a forward-only fill (or a tombstone when the row is incomplete), applies
-the batch to Redis together with the shard's position marker, and only then advances the slot.
+One relay per region (in the relay process, ``python -m router.relays``); one worker per shard
+of the topology. A worker reads the shard primary's commit log through PostgreSQL logical
+decoding (built-in ``test_decoding`` plugin, a logical slot per (region, shard), polled with
+``pg_logical_slot_peek_changes`` over a normal connection: psycopg 3 has no replication
+protocol), turns each committed row of ``txr.accounts`` into a forward-only fill (or a
+tombstone when the row is incomplete), applies the batch to Redis together with the shard's
+position marker, and only then advances the slot.
 A crash anywhere re-delivers (harmless: every write is forward-only) and never skips.
 
 Durability (G1 before G6): decoding reads the primary's local WAL, which holds commits still
@@ -20,7 +21,11 @@ follow a promotion; an operator dropped it; WAL retention invalidated it), the m
 the shard: (slot first, then) new cache generation, drop the region's entries of the shard's
 slots, marker at the slot's position (coherence docstring explains the order).
 
-Lag (the read path's freshness guard): ``lag(shard)`` = now - *applied_through*, the newest
+Lag (the read path's freshness guard, ``router.freshness``, in the routers' processes): each
+worker publishes *applied_through* per shard in this region's Redis (``publish_relay_state``,
+at most every ``HEARTBEAT_INTERVAL_S``, after rounds that did or did not apply anything, so the
+heartbeat advances while idle and stops when the relay does). ``lag(shard)`` here is the relay's
+own view: now - *applied_through*, the newest
 instant T such that every change acknowledged to a client before T is in Redis.
 * A round that found the slot drained (everything up to the synchronous standby's flush position
   read at the start of the round applied) sets T = the start of that round: a commit
@@ -89,6 +94,10 @@ KEEPALIVES_INTERVAL_S: Final = 2
 KEEPALIVES_COUNT: Final = 3
 # The supervisor starts and stops workers as the topology gains or loses shards.
 SUPERVISE_INTERVAL_S: Final = 1.0
+# Each worker publishes its heartbeat (applied-through, router.freshness) at most this often.
+# The routers' guard over-states the lag by up to this much on a healthy relay; 0.1 s of a 1 s
+# bound, for one small script per shard per interval instead of one per 50 ms round.
+HEARTBEAT_INTERVAL_S: Final = 0.1
 # PostgreSQL identifiers (slot names) are at most 63 bytes (NAMEDATALEN - 1).
 SLOT_NAME_LEN_MAX: Final = 63
 SLOT_PREFIX: Final = "txr_inval_"
@@ -230,6 +239,7 @@ class _ShardWorker:
         self.lag_bytes: int | None = None
         self.resets = 0
         self.warned_no_standby = False
+        self.published_at = -math.inf
         self.running = asyncio.Event()
         self.running.set()
         self._rng = random.Random()
@@ -279,10 +289,33 @@ class _ShardWorker:
                     await asyncio.sleep(self._rng.uniform(0.0, backoff))
                     backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
                     continue
+                await self._publish()
                 if drained:
                     await asyncio.sleep(self.relay.poll_interval_s)
         finally:
             await self.close()
+
+    async def _publish(self) -> None:
+        """The heartbeat the routers' freshness guard reads; best effort (a missed one only
+        makes the lag look larger)."""
+        now = time.monotonic()
+        if self.node is None or self.epoch is None:
+            return
+        if now - self.published_at < HEARTBEAT_INTERVAL_S:
+            return
+        self.published_at = now
+        age = None if self.applied_through is None else now - self.applied_through
+        try:
+            await self.relay.cache.publish_relay_state(
+                self.shard,
+                age_s=age,
+                epoch=self.epoch,
+                primary=self.node.name,
+                lag_bytes=self.lag_bytes,
+            )
+        except CacheUnavailable as exc:
+            _raise_if_cancelling()
+            log.debug("invalidation %s: heartbeat not published: %s", self.shard, exc)
 
     async def _step(self, shard: Shard) -> bool:
         if self.epoch is not None and (shard.primary != self.node or shard.epoch != self.epoch):

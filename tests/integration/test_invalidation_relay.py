@@ -9,6 +9,7 @@ dropped at the end so that no slot keeps pinning WAL for the rest of the session
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -31,6 +32,7 @@ from consistency.ids import new_account_id, new_transfer_id
 from consistency.topology import Node, Region, Shard, SlotMap, SlotRange, Topology
 from regionstore.store import CreateAccountCode, ShardStore, TransferCode, TransferItem
 from router.cache import RegionCache
+from router.freshness import RelayLag
 from router.metrics import Metrics
 from router.relays.invalidation import InvalidationRelay, slot_prefix
 from tests.fixtures.pg import (
@@ -418,17 +420,33 @@ async def test_slot_dropped_drops_the_shards_entries(env: Env) -> None:
         await relay.stop()
 
 
+async def _guard_lag(guard: RelayLag, shard: Shard) -> float:
+    lag = await guard.lag(shard)
+    return 9.0 if lag is None else lag
+
+
 async def test_lag_reported_and_grows_when_paused(env: Env) -> None:
     funding = await env.account(FUNDING_OVERDRAFT)
     acc = await env.account()
+    # What a router of this region reads: the relay's heartbeats in Redis (router.freshness).
+    guard = RelayLag(env.cache, lambda: [SHARD_A])
+    shard = env.topology.current.shards[SHARD_A]
     relay = await started(env.relay())
     try:
         await wait_until(lambda: (relay.lag(SHARD_A) or 9.0) < 0.5, CATCH_UP_S, "low lag")
+        deadline = time.monotonic() + CATCH_UP_S
+        while await _guard_lag(guard, shard) >= 0.5:
+            assert time.monotonic() < deadline, "the heartbeat never showed a low lag"
+            await asyncio.sleep(0.05)
+        other_epoch = dataclasses.replace(shard, epoch=shard.epoch + 1)
+        assert guard.lag_now(other_epoch) is None, "a heartbeat of another epoch is no claim"
         relay.pause()
         await asyncio.sleep(0.6)
         paused_lag = relay.lag(SHARD_A)
         assert paused_lag is not None
         assert paused_lag >= 0.5
+        # A paused relay publishes nothing: its last heartbeat ages like the relay's own view.
+        assert await _guard_lag(guard, shard) >= 0.5
         _, v = await env.transfer(funding, acc)
         await asyncio.sleep(0.2)
         entry = await env.cache.get(SHARD_EPOCH, acc)

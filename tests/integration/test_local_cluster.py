@@ -121,6 +121,8 @@ def test_status_describes_the_cluster(
             assert ":***@" in n["dsn"]
         if local_cluster.routers_started:
             assert r["router_pid"]
+            assert r["relays_pid"], "one relay process per region, beside the router"
+            assert r["relays_pid"] != r["router_pid"]
     for shard, s in desc["shards"].items():
         # Other tests may have bumped an epoch (the fencing tests); it is never below 1.
         assert s["home_region"] == s["primary_region"] == shard[:-2]
