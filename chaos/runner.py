@@ -81,9 +81,18 @@ def run(
     try:
         for name in scenarios:
             progress(f"scenario {name}: seed {seed}, {duration_s:g} s")
-            res = asyncio.run(
-                _scenario(name, duration_s, seed, base_port, wan, work / name, out_dir, progress)
-            )
+            try:
+                res = asyncio.run(
+                    _scenario(
+                        name, duration_s, seed, base_port, wan, work / name, out_dir, progress
+                    )
+                )
+            except KeyboardInterrupt:
+                # Ctrl-C or SIGTERM (the CLI maps it): no scenario leaves a cluster behind.
+                progress(f"scenario {name}: interrupted; stopping its cluster")
+                with contextlib.suppress(Exception):
+                    cluster.down(work / name, progress)
+                raise
             results.append(res)
             progress(
                 f"scenario {name}: {'ok' if res['ok'] else 'FAILED'} ({res['ops']} ops, "

@@ -387,6 +387,12 @@ def _cmd_chaos_run(args: argparse.Namespace) -> int:
     from chaos import runner
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+
+    def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM like Ctrl-C: the runner stops the scenario's cluster before exiting.
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         rep = runner.run(
             args.scenario,
@@ -396,9 +402,14 @@ def _cmd_chaos_run(args: argparse.Namespace) -> int:
             wan=args.wan,
             out_dir=args.out,
         )
+    except KeyboardInterrupt:
+        _err("chaos run interrupted")
+        return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - a crashed run is exit 1 with its reason
         _err(f"chaos run failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(rep, indent=2) if args.json else runner.summary(rep))
     if not rep["ok"]:
         _err(f"chaos run failed (seed {seed}); report and histories in {args.out}")
