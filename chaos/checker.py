@@ -16,8 +16,8 @@ DESIGN.md section 1 forbids:
   clean; ``unsettled``: transfers still pending after the drain.
 - ``below_floor`` (G3): a balance, read or final, below minus its overdraft limit.
 - ``stale_reads`` (G6): a session read older than the token it sent; a strong read older than a
-  write acknowledged before it began; a cached read older than a write acknowledged more than
-  the lag bound before it began.
+  write acknowledged before it began; a read served by the cache (cached, or session) older
+  than a write acknowledged more than the lag bound before it began.
 - ``stale_epoch_writes`` (G5): transfers stored on a shard that does not own their slot.
 
 Never imports router, regionstore, infra or bench: the runner hands it plain data.
@@ -264,8 +264,12 @@ def _check_reads(history: History, cached_bound_s: float, r: CheckResult) -> Non
 
 
 def _required_version(op: ReadOp, acked: _AckedVersions, cached_bound_s: float) -> int:
-    if op.level == "session":
-        return max(op.token_version, acked.before(op.account, op.invoke_t - cached_bound_s))
+    """The oldest version ``op`` may return: a strong read is linearizable; a session read is
+    at least its token; whatever the cache serves is within the lag bound."""
     if op.level == "strong":
         return acked.before(op.account, op.invoke_t)
-    return acked.before(op.account, op.invoke_t - cached_bound_s)
+    floor = acked.before(op.account, op.invoke_t - cached_bound_s)
+    if op.level == "session":
+        served_by_cache = (op.served_by or "").endswith("/cache")
+        return max(op.token_version, floor if served_by_cache else 0)
+    return floor

@@ -65,7 +65,8 @@ async def get_account(request: web.Request) -> web.Response:
     strong: the home primary. session: the region cache if its version is at least the one in
     the client's token, else this region's synchronous standby when it is closer than the
     primary and new enough, else the primary. cached: the region cache while the region's
-    invalidation relay is within its lag bound for the shard, else the primary.
+    invalidation relay is within its lag bound for the shard, else the primary. The cache
+    serves either level only within that bound.
     """
     principal = authorize(request, "accounts:read")
     account_id = _account_id(request)
@@ -102,10 +103,16 @@ async def read_account(
 
     if level == "session":
         needed = seen.get(account_id, 0)
-        try:
-            entry = await cache.get(shard.epoch, account_id)
-        except CacheUnavailable:
-            entry = None  # a Redis outage costs latency, never correctness
+        entry = None
+        # A session read from the cache is still a cached read: it must not be older than the
+        # lag bound either (G6), or a client that saw only old versions would be served from a
+        # cache whose relay died long ago (the chaos suite's kill-relays scenario found this).
+        lag = await request.app[RELAY_LAG].lag(shard)
+        if lag is not None and lag <= CACHED_LAG_BOUND_S:
+            try:
+                entry = await cache.get(shard.epoch, account_id)
+            except CacheUnavailable:
+                entry = None  # a Redis outage costs latency, never correctness
         if entry is not None and entry.version >= needed:
             return _visible(entry.payload, tenant), shard, "cache"
         standby = _closer_local_standby(request, shard, config.region)

@@ -256,3 +256,29 @@ def test_history_events_pair_invoke_and_completion() -> None:
     assert [e["type"] for e in events[:2]] == ["invoke", "ok"]
     times = [e["invoke_t"] if e["type"] == "invoke" else e["complete_t"] for e in events]
     assert times == sorted(times)
+
+
+@pytest.mark.parametrize(("served_by", "stale"), [("r2/cache", True), ("r2/standby", False)])
+def test_session_read_from_the_cache_is_bounded_by_the_lag_bound(
+    served_by: str, stale: bool
+) -> None:
+    """A session read that meets its (old) token is still a cached read when the cache served
+    it: older than a write acknowledged more than the bound before, it is stale."""
+    h, f = _world()
+    h.reads.append(
+        ReadOp(
+            5,
+            A,
+            "session",
+            "r2",
+            1.01 + BOUND_S + 0.1,
+            token_version=2,
+            complete_t=2.3,
+            outcome="ok",
+            version=2,
+            balance=100,
+            served_by=served_by,
+        )
+    )
+    r = _run(h, f)
+    assert r.stale_reads == (1 if stale else 0), r.anomalies
