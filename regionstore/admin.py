@@ -200,14 +200,50 @@ def ledger_check(admin_dsn: str) -> dict[str, Any]:
     }
 
 
+# Per outbound row: (count, sum of debits, sum of credits) on the source, on t1 (the transit
+# account leg 1 credited) and on t2 (the reroute's), and the count of all its entries here
+# (anything beyond those three is an entry on a wrong account). See _outbound_leg_problem.
+_OUT_LEGS_SQL: Final = (
+    "SELECT o.transfer_id, o.state, o.amount, o.credit_shard IS NOT NULL,"
+    " o.rerouted_from IS NOT NULL,"
+    " t1.account_id IS NULL OR (o.rerouted_from IS NOT NULL AND t2.account_id IS NULL),"
+    " count(e.amount),"
+    " count(e.amount) FILTER (WHERE e.account_id = o.source),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source AND e.amount < 0), 0),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source AND e.amount > 0), 0),"
+    " count(e.amount) FILTER (WHERE e.account_id = t1.account_id),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = t1.account_id AND e.amount < 0), 0),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = t1.account_id AND e.amount > 0), 0),"
+    " count(e.amount) FILTER (WHERE e.account_id = t2.account_id),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = t2.account_id AND e.amount < 0), 0),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = t2.account_id AND e.amount > 0), 0)"
+    " FROM txr.outbox o"
+    " LEFT JOIN txr.transit_accounts t1 ON t1.currency = o.currency"
+    "   AND t1.remote_shard = coalesce(o.rerouted_from, o.destination_shard)"
+    " LEFT JOIN txr.transit_accounts t2 ON t2.currency = o.currency"
+    "   AND t2.remote_shard = o.destination_shard AND o.rerouted_from IS NOT NULL"
+    " LEFT JOIN txr.ledger_entries e ON e.transfer_id = o.transfer_id"
+    " GROUP BY o.transfer_id, o.state, o.amount, o.credit_shard, o.rerouted_from, o.source,"
+    "   t1.account_id, t2.account_id"
+)
+
+
 def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
     """Everything ``consistency.reconcile.reconcile`` needs from this shard, read in one
     repeatable-read transaction (one consistent snapshot). See that module for the shape.
 
-    Besides the ledger_check rules it checks each cross-shard leg's entries here: a pending or
-    settled transfer has exactly leg 1 (source -a, transit +a), a reversed one also its
-    reversal (transit -a, source +a); an inbox row 'applied' has exactly (transit -a,
-    destination +a) and a refused one no entries at all.
+    Besides the ledger_check rules it checks each cross-shard leg's entries here, as
+    (count, debits, credits) per account role:
+
+    - outbound (the row names the transit account leg 1 credited, ``t1``): source -a and t1 +a;
+      a reversed one also t1 -a and source +a; a settled one rerouted by a slot move also
+      t1 -a and +a on the transit account toward the shard that applied it;
+    - inbound 'applied': transit -a and destination +a; refused: no entries at all;
+    - a row that arrived with a slot move (``credit_shard`` / ``debit_shard`` set) left its
+      transit entry on that shard: only its account's entries are here.
+
+    Postings whose entries sit on several shards (a slot move split them) are listed in
+    ``unbalanced_postings`` with this shard's part; reconcile sums them over all shards.
     """
     with _connect(admin_dsn) as conn:
         conn.read_only = True
@@ -234,60 +270,46 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
                 " JOIN txr.accounts a ON a.id = t.account_id"
             ).fetchall()
             outbox = conn.execute(
-                "SELECT transfer_id, destination_shard, amount, currency, state FROM txr.outbox"
+                "SELECT transfer_id, destination_shard, amount, currency, state, credit_shard"
+                " FROM txr.outbox"
             ).fetchall()
             inbox = conn.execute(
-                "SELECT transfer_id, source_shard, result FROM txr.inbox"
+                "SELECT transfer_id, source_shard, result, amount, currency, debit_shard"
+                " FROM txr.inbox"
             ).fetchall()
-            # Outbound legs: the entries each state must have, as (account, amount) multisets
-            # compared by count and per-side sums.
-            out_legs = conn.execute(
-                "SELECT o.transfer_id, o.state FROM txr.outbox o"
-                " JOIN txr.transit_accounts t"
-                "   ON t.remote_shard = o.destination_shard AND t.currency = o.currency"
-                " LEFT JOIN txr.ledger_entries e ON e.transfer_id = o.transfer_id"
-                " GROUP BY o.transfer_id, o.state, o.amount, o.source, t.account_id"
-                " HAVING count(e.amount) <> CASE o.state WHEN 'reversed' THEN 4 ELSE 2 END"
-                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source"
-                "      AND e.amount < 0), 0) <> -o.amount"
-                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id"
-                "      AND e.amount > 0), 0) <> o.amount"
-                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source"
-                "      AND e.amount > 0), 0)"
-                "      <> CASE o.state WHEN 'reversed' THEN o.amount ELSE 0 END"
-                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id"
-                "      AND e.amount < 0), 0)"
-                "      <> CASE o.state WHEN 'reversed' THEN -o.amount ELSE 0 END"
-            ).fetchall()
-            # An outbox row without its transit account cannot have had a valid leg 1.
-            orphan_out = conn.execute(
-                "SELECT o.transfer_id, o.state FROM txr.outbox o WHERE NOT EXISTS ("
-                " SELECT 1 FROM txr.transit_accounts t"
-                " WHERE t.remote_shard = o.destination_shard AND t.currency = o.currency)"
-            ).fetchall()
+            # Per outbound row: (count, sum of debits, sum of credits) on the source, on t1
+            # (leg 1's transit account) and on t2 (the reroute's), and the count of all its
+            # entries here (anything else is an entry on a wrong account).
+            out_legs = conn.execute(_OUT_LEGS_SQL).fetchall()
             in_legs = conn.execute(
                 "SELECT i.transfer_id, i.result FROM txr.inbox i"
                 " LEFT JOIN txr.transit_accounts t"
                 "   ON t.remote_shard = i.source_shard AND t.currency = i.currency"
                 " LEFT JOIN txr.ledger_entries e ON e.transfer_id = i.transfer_id"
-                " GROUP BY i.transfer_id, i.result, i.amount, i.destination, t.account_id"
-                " HAVING count(e.amount) <> CASE i.result WHEN 'applied' THEN 2 ELSE 0 END"
+                " GROUP BY i.transfer_id, i.result, i.amount, i.destination, i.debit_shard,"
+                "   t.account_id"
+                " HAVING count(e.amount) <> CASE WHEN i.result <> 'applied' THEN 0"
+                "     WHEN i.debit_shard IS NULL THEN 2 ELSE 1 END"
                 "   OR (i.result = 'applied' AND ("
                 "     coalesce(sum(e.amount) FILTER (WHERE e.account_id = i.destination), 0)"
                 "       <> i.amount"
-                "     OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id), 0)"
-                "       <> -i.amount))"
+                "     OR (i.debit_shard IS NULL AND coalesce(sum(e.amount)"
+                "       FILTER (WHERE e.account_id = t.account_id), 0) <> -i.amount)))"
+            ).fetchall()
+            owned = conn.execute("SELECT slot FROM txr.owned_slots ORDER BY slot").fetchall()
+            account_slots = conn.execute(
+                "SELECT DISTINCT id >> 48 FROM txr.accounts WHERE kind = 'customer' ORDER BY 1"
+            ).fetchall()
+            moves = conn.execute(
+                "SELECT move_id, direction, slot, epoch, peer_shard, amounts FROM txr.slot_moves"
             ).fetchall()
     transits: dict[str, dict[str, int]] = {}
     for remote, currency, balance in transit:
         transits.setdefault(remote, {})[currency] = int(balance)
     leg_violations = [
-        {"transfer_id": str(t), "state": s, "reason": "outbound leg entries wrong"}
-        for t, s in out_legs
-    ]
-    leg_violations += [
-        {"transfer_id": str(t), "state": s, "reason": "no transit account for its leg 1"}
-        for t, s in orphan_out
+        {"transfer_id": str(r[0]), "state": r[1], "reason": reason}
+        for r in out_legs
+        if (reason := _outbound_leg_problem(r))
     ]
     leg_violations += [
         {"transfer_id": str(t), "state": r, "reason": "inbound leg entries wrong"}
@@ -316,11 +338,59 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
                 "amount": int(a),
                 "currency": c,
                 "state": s,
+                "credit_shard": cs,
             }
-            for t, d, a, c, s in outbox
+            for t, d, a, c, s, cs in outbox
         ],
-        "inbox": [{"transfer_id": str(t), "source_shard": s, "result": r} for t, s, r in inbox],
+        "inbox": [
+            {
+                "transfer_id": str(t),
+                "source_shard": s,
+                "result": r,
+                "amount": int(a),
+                "currency": c,
+                "debit_shard": ds,
+            }
+            for t, s, r, a, c, ds in inbox
+        ],
+        "owned_slots": [int(r[0]) for r in owned],
+        "account_slots": [int(r[0]) for r in account_slots],
+        "moves": [
+            {
+                "move_id": str(m),
+                "direction": d,
+                "slot": int(sl),
+                "epoch": int(ep),
+                "peer_shard": p,
+                "amounts": {k: int(v) for k, v in am.items()},
+            }
+            for m, d, sl, ep, p, am in moves
+        ],
     }
+
+
+def _outbound_leg_problem(row: Sequence[Any]) -> str | None:
+    """Why an outbound row's entries here are wrong (see reconcile_snapshot), or None."""
+    _tid, state, amount, moved, rerouted, no_transit, n_all = row[:7]
+    src, t1, t2 = row[7:10], row[10:13], row[13:16]
+    if no_transit and not moved:
+        return "no transit account for its leg"
+    reversed_ = state == "reversed"
+    want_src = (2, -amount, amount) if reversed_ else (1, -amount, 0)
+    if moved:
+        # Its transit entries stayed on the shard that credited them.
+        want_t1: tuple[int, int, int] = (0, 0, 0)
+        want_t2 = (0, 0, 0)
+    elif reversed_:
+        want_t1, want_t2 = (2, -amount, amount), (0, 0, 0)
+    elif rerouted:
+        want_t1, want_t2 = (2, -amount, amount), (1, 0, amount)
+    else:
+        want_t1, want_t2 = (1, 0, amount), (0, 0, 0)
+    got = tuple(tuple(int(x) for x in part) for part in (src, t1, t2))
+    if got != (want_src, want_t1, want_t2) or n_all != want_src[0] + want_t1[0] + want_t2[0]:
+        return f"outbound leg entries wrong: (count, debits, credits) {got}"
+    return None
 
 
 # The fence's lock wait is bounded by FENCE_LOCK_TIMEOUT_MS; its COMMIT does not wait for the
