@@ -12,7 +12,7 @@ again), so these functions refuse to lower one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import psycopg
@@ -434,7 +434,8 @@ def fence_and_flush_lsn(admin_dsn: str) -> int:
 # What a slot's rows are, table by table: an account lives in the slot of its id; ledger
 # entries follow their account; a transfer, its idempotency key and its outbox message live
 # with the source account (the public transfer id carries the source's slot); an inbox row
-# lives with the destination account it credited.
+# lives with the destination account it credited. Transit accounts (and their entries) never
+# move: they belong to the shard, and the move posting (0003) accounts for what changed hands.
 _SLOT_ROWS: Final = (
     ("accounts", "kind = 'customer' AND id >> 48 = %(slot)s"),
     ("ledger_entries", "account_id >= 0 AND account_id >> 48 = %(slot)s"),
@@ -443,56 +444,97 @@ _SLOT_ROWS: Final = (
     ("outbox", "source >> 48 = %(slot)s"),
     ("inbox", "destination >> 48 = %(slot)s"),
 )
+_PENDING_OUT_SQL: Final = (
+    "SELECT count(*) FROM txr.outbox WHERE state = 'pending' AND source >> 48 = %(slot)s"
+)
 
 
-def move_slot_rows(
+class SlotMoveError(RuntimeError):
+    """A slot move step found the shards in a state it must not act on; nothing was changed."""
+
+
+def slot_outbound_pending(admin_dsn: str, slot: int, *, nudge: bool = False) -> int:
+    """Pending outbound transfers of ``slot``'s accounts on this shard. ``nudge``: make them due
+    now and wake the relays (a rehome waits for them; their backoff or a router's delivery
+    grace would only make it wait longer, and a second delivery is harmless)."""
+    _check_slot(slot)
+    params = {"slot": slot}
+    with _connect(admin_dsn) as conn, conn.transaction():
+        if nudge:
+            conn.execute(
+                "UPDATE txr.outbox SET next_attempt_at = now()"
+                " WHERE state = 'pending' AND source >> 48 = %(slot)s AND next_attempt_at > now()",
+                params,
+            )
+            conn.execute("SELECT pg_notify('txr_outbox', '')")
+        row = conn.execute(_PENDING_OUT_SQL, params).fetchone()
+    return int(row[0]) if row else 0
+
+
+def incoming_move(admin_dsn: str, slot: int, epoch: int) -> str | None:
+    """The source shard of the move that gave this shard ``slot`` at ``epoch``, if it did."""
+    _check_slot(slot)
+    with _connect(admin_dsn) as conn:
+        row = conn.execute(
+            "SELECT peer_shard FROM txr.slot_moves"
+            " WHERE direction = 'in' AND slot = %s AND epoch = %s",
+            (slot, epoch),
+        ).fetchone()
+    return str(row[0]) if row else None
+
+
+def _move_amounts(conn: psycopg.Connection[tuple[Any, ...]], move_id: str, direction: str) -> Any:
+    row = conn.execute(
+        "SELECT amounts FROM txr.slot_moves WHERE move_id = %s AND direction = %s",
+        (move_id, direction),
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def copy_slot_in(
     source_dsn: str,
     target_dsn: str,
     slot: int,
     *,
+    source_shard: str,
+    target_shard: str,
     new_epoch: int,
-    flip: Callable[[], None],
+    move_id: str,
 ) -> dict[str, int]:
-    """Move every row of ``slot`` from the source shard to the target shard.
+    """Copy every row of ``slot`` from the source to the target, post the target's half of the
+    move (0003) and own the slot there at ``new_epoch``: one target transaction.
 
-    The caller has already unowned the slot on the source (``set_slot(owned=False)``): no write
-    procedure touches its accounts any more. What still could is a relay settling one of the
-    slot's outbox messages (settle_outbound checks only the shard fence), so this locks those
-    rows and the slot's accounts first and holds the locks to the end.
-
-    1. source (READ COMMITTED, locks held): copy the rows out (COPY text format, exact types);
-    2. target, one transaction: copy them in, create the transit accounts pending messages will
-       settle against, own the slot at ``new_epoch``; commit;
-    3. ``flip()`` (the caller's etcd slot-map CAS): routers now send the slot to the target;
-    4. source: delete the rows and commit. A relay blocked on a moved message then finds it
-       gone; the target's relays deliver the copy, and leg 2 is idempotent by transfer id.
-
-    If ``flip`` raises, the source rolls back its (uncommitted) delete: the rows stay there,
-    unowned, and the slot is refused everywhere until an operator finishes the move; it is never
-    writable in two places. Returns the number of rows moved per table.
+    The source must already refuse the slot (``set_slot(owned=False)``) and hold no pending
+    outbound message of it (the rehome drains them): then no procedure can change its rows,
+    and one repeatable-read snapshot of them is the slot. Idempotent: a target that already
+    recorded this move is left alone. Returns the rows copied per table.
     """
     _check_slot(slot)
-    counts: dict[str, int] = {}
     params = {"slot": slot}
-    with _connect(source_dsn) as src, _connect(target_dsn) as dst, src.transaction():
-        src.execute(f"SET LOCAL lock_timeout = '{FENCE_LOCK_TIMEOUT_MS}ms'")
-        if src.execute("SELECT 1 FROM txr.owned_slots WHERE slot = %s", (slot,)).fetchone():
-            raise ValueError(f"slot {slot} is still owned by the source: unown it first")
-        src.execute(
-            "SELECT 1 FROM txr.accounts WHERE kind = 'customer' AND id >> 48 = %(slot)s"
-            " ORDER BY id FOR UPDATE",
-            params,
-        )
-        src.execute("SELECT 1 FROM txr.outbox WHERE source >> 48 = %(slot)s FOR UPDATE", params)
+    counts: dict[str, int] = {}
+    with _connect(target_dsn) as dst:
+        if _move_amounts(dst, move_id, "in") is not None:
+            return counts
+    with _connect(source_dsn) as src, _connect(target_dsn) as dst:
+        src.read_only = True
+        src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         data: dict[str, bytes] = {}
-        for table, where in _SLOT_ROWS:
-            query = sql.SQL("COPY (SELECT * FROM {} WHERE {}) TO STDOUT").format(
-                sql.Identifier("txr", table),
-                sql.SQL(where.replace("%(slot)s", str(int(slot)))),
-            )
-            with src.cursor().copy(query) as cp:
-                data[table] = b"".join(bytes(block) for block in cp)
-            counts[table] = data[table].count(b"\n")
+        with src.transaction():
+            if src.execute("SELECT 1 FROM txr.owned_slots WHERE slot = %s", (slot,)).fetchone():
+                raise SlotMoveError(f"slot {slot} is still owned by {source_shard}: unown it first")
+            pending = src.execute(_PENDING_OUT_SQL, params).fetchone()
+            if pending and pending[0]:
+                raise SlotMoveError(
+                    f"slot {slot} has {pending[0]} pending outbound transfers on {source_shard}"
+                )
+            for table, where in _SLOT_ROWS:
+                query = sql.SQL("COPY (SELECT * FROM {} WHERE {}) TO STDOUT").format(
+                    sql.Identifier("txr", table),
+                    sql.SQL(where.replace("%(slot)s", str(int(slot)))),
+                )
+                with src.cursor().copy(query) as cp:
+                    data[table] = b"".join(bytes(block) for block in cp)
+                counts[table] = data[table].count(b"\n")
         with dst.transaction():
             _lock_fence(dst)
             for table, _where in _SLOT_ROWS:
@@ -502,14 +544,12 @@ def move_slot_rows(
                     sql.SQL("COPY {} FROM STDIN").format(sql.Identifier("txr", table))
                 ) as cp:
                     cp.write(data[table])
-            # Settling a moved pending message (or reversing it) posts against the
-            # target's transit account toward its destination shard.
             dst.execute(
-                "SELECT txr.transit_account(destination_shard, currency::text)"
-                " FROM (SELECT DISTINCT destination_shard, currency FROM txr.outbox"
-                "       WHERE state = 'pending' AND source >> 48 = %(slot)s"
-                "       ORDER BY 1, 2) p",
-                params,
+                "SELECT txr.mark_moved_rows(%s, %s, %s)", (slot, source_shard, target_shard)
+            )
+            dst.execute(
+                "SELECT txr.post_slot_move(%s, 'in', %s, %s, %s)",
+                (move_id, slot, new_epoch, source_shard),
             )
             row = dst.execute(
                 "SELECT epoch FROM txr.owned_slots WHERE slot = %s FOR UPDATE", (slot,)
@@ -521,13 +561,48 @@ def move_slot_rows(
                 " ON CONFLICT (slot) DO UPDATE SET epoch = excluded.epoch",
                 (slot, new_epoch),
             )
-        flip()
+    return counts
+
+
+def finish_slot_out(
+    source_dsn: str, target_dsn: str, slot: int, *, target_shard: str, new_epoch: int, move_id: str
+) -> dict[str, int]:
+    """Post the source's half of the move and delete the slot's rows there: one source
+    transaction, after the target holds the copy and etcd points at it.
+
+    Both halves must carry the same amounts (checked before the commit; ``txr reconcile``
+    checks them again when it reads them back). Idempotent: a source that already recorded
+    the move is left alone. Returns the rows deleted per table.
+    """
+    _check_slot(slot)
+    params = {"slot": slot}
+    counts: dict[str, int] = {}
+    with _connect(target_dsn) as dst:
+        arrived = _move_amounts(dst, move_id, "in")
+    if arrived is None:
+        raise SlotMoveError(f"{target_shard} has not received move {move_id} of slot {slot}")
+    with _connect(source_dsn) as src, src.transaction():
+        src.execute(f"SET LOCAL lock_timeout = '{FENCE_LOCK_TIMEOUT_MS}ms'")
+        if _move_amounts(src, move_id, "out") is not None:
+            return counts
+        row = src.execute(
+            "SELECT txr.post_slot_move(%s, 'out', %s, %s, %s)",
+            (move_id, slot, new_epoch, target_shard),
+        ).fetchone()
+        left = row[0] if row else None
+        if left != arrived:
+            # Raising rolls the posting back: the rows stay, the move stays unfinished.
+            raise SlotMoveError(
+                f"move {move_id} of slot {slot}: the source holds {left}, "
+                f"but {target_shard} received {arrived}"
+            )
         # Children first (foreign keys: entries -> accounts).
         for table, where in reversed(_SLOT_ROWS):
-            src.execute(
+            cur = src.execute(
                 sql.SQL("DELETE FROM {} WHERE {}").format(
                     sql.Identifier("txr", table), sql.SQL(where)
                 ),
                 params,
             )
+            counts[table] = cur.rowcount
     return counts
