@@ -177,6 +177,12 @@ def reconcile(snapshots: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 f"{holder}: settled transfer {tid} credits transit toward {dst} but "
                 f"{got.get('debit_shard') or at} debited it"
             )
+        elif state == SETTLED and got["source_shard"] != (row.get("credit_shard") or holder):
+            problems.append(
+                f"{holder}: settled transfer {tid} was credited to transit on "
+                f"{row.get('credit_shard') or holder} but {at} debited its transit toward "
+                f"{got['source_shard']}"
+            )
         elif state == REVERSED and got["result"] == APPLIED:
             problems.append(f"{holder}: reversed transfer {tid} was applied at {at}")
     for tid, (at, row) in sorted(inboxes.items()):

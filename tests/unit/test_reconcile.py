@@ -334,6 +334,8 @@ def test_leg_2_on_a_new_owner_without_the_reroute_is_caught() -> None:
         # A moved balance that vanished on the way: the halves and the pair disagree.
         (_set(["t", "moves", 0, "amounts"], {"EUR": 80}), "its halves disagree"),
         (_set(["t", "unbalanced_postings", 0, "sum"], 99), "posting does not sum to zero: p1"),
+        # A final row that moved lost the name of the shard holding its transit credit.
+        (_set(["t", "outbox", 0, "credit_shard"], None), "credited to transit on t but a"),
     ],
 )
 def test_move_anomalies_are_reported(
