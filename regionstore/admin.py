@@ -207,7 +207,7 @@ _OUT_LEGS_SQL: Final = (
     "SELECT o.transfer_id, o.state, o.amount, o.credit_shard IS NOT NULL,"
     " o.rerouted_from IS NOT NULL,"
     " t1.account_id IS NULL OR (o.rerouted_from IS NOT NULL AND t2.account_id IS NULL),"
-    " count(e.amount),"
+    " i.transfer_id IS NOT NULL, count(e.amount),"
     " count(e.amount) FILTER (WHERE e.account_id = o.source),"
     " coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source AND e.amount < 0), 0),"
     " coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source AND e.amount > 0), 0),"
@@ -222,9 +222,33 @@ _OUT_LEGS_SQL: Final = (
     "   AND t1.remote_shard = coalesce(o.rerouted_from, o.destination_shard)"
     " LEFT JOIN txr.transit_accounts t2 ON t2.currency = o.currency"
     "   AND t2.remote_shard = o.destination_shard AND o.rerouted_from IS NOT NULL"
+    " LEFT JOIN txr.inbox i ON i.transfer_id = o.transfer_id"
     " LEFT JOIN txr.ledger_entries e ON e.transfer_id = o.transfer_id"
     " GROUP BY o.transfer_id, o.state, o.amount, o.credit_shard, o.rerouted_from, o.source,"
-    "   t1.account_id, t2.account_id"
+    "   t1.account_id, t2.account_id, i.transfer_id"
+)
+# Inbound rows whose entries here are wrong: the destination's credit (if applied) and the
+# transit debit (unless it stayed on another shard: debit_shard). A transfer whose leg 1 is
+# on this shard too (sent from here into a slot that moved here while it was in flight) shares
+# its transfer id and transit accounts with leg 1: only the destination's entries are checked
+# (the shard's sums, the per-posting sums and the pair checks cover the rest).
+_IN_LEGS_SQL: Final = (
+    "SELECT i.transfer_id, i.result FROM txr.inbox i"
+    " LEFT JOIN txr.transit_accounts t"
+    "   ON t.remote_shard = i.source_shard AND t.currency = i.currency"
+    " LEFT JOIN txr.outbox o ON o.transfer_id = i.transfer_id"
+    " LEFT JOIN txr.ledger_entries e ON e.transfer_id = i.transfer_id"
+    " GROUP BY i.transfer_id, i.result, i.amount, i.destination, i.debit_shard, t.account_id,"
+    "   o.transfer_id"
+    " HAVING count(e.amount) FILTER (WHERE e.account_id = i.destination)"
+    "     <> CASE WHEN i.result = 'applied' THEN 1 ELSE 0 END"
+    "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = i.destination), 0)"
+    "     <> CASE WHEN i.result = 'applied' THEN i.amount ELSE 0 END"
+    "   OR (o.transfer_id IS NULL AND count(e.amount) <> CASE WHEN i.result <> 'applied' THEN 0"
+    "     WHEN i.debit_shard IS NULL THEN 2 ELSE 1 END)"
+    "   OR (o.transfer_id IS NULL AND i.result = 'applied' AND i.debit_shard IS NULL"
+    "     AND coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id), 0)"
+    "       <> -i.amount)"
 )
 
 
@@ -281,21 +305,7 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
             # (leg 1's transit account) and on t2 (the reroute's), and the count of all its
             # entries here (anything else is an entry on a wrong account).
             out_legs = conn.execute(_OUT_LEGS_SQL).fetchall()
-            in_legs = conn.execute(
-                "SELECT i.transfer_id, i.result FROM txr.inbox i"
-                " LEFT JOIN txr.transit_accounts t"
-                "   ON t.remote_shard = i.source_shard AND t.currency = i.currency"
-                " LEFT JOIN txr.ledger_entries e ON e.transfer_id = i.transfer_id"
-                " GROUP BY i.transfer_id, i.result, i.amount, i.destination, i.debit_shard,"
-                "   t.account_id"
-                " HAVING count(e.amount) <> CASE WHEN i.result <> 'applied' THEN 0"
-                "     WHEN i.debit_shard IS NULL THEN 2 ELSE 1 END"
-                "   OR (i.result = 'applied' AND ("
-                "     coalesce(sum(e.amount) FILTER (WHERE e.account_id = i.destination), 0)"
-                "       <> i.amount"
-                "     OR (i.debit_shard IS NULL AND coalesce(sum(e.amount)"
-                "       FILTER (WHERE e.account_id = t.account_id), 0) <> -i.amount)))"
-            ).fetchall()
+            in_legs = conn.execute(_IN_LEGS_SQL).fetchall()
             owned = conn.execute("SELECT slot FROM txr.owned_slots ORDER BY slot").fetchall()
             account_slots = conn.execute(
                 "SELECT DISTINCT id >> 48 FROM txr.accounts WHERE kind = 'customer' ORDER BY 1"
@@ -371,12 +381,17 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
 
 def _outbound_leg_problem(row: Sequence[Any]) -> str | None:
     """Why an outbound row's entries here are wrong (see reconcile_snapshot), or None."""
-    _tid, state, amount, moved, rerouted, no_transit, n_all = row[:7]
-    src, t1, t2 = row[7:10], row[10:13], row[13:16]
+    _tid, state, amount, moved, rerouted, no_transit, self_delivered, n_all = row[:8]
+    src, t1, t2 = row[8:11], row[11:14], row[14:17]
     if no_transit and not moved:
         return "no transit account for its leg"
     reversed_ = state == "reversed"
     want_src = (2, -amount, amount) if reversed_ else (1, -amount, 0)
+    if self_delivered:
+        # Leg 2 landed here too (see _IN_LEGS_SQL): its entries share the transit accounts.
+        if tuple(int(x) for x in src) != want_src:
+            return f"outbound leg entries wrong: source (count, debits, credits) {tuple(src)}"
+        return None
     if moved:
         # Its transit entries stayed on the shard that credited them.
         want_t1: tuple[int, int, int] = (0, 0, 0)

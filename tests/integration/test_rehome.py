@@ -267,10 +267,11 @@ async def test_rehome_under_load_with_stale_router(cluster_dir: Path) -> None:
 async def test_in_flight_into_the_moved_slot_lands_on_the_new_owner(
     cluster_dir: Path, session: aiohttp.ClientSession
 ) -> None:
-    """Two transfers us-east-1 -> an account of a slot moving ap-south-1 -> eu-west-1: one not
-    yet delivered (leg 2 must land on eu-west-1, and us-east-1 moves its transit credit from
-    ap-south-1 to eu-west-1), one applied by ap-south-1 before the move but not yet marked (its
-    inbox row moves with the slot; the settle must leave the credit where it is)."""
+    """Transfers into an account of a slot moving ap-south-1 -> eu-west-1, in flight across the
+    move. From us-east-1: one not yet delivered (leg 2 must land on eu-west-1, and us-east-1
+    moves its transit credit from ap-south-1 to eu-west-1), one applied by ap-south-1 before
+    the move but not yet marked (its inbox row moves with the slot; the settle must leave the
+    credit where it is). From eu-west-1 itself: leg 2 lands on the sender's own shard."""
     d = cluster_dir
     c = Client(d, session)
     src = await _funded(c, "us-east", 1_000)
@@ -279,6 +280,9 @@ async def test_in_flight_into_the_moved_slot_lands_on_the_new_owner(
     assert dst_id is not None
     late = await _leg1_held(d, c, src, dst_id, 30, "ap-south-1")
     early = await _leg1_held(d, c, src, dst_id, 7, "ap-south-1")
+    # From the target itself: after the move its leg 2 lands on its own shard.
+    near_src = await _funded(c, "eu-west", 100)
+    near = await _leg1_held(d, c, near_src, dst_id, 11, "ap-south-1")
     # Leg 2 of `early` on ap-south-1, as a relay that dies before the settle would leave it.
     ap = ShardStore(_dsn(d, "ap-south-1"), name="ap-south-1", pool_min=1, pool_max=2)
     await ap.open(timeout_s=STORE_TIMEOUT_S)
@@ -304,17 +308,20 @@ async def test_in_flight_into_the_moved_slot_lands_on_the_new_owner(
         await _cli("rehome", "--slot", str(_slot(dst)), "--to", "eu-west-1", "--dir", str(d)) == 0
     )
     _nudge(d, "us-east-1")
+    _nudge(d, "eu-west-1")
     assert await _wait_final(d, late) == ("us-east-1", "settled", "eu-west-1")
     assert await _wait_final(d, early) == ("us-east-1", "settled", "ap-south-1")
-    for tid, amount in ((late, 30), (early, 7)):
+    assert await _wait_final(d, near) == ("eu-west-1", "settled", "eu-west-1")
+    for tid, amount in ((late, 30), (early, 7), (near, 11)):
         inbox, credits = _inbox_and_credits(d, tid)
         assert inbox == ["eu-west-1"]
         assert credits == [("eu-west-1", amount)]
     assert _q(
         d, "us-east-1", "SELECT rerouted_from FROM txr.outbox WHERE transfer_id = %s", (late,)
     ) == [("ap-south-1",)]
-    assert await _balance(c, dst) == 37
+    assert await _balance(c, dst) == 48
     assert await _balance(c, src) == 1_000 - 37
+    assert await _balance(c, near_src) == 100 - 11
     await _reconcile_clean(d)
 
 

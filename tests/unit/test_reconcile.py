@@ -345,3 +345,17 @@ def test_move_anomalies_are_reported(
     mutate(snaps)
     problems = reconcile(snaps)
     assert any(expect in p for p in problems), problems
+
+
+def test_leg_2_on_the_senders_own_shard() -> None:
+    """a sent z (4) named s for an account whose slot then moved to a: leg 2 debited a's
+    transit toward itself, the settle moved the credit there: every transit account is 0."""
+    snaps = moved()
+    a = snaps["a"]
+    a["transit"]["a"] = {"EUR": -4}
+    a["transit"]["s"] = {"EUR": -10 + 4}
+    a["outbox"].append(_out("z", "s", 4, "pending"))
+    a["inbox"].append(_inbox_row("z", "a", "applied", 4))
+    assert reconcile(snaps) == []
+    a["transit"]["a"] = {"EUR": -8}  # applied twice
+    assert reconcile(snaps) == ["a: EUR transit toward itself holds -8 but -4 is in flight"]
