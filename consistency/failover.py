@@ -451,6 +451,10 @@ class RehomeOps(Protocol):
         """The source of the move that gave ``shard`` the slot at ``epoch``, if one did."""
         ...
 
+    def shards(self) -> list[str]:
+        """Every shard of the deployment."""
+        ...
+
     def copy_in(
         self, source: str, target: str, slot: int, new_epoch: int, move_id: str
     ) -> dict[str, int]:
@@ -512,6 +516,20 @@ def rehome(
     new_epoch = epoch + 1
     move_id = slot_move_id(slot, new_epoch)
     clock.step(f"slot {slot}: {source} (epoch {epoch}) -> {to_shard}, move {move_id}")
+    # The move that brought the slot to the source may have stopped after its flip: finish it
+    # (a no-op when it finished), or the old shard would keep a copy of rows about to move on.
+    prior = ops.incoming_move(source, slot, epoch)
+    if prior is not None and ops.finish_out(prior, source, slot, epoch, slot_move_id(slot, epoch)):
+        clock.step(f"finished the earlier move {prior} -> {source} of slot {slot}")
+    # A move stopped after its copy must be finished toward the same target: copying to a
+    # second one would leave two shards owning the slot at the same epoch.
+    for other in ops.shards():
+        if other != to_shard and ops.incoming_move(other, slot, new_epoch) is not None:
+            raise FailoverRefused(
+                f"slot {slot} is half-moved to {other} (it holds the copy at epoch "
+                f"{new_epoch}): finish that move first with "
+                f"`txr rehome --slot {slot} --to {other}`"
+            )
     ops.unown(source, slot, epoch)
     clock.step(f"{source} no longer owns slot {slot}: writes to it refused")
 

@@ -412,6 +412,9 @@ class LocalRehomeOps:
     def incoming_move(self, shard: str, slot: int, epoch: int) -> str | None:
         return admin.incoming_move(self._primary_dsn(shard), slot, epoch)
 
+    def shards(self) -> list[str]:
+        return sorted({e["shard"] for e in self.ops.state.data.get("pg", [])})
+
     def copy_in(
         self, source: str, target: str, slot: int, new_epoch: int, move_id: str
     ) -> dict[str, int]:

@@ -444,14 +444,26 @@ async def test_interrupted_rehome_is_finished_by_a_rerun(
     assert admin.fence_state(_dsn(d, "eu-west-1"))["slots"][slot] == epoch + 1
     assert _rows_of_slot(d, slot)["eu-west-1"] == before_rows
     assert _owner(d, slot) == (("ap-south-1", epoch) if after else ("eu-west-1", epoch + 1))
+    if after:
+        # Stopped before the flip: only the same move can finish it; another target is
+        # refused before anything changes.
+        rc = await _cli("rehome", "--slot", str(slot), "--to", "us-east-1", "--dir", str(d))
+        assert rc == 1
+        assert _rows_of_slot(d, slot)["us-east-1"] == (0, 0, 0)
 
-    assert await _cli("rehome", "--slot", str(slot), "--to", "eu-west-1", "--dir", str(d)) == 0
+    if after:
+        assert await _cli("rehome", "--slot", str(slot), "--to", "eu-west-1", "--dir", str(d)) == 0
+        target, new_epoch = "eu-west-1", epoch + 1
+    else:
+        # Flipped already: moving it on (here: to us-east-1) first finishes the earlier move.
+        assert await _cli("rehome", "--slot", str(slot), "--to", "us-east-1", "--dir", str(d)) == 0
+        target, new_epoch = "us-east-1", epoch + 2
     rows = _rows_of_slot(d, slot)
-    assert rows["eu-west-1"] == before_rows
-    assert rows["ap-south-1"] == (0, 0, 0)
-    assert _owner(d, slot) == ("eu-west-1", epoch + 1)
-    # Idempotent: a third run changes nothing.
-    assert await _cli("rehome", "--slot", str(slot), "--to", "eu-west-1", "--dir", str(d)) == 0
+    assert rows[target] == before_rows
+    assert all(n == (0, 0, 0) for shard, n in rows.items() if shard != target), rows
+    assert _owner(d, slot) == (target, new_epoch)
+    # Idempotent: another run changes nothing.
+    assert await _cli("rehome", "--slot", str(slot), "--to", target, "--dir", str(d)) == 0
     assert _rows_of_slot(d, slot) == rows
     # Writes to the slot resume on the new owner, and the money is all there once.
     assert await c.acked("eu-west", peer, acc, 3)
