@@ -498,8 +498,11 @@ def rehome(
 
     A crash between steps leaves the slot refused everywhere (unavailable, never written twice);
     running the same command again reads where it stopped (the target's move record, etcd's
-    owner) and does only what is left. Transfers into the slot from other shards need nothing:
-    refused while it moves, their leg 2 lands on the new owner after the flip.
+    owner) and does only what is left; moving the slot on from a shard whose incoming move
+    stopped after its flip finishes that move first, and a copy sitting on a third shard makes
+    any other target refused. Transfers into the slot from other shards need nothing here:
+    refused while it moves, their leg 2 lands on the new owner after the flip, and the source's
+    settle moves its transit credit to match (migration 0003).
     """
     clock = _Clock(progress)
     source, epoch, rev = ops.slot_owner(slot)
