@@ -8,26 +8,46 @@ database and ``consistency`` never imports ``regionstore``)::
       "accounts": count of accounts (customer and transit),
       "totals": {currency: sum of all balances},            # must be 0 per currency
       "balance_mismatches": [...], "version_mismatches": [...],
-      "unbalanced_postings": [{"transfer_id", "sum"}],
+      "unbalanced_postings": [{"transfer_id", "sum"}],      # this shard's part of split postings
       "leg_violations": [{"transfer_id", "state", "reason"}], # cross-shard legs' entries wrong
       "transit": {remote_shard: {currency: balance}},
-      "outbox": [{"transfer_id", "destination_shard", "amount", "currency", "state"}],
-      "inbox": [{"transfer_id", "source_shard", "result"}],
+      "outbox": [{"transfer_id", "destination_shard", "amount", "currency", "state",
+                  "credit_shard"?}],
+      "inbox": [{"transfer_id", "source_shard", "result", "amount", "currency",
+                 "debit_shard"?}],
+      "owned_slots": [slot], "account_slots": [slot],       # optional
+      "moves": [{"move_id", "direction", "slot", "epoch", "peer_shard", "amounts"}],
     }
 
-The rules (DESIGN.md G4, section 6), for every unordered pair of shards (S, D) and currency:
+The rules (DESIGN.md G4, sections 6 and 7):
 
-    transit_S[D] + transit_D[S] == in_flight(S->D) + in_flight(D->S)
+1. Within each shard: balances sum to zero per currency, each account agrees with its entries,
+   each cross-shard leg has exactly its entries.
+2. Every posting sums to zero. Most postings live on one shard; a slot move leaves some split
+   between the shards (a past transfer between a moved and a staying account, the move posting
+   itself): their per-shard parts are summed over every shard, which is exact.
+3. For every unordered pair of shards (S, D) and currency, the transit accounts net to exactly
+   the money in flight between them::
 
-where ``in_flight(S->D)`` sums the amounts of S's pending outbox rows to D that D's inbox has not
-'applied' (a message D applied but S has not yet marked settled has moved its money already;
-one D refused is still in flight until S posts the reversal). Moreover a settled transfer has an
-'applied' inbox row at its destination, a reversed one a refusal there, and no inbox row exists
-without an outbox row at its source.
+       transit_S[D] + transit_D[S] == in flight between S and D
+
+   Each pending outbound row credited ``transit_C[N]`` (C the shard holding it, N its
+   ``destination_shard``); if its leg 2 was applied (the inbox row is on any shard), that
+   debited ``transit_L[R]`` (L the inbox row's ``debit_shard``, else the shard holding it; R
+   its ``source_shard``): normally the same pair, so it is no longer in flight; applied by a
+   new owner of the destination's slot, it is in flight +a on (C, N) and -a on (R, L) until the
+   source's settle moves its credit. Settled and reversed transfers must net to zero. A posted
+   half of a slot move carries its amounts through the S<->T pair (+ on the source, - on the
+   target): a finished move nets to zero.
+4. Every finished transfer agrees with its inbox row (found on whichever shard now holds it):
+   settled = 'applied' by the shard its credit names, reversed = refused; no inbox row exists
+   without its outbox row; no transfer has two outbox or two inbox rows.
+5. Slots: a slot's accounts live on one shard, which owns it; a half-done move (one half
+   posted) is named, with the command that finishes it.
 
 Snapshots of different shards are not taken at one instant: run this on a quiescent system, or
-repeat until a round comes back clean (a delivery between two snapshots can show a transient
-discrepancy, never hide a real one for good).
+repeat until a round comes back clean (a delivery or a move between two snapshots can show a
+transient discrepancy, never hide a real one for good).
 """
 
 from __future__ import annotations
@@ -45,21 +65,36 @@ REVERSED: Final = "reversed"
 _LOCAL_LISTS: Final = (
     ("balance_mismatches", "account balance != sum of its entries"),
     ("version_mismatches", "account version != entries + 1"),
-    ("unbalanced_postings", "posting does not sum to zero"),
     ("leg_violations", "cross-shard leg entries wrong"),
 )
 
+Pair = tuple[str, str]
 
-def _inbox_by_id(snapshot: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    return {str(row["transfer_id"]): row for row in snapshot.get("inbox", [])}
+
+def _pair(x: str, y: str) -> Pair:
+    return (x, y) if x <= y else (y, x)
+
+
+def _index(
+    snapshots: Mapping[str, Mapping[str, Any]], key: str, problems: list[str]
+) -> dict[str, tuple[str, Mapping[str, Any]]]:
+    """transfer id -> (holding shard, row) over every shard; a second holder is a problem."""
+    out: dict[str, tuple[str, Mapping[str, Any]]] = {}
+    for name, snap in sorted(snapshots.items()):
+        for row in snap.get(key, []):
+            tid = str(row["transfer_id"])
+            if tid in out:
+                problems.append(f"transfer {tid} has {key} rows on {out[tid][0]} and {name}")
+                continue
+            out[tid] = (name, row)
+    return out
 
 
 def reconcile(snapshots: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Discrepancy descriptions, one line each; an empty list means G4 holds."""
     problems: list[str] = []
-    inboxes = {name: _inbox_by_id(snap) for name, snap in snapshots.items()}
 
-    # 1. Within each shard: every posting balances, accounts agree with their entries.
+    # 1. Within each shard.
     for name, snap in sorted(snapshots.items()):
         for currency, total in sorted(snap.get("totals", {}).items()):
             if total != 0:
@@ -68,34 +103,62 @@ def reconcile(snapshots: Mapping[str, Mapping[str, Any]]) -> list[str]:
             for item in snap.get(key, []):
                 problems.append(f"{name}: {what}: {item}")
 
-    # 2. Each pair's transit accounts net to exactly the money in flight between them.
-    in_flight: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for src, snap in snapshots.items():
-        for row in snap.get("outbox", []):
-            if row["state"] != PENDING:
-                continue
-            dst = row["destination_shard"]
-            applied = inboxes.get(dst, {}).get(str(row["transfer_id"]))
-            if applied is not None and applied["result"] == APPLIED:
-                continue
-            in_flight[(src, dst)][row["currency"]] += int(row["amount"])
+    # 2. Every posting sums to zero over all shards.
+    parts: dict[str, dict[str, int]] = defaultdict(dict)
+    for name, snap in sorted(snapshots.items()):
+        for item in snap.get("unbalanced_postings", []):
+            parts[str(item["transfer_id"])][name] = int(item["sum"])
+    for tid, by_shard in sorted(parts.items()):
+        if sum(by_shard.values()) != 0:
+            problems.append(f"posting does not sum to zero: {tid} {dict(sorted(by_shard.items()))}")
+
+    outboxes = _index(snapshots, "outbox", problems)
+    inboxes = _index(snapshots, "inbox", problems)
+
+    # 3. Each pair's transit accounts net to exactly the money in flight between them.
+    flight: dict[Pair, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for tid, (holder, row) in outboxes.items():
+        if row["state"] != PENDING:
+            continue
+        credit = row.get("credit_shard") or holder
+        flight[_pair(credit, row["destination_shard"])][row["currency"]] += int(row["amount"])
+        found = inboxes.get(tid)
+        if found is not None and found[1]["result"] == APPLIED:
+            at, applied = found
+            debit = applied.get("debit_shard") or at
+            flight[_pair(debit, applied["source_shard"])][row["currency"]] -= int(row["amount"])
+    for name, snap in snapshots.items():
+        for move in snap.get("moves", []):
+            sign = 1 if move["direction"] == "out" else -1
+            for cur, amount in move["amounts"].items():
+                flight[_pair(name, move["peer_shard"])][cur] += sign * int(amount)
     names = sorted(snapshots)
     for s, d in combinations(names, 2):
         ts = snapshots[s].get("transit", {}).get(d, {})
         td = snapshots[d].get("transit", {}).get(s, {})
-        currencies = set(ts) | set(td) | set(in_flight[(s, d)]) | set(in_flight[(d, s)])
-        for cur in sorted(currencies):
+        expected = flight[(s, d)]
+        for cur in sorted(set(ts) | set(td) | set(expected)):
             net = int(ts.get(cur, 0)) + int(td.get(cur, 0))
-            flight = in_flight[(s, d)][cur] + in_flight[(d, s)][cur]
-            if net != flight:
+            if net != expected[cur]:
                 problems.append(
-                    f"{s}<->{d}: {cur} transit accounts net {net} but {flight} is in flight"
+                    f"{s}<->{d}: {cur} transit accounts net {net} but {expected[cur]} is in flight"
+                )
+    # A shard's transit account toward itself: leg 2 of a transfer it sent landed on itself
+    # (the destination's slot moved here while the transfer was in flight).
+    for name, snap in sorted(snapshots.items()):
+        own = snap.get("transit", {}).get(name, {})
+        expected = flight[(name, name)]
+        for cur in sorted(set(own) | set(expected)):
+            if int(own.get(cur, 0)) != expected[cur]:
+                problems.append(
+                    f"{name}: {cur} transit toward itself holds {own.get(cur, 0)} but "
+                    f"{expected[cur]} is in flight"
                 )
     # Transit toward a shard we have no snapshot of cannot be checked: say so if not zero.
     for name, snap in sorted(snapshots.items()):
         for remote, balances in sorted(snap.get("transit", {}).items()):
             if remote in snapshots:
-                continue
+                continue  # checked above (pairs, or toward itself)
             for cur, bal in sorted(balances.items()):
                 if bal != 0:
                     problems.append(
@@ -103,37 +166,96 @@ def reconcile(snapshots: Mapping[str, Mapping[str, Any]]) -> list[str]:
                         f"but {remote} is not in the snapshots"
                     )
 
-    # 3. Every finished transfer agrees with its destination's inbox.
-    for src, snap in sorted(snapshots.items()):
-        for row in snap.get("outbox", []):
-            state, dst, tid = row["state"], row["destination_shard"], str(row["transfer_id"])
-            if state == PENDING:
-                continue
-            if dst not in snapshots:
-                problems.append(f"{src}: {state} transfer {tid} to unknown shard {dst}")
-                continue
-            got = inboxes[dst].get(tid)
-            if got is None:
-                problems.append(f"{src}: {state} transfer {tid} has no inbox row at {dst}")
-            elif state == SETTLED and got["result"] != APPLIED:
-                problems.append(
-                    f"{src}: settled transfer {tid} was refused at {dst} ({got['result']})"
-                )
-            elif state == REVERSED and got["result"] == APPLIED:
-                problems.append(f"{src}: reversed transfer {tid} was applied at {dst}")
+    # 4. Every finished transfer agrees with its inbox row, wherever that row lives now.
+    for tid, (holder, row) in sorted(outboxes.items()):
+        state, dst = row["state"], row["destination_shard"]
+        if state == PENDING:
+            continue
+        if dst not in snapshots:
+            problems.append(f"{holder}: {state} transfer {tid} to unknown shard {dst}")
+            continue
+        found = inboxes.get(tid)
+        if found is None:
+            problems.append(f"{holder}: {state} transfer {tid} has no inbox row (sent to {dst})")
+            continue
+        at, got = found
+        if state == SETTLED and got["result"] != APPLIED:
+            problems.append(
+                f"{holder}: settled transfer {tid} was refused at {at} ({got['result']})"
+            )
+        elif state == SETTLED and (got.get("debit_shard") or at) != dst:
+            problems.append(
+                f"{holder}: settled transfer {tid} credits transit toward {dst} but "
+                f"{got.get('debit_shard') or at} debited it"
+            )
+        elif state == SETTLED and got["source_shard"] != (row.get("credit_shard") or holder):
+            problems.append(
+                f"{holder}: settled transfer {tid} was credited to transit on "
+                f"{row.get('credit_shard') or holder} but {at} debited its transit toward "
+                f"{got['source_shard']}"
+            )
+        elif state == REVERSED and got["result"] == APPLIED:
+            problems.append(f"{holder}: reversed transfer {tid} was applied at {at}")
+    for tid, (at, row) in sorted(inboxes.items()):
+        src = row["source_shard"]
+        if src not in snapshots:
+            problems.append(f"{at}: inbox row {tid} from unknown shard {src}")
+        elif tid not in outboxes:
+            problems.append(f"{at}: inbox row {tid} has no outbox row (sent by {src})")
 
-    # 4. No inbox row without its outbox row at the source.
-    outboxes = {
-        name: {str(r["transfer_id"]) for r in snap.get("outbox", [])}
-        for name, snap in snapshots.items()
-    }
-    for dst, inbox in sorted(inboxes.items()):
-        for tid, row in sorted(inbox.items()):
-            src = row["source_shard"]
-            if src not in outboxes:
-                problems.append(f"{dst}: inbox row {tid} from unknown shard {src}")
-            elif tid not in outboxes[src]:
-                problems.append(f"{dst}: inbox row {tid} has no outbox row at {src}")
+    # 5. Slots and moves.
+    problems += _slot_problems(snapshots)
+    return problems
+
+
+def _slot_problems(snapshots: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    problems: list[str] = []
+    holders: dict[int, list[str]] = defaultdict(list)
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, snap in sorted(snapshots.items()):
+        for slot in snap.get("account_slots", []):
+            holders[int(slot)].append(name)
+        for slot in snap.get("owned_slots", []):
+            owners[int(slot)].append(name)
+    for slot, names in sorted(owners.items()):
+        if len(names) > 1:
+            problems.append(f"slot {slot} is owned by {', '.join(names)}")
+    halves: dict[str, dict[str, tuple[str, Mapping[str, Any]]]] = defaultdict(dict)
+    for name, snap in sorted(snapshots.items()):
+        for move in snap.get("moves", []):
+            halves[str(move["move_id"])][move["direction"]] = (name, move)
+    unfinished: set[int] = set()
+    for move_id, sides in sorted(halves.items()):
+        if "in" in sides and "out" in sides:
+            (tgt, m_in), (src, m_out) = sides["in"], sides["out"]
+            if (m_in["peer_shard"], m_out["peer_shard"], m_in["amounts"]) != (
+                src,
+                tgt,
+                m_out["amounts"],
+            ):
+                problems.append(f"slot move {move_id}: its halves disagree: {m_in} vs {m_out}")
+            continue
+        direction, (name, move) = next(iter(sides.items()))
+        slot = int(move["slot"])
+        if direction == "in" and move["peer_shard"] in snapshots:
+            unfinished.add(slot)
+            problems.append(
+                f"slot {slot}: move {move['peer_shard']} -> {name} (epoch {move['epoch']}) is "
+                f"unfinished: run `txr rehome --slot {slot} --to {name}` to finish it"
+            )
+        elif direction == "out" and move["peer_shard"] in snapshots:
+            problems.append(f"slot move {move_id}: {name} posted its half, the target none")
+    if not all("account_slots" in s and "owned_slots" in s for s in snapshots.values()):
+        return problems  # older snapshots: nothing to check slots against
+    for slot, names in sorted(holders.items()):
+        if len(names) > 1 and slot not in unfinished:
+            problems.append(f"slot {slot}: accounts on {', '.join(names)}")
+        not_owning = [n for n in names if n not in owners.get(slot, [])]
+        if not_owning and slot not in unfinished:
+            problems.append(
+                f"slot {slot}: accounts on {', '.join(not_owning)}, which does not own it "
+                "(a rehome stopped part way? rerun it)"
+            )
     return problems
 
 

@@ -304,21 +304,36 @@ def _cmd_rejoin(args: argparse.Namespace) -> int:
     )
 
 
+# The slot is refused while a rehome waits: an operator may shorten the wait, not make it
+# unbounded.
+REHOME_DRAIN_TIMEOUT_S_MAX: Final = 600.0
+
+
+def _drain_timeout(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= REHOME_DRAIN_TIMEOUT_S_MAX:
+        raise argparse.ArgumentTypeError(f"between 0 and {REHOME_DRAIN_TIMEOUT_S_MAX:.0f}")
+    return value
+
+
 def _cmd_rehome(args: argparse.Namespace) -> int:
     try:
-        result = real_ops.rehome(args.dir, args.slot, args.to, progress=_step)
+        result = real_ops.rehome(
+            args.dir, args.slot, args.to, progress=_step, drain_timeout_s=args.drain_timeout
+        )
     except procedures.FailoverRefused as exc:
         _err(f"rehome refused: {exc}")
         return EXIT_FAILED
-    except _OP_ERRORS as exc:
+    except (*_OP_ERRORS, admin.SlotMoveError) as exc:
         _err(f"rehome failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
         print(
-            f"slot {result['slot']} moved {result['from']} -> {result['to']} "
-            f"(slot epoch {result['epoch']}): {result['copied']}"
+            f"slot {result['slot']} {'move finished' if result['resumed'] else 'moved'} "
+            f"{result['from']} -> {result['to']} (slot epoch {result['epoch']}, move "
+            f"{result['move_id']}): copied {result['copied']}, deleted {result['deleted']}"
         )
     return EXIT_OK
 
@@ -498,6 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dir(p)
     p.add_argument("--slot", type=int, required=True)
     p.add_argument("--to", required=True, metavar="SHARD")
+    p.add_argument(
+        "--drain-timeout",
+        type=_drain_timeout,
+        default=procedures.REHOME_DRAIN_TIMEOUT_S,
+        metavar="S",
+        help="seconds to wait for the slot's outbound transfers in flight before rolling back",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_rehome)
 

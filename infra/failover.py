@@ -14,7 +14,6 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -415,15 +414,41 @@ class LocalRehomeOps:
     def unown(self, shard: str, slot: int, epoch: int) -> None:
         admin.set_slot(self._primary_dsn(shard), slot, epoch=epoch, owned=False)
 
-    def move_rows(
-        self, source: str, target: str, slot: int, new_epoch: int, flip: Callable[[], None]
+    def own(self, shard: str, slot: int, epoch: int) -> None:
+        admin.set_slot(self._primary_dsn(shard), slot, epoch=epoch, owned=True)
+
+    def pending_outbound(self, shard: str, slot: int, *, nudge: bool) -> int:
+        return admin.slot_outbound_pending(self._primary_dsn(shard), slot, nudge=nudge)
+
+    def incoming_move(self, shard: str, slot: int, epoch: int) -> str | None:
+        return admin.incoming_move(self._primary_dsn(shard), slot, epoch)
+
+    def shards(self) -> list[str]:
+        return sorted({e["shard"] for e in self.ops.state.data.get("pg", [])})
+
+    def copy_in(
+        self, source: str, target: str, slot: int, new_epoch: int, move_id: str
     ) -> dict[str, int]:
-        return admin.move_slot_rows(
+        return admin.copy_slot_in(
             self._primary_dsn(source),
             self._primary_dsn(target),
             slot,
+            source_shard=source,
+            target_shard=target,
             new_epoch=new_epoch,
-            flip=flip,
+            move_id=move_id,
+        )
+
+    def finish_out(
+        self, source: str, target: str, slot: int, new_epoch: int, move_id: str
+    ) -> dict[str, int]:
+        return admin.finish_slot_out(
+            self._primary_dsn(source),
+            self._primary_dsn(target),
+            slot,
+            target_shard=target,
+            new_epoch=new_epoch,
+            move_id=move_id,
         )
 
     def cas_slot(self, slot: int, shard: str, epoch: int, expected_revision: int) -> None:
@@ -441,7 +466,23 @@ class LocalRehomeOps:
         cluster._run_async(run)
 
 
-def rehome(cluster_dir: Path, slot: int, to_shard: str, *, progress: Progress) -> dict[str, Any]:
+def rehome(
+    cluster_dir: Path,
+    slot: int,
+    to_shard: str,
+    *,
+    progress: Progress,
+    drain_timeout_s: float = procedures.REHOME_DRAIN_TIMEOUT_S,
+    ops: procedures.RehomeOps | None = None,
+) -> dict[str, Any]:
+    """``consistency.failover.rehome`` on the local cluster; ``ops`` replaces the real
+    operations (tests wrap them to stop a move part way)."""
     if not 0 <= slot < SLOT_COUNT:
         raise FailoverRefused(f"slot {slot} outside 0..{SLOT_COUNT - 1}")
-    return procedures.rehome(LocalRehomeOps(cluster_dir), slot, to_shard, progress=progress)
+    return procedures.rehome(
+        ops or LocalRehomeOps(cluster_dir),
+        slot,
+        to_shard,
+        progress=progress,
+        drain_timeout_s=drain_timeout_s,
+    )

@@ -12,7 +12,7 @@ again), so these functions refuse to lower one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import psycopg
@@ -200,14 +200,74 @@ def ledger_check(admin_dsn: str) -> dict[str, Any]:
     }
 
 
+# Per outbound row: (count, sum of debits, sum of credits) on the source, on t1 (the transit
+# account leg 1 credited) and on t2 (the reroute's), and the count of all its entries here
+# (anything beyond those three is an entry on a wrong account). See _outbound_leg_problem.
+_OUT_LEGS_SQL: Final = (
+    "SELECT o.transfer_id, o.state, o.amount, o.credit_shard IS NOT NULL,"
+    " o.rerouted_from IS NOT NULL,"
+    " t1.account_id IS NULL OR (o.rerouted_from IS NOT NULL AND t2.account_id IS NULL),"
+    " i.transfer_id IS NOT NULL, count(e.amount),"
+    " count(e.amount) FILTER (WHERE e.account_id = o.source),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source AND e.amount < 0), 0),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source AND e.amount > 0), 0),"
+    " count(e.amount) FILTER (WHERE e.account_id = t1.account_id),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = t1.account_id AND e.amount < 0), 0),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = t1.account_id AND e.amount > 0), 0),"
+    " count(e.amount) FILTER (WHERE e.account_id = t2.account_id),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = t2.account_id AND e.amount < 0), 0),"
+    " coalesce(sum(e.amount) FILTER (WHERE e.account_id = t2.account_id AND e.amount > 0), 0)"
+    " FROM txr.outbox o"
+    " LEFT JOIN txr.transit_accounts t1 ON t1.currency = o.currency"
+    "   AND t1.remote_shard = coalesce(o.rerouted_from, o.destination_shard)"
+    " LEFT JOIN txr.transit_accounts t2 ON t2.currency = o.currency"
+    "   AND t2.remote_shard = o.destination_shard AND o.rerouted_from IS NOT NULL"
+    " LEFT JOIN txr.inbox i ON i.transfer_id = o.transfer_id"
+    " LEFT JOIN txr.ledger_entries e ON e.transfer_id = o.transfer_id"
+    " GROUP BY o.transfer_id, o.state, o.amount, o.credit_shard, o.rerouted_from, o.source,"
+    "   t1.account_id, t2.account_id, i.transfer_id"
+)
+# Inbound rows whose entries here are wrong: the destination's credit (if applied) and the
+# transit debit (unless it stayed on another shard: debit_shard). A transfer whose leg 1 is
+# on this shard too (sent from here into a slot that moved here while it was in flight) shares
+# its transfer id and transit accounts with leg 1: only the destination's entries are checked
+# (the shard's sums, the per-posting sums and the pair checks cover the rest).
+_IN_LEGS_SQL: Final = (
+    "SELECT i.transfer_id, i.result FROM txr.inbox i"
+    " LEFT JOIN txr.transit_accounts t"
+    "   ON t.remote_shard = i.source_shard AND t.currency = i.currency"
+    " LEFT JOIN txr.outbox o ON o.transfer_id = i.transfer_id"
+    " LEFT JOIN txr.ledger_entries e ON e.transfer_id = i.transfer_id"
+    " GROUP BY i.transfer_id, i.result, i.amount, i.destination, i.debit_shard, t.account_id,"
+    "   o.transfer_id"
+    " HAVING count(e.amount) FILTER (WHERE e.account_id = i.destination)"
+    "     <> CASE WHEN i.result = 'applied' THEN 1 ELSE 0 END"
+    "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = i.destination), 0)"
+    "     <> CASE WHEN i.result = 'applied' THEN i.amount ELSE 0 END"
+    "   OR (o.transfer_id IS NULL AND count(e.amount) <> CASE WHEN i.result <> 'applied' THEN 0"
+    "     WHEN i.debit_shard IS NULL THEN 2 ELSE 1 END)"
+    "   OR (o.transfer_id IS NULL AND i.result = 'applied' AND i.debit_shard IS NULL"
+    "     AND coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id), 0)"
+    "       <> -i.amount)"
+)
+
+
 def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
     """Everything ``consistency.reconcile.reconcile`` needs from this shard, read in one
     repeatable-read transaction (one consistent snapshot). See that module for the shape.
 
-    Besides the ledger_check rules it checks each cross-shard leg's entries here: a pending or
-    settled transfer has exactly leg 1 (source -a, transit +a), a reversed one also its
-    reversal (transit -a, source +a); an inbox row 'applied' has exactly (transit -a,
-    destination +a) and a refused one no entries at all.
+    Besides the ledger_check rules it checks each cross-shard leg's entries here, as
+    (count, debits, credits) per account role:
+
+    - outbound (the row names the transit account leg 1 credited, ``t1``): source -a and t1 +a;
+      a reversed one also t1 -a and source +a; a settled one rerouted by a slot move also
+      t1 -a and +a on the transit account toward the shard that applied it;
+    - inbound 'applied': transit -a and destination +a; refused: no entries at all;
+    - a row that arrived with a slot move (``credit_shard`` / ``debit_shard`` set) left its
+      transit entry on that shard: only its account's entries are here.
+
+    Postings whose entries sit on several shards (a slot move split them) are listed in
+    ``unbalanced_postings`` with this shard's part; reconcile sums them over all shards.
     """
     with _connect(admin_dsn) as conn:
         conn.read_only = True
@@ -234,60 +294,32 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
                 " JOIN txr.accounts a ON a.id = t.account_id"
             ).fetchall()
             outbox = conn.execute(
-                "SELECT transfer_id, destination_shard, amount, currency, state FROM txr.outbox"
+                "SELECT transfer_id, destination_shard, amount, currency, state, credit_shard"
+                " FROM txr.outbox"
             ).fetchall()
             inbox = conn.execute(
-                "SELECT transfer_id, source_shard, result FROM txr.inbox"
+                "SELECT transfer_id, source_shard, result, amount, currency, debit_shard"
+                " FROM txr.inbox"
             ).fetchall()
-            # Outbound legs: the entries each state must have, as (account, amount) multisets
-            # compared by count and per-side sums.
-            out_legs = conn.execute(
-                "SELECT o.transfer_id, o.state FROM txr.outbox o"
-                " JOIN txr.transit_accounts t"
-                "   ON t.remote_shard = o.destination_shard AND t.currency = o.currency"
-                " LEFT JOIN txr.ledger_entries e ON e.transfer_id = o.transfer_id"
-                " GROUP BY o.transfer_id, o.state, o.amount, o.source, t.account_id"
-                " HAVING count(e.amount) <> CASE o.state WHEN 'reversed' THEN 4 ELSE 2 END"
-                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source"
-                "      AND e.amount < 0), 0) <> -o.amount"
-                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id"
-                "      AND e.amount > 0), 0) <> o.amount"
-                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = o.source"
-                "      AND e.amount > 0), 0)"
-                "      <> CASE o.state WHEN 'reversed' THEN o.amount ELSE 0 END"
-                "   OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id"
-                "      AND e.amount < 0), 0)"
-                "      <> CASE o.state WHEN 'reversed' THEN -o.amount ELSE 0 END"
+            # Per outbound row: (count, sum of debits, sum of credits) on the source, on t1
+            # (leg 1's transit account) and on t2 (the reroute's), and the count of all its
+            # entries here (anything else is an entry on a wrong account).
+            out_legs = conn.execute(_OUT_LEGS_SQL).fetchall()
+            in_legs = conn.execute(_IN_LEGS_SQL).fetchall()
+            owned = conn.execute("SELECT slot FROM txr.owned_slots ORDER BY slot").fetchall()
+            account_slots = conn.execute(
+                "SELECT DISTINCT id >> 48 FROM txr.accounts WHERE kind = 'customer' ORDER BY 1"
             ).fetchall()
-            # An outbox row without its transit account cannot have had a valid leg 1.
-            orphan_out = conn.execute(
-                "SELECT o.transfer_id, o.state FROM txr.outbox o WHERE NOT EXISTS ("
-                " SELECT 1 FROM txr.transit_accounts t"
-                " WHERE t.remote_shard = o.destination_shard AND t.currency = o.currency)"
-            ).fetchall()
-            in_legs = conn.execute(
-                "SELECT i.transfer_id, i.result FROM txr.inbox i"
-                " LEFT JOIN txr.transit_accounts t"
-                "   ON t.remote_shard = i.source_shard AND t.currency = i.currency"
-                " LEFT JOIN txr.ledger_entries e ON e.transfer_id = i.transfer_id"
-                " GROUP BY i.transfer_id, i.result, i.amount, i.destination, t.account_id"
-                " HAVING count(e.amount) <> CASE i.result WHEN 'applied' THEN 2 ELSE 0 END"
-                "   OR (i.result = 'applied' AND ("
-                "     coalesce(sum(e.amount) FILTER (WHERE e.account_id = i.destination), 0)"
-                "       <> i.amount"
-                "     OR coalesce(sum(e.amount) FILTER (WHERE e.account_id = t.account_id), 0)"
-                "       <> -i.amount))"
+            moves = conn.execute(
+                "SELECT move_id, direction, slot, epoch, peer_shard, amounts FROM txr.slot_moves"
             ).fetchall()
     transits: dict[str, dict[str, int]] = {}
     for remote, currency, balance in transit:
         transits.setdefault(remote, {})[currency] = int(balance)
     leg_violations = [
-        {"transfer_id": str(t), "state": s, "reason": "outbound leg entries wrong"}
-        for t, s in out_legs
-    ]
-    leg_violations += [
-        {"transfer_id": str(t), "state": s, "reason": "no transit account for its leg 1"}
-        for t, s in orphan_out
+        {"transfer_id": str(r[0]), "state": r[1], "reason": reason}
+        for r in out_legs
+        if (reason := _outbound_leg_problem(r))
     ]
     leg_violations += [
         {"transfer_id": str(t), "state": r, "reason": "inbound leg entries wrong"}
@@ -316,11 +348,64 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
                 "amount": int(a),
                 "currency": c,
                 "state": s,
+                "credit_shard": cs,
             }
-            for t, d, a, c, s in outbox
+            for t, d, a, c, s, cs in outbox
         ],
-        "inbox": [{"transfer_id": str(t), "source_shard": s, "result": r} for t, s, r in inbox],
+        "inbox": [
+            {
+                "transfer_id": str(t),
+                "source_shard": s,
+                "result": r,
+                "amount": int(a),
+                "currency": c,
+                "debit_shard": ds,
+            }
+            for t, s, r, a, c, ds in inbox
+        ],
+        "owned_slots": [int(r[0]) for r in owned],
+        "account_slots": [int(r[0]) for r in account_slots],
+        "moves": [
+            {
+                "move_id": str(m),
+                "direction": d,
+                "slot": int(sl),
+                "epoch": int(ep),
+                "peer_shard": p,
+                "amounts": {k: int(v) for k, v in am.items()},
+            }
+            for m, d, sl, ep, p, am in moves
+        ],
     }
+
+
+def _outbound_leg_problem(row: Sequence[Any]) -> str | None:
+    """Why an outbound row's entries here are wrong (see reconcile_snapshot), or None."""
+    _tid, state, amount, moved, rerouted, no_transit, self_delivered, n_all = row[:8]
+    src, t1, t2 = row[8:11], row[11:14], row[14:17]
+    if no_transit and not moved:
+        return "no transit account for its leg"
+    reversed_ = state == "reversed"
+    want_src = (2, -amount, amount) if reversed_ else (1, -amount, 0)
+    if self_delivered:
+        # Leg 2 landed here too (see _IN_LEGS_SQL): its entries share the transit accounts.
+        if tuple(int(x) for x in src) != want_src:
+            return f"outbound leg entries wrong: source (count, debits, credits) {tuple(src)}"
+        return None
+    if moved:
+        # Its transit entries stayed on the shard that credited them.
+        want_t1: tuple[int, int, int] = (0, 0, 0)
+        want_t2 = (0, 0, 0)
+    elif reversed_:
+        want_t1, want_t2 = (2, -amount, amount), (0, 0, 0)
+    elif rerouted:
+        want_t1, want_t2 = (2, -amount, amount), (1, 0, amount)
+    else:
+        want_t1, want_t2 = (1, 0, amount), (0, 0, 0)
+    got = tuple(tuple(int(x) for x in part) for part in (src, t1, t2))
+    if got != (want_src, want_t1, want_t2) or n_all != want_src[0] + want_t1[0] + want_t2[0]:
+        return f"outbound leg entries wrong: (count, debits, credits) {got}"
+    return None
 
 
 # The fence's lock wait is bounded by FENCE_LOCK_TIMEOUT_MS; its COMMIT does not wait for the
@@ -364,7 +449,8 @@ def fence_and_flush_lsn(admin_dsn: str) -> int:
 # What a slot's rows are, table by table: an account lives in the slot of its id; ledger
 # entries follow their account; a transfer, its idempotency key and its outbox message live
 # with the source account (the public transfer id carries the source's slot); an inbox row
-# lives with the destination account it credited.
+# lives with the destination account it credited. Transit accounts (and their entries) never
+# move: they belong to the shard, and the move posting (0003) accounts for what changed hands.
 _SLOT_ROWS: Final = (
     ("accounts", "kind = 'customer' AND id >> 48 = %(slot)s"),
     ("ledger_entries", "account_id >= 0 AND account_id >> 48 = %(slot)s"),
@@ -373,56 +459,97 @@ _SLOT_ROWS: Final = (
     ("outbox", "source >> 48 = %(slot)s"),
     ("inbox", "destination >> 48 = %(slot)s"),
 )
+_PENDING_OUT_SQL: Final = (
+    "SELECT count(*) FROM txr.outbox WHERE state = 'pending' AND source >> 48 = %(slot)s"
+)
 
 
-def move_slot_rows(
+class SlotMoveError(RuntimeError):
+    """A slot move step found the shards in a state it must not act on; nothing was changed."""
+
+
+def slot_outbound_pending(admin_dsn: str, slot: int, *, nudge: bool = False) -> int:
+    """Pending outbound transfers of ``slot``'s accounts on this shard. ``nudge``: make them due
+    now and wake the relays (a rehome waits for them; their backoff or a router's delivery
+    grace would only make it wait longer, and a second delivery is harmless)."""
+    _check_slot(slot)
+    params = {"slot": slot}
+    with _connect(admin_dsn) as conn, conn.transaction():
+        if nudge:
+            conn.execute(
+                "UPDATE txr.outbox SET next_attempt_at = now()"
+                " WHERE state = 'pending' AND source >> 48 = %(slot)s AND next_attempt_at > now()",
+                params,
+            )
+            conn.execute("SELECT pg_notify('txr_outbox', '')")
+        row = conn.execute(_PENDING_OUT_SQL, params).fetchone()
+    return int(row[0]) if row else 0
+
+
+def incoming_move(admin_dsn: str, slot: int, epoch: int) -> str | None:
+    """The source shard of the move that gave this shard ``slot`` at ``epoch``, if it did."""
+    _check_slot(slot)
+    with _connect(admin_dsn) as conn:
+        row = conn.execute(
+            "SELECT peer_shard FROM txr.slot_moves"
+            " WHERE direction = 'in' AND slot = %s AND epoch = %s",
+            (slot, epoch),
+        ).fetchone()
+    return str(row[0]) if row else None
+
+
+def _move_amounts(conn: psycopg.Connection[tuple[Any, ...]], move_id: str, direction: str) -> Any:
+    row = conn.execute(
+        "SELECT amounts FROM txr.slot_moves WHERE move_id = %s AND direction = %s",
+        (move_id, direction),
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def copy_slot_in(
     source_dsn: str,
     target_dsn: str,
     slot: int,
     *,
+    source_shard: str,
+    target_shard: str,
     new_epoch: int,
-    flip: Callable[[], None],
+    move_id: str,
 ) -> dict[str, int]:
-    """Move every row of ``slot`` from the source shard to the target shard.
+    """Copy every row of ``slot`` from the source to the target, post the target's half of the
+    move (0003) and own the slot there at ``new_epoch``: one target transaction.
 
-    The caller has already unowned the slot on the source (``set_slot(owned=False)``): no write
-    procedure touches its accounts any more. What still could is a relay settling one of the
-    slot's outbox messages (settle_outbound checks only the shard fence), so this locks those
-    rows and the slot's accounts first and holds the locks to the end.
-
-    1. source (READ COMMITTED, locks held): copy the rows out (COPY text format, exact types);
-    2. target, one transaction: copy them in, create the transit accounts pending messages will
-       settle against, own the slot at ``new_epoch``; commit;
-    3. ``flip()`` (the caller's etcd slot-map CAS): routers now send the slot to the target;
-    4. source: delete the rows and commit. A relay blocked on a moved message then finds it
-       gone; the target's relays deliver the copy, and leg 2 is idempotent by transfer id.
-
-    If ``flip`` raises, the source rolls back its (uncommitted) delete: the rows stay there,
-    unowned, and the slot is refused everywhere until an operator finishes the move; it is never
-    writable in two places. Returns the number of rows moved per table.
+    The source must already refuse the slot (``set_slot(owned=False)``) and hold no pending
+    outbound message of it (the rehome drains them): then no procedure can change its rows,
+    and one repeatable-read snapshot of them is the slot. Idempotent: a target that already
+    recorded this move is left alone. Returns the rows copied per table.
     """
     _check_slot(slot)
-    counts: dict[str, int] = {}
     params = {"slot": slot}
-    with _connect(source_dsn) as src, _connect(target_dsn) as dst, src.transaction():
-        src.execute(f"SET LOCAL lock_timeout = '{FENCE_LOCK_TIMEOUT_MS}ms'")
-        if src.execute("SELECT 1 FROM txr.owned_slots WHERE slot = %s", (slot,)).fetchone():
-            raise ValueError(f"slot {slot} is still owned by the source: unown it first")
-        src.execute(
-            "SELECT 1 FROM txr.accounts WHERE kind = 'customer' AND id >> 48 = %(slot)s"
-            " ORDER BY id FOR UPDATE",
-            params,
-        )
-        src.execute("SELECT 1 FROM txr.outbox WHERE source >> 48 = %(slot)s FOR UPDATE", params)
+    counts: dict[str, int] = {}
+    with _connect(target_dsn) as dst:
+        if _move_amounts(dst, move_id, "in") is not None:
+            return counts
+    with _connect(source_dsn) as src, _connect(target_dsn) as dst:
+        src.read_only = True
+        src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         data: dict[str, bytes] = {}
-        for table, where in _SLOT_ROWS:
-            query = sql.SQL("COPY (SELECT * FROM {} WHERE {}) TO STDOUT").format(
-                sql.Identifier("txr", table),
-                sql.SQL(where.replace("%(slot)s", str(int(slot)))),
-            )
-            with src.cursor().copy(query) as cp:
-                data[table] = b"".join(bytes(block) for block in cp)
-            counts[table] = data[table].count(b"\n")
+        with src.transaction():
+            if src.execute("SELECT 1 FROM txr.owned_slots WHERE slot = %s", (slot,)).fetchone():
+                raise SlotMoveError(f"slot {slot} is still owned by {source_shard}: unown it first")
+            pending = src.execute(_PENDING_OUT_SQL, params).fetchone()
+            if pending and pending[0]:
+                raise SlotMoveError(
+                    f"slot {slot} has {pending[0]} pending outbound transfers on {source_shard}"
+                )
+            for table, where in _SLOT_ROWS:
+                query = sql.SQL("COPY (SELECT * FROM {} WHERE {}) TO STDOUT").format(
+                    sql.Identifier("txr", table),
+                    sql.SQL(where.replace("%(slot)s", str(int(slot)))),
+                )
+                with src.cursor().copy(query) as cp:
+                    data[table] = b"".join(bytes(block) for block in cp)
+                counts[table] = data[table].count(b"\n")
         with dst.transaction():
             _lock_fence(dst)
             for table, _where in _SLOT_ROWS:
@@ -432,14 +559,12 @@ def move_slot_rows(
                     sql.SQL("COPY {} FROM STDIN").format(sql.Identifier("txr", table))
                 ) as cp:
                     cp.write(data[table])
-            # Settling a moved pending message (or reversing it) posts against the
-            # target's transit account toward its destination shard.
             dst.execute(
-                "SELECT txr.transit_account(destination_shard, currency::text)"
-                " FROM (SELECT DISTINCT destination_shard, currency FROM txr.outbox"
-                "       WHERE state = 'pending' AND source >> 48 = %(slot)s"
-                "       ORDER BY 1, 2) p",
-                params,
+                "SELECT txr.mark_moved_rows(%s, %s, %s)", (slot, source_shard, target_shard)
+            )
+            dst.execute(
+                "SELECT txr.post_slot_move(%s, 'in', %s, %s, %s)",
+                (move_id, slot, new_epoch, source_shard),
             )
             row = dst.execute(
                 "SELECT epoch FROM txr.owned_slots WHERE slot = %s FOR UPDATE", (slot,)
@@ -451,13 +576,48 @@ def move_slot_rows(
                 " ON CONFLICT (slot) DO UPDATE SET epoch = excluded.epoch",
                 (slot, new_epoch),
             )
-        flip()
+    return counts
+
+
+def finish_slot_out(
+    source_dsn: str, target_dsn: str, slot: int, *, target_shard: str, new_epoch: int, move_id: str
+) -> dict[str, int]:
+    """Post the source's half of the move and delete the slot's rows there: one source
+    transaction, after the target holds the copy and etcd points at it.
+
+    Both halves must carry the same amounts (checked before the commit; ``txr reconcile``
+    checks them again when it reads them back). Idempotent: a source that already recorded
+    the move is left alone. Returns the rows deleted per table.
+    """
+    _check_slot(slot)
+    params = {"slot": slot}
+    counts: dict[str, int] = {}
+    with _connect(target_dsn) as dst:
+        arrived = _move_amounts(dst, move_id, "in")
+    if arrived is None:
+        raise SlotMoveError(f"{target_shard} has not received move {move_id} of slot {slot}")
+    with _connect(source_dsn) as src, src.transaction():
+        src.execute(f"SET LOCAL lock_timeout = '{FENCE_LOCK_TIMEOUT_MS}ms'")
+        if _move_amounts(src, move_id, "out") is not None:
+            return counts
+        row = src.execute(
+            "SELECT txr.post_slot_move(%s, 'out', %s, %s, %s)",
+            (move_id, slot, new_epoch, target_shard),
+        ).fetchone()
+        left = row[0] if row else None
+        if left != arrived:
+            # Raising rolls the posting back: the rows stay, the move stays unfinished.
+            raise SlotMoveError(
+                f"move {move_id} of slot {slot}: the source holds {left}, "
+                f"but {target_shard} received {arrived}"
+            )
         # Children first (foreign keys: entries -> accounts).
         for table, where in reversed(_SLOT_ROWS):
-            src.execute(
+            cur = src.execute(
                 sql.SQL("DELETE FROM {} WHERE {}").format(
                     sql.Identifier("txr", table), sql.SQL(where)
                 ),
                 params,
             )
+            counts[table] = cur.rowcount
     return counts

@@ -221,6 +221,9 @@ class InboundResult:
     replayed: bool
     destination_balance: int | None  # after the credit; None unless applied
     destination_version: int | None
+    # The shard whose transit account this leg 2 debited, when not the one answering: a replay
+    # of an inbox row that arrived with a slot move (0003). The relay passes it to the settle.
+    debit_shard: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,13 +257,13 @@ _POST_TRANSFERS_SQL: Final = (
     " %s::text[], %s::double precision)"
 )
 _APPLY_INBOUND_SQL: Final = (
-    "SELECT code, replayed, destination_balance, destination_version"
+    "SELECT code, replayed, destination_balance, destination_version, debit_shard"
     " FROM txr.apply_inbound(%s::bigint, %s::uuid, %s::text, %s::text, %s::bigint, %s::bigint,"
     " %s::bigint, %s::text, %s::bigint)"
 )
 _SETTLE_OUTBOUND_SQL: Final = (
     "SELECT code, status, source_balance, source_version"
-    " FROM txr.settle_outbound(%s::bigint, %s::uuid, %s::text)"
+    " FROM txr.settle_outbound(%s::bigint, %s::uuid, %s::text, %s::text)"
 )
 _CLAIM_OUTBOX_SQL: Final = (
     "SELECT transfer_id, tenant, source, destination, amount, currency, destination_shard,"
@@ -654,6 +657,7 @@ class ShardStore:
             replayed=row[1],
             destination_balance=row[2],
             destination_version=row[3],
+            debit_shard=row[4],
         )
 
     async def settle_outbound(
@@ -663,12 +667,18 @@ class ShardStore:
         *,
         refusal_code: str | None,
         timeout_s: float,
+        leg2_shard: str | None = None,
     ) -> SettleResult:
         """Record leg 2's answer on this (source) shard: settled (refusal_code None), or post
-        the reversal with that code. Idempotent: a second call answers ``already``."""
+        the reversal with that code. Idempotent: a second call answers ``already``.
+
+        ``leg2_shard``: the shard whose transit account leg 2 debited. When it is not the shard
+        leg 1 named (the destination's slot moved), the settle moves leg 1's transit credit to
+        the transit account toward it (0003), so every pair of shards still nets to zero."""
+        params = (shard_epoch, transfer_id, refusal_code, leg2_shard)
 
         async def op(conn: Conn) -> tuple[Any, ...] | None:
-            cur = await conn.execute(_SETTLE_OUTBOUND_SQL, (shard_epoch, transfer_id, refusal_code))
+            cur = await conn.execute(_SETTLE_OUTBOUND_SQL, params)
             return await cur.fetchone()
 
         row = await self._call(op, timeout_s=timeout_s, write=True, what="settle_outbound")

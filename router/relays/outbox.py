@@ -188,6 +188,10 @@ class OutboxRelay:
             await self._refresh()
             return Delivery("retry", inbound.code.value)
         refusal = inbound.code.value if inbound.code in INBOUND_REFUSALS else None
+        # Where leg 2's transit debit happened: the shard that answered, unless it replayed an
+        # inbox row that arrived with a slot move. When the destination's slot moved after leg 1
+        # this is not the shard leg 1 named, and the settle moves leg 1's transit credit to match.
+        leg2_shard = inbound.debit_shard or dest_shard
 
         source = await self.resolver.store_for_shard(self.source_shard)
         started = time.perf_counter()
@@ -196,6 +200,7 @@ class OutboxRelay:
             msg.transfer_id,
             refusal_code=refusal,
             timeout_s=SETTLE_TIMEOUT_S,
+            leg2_shard=leg2_shard,
         )
         self._observe_call(self.source_shard, "settle_outbound", started)
         if settle.code is SettleCode.STALE_EPOCH:
