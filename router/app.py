@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -221,12 +222,14 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     await cache.close()
 
 
-def create_app(config: RouterConfig) -> web.Application:
+def create_app(config: RouterConfig, *, worker: int = 0) -> web.Application:
     setup_tracing(config.region)
     # aiohttp refuses larger bodies itself (413, mapped to problem+json by the middleware).
     app = web.Application(middlewares=[edge_middleware], client_max_size=BODY_BYTES_MAX)
     app[CONFIG] = config
     app[METRICS] = Metrics(config.region)
+    # /metrics answers for the worker that took the connection; this says which one.
+    app[METRICS].worker_info.labels(config.region, str(worker), str(os.getpid())).set(1)
     app[VERIFIER] = Verifier(
         bytes.fromhex(config.jwt_secret_file.read_text().strip()),
         issuer=config.jwt_issuer,

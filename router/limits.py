@@ -7,6 +7,13 @@ from typing import Final
 # Request bodies are small JSON documents; anything larger is refused before parsing.
 BODY_BYTES_MAX: Final = 16 * 1024
 
+# Router worker processes per region, sharing the port through SO_REUSEPORT (the kernel spreads
+# connections). One Python process is bound by one core; the default is what `txr bench`
+# measured best on the two-core reference machine (README, Performance). The bound keeps a
+# typo from starting hundreds of processes, each with its own database pools.
+ROUTER_WORKERS: Final = 2
+ROUTER_WORKERS_MAX: Final = 16
+
 # A write must finish (commit acknowledged by the synchronous standby) within this deadline or
 # the client gets 504 outcome_unknown. With --wan realistic a commit waits up to one 190 ms RTT
 # plus a cross-region hop; five seconds leaves room for a retry after a topology refresh.

@@ -29,6 +29,12 @@ class Metrics:
     def __init__(self, region: str) -> None:
         self.region = region
         self.registry = CollectorRegistry(auto_describe=True)
+        self.worker_info = Gauge(
+            "txr_router_worker_info",
+            "Always 1: which worker process of the region served this scrape.",
+            ["region", "worker", "pid"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             "txr_http_requests_total",
             "HTTP requests by route, method and status.",
