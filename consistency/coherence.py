@@ -238,3 +238,22 @@ end
 return written
 """
 )
+
+# Many entries at once, no fence (rows straight from a commit): the router's cache write after
+# a committed batch, one round trip per batch instead of one per account.
+# KEYS[1..n] entries; ARGV[1] value ttl, ARGV[2] tombstone ttl, then per key i (from 1):
+# ARGV[3 + 3*(i-1)] mode, ARGV[4 + ...] version, ARGV[5 + ...] payload ('' for 'inval').
+# Returns the number of keys written.
+APPLY_MANY_SCRIPT: Final = (
+    _APPLY_FN
+    + """
+local ttl = tonumber(ARGV[1])
+local tomb_ttl = tonumber(ARGV[2])
+local written = 0
+for i = 1, #KEYS do
+  local a = 3 + 3 * (i - 1)
+  written = written + apply(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ttl, tomb_ttl)
+end
+return written
+"""
+)
