@@ -190,6 +190,16 @@ local function apply(key, mode, ver, payload, ttl, tomb_ttl)
   redis.call('EXPIRE', key, tomb_ttl)
   return 1
 end
+
+-- apply() to KEYS[k0..] with their (mode, version, payload) triples from ARGV[a0..].
+local function apply_from(k0, a0, ttl, tomb_ttl)
+  local written = 0
+  for i = k0, #KEYS do
+    local a = a0 + 3 * (i - k0)
+    written = written + apply(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ttl, tomb_ttl)
+  end
+  return written
+end
 """
 
 # KEYS[1] entry, KEYS[2] generation key.
@@ -225,13 +235,7 @@ local m = redis.call('HMGET', KEYS[1], 'slot', 'lsn')
 if m[1] ~= ARGV[1] or not m[2] or m[2] < ARGV[2] then
   return -1
 end
-local ttl = tonumber(ARGV[4])
-local tomb_ttl = tonumber(ARGV[5])
-local written = 0
-for i = 2, #KEYS do
-  local a = 6 + 3 * (i - 2)
-  written = written + apply(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ttl, tomb_ttl)
-end
+local written = apply_from(2, 6, tonumber(ARGV[4]), tonumber(ARGV[5]))
 if ARGV[3] > m[2] then
   redis.call('HSET', KEYS[1], 'lsn', ARGV[3])
 end
@@ -247,13 +251,6 @@ return written
 APPLY_MANY_SCRIPT: Final = (
     _APPLY_FN
     + """
-local ttl = tonumber(ARGV[1])
-local tomb_ttl = tonumber(ARGV[2])
-local written = 0
-for i = 1, #KEYS do
-  local a = 3 + 3 * (i - 1)
-  written = written + apply(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ttl, tomb_ttl)
-end
-return written
+return apply_from(1, 3, tonumber(ARGV[1]), tonumber(ARGV[2]))
 """
 )
