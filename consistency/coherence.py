@@ -190,6 +190,16 @@ local function apply(key, mode, ver, payload, ttl, tomb_ttl)
   redis.call('EXPIRE', key, tomb_ttl)
   return 1
 end
+
+-- apply() to KEYS[k0..] with their (mode, version, payload) triples from ARGV[a0..].
+local function apply_from(k0, a0, ttl, tomb_ttl)
+  local written = 0
+  for i = k0, #KEYS do
+    local a = a0 + 3 * (i - k0)
+    written = written + apply(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ttl, tomb_ttl)
+  end
+  return written
+end
 """
 
 # KEYS[1] entry, KEYS[2] generation key.
@@ -225,16 +235,22 @@ local m = redis.call('HMGET', KEYS[1], 'slot', 'lsn')
 if m[1] ~= ARGV[1] or not m[2] or m[2] < ARGV[2] then
   return -1
 end
-local ttl = tonumber(ARGV[4])
-local tomb_ttl = tonumber(ARGV[5])
-local written = 0
-for i = 2, #KEYS do
-  local a = 6 + 3 * (i - 2)
-  written = written + apply(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ttl, tomb_ttl)
-end
+local written = apply_from(2, 6, tonumber(ARGV[4]), tonumber(ARGV[5]))
 if ARGV[3] > m[2] then
   redis.call('HSET', KEYS[1], 'lsn', ARGV[3])
 end
 return written
+"""
+)
+
+# Many entries at once, no fence (rows straight from a commit): the router's cache write after
+# a committed batch, one round trip per batch instead of one per account.
+# KEYS[1..n] entries; ARGV[1] value ttl, ARGV[2] tombstone ttl, then per key i (from 1):
+# ARGV[3 + 3*(i-1)] mode, ARGV[4 + ...] version, ARGV[5 + ...] payload ('' for 'inval').
+# Returns the number of keys written.
+APPLY_MANY_SCRIPT: Final = (
+    _APPLY_FN
+    + """
+return apply_from(1, 3, tonumber(ARGV[1]), tonumber(ARGV[2]))
 """
 )

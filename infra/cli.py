@@ -91,7 +91,11 @@ def _print_endpoints(state: dict[str, Any], cluster_dir: Path) -> None:
 
 def _cmd_local_up(args: argparse.Namespace) -> int:
     opts = cluster.UpOptions(
-        dir=args.dir, base_port=args.base_port, regions=args.regions, wan=args.wan
+        dir=args.dir,
+        base_port=args.base_port,
+        regions=args.regions,
+        wan=args.wan,
+        workers=args.workers,
     )
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -358,7 +362,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     try:
         base_port = suite.BASE_PORT if args.base_port is None else args.base_port
-        rep = suite.run(args.out, quick=args.quick, base_port=base_port)
+        rep = suite.run(args.out, quick=args.quick, base_port=base_port, workers=args.workers)
     except Exception as exc:  # noqa: BLE001 - any failure of the run is exit 1 with its reason
         _err(f"bench failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
@@ -457,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regions", type=_regions, default=cluster.DEFAULT_REGIONS)
     p.add_argument("--wan", choices=("none", "realistic"), default="none")
     p.add_argument("--detach", action="store_true", help="return once every router is ready")
+    p.add_argument(
+        "--workers", type=int, default=None, help="router processes per region (SO_REUSEPORT)"
+    )
     p.set_defaults(handler=_cmd_local_up)
 
     p = local_sub.add_parser("status", help="describe a local cluster")
@@ -551,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="first of the cluster's 100 ports (default 7000)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="router processes per region",
     )
     p.set_defaults(handler=_cmd_bench, regions=cluster.DEFAULT_REGIONS)
     return parser

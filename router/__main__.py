@@ -1,4 +1,8 @@
-"""``python -m router --config FILE``: serve one region's router (uvloop, JSON logs)."""
+"""``python -m router --config FILE [--worker I]``: serve one region's router (uvloop, JSON logs).
+
+Every worker of a region binds the same port with SO_REUSEPORT; the launcher starts each one as
+its own process (no forking supervisor), so any one can be killed and restarted alone.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +20,18 @@ from router.logs import setup_logging
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m router", description=__doc__)
     parser.add_argument("--config", type=Path, required=True, help="router config JSON file")
+    parser.add_argument(
+        "--worker", type=int, default=0, help="this worker's index (0 .. workers-1)"
+    )
     args = parser.parse_args()
     config = RouterConfig.load(args.config)
     setup_logging(config.region, config.log_level)
     web.run_app(
-        create_app(config),
+        create_app(config, worker=args.worker),
         host=config.host,
         port=config.port,
+        # Workers of one region share the port; the kernel balances new connections.
+        reuse_port=True,
         access_log=None,
         print=None,
         loop=uvloop.new_event_loop(),

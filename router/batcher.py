@@ -8,6 +8,10 @@ soon as an in-flight slot frees or the linger bound passes. Results come back pe
 operational failure of the call reaches every item of that batch as the same exception.
 A batch that the database aborts as a whole (an invariant violation, which no business outcome
 causes) is retried item by item, so one bad item never fails its neighbours.
+
+``after_commit`` runs once per committed batch before any of its items is answered: the
+router writes the batch's new versions into the region cache there, in one round trip
+(DESIGN.md section 4.3: the cache write precedes the answer).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from regionstore.errors import StoreInvariantViolation, StoreOutcomeUnknown
@@ -33,6 +37,9 @@ log = logging.getLogger(__name__)
 
 class BatcherFull(Exception):
     """The shard's queue is at its bound: the caller sheds load (429) instead of queueing."""
+
+
+AfterCommit = Callable[[Sequence[TransferItem], Sequence[TransferResult]], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -56,6 +63,7 @@ class ShardBatcher:
         queue_max: int = BATCH_QUEUE_ITEMS_MAX,
         observe_batch: Callable[[int], None] | None = None,
         relay_grace_s: float = 0.0,
+        after_commit: AfterCommit | None = None,
     ) -> None:
         self._store = store
         self._epoch = shard_epoch
@@ -65,6 +73,7 @@ class ShardBatcher:
         self._queue_max = queue_max
         self._observe_batch = observe_batch
         self._relay_grace_s = relay_grace_s
+        self._after_commit = after_commit
         self._queue: deque[_Pending] = deque()
         self._inflight = 0
         self._linger_task: asyncio.Task[None] | None = None
@@ -145,6 +154,12 @@ class ShardBatcher:
             _fail(batch, exc)
             return
         assert len(results) == len(batch), "one result per item"
+        if self._after_commit is not None:
+            try:
+                await self._after_commit([p.item for p in batch], results)
+            except Exception:
+                # The batch is committed: its answers must go out whatever the hook did.
+                log.exception("after-commit hook failed for a batch of %d", len(batch))
         for p, res in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(res)

@@ -32,7 +32,7 @@ from consistency import coherence
 from consistency.coherence import Mode
 from router.limits import CACHE_WRITE_TIMEOUT_S
 from router.metrics import Metrics
-from router.tracing import tracer
+from router.tracing import child_span
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ class RegionCache:
             )
         )
         self._apply = self._redis.register_script(coherence.APPLY_SCRIPT)
+        self._apply_many = self._redis.register_script(coherence.APPLY_MANY_SCRIPT)
         self._relay_apply = self._bulk.register_script(coherence.RELAY_APPLY_SCRIPT)
         self._publish = self._bulk.register_script(_PUBLISH_SCRIPT)
         self._metrics = metrics
@@ -192,33 +193,27 @@ class RegionCache:
         row at that version. The commit is already durable when this runs, so a Redis failure
         only costs a later miss; it must not turn a committed transfer into an error.
         """
-        with tracer().start_as_current_span("cache.put_committed"):
-            # One EVALSHA per account, concurrently. Not a pipeline: redis-py re-checks the
-            # script cache (SCRIPT EXISTS) on every pipeline, an extra round trip per transfer.
-            calls = []
-            for acc, (version, payload) in versions.items():
-                full = coherence.is_full_payload(payload)
-                calls.append(
-                    self._call_apply(
-                        shard_epoch,
-                        acc,
-                        "fill" if full else "inval",
-                        version,
-                        payload if full else None,
-                        None,
-                        client=None,
-                    )
-                )
-            outcomes = await asyncio.gather(*calls, return_exceptions=True)
-            failed = [o for o in outcomes if isinstance(o, BaseException)]
-            for exc in failed:
-                if not isinstance(exc, (RedisError, OSError)):
-                    raise exc
-            if failed:
-                self._count("put", "error")
-                log.warning("cache write after commit failed: %s", type(failed[0]).__name__)
+        if not versions:
+            return
+        # One script call for every account (a whole committed batch): one round trip, not one
+        # per account. Each key still goes through the forward-only rule (coherence).
+        keys: list[str] = []
+        args: list[str | int | bytes] = [coherence.ENTRY_TTL_S, coherence.TOMBSTONE_TTL_S]
+        for acc, (version, payload) in versions.items():
+            _check_version(version)
+            keys.append(entry_key(shard_epoch, acc))
+            if coherence.is_full_payload(payload):
+                args += ["fill", version, orjson.dumps(dict(payload))]
             else:
-                self._count("put", "ok")
+                args += ["inval", version, b""]
+        with child_span("cache.put_committed"):
+            try:
+                await self._apply_many(keys=keys, args=args)
+            except (RedisError, OSError) as exc:
+                self._count("put", "error")
+                log.warning("cache write after commit failed: %s", type(exc).__name__)
+                return
+        self._count("put", "ok")
 
     async def read_through(
         self, shard_epoch: int, account_id: int, loader: Loader

@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from router.limits import ROUTER_WORKERS, ROUTER_WORKERS_MAX
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -39,6 +41,13 @@ class RouterConfig:
     # written before the relay still load; without a password file the relay does not run.
     repl_user: str = "txr_repl"
     repl_password_file: Path | None = None
+    # Router worker processes of this region sharing ``port`` (SO_REUSEPORT), each started by
+    # the launcher as ``python -m router --config FILE --worker I``; see limits.ROUTER_WORKERS.
+    workers: int = ROUTER_WORKERS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= ROUTER_WORKERS_MAX:
+            raise ValueError(f"workers must be within 1..{ROUTER_WORKERS_MAX}")
 
     def dial_address(self, host: str, port: int) -> tuple[str, int]:
         mapped = self.dial.get(f"{host}:{port}")
@@ -67,6 +76,7 @@ class RouterConfig:
             "repl_password_file": (
                 str(self.repl_password_file) if self.repl_password_file is not None else None
             ),
+            "workers": self.workers,
         }
 
     @classmethod
@@ -90,6 +100,7 @@ class RouterConfig:
             repl_password_file=(
                 Path(d["repl_password_file"]) if d.get("repl_password_file") else None
             ),
+            workers=int(d.get("workers", ROUTER_WORKERS)),
         )
 
     @classmethod

@@ -6,6 +6,19 @@ from typing import Final
 
 # Request bodies are small JSON documents; anything larger is refused before parsing.
 BODY_BYTES_MAX: Final = 16 * 1024
+# A successful request is logged (INFO) only when it took at least this long; refused and
+# failed ones always are. An in-region write takes a few ms, so this catches queueing, a slow
+# commit or a failover wait, not the normal case (which /metrics counts and times).
+ACCESS_LOG_SLOW_MS: Final = 250.0
+
+# Router worker processes per region, sharing the port through SO_REUSEPORT (the kernel spreads
+# connections). One Python process is bound by one core, but on the two-core reference machine
+# the primary, its standby, Redis, the relays and the load generator share those cores: a
+# second worker measured no faster (interleaved runs, README Performance), and each worker
+# batches alone (smaller batches), so one is the default. More pay on more cores. The bound
+# keeps a typo from starting hundreds of processes, each with its own database pools.
+ROUTER_WORKERS: Final = 1
+ROUTER_WORKERS_MAX: Final = 16
 
 # A write must finish (commit acknowledged by the synchronous standby) within this deadline or
 # the client gets 504 outcome_unknown. With --wan realistic a commit waits up to one 190 ms RTT

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Buckets span an in-region commit (~1 ms) to a cross-region write under --wan realistic with a
@@ -25,10 +27,22 @@ LATENCY_BUCKETS_S = (
 )
 
 
+# Distinct (route, method, status) request label sets kept resolved. Routes are the app's
+# canonical ones; a client inventing methods cannot grow the table past this.
+REQUEST_CHILDREN_MAX: Final = 512
+
+
 class Metrics:
     def __init__(self, region: str) -> None:
         self.region = region
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
+        self.worker_info = Gauge(
+            "txr_router_worker_info",
+            "Always 1: which worker process of the region served this scrape.",
+            ["region", "worker", "pid"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             "txr_http_requests_total",
             "HTTP requests by route, method and status.",
@@ -158,6 +172,22 @@ class Metrics:
             ["region", "target", "stat"],
             registry=self.registry,
         )
+
+    def request_children(self, route: str, method: str, status: int) -> tuple[Counter, Histogram]:
+        """The request counter and latency children of one (route, method, status).
+
+        ``labels()`` builds and looks up its key under a lock on every call; the middleware
+        calls this on every request, so the pair is kept per key (bounded: past the bound,
+        looked up each time as before).
+        """
+        key = (route, method, status)
+        pair = self._request_children.get(key)
+        if pair is None:
+            labels = (self.region, route, method, str(status))
+            pair = (self.requests.labels(*labels), self.request_latency.labels(*labels))
+            if len(self._request_children) < REQUEST_CHILDREN_MAX:
+                self._request_children[key] = pair
+        return pair
 
     def exposition(self) -> bytes:
         self.topology_revision.labels(self.region)

@@ -9,11 +9,12 @@ is reported as unknown (G7).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from regionstore.store import (
     TransferResult,
 )
 from router.batcher import BatcherFull, ShardBatcher
+from router.cache import RegionCache
 from router.config import RouterConfig
 from router.errors import (
     BusinessRefusal,
@@ -57,7 +59,7 @@ from router.limits import (
 )
 from router.metrics import Metrics
 from router.relays.outbox import Delivery, OutboxRelay
-from router.tracing import tracer
+from router.tracing import child_span
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +149,18 @@ class PostedTransfer:
 
 class ShardRouter:
     def __init__(
-        self, watcher: TopologyWatcher, stores: StoreRegistry, metrics: Metrics, region: str
+        self,
+        watcher: TopologyWatcher,
+        stores: StoreRegistry,
+        metrics: Metrics,
+        region: str,
+        *,
+        cache: RegionCache | None = None,
     ) -> None:
         self.watcher = watcher
+        # The region cache that committed batches are written into before their answers
+        # (None in the relay process, which posts no transfers).
+        self.cache = cache
         self.stores = stores
         self.metrics = metrics
         self.region = region
@@ -204,7 +215,7 @@ class ShardRouter:
 
     async def _timed(self, shard: str, op: str, coro: Any) -> Any:
         start = time.perf_counter()
-        with tracer().start_as_current_span(f"store.{op}", attributes={"txr.shard": shard}):
+        with child_span(f"store.{op}", {"txr.shard": shard}):
             try:
                 return await coro
             except StoreUnavailable:
@@ -403,9 +414,35 @@ class ShardRouter:
                 shard.epoch,
                 observe_batch=self.metrics.batch_size.labels(self.region, shard.name).observe,
                 relay_grace_s=RELAY_GRACE_S,
+                after_commit=(
+                    functools.partial(self._cache_committed, shard.epoch)
+                    if self.cache is not None
+                    else None
+                ),
             )
             self._batchers[key] = batcher
         return batcher
+
+    async def _cache_committed(
+        self, shard_epoch: int, items: Sequence[TransferItem], results: Sequence[TransferResult]
+    ) -> None:
+        """A committed batch's new versions into the region cache, one round trip (a tombstone
+        per account at its new version: the transfer path knows only the balance)."""
+        assert self.cache is not None
+        committed: dict[int, tuple[int, Mapping[str, Any]]] = {}
+
+        def put(account: int, version: int | None, balance: int | None) -> None:
+            if version is None or balance is None:
+                return  # a cross-shard leg 1 reports only the source; leg 2 is elsewhere
+            seen = committed.get(account)
+            if seen is None or version > seen[0]:
+                committed[account] = (version, {"balance": balance})
+
+        for item, res in zip(items, results, strict=True):
+            if res.code is TransferCode.OK:
+                put(item.source, res.source_version, res.source_balance)
+                put(item.destination, res.destination_version, res.destination_balance)
+        await self.cache.put_committed(shard_epoch, committed)
 
     async def create_account(
         self,

@@ -55,6 +55,7 @@ from infra.wan import ListenerSpec, WanConfig, profile_latencies
 from router.auth import SCOPES, mint_token
 from router.cache import RELAY_STATE_PREFIX
 from router.config import RouterConfig
+from router.limits import ROUTER_WORKERS
 
 log = logging.getLogger("txr.local")
 
@@ -113,6 +114,8 @@ class UpOptions:
     start_routers: bool = True
     # False skips migrations and shard init (a bare replicated PostgreSQL, for infra tests).
     init_schema: bool = True
+    # Router worker processes per region; None: the router's default (router.limits).
+    workers: int | None = None
 
 
 # -- small helpers ----------------------------------------------------------------------------
@@ -177,6 +180,11 @@ def _write_secret(path: Path, text: str) -> None:
 
 def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def router_proc_name(region: str, worker: int) -> str:
+    """``router-{region}`` for the first worker (API.md's ``router_pid``), then ``-{i}``."""
+    return f"router-{region}" if worker == 0 else f"router-{region}-{worker}"
 
 
 def shard_name(region: str) -> str:
@@ -422,6 +430,9 @@ class Launcher:
             }
         )
         return p.pid, log_path
+
+    def _all_alive(self, names: Sequence[str]) -> bool:
+        return all(self.popen[n].poll() is None for n in names)
 
     def _alive(self, name: str) -> Callable[[], bool]:
         p = self.popen[name]
@@ -748,6 +759,7 @@ class Launcher:
             peer_routers=peer_routers,
             repl_user=postgres.REPL_ROLE,
             repl_password_file=self.secrets_dir / "db_repl.password",
+            workers=ROUTER_WORKERS if self.opts.workers is None else self.opts.workers,
         )
 
     def _write_router_configs(self) -> None:
@@ -787,24 +799,27 @@ class Launcher:
                 "the router cannot be started yet: router/__main__.py does not exist "
                 "(use start_routers=False to stop before this step)"
             )
+        workers: dict[str, list[str]] = {}
         for r in self.regions:
             cfg = self.run_dir / f"router-{r}.json"
-            self._spawn(
-                f"router-{r}",
-                "router",
-                r,
-                [sys.executable, "-m", "router", "--config", str(cfg)],
-                str(cfg),
-                env=self._python_env(),
-            )
+            workers[r] = []
+            for i in range(RouterConfig.load(cfg).workers):
+                # Each worker is its own process, recorded with its own argv: any one can be
+                # killed and restarted alone (the others keep serving the shared port).
+                name = router_proc_name(r, i)
+                argv = [sys.executable, "-m", "router", "--config", str(cfg), "--worker", str(i)]
+                self._spawn(name, "router", r, argv, " ".join(argv[2:]), env=self._python_env())
+                workers[r].append(name)
         for r in self.regions:
             url = f"http://{HOST}:{self.plan.region[r].router}/readyz"
+            # A worker takes connections only once it is ready (it binds after its start-up),
+            # so one answer means the region serves; every worker must still be alive.
             procs.wait_until(
                 f"router {r} /readyz",
                 functools.partial(_http_ok, url),
                 ROUTER_READY_TIMEOUT_S,
-                alive=self._alive(f"router-{r}"),
-                log_path=self.logs / f"router-{r}.log",
+                alive=functools.partial(self._all_alive, workers[r]),
+                log_path=self.logs / f"{workers[r][0]}.log",
             )
 
 
@@ -990,7 +1005,13 @@ def status(cluster_dir: Path) -> dict[str, Any]:
             )
         regions[r] = {
             "router": f"http://{HOST}:{ports[r]['router']}",
-            "router_pid": pid_of(f"router-{r}"),
+            "router_pid": pid_of(router_proc_name(r, 0)),
+            "router_pids": [
+                pid
+                for p in d.get("procs", [])
+                if p["kind"] == "router" and p["region"] == r
+                if (pid := pid_of(p["name"])) is not None
+            ],
             "relays_pid": pid_of(f"relays-{r}"),
             "redis": f"redis://{HOST}:{ports[r]['redis']}",
             "redis_pid": pid_of(f"redis-{r}"),

@@ -10,7 +10,7 @@ from router import render
 from router.errors import BusinessRefusal, Conflict, NotFound
 from router.handlers.common import authorize, client_token, json_response
 from router.limits import READ_DEADLINE_S, WRITE_DEADLINE_S
-from router.resources import CACHE, METRICS, ROUTER
+from router.resources import METRICS, ROUTER
 from router.routing import Deadline
 from router.validation import read_json_object, validate_idempotency_key, validate_transfer
 
@@ -60,14 +60,11 @@ async def create_transfer(request: web.Request) -> web.Response:
     if status == "reversed":
         # Rare: the destination refused. The stored row carries the refusal code.
         row = await _stored_transfer(request, principal.tenant, row)
-    # A cross-shard leg 1 reports only the source; leg 2 runs on another shard.
+    # A cross-shard leg 1 reports only the source; leg 2 runs on another shard. The batch's
+    # cache write happened before this answer (ShardRouter._cache_committed).
     versions = [(req.source, res.source_version)]
-    committed = {req.source: (res.source_version, {"balance": res.source_balance})}
-    if res.destination_version is not None and res.destination_balance is not None:
+    if res.destination_version is not None:
         versions.append((req.destination, res.destination_version))
-        committed[req.destination] = (res.destination_version, {"balance": res.destination_balance})
-    if res.code is TransferCode.OK:
-        await request.app[CACHE].put_committed(posted.shard.epoch, committed)
     headers = {"Idempotent-Replayed": "true"} if res.code is TransferCode.REPLAYED else {}
     return json_response(
         request,

@@ -116,10 +116,13 @@ async def test_no_token_or_secret_reaches_a_log(api: Api) -> None:
     secrets += [p.read_text().strip() for p in (api.cluster.dir / "secrets").glob("*password*")]
     logs = list((api.cluster.dir / "logs").glob("router-*.log"))
     assert logs, "router logs are written"
+    # Refused requests are logged with their ids (a worker that served only successes may
+    # have logged nothing: those log at DEBUG).
+    every = "".join(path.read_text(errors="replace") for path in logs)
+    assert '"request_id"' in every
+    assert '"trace_id"' in every
     for path in logs:
         text = path.read_text(errors="replace")
-        assert '"request_id"' in text
-        assert '"trace_id"' in text
         for s in secrets:
             assert s not in text, f"a secret leaked into {path.name}"
         assert "Bearer" not in text

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+from collections.abc import Sequence
 
 import pytest
 
 from regionstore.errors import StoreOutcomeUnknown
-from regionstore.store import ShardStore, TransferCode
+from regionstore.store import ShardStore, TransferCode, TransferItem, TransferResult
 from router.batcher import BatcherFull, ShardBatcher
 from tests.fixtures.pg import SHARD_EPOCH
 from tests.integration.test_store_ledger import FUNDING_OVERDRAFT, item, new_account, new_tenant
@@ -111,3 +112,43 @@ async def test_bounded_queue_and_deadline(store: ShardStore) -> None:
     row = await store.get_account(dst, tenant, timeout_s=TIMEOUT_S)
     assert row is not None
     assert row.balance == 4, "the timed-out transfer was still applied, once"
+
+
+async def test_after_commit_runs_once_per_batch_before_its_answers(store: ShardStore) -> None:
+    """The router's cache write: one call per committed batch, before any item is answered;
+    a failing hook never withholds the answers of a committed batch."""
+    tenant = new_tenant()
+    funding = await new_account(store, tenant, overdraft_limit=FUNDING_OVERDRAFT)
+    accounts = [await new_account(store, tenant) for _ in range(4)]
+    sizes: list[int] = []
+    hooked: list[int] = []
+    answered: set[object] = set()
+
+    async def get_store() -> ShardStore:
+        return store
+
+    early: list[object] = []
+
+    async def after_commit(
+        items: Sequence[TransferItem], results: Sequence[TransferResult]
+    ) -> None:
+        # Recorded, not asserted: the batcher logs and swallows what a hook raises.
+        early.extend(answered & {it.transfer_id for it in items})
+        hooked.append(len(results))
+        if len(hooked) == 1:
+            raise RuntimeError("a broken hook")
+
+    batcher = ShardBatcher(
+        get_store, SHARD_EPOCH, observe_batch=sizes.append, after_commit=after_commit
+    )
+
+    async def submit(it: TransferItem) -> TransferResult:
+        res = await batcher.submit(it, timeout_s=TIMEOUT_S)
+        answered.add(it.transfer_id)
+        return res
+
+    items = [item(tenant, funding, accounts[i % 4], 1) for i in range(100)]
+    results = await asyncio.gather(*(submit(it) for it in items))
+    assert all(r.code is TransferCode.OK for r in results)
+    assert hooked == sizes, "one hook call per batch, with all of its items"
+    assert early == [], "items answered before their batch's hook ran"

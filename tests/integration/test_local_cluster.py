@@ -6,6 +6,7 @@ run their own clusters on base port 7500 so that they can tear them down.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -25,8 +26,9 @@ from infra.local import postgres, procs
 from infra.local.ports import plan_ports
 from infra.wan import WanControl
 from regionstore.replication import standbys
+from router.config import RouterConfig
 from tests.fixtures import PORT_OFFSET
-from tests.fixtures.cluster import LocalCluster
+from tests.fixtures.cluster import LocalCluster, kill_process, respawn
 
 pytestmark = pytest.mark.integration
 
@@ -123,6 +125,11 @@ def test_status_describes_the_cluster(
             assert r["router_pid"]
             assert r["relays_pid"], "one relay process per region, beside the router"
             assert r["relays_pid"] != r["router_pid"]
+            assert r["router_pids"][0] == r["router_pid"]
+            assert (
+                len(r["router_pids"])
+                == RouterConfig.load(local_cluster.dir / "run" / f"router-{region}.json").workers
+            )
     for shard, s in desc["shards"].items():
         # Other tests may have bumped an epoch (the fencing tests); it is never below 1.
         assert s["home_region"] == s["primary_region"] == shard[:-2]
@@ -214,3 +221,28 @@ def test_down_cleans_up_after_a_start_that_crashed_half_way(tmp_path: Path) -> N
     assert lc.down(cluster_dir) is True
     _assert_nothing_left(cluster_dir)
     lc.purge(cluster_dir)
+
+
+async def test_one_router_worker_restarts_alone(local_cluster: LocalCluster) -> None:
+    """Every worker is its own recorded process: killing one leaves the region serving through
+    the others (SO_REUSEPORT), and it starts again alone from its recorded command line."""
+    if not local_cluster.routers_started:
+        pytest.skip("no routers in this session")
+    status = lc.status(local_cluster.dir)["regions"]["eu-west"]
+    if len(status["router_pids"]) < 2:
+        pytest.skip("one router worker per region: nothing serves while it restarts")
+    name = lc.router_proc_name("eu-west", 1)
+    kill_process(local_cluster.dir, name)
+    url = local_cluster.routers["eu-west"] + "/readyz"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(10):
+            # Fresh connections: the kernel spreads them over the live workers only.
+            async with http.get(url, headers={"Connection": "close"}) as resp:
+                assert resp.status == 200
+        pid = respawn(local_cluster.dir, name)
+        deadline = time.monotonic() + lc.ROUTER_READY_TIMEOUT_S
+        while pid not in lc.status(local_cluster.dir)["regions"]["eu-west"]["router_pids"]:
+            assert time.monotonic() < deadline, "the worker did not come back"
+            await asyncio.sleep(0.1)
+        async with http.get(url) as resp:
+            assert resp.status == 200
