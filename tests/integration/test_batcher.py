@@ -150,5 +150,6 @@ async def test_after_commit_runs_once_per_batch_before_its_answers(store: ShardS
     items = [item(tenant, funding, accounts[i % 4], 1) for i in range(100)]
     results = await asyncio.gather(*(submit(it) for it in items))
     assert all(r.code is TransferCode.OK for r in results)
-    assert hooked == sizes, "one hook call per batch, with all of its items"
+    # Two batches may be in flight at once and finish in either order: compare as multisets.
+    assert sorted(hooked) == sorted(sizes), "one hook call per batch, with all of its items"
     assert early == [], "items answered before their batch's hook ran"
