@@ -49,6 +49,19 @@ def kill(cluster_dir: Path, kind: str, region: str | None) -> list[str]:
     found = procs_of(cluster_dir, kind, region)
     if not found:
         raise ControlError(f"no {kind} process recorded for region {region}")
+    return _kill_entries(found)
+
+
+def kill_named(cluster_dir: Path, name: str) -> None:
+    """SIGKILL the recorded process ``name`` alone (one router worker, say) and wait for it."""
+    state = cluster.load_state(cluster_dir)
+    found = [p for p in state.data.get("procs", []) if p["name"] == name]
+    if not found:
+        raise ControlError(f"no process named {name} in {cluster_dir}")
+    _kill_entries(found)
+
+
+def _kill_entries(found: list[dict[str, Any]]) -> list[str]:
     for p in found:
         if procs.is_alive(int(p["pid"]), p["marker"]):
             with contextlib.suppress(ProcessLookupError):
