@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 import signal
 import time
@@ -28,8 +27,6 @@ from consistency import failover as procedures
 from infra import failover as real_ops
 from infra.local import cluster, control
 from infra.wan import WanControl
-
-log = logging.getLogger("txr.chaos")
 
 # The operator's reaction time between a primary's death and the failover command.
 OPERATOR_REACTION_S: Final = 1.0
@@ -73,10 +70,6 @@ def _shard_of(history: History, account: str) -> str | None:
 
 def _touches_shard(op: TransferOp, history: History, shard: str) -> bool:
     return shard in (_shard_of(history, op.source), _shard_of(history, op.destination))
-
-
-def _region_of_shard(shard: str) -> str:
-    return shard.rsplit("-", 1)[0]
 
 
 @dataclass
