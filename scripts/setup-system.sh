@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the server binaries txrouter's local cluster runs: PostgreSQL (15+), Redis (7) and
-# etcd (3.4+). Idempotent: does nothing when they are present. Needs root (or sudo) and apt to
+# etcd (3.4+), plus NATS and wrk. Idempotent: does nothing when they are present. Needs root (or sudo) and apt to
 # install; otherwise it names what is missing and fails.
 set -euo pipefail
 
@@ -10,6 +10,10 @@ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v pg_ctl >/dev
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+# NATS JetStream carries the ledger events (one node per region of the local cluster).
+command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+# wrk drives `txr bench`'s saturation runs (a C load generator, so the figure is the router's).
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 # jq only for the README's curl examples.
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 
