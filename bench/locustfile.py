@@ -27,7 +27,8 @@ from urllib.parse import urlsplit
 from locust import HttpUser, between, task
 
 TENANT: Final = "locust"
-SCOPES: Final = ("accounts:read", "accounts:write", "transfers:write")
+# accounts:overdraft: the funding account they open may go below zero (API.md).
+SCOPES: Final = ("accounts:read", "accounts:write", "accounts:overdraft", "transfers:write")
 TOKEN_TTL_S: Final = 3600
 CURRENCY: Final = "EUR"
 LOOPBACK: Final = "127.0.0.1"

@@ -33,7 +33,8 @@ from infra.local import cluster
 BASE_PORT: Final = 7000
 TENANT: Final = "bench"
 TOKEN_TTL_S: Final = 3600
-SCOPES: Final = ("accounts:read", "accounts:write", "transfers:write")
+# accounts:overdraft: the funding account they open may go below zero (API.md).
+SCOPES: Final = ("accounts:read", "accounts:write", "accounts:overdraft", "transfers:write")
 CURRENCY: Final = "EUR"
 # The mint account funds every bench account; its overdraft is the API's own maximum.
 MINT_OVERDRAFT: Final = 10**15

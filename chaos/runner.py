@@ -38,7 +38,7 @@ from consistency import reconcile
 from infra.local import cluster
 from infra.wan import WanControl
 from regionstore import admin, audit
-from router.auth import SCOPES
+from router.auth import TENANT_SCOPES
 from router.client import Client
 from router.limits import CACHED_LAG_BOUND_S
 
@@ -176,7 +176,7 @@ async def _exercise(
     desc = cluster.status(d)
     routers = {r: v["router"] for r, v in desc["regions"].items()}
     tenant = f"chaos-{seed}-{name}"
-    bearer = cluster.token(d, tenant, sorted(SCOPES), TOKEN_TTL_S)
+    bearer = cluster.token(d, tenant, sorted(TENANT_SCOPES), TOKEN_TTL_S)
     t_run0 = time.monotonic()
 
     def clock() -> float:

@@ -25,10 +25,11 @@ from consistency import failover as procedures
 from consistency import reconcile
 from consistency.errors import ConsistencyError
 from infra import failover as real_ops
+from infra.keys import KeyRingError
 from infra.local import cluster, postgres, procs
 from infra.local.ports import plan_ports
 from regionstore import admin
-from router.auth import SCOPES
+from router.auth import ADMIN_TOKEN_TTL_S_MAX, SCOPES, TOKEN_TTL_S_MAX
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -81,7 +82,8 @@ def _print_endpoints(state: dict[str, Any], cluster_dir: Path) -> None:
     if state.get("routers_started"):
         tok = cluster.dev_token(cluster_dir)
         first = next(iter(desc["regions"].values()))["router"]
-        print(f"\ndev token (tenant dev, all scopes, 24 h):\n{tok}\n")
+        print(f"\ndev token (tenant dev, every tenant scope, no admin, 24 h):\n{tok}\n")
+        print(f"an operator (admin) token: .venv/bin/txr token --admin --dir {cluster_dir}")
         print("try:")
         print(
             f"  curl -s -X POST {first}/v1/accounts -H 'Authorization: Bearer {tok}' "
@@ -189,10 +191,81 @@ def _cmd_local_down(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ttl(text: str) -> int:
+    try:
+        ttl = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("seconds, an integer") from None
+    if not 0 < ttl <= TOKEN_TTL_S_MAX:
+        # Routers refuse longer tokens (router.auth); refusing here says so at once.
+        raise argparse.ArgumentTypeError(f"within 1..{TOKEN_TTL_S_MAX} seconds")
+    return ttl
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     try:
+        if args.admin:
+            if args.ttl > ADMIN_TOKEN_TTL_S_MAX:
+                _err(f"an admin token lives at most {ADMIN_TOKEN_TTL_S_MAX} s")
+                return EXIT_USAGE
+            print(cluster.admin_token(args.dir, args.tenant or "operator", args.ttl))
+            return EXIT_OK
+        if not args.tenant or not args.scopes:
+            _err("--tenant and --scopes are required (or --admin for an operator token)")
+            return EXIT_USAGE
+        if "admin" in args.scopes:
+            _err("scope admin is an operator token of its own audience: use --admin")
+            return EXIT_USAGE
         print(cluster.token(args.dir, args.tenant, args.scopes, args.ttl))
     except (cluster.ClusterError, ValueError) as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- txr keys -----------------------------------------------------------------------------
+
+
+def _print_keys(args: argparse.Namespace) -> None:
+    infos = cluster.key_ring(args.dir).list_keys()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "kid": k.kid,
+                        "signing": k.signing,
+                        "created_at": k.created_at,
+                        "retire_after": k.retire_after,
+                    }
+                    for k in infos
+                ],
+                indent=2,
+            )
+        )
+        return
+    for k in infos:
+        state = "signing" if k.signing else f"verify only, retire after {_when(k.retire_after)}"
+        print(f"{k.kid}  created {_when(k.created_at)}  {state}")
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    ring = cluster.key_ring(args.dir)
+    try:
+        if args.keys_command == "rotate":
+            kid = ring.rotate()
+            _step(f"new signing key {kid}; the previous key verifies until its retire time")
+        elif args.keys_command == "retire":
+            removed = ring.retire(args.kid)
+            _step(f"retired: {', '.join(removed) if removed else 'none due'}")
+        _print_keys(args)
+    except KeyRingError as exc:
         _err(str(exc))
         return EXIT_FAILED
     return EXIT_OK
@@ -477,10 +550,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("token", help="print a JWT for a local cluster")
     _add_dir(p)
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--scopes", type=_scopes, required=True)
-    p.add_argument("--ttl", type=int, default=DEFAULT_TOKEN_TTL_S, help="seconds")
+    p.add_argument("--tenant", help="the tenant (with --admin: the operator's name)")
+    p.add_argument("--scopes", type=_scopes)
+    p.add_argument(
+        "--ttl",
+        type=_ttl,
+        default=DEFAULT_TOKEN_TTL_S,
+        help=f"seconds (at most {TOKEN_TTL_S_MAX}; {ADMIN_TOKEN_TTL_S_MAX} with --admin)",
+    )
+    p.add_argument(
+        "--admin", action="store_true", help="an operator token (scope admin, admin audience)"
+    )
     p.set_defaults(handler=_cmd_token)
+
+    keys = sub.add_parser("keys", help="the JWT signing keys of a local cluster")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    for name, what in (
+        ("list", "the keys, which one signs, when the others retire"),
+        ("rotate", "publish a new key, then sign with it; the old one verifies until retired"),
+        ("retire", "remove keys past their retire time (or --kid K now)"),
+    ):
+        p = keys_sub.add_parser(name, help=what)
+        _add_dir(p)
+        p.add_argument("--json", action="store_true")
+        if name == "retire":
+            p.add_argument("--kid", default=None, help="retire this key now (a leaked key)")
+        else:
+            p.set_defaults(kid=None)
+        p.set_defaults(handler=_cmd_keys)
 
     p = sub.add_parser("reconcile", help="check G4 across every shard; exit 1 on a discrepancy")
     _add_dir(p)

@@ -321,7 +321,7 @@ def _router_views(cluster_dir: Path) -> dict[str, Any]:
     """Each region's router's own view: invalidation lag per shard and RTTs (admin scope)."""
     try:
         desc = cluster.status(cluster_dir)
-        token = cluster.token(cluster_dir, "operator", ["admin"], ROUTER_STATUS_TOKEN_TTL_S)
+        token = cluster.admin_token(cluster_dir, "operator", ROUTER_STATUS_TOKEN_TTL_S)
     except Exception as exc:  # noqa: BLE001 - the rest of the status is still worth printing
         return {"error": f"{type(exc).__name__}: {exc}"}
     out: dict[str, Any] = {}

@@ -24,7 +24,7 @@ from aiohttp.typedefs import Handler
 from consistency.etcd import EtcdClient
 from consistency.topology import Node, TopologyWatcher
 from router import rtt
-from router.auth import Verifier
+from router.auth import KeySetFile, Verifier
 from router.cache import RegionCache
 from router.config import RouterConfig
 from router.errors import (
@@ -234,9 +234,10 @@ def create_app(config: RouterConfig, *, worker: int = 0) -> web.Application:
     # /metrics answers for the worker that took the connection; this says which one.
     app[METRICS].worker_info.labels(config.region, str(worker), str(os.getpid())).set(1)
     app[VERIFIER] = Verifier(
-        bytes.fromhex(config.jwt_secret_file.read_text().strip()),
+        KeySetFile(config.jwks_file),
         issuer=config.jwt_issuer,
         audience=config.jwt_audience,
+        admin_audience=config.jwt_admin_audience,
     )
     app[OPENAPI] = _load_openapi()
     app[RTT] = rtt.RttTable(config.region, app[METRICS])

@@ -1,7 +1,8 @@
 """The router's configuration: one JSON file per router process, written by the launcher.
 
 Everything a router needs to find its region's stores and the control plane. Secrets (the DB
-password, the JWT secret) sit in files with mode 0600 and are never logged.
+password) sit in files with mode 0600 and are never logged. The router holds no signing key: it
+verifies tokens with the public key set at ``jwks_file`` (router.auth), re-read when it changes.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ class RouterConfig:
     db_password_file: Path
     db_name: str
     redis_url: str
-    jwt_secret_file: Path
+    # The public JWT key set (JWKS); the private keys stay with the operator (infra.keys).
+    jwks_file: Path
     jwt_issuer: str = "txr-local"
     jwt_audience: str = "txrouter"
+    # Operator tokens: their own audience, so no tenant token ever passes an admin check.
+    jwt_admin_audience: str = "txrouter-admin"
     # Per-region router URLs as dialled from this region (RTT probes, forwarding).
     peer_routers: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
@@ -67,9 +71,10 @@ class RouterConfig:
             "db_password_file": str(self.db_password_file),
             "db_name": self.db_name,
             "redis_url": self.redis_url,
-            "jwt_secret_file": str(self.jwt_secret_file),
+            "jwks_file": str(self.jwks_file),
             "jwt_issuer": self.jwt_issuer,
             "jwt_audience": self.jwt_audience,
+            "jwt_admin_audience": self.jwt_admin_audience,
             "peer_routers": dict(self.peer_routers),
             "log_level": self.log_level,
             "repl_user": self.repl_user,
@@ -91,9 +96,10 @@ class RouterConfig:
             db_password_file=Path(d["db_password_file"]),
             db_name=str(d.get("db_name", "txr")),
             redis_url=str(d["redis_url"]),
-            jwt_secret_file=Path(d["jwt_secret_file"]),
+            jwks_file=Path(d["jwks_file"]),
             jwt_issuer=str(d.get("jwt_issuer", "txr-local")),
             jwt_audience=str(d.get("jwt_audience", "txrouter")),
+            jwt_admin_audience=str(d.get("jwt_admin_audience", "txrouter-admin")),
             peer_routers={str(k): str(v) for k, v in d.get("peer_routers", {}).items()},
             log_level=str(d.get("log_level", "INFO")),
             repl_user=str(d.get("repl_user", "txr_repl")),

@@ -37,7 +37,10 @@ async def main() -> None:
     status = lc.status(args.dir)
     routers = {r: v["router"] for r, v in status["regions"].items()}
     token = lc.token(
-        args.dir, "read-probe", ["accounts:read", "accounts:write", "transfers:write"], 3600
+        args.dir,
+        "read-probe",
+        ["accounts:read", "accounts:write", "accounts:overdraft", "transfers:write"],
+        3600,
     )
     conn = aiohttp.TCPConnector(limit=CONCURRENCY * 2)
     async with aiohttp.ClientSession(

@@ -30,7 +30,10 @@ async def main() -> None:
     status = lc.status(args.dir)
     routers = {r: v["router"] for r, v in status["regions"].items()}
     token = lc.token(
-        args.dir, "settle-probe", ["accounts:read", "accounts:write", "transfers:write"], 3600
+        args.dir,
+        "settle-probe",
+        ["accounts:read", "accounts:write", "accounts:overdraft", "transfers:write"],
+        3600,
     )
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
 

@@ -26,7 +26,9 @@ async def main() -> None:
     args = parser.parse_args()
     status = lc.status(args.dir)
     routers = {r: v["router"] for r, v in status["regions"].items()}
-    token = lc.token(args.dir, "latency-probe", ["accounts:write", "transfers:write"], 3600)
+    token = lc.token(
+        args.dir, "latency-probe", ["accounts:write", "accounts:overdraft", "transfers:write"], 3600
+    )
     hdrs = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(headers=hdrs) as s:
         accounts = {}

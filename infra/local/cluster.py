@@ -49,10 +49,11 @@ from consistency.topology import (
     bootstrap_topology,
     load_topology,
 )
+from infra.keys import KeyRing, KeyRingError
 from infra.local import postgres, procs
 from infra.local.ports import PortPlan, plan_ports
 from infra.wan import ListenerSpec, WanConfig, profile_latencies
-from router.auth import SCOPES, mint_token
+from router.auth import TENANT_SCOPES
 from router.cache import RELAY_STATE_PREFIX
 from router.config import RouterConfig
 from router.limits import ROUTER_WORKERS
@@ -68,9 +69,11 @@ STATE_FILE: Final = "cluster.json"
 STATE_VERSION: Final = 1
 JWT_ISSUER: Final = "txr-local"
 JWT_AUDIENCE: Final = "txrouter"
+JWT_ADMIN_AUDIENCE: Final = "txrouter-admin"
+# The dev token `make run` prints: every tenant scope (not admin), for a working day.
 DEV_TOKEN_TTL_S: Final = 86400
-# An HMAC-SHA256 key of the hash's own size (32 bytes); shorter keys weaken it.
-JWT_KEY_BYTES: Final = 32
+# The JWT key ring (infra.keys) under the cluster's secrets directory.
+JWT_RING_DIR: Final = "jwt"
 # 32 hex chars = 128 random bits per database password.
 PG_PASSWORD_BYTES: Final = 16
 
@@ -377,7 +380,7 @@ class Launcher:
     def _secrets(self) -> None:
         self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
         self.secrets_dir.chmod(0o700)
-        _write_secret(self.secrets_dir / "jwt.key", secrets.token_hex(JWT_KEY_BYTES))
+        KeyRing(self.secrets_dir / JWT_RING_DIR).create()
         self.creds = postgres.Credentials(
             admin_password=secrets.token_hex(PG_PASSWORD_BYTES),
             app_password=secrets.token_hex(PG_PASSWORD_BYTES),
@@ -753,9 +756,10 @@ class Launcher:
             db_password_file=self.secrets_dir / "db_app.password",
             db_name=DB_NAME,
             redis_url=f"redis://{HOST}:{self.plan.region[region].redis}/0",
-            jwt_secret_file=self.secrets_dir / "jwt.key",
+            jwks_file=key_ring(self.dir).jwks_path,
             jwt_issuer=JWT_ISSUER,
             jwt_audience=JWT_AUDIENCE,
+            jwt_admin_audience=JWT_ADMIN_AUDIENCE,
             peer_routers=peer_routers,
             repl_user=postgres.REPL_ROLE,
             repl_password_file=self.secrets_dir / "db_repl.password",
@@ -1050,28 +1054,33 @@ def status(cluster_dir: Path) -> dict[str, Any]:
 # -- tokens -----------------------------------------------------------------------------------
 
 
-def jwt_secret(cluster_dir: Path) -> bytes:
-    """The JWT key as the routers read it (the file holds it hex encoded)."""
-    path = cluster_dir.resolve() / "secrets" / "jwt.key"
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        raise ClusterError(f"no JWT key at {path}: start the cluster first") from None
+def key_ring(cluster_dir: Path) -> KeyRing:
+    """The cluster's JWT key ring (``txr keys``); routers read its public ``jwks.json``."""
+    return KeyRing(cluster_dir.resolve() / "secrets" / JWT_RING_DIR)
 
 
 def token(cluster_dir: Path, tenant: str, scopes: Sequence[str], ttl_s: int) -> str:
-    return mint_token(
-        jwt_secret(cluster_dir),
-        tenant=tenant,
-        scopes=list(scopes),
-        ttl_s=ttl_s,
-        issuer=JWT_ISSUER,
-        audience=JWT_AUDIENCE,
-    )
+    """A tenant token (tenant scopes only; router.auth.TOKEN_TTL_S_MAX at most)."""
+    try:
+        return key_ring(cluster_dir).mint(
+            tenant, list(scopes), ttl_s, issuer=JWT_ISSUER, audience=JWT_AUDIENCE
+        )
+    except KeyRingError as exc:
+        raise ClusterError(str(exc)) from None
+
+
+def admin_token(cluster_dir: Path, operator: str, ttl_s: int) -> str:
+    """An operator token: scope ``admin`` in the admin audience (ADMIN_TOKEN_TTL_S_MAX at most)."""
+    try:
+        return key_ring(cluster_dir).mint(
+            operator, [], ttl_s, issuer=JWT_ISSUER, audience=JWT_ADMIN_AUDIENCE, admin=True
+        )
+    except KeyRingError as exc:
+        raise ClusterError(str(exc)) from None
 
 
 def dev_token(cluster_dir: Path) -> str:
-    return token(cluster_dir, "dev", sorted(SCOPES), DEV_TOKEN_TTL_S)
+    return token(cluster_dir, "dev", sorted(TENANT_SCOPES), DEV_TOKEN_TTL_S)
 
 
 def primary_admin_dsns(cluster_dir: Path) -> dict[str, str]:

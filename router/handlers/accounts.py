@@ -13,7 +13,7 @@ from regionstore.errors import StoreError
 from regionstore.store import AccountRow, EntryRow, ShardStore
 from router import render
 from router.cache import CacheEntry, CacheUnavailable
-from router.errors import NotFound
+from router.errors import Forbidden, NotFound
 from router.handlers.common import authorize, client_token, json_response
 from router.limits import CACHED_LAG_BOUND_S, READ_DEADLINE_S, WRITE_DEADLINE_S
 from router.resources import CACHE, CONFIG, RELAY_LAG, ROUTER, RTT, STORES
@@ -34,6 +34,9 @@ async def create_account(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
     doc = await read_json_object(request)
     spec = validate_account_create(doc, router.topology.regions.keys())
+    if spec.overdraft_limit > 0 and "accounts:overdraft" not in principal.scopes:
+        # Credit is a privilege of its own, not a default of accounts:write (API.md).
+        raise Forbidden("overdraft_limit above 0 needs the 'accounts:overdraft' scope")
     row, shard = await router.create_account(
         tenant=principal.tenant,
         region=spec.home_region or request.app[CONFIG].region,

@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 
 from consistency import tokens
-from router.auth import AuthError, Principal
+from router.auth import ADMIN_SCOPES, AuthError, Principal, WrongAudience
 from router.errors import Forbidden, Unauthorized, Unprocessable
 from router.resources import CONFIG, VERIFIER
 
@@ -17,8 +17,13 @@ SERVED_BY_KEY = web.RequestKey("served_by", str)
 
 
 def authorize(request: web.Request, scope: str) -> Principal:
+    # Scope admin is only ever granted by an operator token (its own audience, router.auth).
     try:
-        principal = request.app[VERIFIER].verify_header(request.headers.get("Authorization"))
+        principal = request.app[VERIFIER].verify_header(
+            request.headers.get("Authorization"), admin=scope in ADMIN_SCOPES
+        )
+    except WrongAudience as exc:
+        raise Forbidden(str(exc)) from None
     except AuthError as exc:
         raise Unauthorized(str(exc)) from None
     if scope not in principal.scopes:

@@ -8,6 +8,7 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.fixtures.api import Api, Reply, new_tenant
 
@@ -178,7 +179,8 @@ async def test_auth_failures(api: Api) -> None:
     r = await api.call("GET", "eu-west", path)
     assert_problem(r, 401, "unauthorized")
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
-    secret = api.cluster.jwt_secret
+    kid, key = api.cluster.keys.signing_key()
+    head = {"kid": kid}
     now = int(time.time())
     base = {
         "sub": tenant,
@@ -188,16 +190,24 @@ async def test_auth_failures(api: Api) -> None:
         "iss": "txr-local",
         "aud": "txrouter",
     }
+    century = 100 * 365 * 86400
     bad_tokens = {
-        "expired": jwt.encode({**base, "iat": now - 7200, "exp": now - 3600}, secret, "HS256"),
-        "wrong signature": jwt.encode(base, b"not-the-secret-not-the-secret-32", "HS256"),
-        "alg none": jwt.encode(base, None, algorithm="none"),
+        "expired": jwt.encode(
+            {**base, "iat": now - 7200, "exp": now - 3600}, key, "EdDSA", headers=head
+        ),
+        "wrong signature": jwt.encode(base, Ed25519PrivateKey.generate(), "EdDSA", headers=head),
+        "unknown kid": jwt.encode(base, key, "EdDSA", headers={"kid": "not-a-key"}),
+        "no kid": jwt.encode(base, key, "EdDSA"),
+        "100 years": jwt.encode({**base, "exp": now + century}, key, "EdDSA", headers=head),
+        "alg none": jwt.encode(base, None, algorithm="none", headers=head),
         "garbage": "abc.def.ghi",
     }
     for name, tok in bad_tokens.items():
         r = await api.call("GET", "eu-west", path, token=tok)
         try:
             assert_problem(r, 401, "unauthorized")
+            # The detail names a category, never a library's exception class.
+            assert "Error" not in r.body["detail"], r.body
         except AssertionError as exc:
             raise AssertionError(f"token {name!r}: {exc}") from exc
     read_only = api.token(tenant, ("accounts:read",))

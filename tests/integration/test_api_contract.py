@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from infra.keys import KeyRing
 from router.app import create_app
 from router.config import RouterConfig
 from tests.fixtures.api import Api, new_tenant
@@ -36,6 +39,8 @@ async def test_openapi_lists_exactly_the_routes_the_app_serves(api: Api, tmp_pat
     documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
     secret = tmp_path / "k"
     secret.write_text("00" * 32)
+    ring = KeyRing(tmp_path / "jwt")
+    ring.create()
     config = RouterConfig(
         region="x",
         host="127.0.0.1",
@@ -46,7 +51,7 @@ async def test_openapi_lists_exactly_the_routes_the_app_serves(api: Api, tmp_pat
         db_password_file=secret,
         db_name="d",
         redis_url="redis://127.0.0.1:1",
-        jwt_secret_file=secret,
+        jwks_file=ring.jwks_path,
     )
     app = create_app(config)
     served = {
@@ -112,7 +117,10 @@ async def test_no_token_or_secret_reaches_a_log(api: Api) -> None:
     acc = await api.open_account(tenant, "us-east")
     await api.call("GET", "ap-south", f"/v1/accounts/{acc}", token=token)
     await api.call("GET", "ap-south", "/v1/accounts/acc_zzz", token=token + "x")
-    secrets = [token, token.split(".")[2], api.cluster.jwt_secret.hex()]
+    secrets = [token, token.split(".")[2]]
+    # Every private signing key, as the PEM body lines (base64) that would leak first.
+    for pem in api.cluster.keys.dir.glob("*.pem"):
+        secrets += [line for line in pem.read_text().splitlines() if "-----" not in line]
     secrets += [p.read_text().strip() for p in (api.cluster.dir / "secrets").glob("*password*")]
     logs = list((api.cluster.dir / "logs").glob("router-*.log"))
     assert logs, "router logs are written"
@@ -134,7 +142,23 @@ async def test_admin_status_shows_lag_and_rtts_to_operators_only(api: Api) -> No
         "GET", "us-east", "/v1/admin/status", token=api.token(tenant, ("accounts:read",))
     )
     assert r.status == 403
-    r = await api.call("GET", "us-east", "/v1/admin/status", token=api.token(tenant, ("admin",)))
+    # A tenant token is never an operator's, whatever its scope claim says.
+    kid, key = api.cluster.keys.signing_key()
+    now = int(time.time())
+    forged_scope = jwt.encode(
+        {"sub": tenant, "scope": "admin", "iat": now, "exp": now + 60}
+        | {"iss": "txr-local", "aud": "txrouter"},
+        key,
+        algorithm="EdDSA",
+        headers={"kid": kid},
+    )
+    r = await api.call("GET", "us-east", "/v1/admin/status", token=forged_scope)
+    assert r.status == 403, r.body
+    admin = api.cluster.admin_token()
+    # ... and an operator token cannot act for a tenant.
+    r = await api.call("GET", "us-east", "/v1/accounts/acc_zzz", token=admin)
+    assert r.status == 403, r.body
+    r = await api.call("GET", "us-east", "/v1/admin/status", token=admin)
     assert r.status == 200, r.body
     assert r.body["region"] == "us-east"
     assert set(r.body["invalidation_lag"]) == {"us-east-1", "eu-west-1", "ap-south-1"}

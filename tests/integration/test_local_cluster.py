@@ -139,32 +139,54 @@ def test_status_describes_the_cluster(
     assert not any(v in text for v in secret_values if len(v) >= 16)
 
 
+def _public_key(local_cluster: LocalCluster, token: str) -> jwt.PyJWK:
+    kid = jwt.get_unverified_header(token)["kid"]
+    jwks = jwt.PyJWKSet.from_json(local_cluster.keys.jwks_path.read_text())
+    return jwks[kid]
+
+
 def test_token_command_signs_with_the_cluster_key(
     local_cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = [
-        "token",
-        "--dir",
-        str(local_cluster.dir),
-        "--tenant",
-        "t1",
-        "--scopes",
-        "accounts:read,admin",
-        "--ttl",
-        "60",
-    ]
-    assert cli.main(argv) == 0
+    base = ["token", "--dir", str(local_cluster.dir)]
+    assert cli.main([*base, "--tenant", "t1", "--scopes", "accounts:read", "--ttl", "60"]) == 0
     tok = capsys.readouterr().out.strip()
     claims = jwt.decode(
         tok,
-        local_cluster.jwt_secret,
-        algorithms=["HS256"],
+        _public_key(local_cluster, tok),
+        algorithms=["EdDSA"],
         audience=lc.JWT_AUDIENCE,
         issuer=lc.JWT_ISSUER,
     )
     assert claims["sub"] == "t1"
-    assert claims["scope"] == "accounts:read admin"
+    assert claims["scope"] == "accounts:read"
     assert claims["exp"] - claims["iat"] == 60
+    # An operator token is its own kind, in its own audience.
+    assert cli.main([*base, "--admin", "--ttl", "60"]) == 0
+    admin = capsys.readouterr().out.strip()
+    claims = jwt.decode(
+        admin,
+        _public_key(local_cluster, admin),
+        algorithms=["EdDSA"],
+        audience=lc.JWT_ADMIN_AUDIENCE,
+        issuer=lc.JWT_ISSUER,
+    )
+    assert claims["scope"] == "admin"
+    # admin in a tenant token, a 100-year token, an admin token past its bound: refused.
+    assert cli.main([*base, "--tenant", "t1", "--scopes", "accounts:read,admin"]) == 2
+    with pytest.raises(SystemExit) as info:
+        cli.main([*base, "--tenant", "t1", "--scopes", "accounts:read", "--ttl", "3153600000"])
+    assert info.value.code == 2
+    assert cli.main([*base, "--admin", "--ttl", "7200"]) == 2
+
+
+def test_dev_token_has_no_admin_scope(local_cluster: LocalCluster) -> None:
+    tok = lc.dev_token(local_cluster.dir)
+    claims = jwt.decode(
+        tok, _public_key(local_cluster, tok), algorithms=["EdDSA"], audience=lc.JWT_AUDIENCE
+    )
+    assert "admin" not in claims["scope"].split()
+    assert "accounts:overdraft" in claims["scope"].split()
 
 
 @pytest.mark.slow
