@@ -134,6 +134,10 @@ class EtcdClient:
             return False
         return True
 
+    async def delete(self, key: str) -> None:
+        """Delete exactly ``key`` (absent is fine)."""
+        await self._call("/v3/kv/deleterange", {"key": _b64(key)})
+
     async def delete_prefix(self, prefix: str) -> None:
         await self._call(
             "/v3/kv/deleterange", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}

@@ -8,6 +8,7 @@ the parsed arguments and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import secrets
@@ -22,8 +23,9 @@ from typing import Any, Final
 import psycopg
 
 from consistency import failover as procedures
-from consistency import reconcile
+from consistency import reconcile, tenant_limits
 from consistency.errors import ConsistencyError
+from consistency.etcd import EtcdClient
 from infra import failover as real_ops
 from infra.keys import KeyRingError
 from infra.local import cluster, postgres, procs
@@ -269,6 +271,64 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_FAILED
     return EXIT_OK
+
+
+# -- txr limits ---------------------------------------------------------------------------
+
+
+def _limits_etcd(args: argparse.Namespace) -> list[str]:
+    if args.etcd:
+        return [u.strip() for u in args.etcd.split(",") if u.strip()]
+    return [r["etcd"] for r in cluster.status(args.dir)["regions"].values()]
+
+
+def _cmd_limits(args: argparse.Namespace) -> int:
+    async def run() -> dict[str, tenant_limits.TenantLimits]:
+        async with EtcdClient(_limits_etcd(args)) as client:
+            if args.limits_command == "set":
+                await tenant_limits.set_limits(client, args.tenant, args.limits)
+            elif args.limits_command == "clear":
+                await tenant_limits.clear_limits(client, args.tenant)
+            return await tenant_limits.load_limits(client)
+
+    try:
+        if args.limits_command == "set":
+            args.limits = tenant_limits.TenantLimits(
+                rate_per_s=args.rate,
+                burst=args.burst,
+                accounts_max=(
+                    args.accounts_max
+                    if args.accounts_max is not None
+                    else tenant_limits.TENANT_ACCOUNTS_MAX_DEFAULT
+                ),
+            )
+        every = asyncio.run(run())
+    except tenant_limits.LimitsError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except (ConsistencyError, cluster.ClusterError, OSError) as exc:
+        _err(f"limits: {exc}")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({t: lim.to_json() for t, lim in sorted(every.items())}, indent=2))
+        return EXIT_OK
+    default = tenant_limits.TENANT_ACCOUNTS_MAX_DEFAULT
+    print(f"{'tenant':24} {'rate/s':>8} {'burst':>8} {'accounts max':>13}")
+    for tenant, lim in sorted(every.items()):
+        rate = "-" if lim.rate_per_s is None else str(lim.rate_per_s)
+        print(f"{tenant:24} {rate:>8} {lim.effective_burst or '-':>8} {lim.accounts_max:>13}")
+    print(f"(tenants not listed: no rate limit, at most {default} accounts)")
+    return EXIT_OK
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("a positive integer")
+    return value
 
 
 # -- txr reconcile ------------------------------------------------------------------------
@@ -578,6 +638,30 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.set_defaults(kid=None)
         p.set_defaults(handler=_cmd_keys)
+
+    limits = sub.add_parser("limits", help="per-tenant rate limits and account caps (etcd)")
+    limits_sub = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")
+    for name, what in (
+        ("set", "set a tenant's rate (transfers and account opens per second), burst, cap"),
+        ("show", "every tenant's limits"),
+        ("clear", "remove a tenant's limits (back to no rate limit and the default cap)"),
+    ):
+        p = limits_sub.add_parser(name, help=what)
+        _add_dir(p)
+        p.add_argument("--etcd", default=None, metavar="URL[,URL...]", help="etcd endpoints")
+        p.add_argument("--json", action="store_true")
+        if name in ("set", "clear"):
+            p.add_argument("--tenant", required=True)
+        if name == "set":
+            p.add_argument("--rate", type=_positive, required=True, help="per second")
+            p.add_argument("--burst", type=_positive, default=None, help="default: the rate")
+            p.add_argument(
+                "--accounts-max",
+                type=_positive,
+                default=None,
+                help=f"default {tenant_limits.TENANT_ACCOUNTS_MAX_DEFAULT}",
+            )
+        p.set_defaults(handler=_cmd_limits)
 
     p = sub.add_parser("reconcile", help="check G4 across every shard; exit 1 on a discrepancy")
     _add_dir(p)

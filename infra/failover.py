@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import orjson
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from consistency import failover as procedures
 from consistency.etcd import EtcdClient
@@ -171,9 +172,12 @@ class LocalShardOps:
         passfile = pg_root / "pgpass"
         app = postgres.application_name(node.name)
         src_port = self._wan_port(node.region, primary)
-        source = (
-            f"host={cluster.HOST} port={src_port} user={postgres.ADMIN_ROLE} "
-            f"dbname=postgres passfile={passfile}"
+        source = make_conninfo(
+            host=cluster.HOST,
+            port=src_port,
+            user=postgres.ADMIN_ROLE,
+            dbname="postgres",
+            passfile=str(passfile),
         )
         args = [str(postgres.bindir() / "pg_rewind"), "-D", str(datadir), "--source-server", source]
         if postgres.running_as_root():

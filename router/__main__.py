@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 
 import uvloop
-from aiohttp import web
 
+from router import serve
 from router.app import create_app
 from router.config import RouterConfig
 from router.logs import setup_logging
@@ -26,17 +26,14 @@ def main() -> None:
     args = parser.parse_args()
     config = RouterConfig.load(args.config)
     setup_logging(config.region, config.log_level)
-    web.run_app(
+    # router.serve is web.run_app with malformed HTTP answered as problem+json.
+    serve.run(
         create_app(config, worker=args.worker),
         host=config.host,
         port=config.port,
-        # Workers of one region share the port; the kernel balances new connections.
-        reuse_port=True,
-        access_log=None,
-        print=None,
         loop=uvloop.new_event_loop(),
         # Give in-flight writes time to get their commit acknowledgement before exit.
-        shutdown_timeout=5.0,
+        shutdown_timeout_s=5.0,
     )
 
 

@@ -23,7 +23,7 @@ from aiohttp.typedefs import Handler
 
 from consistency.etcd import EtcdClient
 from consistency.topology import Node, TopologyWatcher
-from router import rtt
+from router import adminsite, ratelimit, rtt
 from router.auth import KeySetFile, Verifier
 from router.cache import RegionCache
 from router.config import RouterConfig
@@ -242,6 +242,8 @@ def create_app(config: RouterConfig, *, worker: int = 0) -> web.Application:
     app[OPENAPI] = _load_openapi()
     app[RTT] = rtt.RttTable(config.region, app[METRICS])
     app.cleanup_ctx.extend([_topology_ctx, _cache_ctx, _stores_ctx, _rtt_ctx])
+    ratelimit.install(app)  # per-tenant limits on the write routes (router.ratelimit)
+    adminsite.install(app)  # GET /metrics on the admin port, not the public one
     app.router.add_post("/v1/accounts", accounts.create_account)
     app.router.add_get("/v1/accounts/{id}", accounts.get_account, allow_head=False)
     app.router.add_get("/v1/accounts/{id}/entries", accounts.list_entries, allow_head=False)
@@ -249,7 +251,6 @@ def create_app(config: RouterConfig, *, worker: int = 0) -> web.Application:
     app.router.add_get("/v1/transfers/{id}", transfers.get_transfer, allow_head=False)
     app.router.add_get("/healthz", ops.healthz, allow_head=False)
     app.router.add_get("/readyz", ops.readyz, allow_head=False)
-    app.router.add_get("/metrics", ops.metrics, allow_head=False)
     app.router.add_get("/openapi.json", ops.openapi, allow_head=False)
     app.router.add_get("/v1/admin/status", ops.admin_status, allow_head=False)
     return app

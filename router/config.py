@@ -48,6 +48,9 @@ class RouterConfig:
     # Router worker processes of this region sharing ``port`` (SO_REUSEPORT), each started by
     # the launcher as ``python -m router --config FILE --worker I``; see limits.ROUTER_WORKERS.
     workers: int = ROUTER_WORKERS
+    # The admin listener (GET /metrics) on its own port, for scrapers on the operator's
+    # network; never on the public port. None: no admin listener.
+    admin_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= ROUTER_WORKERS_MAX:
@@ -82,6 +85,7 @@ class RouterConfig:
                 str(self.repl_password_file) if self.repl_password_file is not None else None
             ),
             "workers": self.workers,
+            "admin_port": self.admin_port,
         }
 
     @classmethod
@@ -107,6 +111,7 @@ class RouterConfig:
                 Path(d["repl_password_file"]) if d.get("repl_password_file") else None
             ),
             workers=int(d.get("workers", ROUTER_WORKERS)),
+            admin_port=int(d["admin_port"]) if d.get("admin_port") is not None else None,
         )
 
     @classmethod

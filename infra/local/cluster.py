@@ -255,6 +255,7 @@ def _plan_json(plan: PortPlan) -> dict[str, Any]:
                 "etcd_peer": p.etcd_peer,
                 "pg_primary": p.pg_primary,
                 "pg_standby": p.pg_standby,
+                "router_admin": p.router_admin,
             }
             for r, p in plan.region.items()
         },
@@ -764,6 +765,7 @@ class Launcher:
             repl_user=postgres.REPL_ROLE,
             repl_password_file=self.secrets_dir / "db_repl.password",
             workers=ROUTER_WORKERS if self.opts.workers is None else self.opts.workers,
+            admin_port=self.plan.region[region].router_admin,
         )
 
     def _write_router_configs(self) -> None:
@@ -1009,6 +1011,10 @@ def status(cluster_dir: Path) -> dict[str, Any]:
             )
         regions[r] = {
             "router": f"http://{HOST}:{ports[r]['router']}",
+            # GET /metrics (the admin listener); absent for clusters started before it existed.
+            "router_admin": (
+                f"http://{HOST}:{ports[r]['router_admin']}" if "router_admin" in ports[r] else None
+            ),
             "router_pid": pid_of(router_proc_name(r, 0)),
             "router_pids": [
                 pid

@@ -4,7 +4,8 @@ Layout (API.md promises at most 100 consecutive ports):
 
 - ``P + 20*i + k`` for region ``i``: router (0), redis (1), etcd client (2), etcd peer, the real
   one the member listens on (3), PostgreSQL primary of the home shard (4), PostgreSQL standby of
-  the next region's shard (5). 20 per region leaves room for more services per region later.
+  the next region's shard (5), the router's admin listener (/metrics, 6). 20 per region leaves
+  room for more services per region later.
 - ``P + 60 ..``: the WAN emulator: the control port first, then one etcd peer front per member
   (the member's advertised peer URL), then one listener per (source region, remote service).
 """
@@ -27,6 +28,7 @@ OFF_ETCD_CLIENT: Final = 2
 OFF_ETCD_PEER: Final = 3
 OFF_PG_PRIMARY: Final = 4
 OFF_PG_STANDBY: Final = 5
+OFF_ROUTER_ADMIN: Final = 6
 
 # Remote services a region reaches through its side of the WAN: the two PostgreSQL servers of
 # every other region (its primary and the standby it hosts), its etcd member and its router.
@@ -41,6 +43,7 @@ class RegionPorts:
     etcd_peer: int
     pg_primary: int
     pg_standby: int
+    router_admin: int
 
     def service(self, name: str) -> int:
         return {
@@ -72,6 +75,7 @@ class PortPlan:
                 rp.etcd_peer,
                 rp.pg_primary,
                 rp.pg_standby,
+                rp.router_admin,
             ]
         ports.append(self.wan_control)
         ports += self.etcd_peer_front.values()
@@ -101,6 +105,7 @@ def plan_ports(base: int, regions: tuple[str, ...] | list[str]) -> PortPlan:
             etcd_peer=b + OFF_ETCD_PEER,
             pg_primary=b + OFF_PG_PRIMARY,
             pg_standby=b + OFF_PG_STANDBY,
+            router_admin=b + OFF_ROUTER_ADMIN,
         )
     nxt = base + WAN_OFFSET
     wan_control = nxt

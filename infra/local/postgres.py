@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote
+
+from psycopg.conninfo import make_conninfo
 
 from infra.local import procs
 
@@ -297,10 +300,15 @@ def configure_as_standby(
     passfile: Path,
     app_name: str,
 ) -> None:
-    conninfo = (
-        f"host={primary_host} port={primary_port} user={REPL_ROLE} "
-        f"passfile={passfile} application_name={app_name}"
-    )
+    # make_conninfo quotes each value as libpq needs (a path with a space stays one value);
+    # the server's config syntax then doubles any single quote inside the quoted setting.
+    conninfo = make_conninfo(
+        host=primary_host,
+        port=primary_port,
+        user=REPL_ROLE,
+        passfile=str(passfile),
+        application_name=app_name,
+    ).replace("'", "''")
     conf = _common_conf(port) + (
         f"primary_conninfo = '{conninfo}'\nprimary_slot_name = '{app_name}'\n"
     )
@@ -385,7 +393,10 @@ def promote(datadir: Path) -> None:
 
 
 def dsn(host: str, port: int, role: str, password: str, dbname: str = "postgres") -> str:
-    return f"postgresql://{role}:{password}@{host}:{port}/{dbname}"
+    """A URL (the form API.md's status shows); each part percent-encoded, so a password with
+    ``@`` or ``/`` can neither break it nor point it elsewhere."""
+    role_q, password_q, db_q = (quote(x, safe="") for x in (role, password, dbname))
+    return f"postgresql://{role_q}:{password_q}@{host}:{port}/{db_q}"
 
 
 def redact(dsn_text: str) -> str:

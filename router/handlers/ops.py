@@ -33,12 +33,13 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-async def metrics(request: web.Request) -> web.Response:
-    m = request.app[METRICS]
-    watcher = request.app[TOPOLOGY]
+async def metrics_response(app: web.Application) -> web.Response:
+    """The Prometheus exposition of ``app`` (served on the admin listener, router.adminsite)."""
+    m = app[METRICS]
+    watcher = app[TOPOLOGY]
     if watcher.loaded:
         m.topology_revision.labels(m.region).set(watcher.current.revision)
-        relay_lag = request.app[RELAY_LAG]
+        relay_lag = app[RELAY_LAG]
         for shard in watcher.current.shards.values():
             # The relay process's heartbeat as this router's read path sees it (NaN: unknown).
             lag = await relay_lag.lag(shard)
