@@ -31,7 +31,7 @@ from infra.keys import KeyRingError
 from infra.local import cluster, postgres, procs
 from infra.local.ports import plan_ports
 from regionstore import admin
-from router.auth import ADMIN_TOKEN_TTL_S_MAX, SCOPES, TOKEN_TTL_S_MAX
+from router.auth import ADMIN_TOKEN_TTL_S_MAX, SCOPES, TENANT_RE, TOKEN_TTL_S_MAX
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -291,6 +291,9 @@ def _cmd_limits(args: argparse.Namespace) -> int:
                 await tenant_limits.clear_limits(client, args.tenant)
             return await tenant_limits.load_limits(client)
 
+    if args.limits_command in ("set", "clear") and not TENANT_RE.fullmatch(args.tenant):
+        _err("tenant must be 1-64 of A-Z a-z 0-9 _ . - and start alphanumeric")
+        return EXIT_USAGE
     try:
         if args.limits_command == "set":
             args.limits = tenant_limits.TenantLimits(
