@@ -142,6 +142,8 @@ def run(
         router_workers = len(desc["regions"][region]["router_pids"])
         shard = cluster.shard_name(region)
         router_url = desc["regions"][region]["router"]
+        # /metrics is served on the router's admin listener, not its public port.
+        metrics_url = desc["regions"][region]["router_admin"]
         loadgen.check_loopback(router_url)
         admin_dsn = cluster.primary_admin_dsns(cluster_dir)[shard]
         progress(f"pgbench ceiling on {shard}: clients {prof.pgbench_clients}, {prof.pgbench_s} s")
@@ -151,7 +153,9 @@ def run(
         progress(f"pgbench ceiling {ceil['tps']:.1f} transfers/s")
         tok = cluster.token(cluster_dir, TENANT, SCOPES, TOKEN_TTL_S)
         parts = uvloop.run(
-            _router_parts(router_url, tok, region, shard, router_workers, prof, progress)
+            _router_parts(
+                router_url, metrics_url, tok, region, shard, router_workers, prof, progress
+            )
         )
     finally:
         progress("stopping and purging the cluster")
@@ -230,6 +234,7 @@ async def _batch_totals(url: str, region: str, shard: str, workers: int) -> list
 
 async def _router_parts(
     url: str,
+    metrics_url: str,
     tok: str,
     region: str,
     shard: str,
@@ -263,7 +268,7 @@ async def _router_parts(
             max_requests=REQUESTS_MAX_PER_RUN,
             ok_statuses=OK_WRITE,
         )
-        before = await _batch_totals(url, region, shard, workers)
+        before = await _batch_totals(metrics_url, region, shard, workers)
         sat_runs = []
         for c in prof.saturation_concurrency:
             res = await loadgen.closed_loop(
@@ -278,7 +283,7 @@ async def _router_parts(
             sat_runs.append(res)
             if res.errors or res.rate < SATURATION_KNEE_FRACTION * max(r.rate for r in sat_runs):
                 break
-        after = await _batch_totals(url, region, shard, workers)
+        after = await _batch_totals(metrics_url, region, shard, workers)
         batches = after[1] - before[1]
         mean_batch = (after[0] - before[0]) / batches if batches > 0 else 0.0
         best = max(sat_runs, key=lambda r: r.rate)
