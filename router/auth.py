@@ -233,7 +233,8 @@ class Verifier:
         self._audience = audience
         self._admin_audience = admin_audience
         self._generation = keys.generation
-        self._cache: dict[bool, OrderedDict[str, Principal]] = {
+        # token -> (principal, kid), per audience (False: tenant, True: admin).
+        self._cache: dict[bool, OrderedDict[str, tuple[Principal, str]]] = {
             False: OrderedDict(),
             True: OrderedDict(),
         }
@@ -246,32 +247,37 @@ class Verifier:
             raise AuthError("expected 'Authorization: Bearer <token>'")
         return self.verify(token.strip(), admin=admin)
 
-    def _key(self, token: str) -> jwt.PyJWK:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise AuthError("token is malformed") from None
-        kid = header.get("kid")
-        key = self._keys.get(kid) if isinstance(kid, str) else None
+    def _fresh_keys(self, kid: str) -> jwt.PyJWK | None:
+        """The key ``kid`` (re-checking the file at its bound); a changed set empties the cache:
+        what an old key verified may no longer hold."""
+        key = self._keys.get(kid)
         if self._keys.generation != self._generation:
-            # The key set changed: what an old key verified may no longer hold.
             self._generation = self._keys.generation
             for cache in self._cache.values():
                 cache.clear()
-        if key is None:
-            raise AuthError("token signed by an unknown key")
         return key
 
     def verify(self, token: str, *, admin: bool = False) -> Principal:
         now = time.time()
-        key = self._key(token)
         cache = self._cache[admin]
-        cached = cache.get(token)
-        if cached is not None:
-            if cached.expires_at > now:
-                cache.move_to_end(token)
-                return cached
-            del cache[token]
+        hit = cache.get(token)
+        if hit is not None:
+            principal, kid = hit
+            # The key lookup also notices a reload, which empties the cache (then re-verify).
+            if self._fresh_keys(kid) is not None and token in cache:
+                if principal.expires_at > now:
+                    cache.move_to_end(token)
+                    return principal
+                del cache[token]
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthError("token is malformed") from None
+        named = header.get("kid")
+        key = self._fresh_keys(named) if isinstance(named, str) else None
+        if key is None or not isinstance(named, str):
+            raise AuthError("token signed by an unknown key")
+        kid = named
         try:
             claims = jwt.decode(
                 token,
@@ -303,7 +309,7 @@ class Verifier:
             scopes=frozenset(scope.split()) & (ADMIN_SCOPES if admin else TENANT_SCOPES),
             expires_at=float(claims["exp"]) + LEEWAY_S,
         )
-        cache[token] = principal
+        cache[token] = (principal, kid)
         if len(cache) > TOKEN_CACHE_ENTRIES_MAX:
             cache.popitem(last=False)
         return principal
