@@ -176,7 +176,7 @@ def run(
     return rep
 
 
-async def _create_account(s: aiohttp.ClientSession, url: str, region: str, overdraft: int) -> str:
+async def create_account(s: aiohttp.ClientSession, url: str, region: str, overdraft: int) -> str:
     body = {"currency": CURRENCY, "home_region": region, "overdraft_limit": overdraft}
     async with s.post(url + "/v1/accounts", json=body) as r:
         if r.status != 201:
@@ -184,7 +184,7 @@ async def _create_account(s: aiohttp.ClientSession, url: str, region: str, overd
         return str((await r.json())["id"])
 
 
-async def _transfer(s: aiohttp.ClientSession, url: str, src: str, dst: str, amount: int) -> int:
+async def transfer(s: aiohttp.ClientSession, url: str, src: str, dst: str, amount: int) -> int:
     body = {"source": src, "destination": dst, "amount": amount, "currency": CURRENCY}
     async with s.post(
         url + "/v1/transfers", json=body, headers={"Idempotency-Key": uuid.uuid4().hex}
@@ -193,7 +193,7 @@ async def _transfer(s: aiohttp.ClientSession, url: str, src: str, dst: str, amou
         return r.status
 
 
-async def _bounded(n: int, fn: Callable[[int], Any]) -> list[Any]:
+async def bounded(n: int, fn: Callable[[int], Any]) -> list[Any]:
     """``fn(0..n-1)`` with at most SETUP_CONCURRENCY in flight."""
     sem = asyncio.Semaphore(SETUP_CONCURRENCY)
 
@@ -239,19 +239,19 @@ async def _router_parts(
     rng = random.Random(0x7E5)  # reproducible choice of accounts; the timing is not
     async with loadgen.session({"Authorization": f"Bearer {tok}"}) as s:
         progress(f"creating and funding {prof.accounts} accounts homed in {region}")
-        mint = await _create_account(s, url, region, MINT_OVERDRAFT)
-        accounts: list[str] = await _bounded(
-            prof.accounts, lambda _i: _create_account(s, url, region, 0)
+        mint = await create_account(s, url, region, MINT_OVERDRAFT)
+        accounts: list[str] = await bounded(
+            prof.accounts, lambda _i: create_account(s, url, region, 0)
         )
-        statuses = await _bounded(
-            len(accounts), lambda i: _transfer(s, url, mint, accounts[i], FUNDING_AMOUNT)
+        statuses = await bounded(
+            len(accounts), lambda i: transfer(s, url, mint, accounts[i], FUNDING_AMOUNT)
         )
         if any(st != 201 for st in statuses):
             raise RuntimeError(f"funding failed: {Counter(statuses)}")
 
         async def uniform(sess: aiohttp.ClientSession, _seq: int) -> int:
             src, dst = rng.sample(accounts, 2)
-            return await _transfer(sess, url, src, dst, TRANSFER_AMOUNT)
+            return await transfer(sess, url, src, dst, TRANSFER_AMOUNT)
 
         progress(f"warm-up {prof.warmup_s} s")
         await loadgen.closed_loop(
@@ -335,7 +335,7 @@ async def _router_parts(
                 src, dst = pair
             else:
                 src, dst = rng.sample(cold, 2)
-            return await _transfer(sess, url, src, dst, TRANSFER_AMOUNT)
+            return await transfer(sess, url, src, dst, TRANSFER_AMOUNT)
 
         await asyncio.sleep(SETTLE_S)
         res = await loadgen.closed_loop(

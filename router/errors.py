@@ -103,6 +103,12 @@ class PayloadTooLarge(ApiError):
     title = "Payload too large"
 
 
+class UnsupportedMediaType(ApiError):
+    status = 415
+    default_code = "invalid_request"
+    title = "Unsupported media type"
+
+
 class BusinessRefusal(ApiError):
     status = 422
     title = "Refused"

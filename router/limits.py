@@ -92,3 +92,17 @@ CACHED_LAG_BOUND_S: Final = 1.0
 # a healthy relay, and a dead relay is still noticed exactly at the bound. One Redis round trip
 # per interval, whatever the read rate.
 RELAY_LAG_REFRESH_S: Final = 0.1
+
+# -- POST /v1/transfers/batch (API.md "Batches of transfers") ----------------------------------
+# Items per batch request, the contract's bound.
+TRANSFER_BATCH_ITEMS_MAX: Final = 1000
+# Its body: 1,000 items of the largest legal size (255-character key, 140-character reference
+# escaped as \uXXXX, ids) fit in about 1.3 MB; the single-transfer routes keep BODY_BYTES_MAX.
+TRANSFER_BATCH_BODY_BYTES_MAX: Final = 2 * 1024 * 1024
+
+# -- Garbage collection (router start-up) -----------------------------------------------------
+# Objects allocated at start-up (modules, OpenAPI document, pools) are frozen out of the
+# collector, and generation 0 runs every this many net allocations instead of 700: in-flight
+# futures and coroutines pushed it past 700 every ~35 requests, and GC was 8-9 % of the
+# router's CPU (issue 11). The older generations keep their default ratios.
+GC_GEN0_THRESHOLD: Final = 50_000
