@@ -43,6 +43,7 @@ from router.freshness import RelayLag
 from router.handlers import accounts, ops, transfers
 from router.handlers.common import SERVED_BY_KEY
 from router.limits import (
+    ACCESS_LOG_LINES_PER_S_MAX,
     ACCESS_LOG_SLOW_MS,
     BODY_BYTES_MAX,
     GC_GEN0_THRESHOLD,
@@ -86,6 +87,34 @@ def _map_http_exception(exc: web.HTTPException) -> ApiError:
     if exc.status == 413:
         return PayloadTooLarge(f"request body exceeds {BODY_BYTES_MAX} bytes")
     return BadRequest("the request could not be processed")
+
+
+class _LineBudget:
+    """At most ``per_s`` lines per wall-clock second; counts the ones it refuses."""
+
+    __slots__ = ("_count", "_per_s", "_second", "_skipped")
+
+    def __init__(self, per_s: int) -> None:
+        self._per_s = per_s
+        self._second = 0
+        self._count = 0
+        self._skipped = 0
+
+    def take(self) -> int | None:
+        """None: skip this line. Else the number of lines skipped since the last one."""
+        now = int(time.monotonic())
+        if now != self._second:
+            self._second = now
+            self._count = 0
+        if self._count >= self._per_s:
+            self._skipped += 1
+            return None
+        self._count += 1
+        skipped, self._skipped = self._skipped, 0
+        return skipped
+
+
+_ACCESS_BUDGET = _LineBudget(ACCESS_LOG_LINES_PER_S_MAX)
 
 
 @web.middleware
@@ -143,20 +172,17 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         # router's CPU under load. Successes still log at DEBUG.
         ms = elapsed * 1000
         level = logging.INFO if resp.status >= 400 or ms >= ACCESS_LOG_SLOW_MS else logging.DEBUG
-        if log.isEnabledFor(level):
+        if log.isEnabledFor(level) and (suppressed := _ACCESS_BUDGET.take()) is not None:
+            fields: dict[str, object] = {
+                "method": request.method,
+                "route": route,
+                "status": resp.status,
+                "ms": round(ms, 3),
+            }
+            if suppressed:
+                fields["suppressed"] = suppressed
             # Logged inside the span so the line carries the trace id.
-            log.log(
-                level,
-                "request",
-                extra={
-                    "fields": {
-                        "method": request.method,
-                        "route": route,
-                        "status": resp.status,
-                        "ms": round(ms, 3),
-                    }
-                },
-            )
+            log.log(level, "request", extra={"fields": fields})
     request_id_var.reset(token)
     return resp
 

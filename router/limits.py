@@ -10,6 +10,10 @@ BODY_BYTES_MAX: Final = 16 * 1024
 # failed ones always are. An in-region write takes a few ms, so this catches queueing, a slow
 # commit or a failover wait, not the normal case (which /metrics counts and times).
 ACCESS_LOG_SLOW_MS: Final = 250.0
+# At most this many access lines per second per worker; the rest are counted and the next line
+# says how many were left out. Past saturation every request is slow, and a line for each was
+# 10 % of the router's CPU exactly when it had none to spare (py-spy, issue 11).
+ACCESS_LOG_LINES_PER_S_MAX: Final = 50
 
 # Router worker processes per region, sharing the port through SO_REUSEPORT (the kernel spreads
 # connections). One Python process is bound by one core, but on the two-core reference machine
