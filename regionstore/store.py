@@ -290,6 +290,10 @@ _GET_ACCOUNT_SQL: Final = (
     "SELECT id, tenant, currency, balance, overdraft_limit, version, metadata, created_at"
     " FROM txr.accounts WHERE id = %s::bigint AND tenant = %s::text AND kind = 'customer'"
 )
+_GET_CUSTOMER_ACCOUNT_SQL: Final = (
+    "SELECT id, tenant, currency, balance, overdraft_limit, version, metadata, created_at"
+    " FROM txr.accounts WHERE id = %s::bigint AND kind = 'customer'"
+)
 _GET_TRANSFER_SQL: Final = (
     "SELECT id, tenant, source, destination, amount, currency, reference, status, created_at,"
     " refusal_code FROM txr.transfers WHERE id = %s::uuid AND tenant = %s::text"
@@ -819,6 +823,13 @@ class ShardStore:
         """The account, or None when missing, another tenant's, or a transit account."""
         return await self._fetch_one(
             AccountRow, _GET_ACCOUNT_SQL, (account_id, tenant), timeout_s, "get_account"
+        )
+
+    async def get_customer_account(self, account_id: int, *, timeout_s: float) -> AccountRow | None:
+        """The customer account whatever its tenant (None: missing or transit). For shared work
+        only (the cache fill that every tenant's reads join); the caller checks the tenant."""
+        return await self._fetch_one(
+            AccountRow, _GET_CUSTOMER_ACCOUNT_SQL, (account_id,), timeout_s, "get_account"
         )
 
     async def get_transfer(

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from router.app import create_app
 from router.config import RouterConfig
+from router.limits import HEADER_RECEIVE_TIMEOUT_S
 from router.logs import setup_logging
 
 
@@ -37,6 +38,8 @@ def main() -> None:
         loop=uvloop.new_event_loop(),
         # Give in-flight writes time to get their commit acknowledgement before exit.
         shutdown_timeout=5.0,
+        # Bounds the time to send a request's headers too (router.limits says how).
+        keepalive_timeout=HEADER_RECEIVE_TIMEOUT_S,
     )
 
 

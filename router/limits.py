@@ -97,6 +97,14 @@ CACHED_LAG_BOUND_S: Final = 1.0
 # per interval, whatever the read rate.
 RELAY_LAG_REFRESH_S: Final = 0.1
 
+# -- Slow clients (issue 16) -----------------------------------------------------------------
+# A request's body must arrive within this time once its handler starts reading it (else 408):
+# a client that sends headers and no body no longer holds a handler forever.
+BODY_RECEIVE_TIMEOUT_S: Final = 5.0
+# aiohttp's keep-alive timer: a connection is closed when no complete request arrived for this
+# long since it opened or since its last answer, which also bounds the time to send headers.
+HEADER_RECEIVE_TIMEOUT_S: Final = 10.0
+
 # -- POST /v1/transfers/batch (API.md "Batches of transfers") ----------------------------------
 # Items per batch request, the contract's bound.
 TRANSFER_BATCH_ITEMS_MAX: Final = 1000

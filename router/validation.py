@@ -16,6 +16,7 @@ a Struct; the rarer bodies go through the standard parser with a duplicate-key h
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -40,8 +41,14 @@ from consistency.limits import (
     REFERENCE_LEN_MAX,
 )
 from consistency.money import is_amount, is_currency
-from router.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
-from router.limits import BODY_BYTES_MAX
+from router.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unprocessable,
+    UnsupportedMediaType,
+)
+from router.limits import BODY_BYTES_MAX, BODY_RECEIVE_TIMEOUT_S
 from router.model import TransferRequest
 
 CONSISTENCY_LEVELS = ("strong", "session", "cached")
@@ -49,6 +56,8 @@ CONSISTENCY_LEVELS = ("strong", "session", "cached")
 # client that parses JSON numbers as 64-bit integers carry this range and no more.
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
+# Every float a stored document may hold is smaller than this in magnitude (see check_storable).
+FLOAT_ABS_BOUND: Final = float(2**63)
 # Cursor sequence numbers are ledger seqs (bigint): a larger one can only be forged.
 CURSOR_LEN_MAX: Final = 32
 # Nesting of stored JSON (metadata): deep enough for any real document, shallow enough that no
@@ -86,9 +95,14 @@ async def read_body(request: web.Request, *, limit: int = BODY_BYTES_MAX) -> byt
     try:
         # read() waits for the whole body (any number of segments) and enforces the app's
         # client_max_size; the explicit check covers a route with a smaller bound.
-        raw = await request.read()
+        async with asyncio.timeout(BODY_RECEIVE_TIMEOUT_S):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {BODY_RECEIVE_TIMEOUT_S} s"
+        ) from None
     if len(raw) > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     if not raw.strip():
@@ -128,8 +142,10 @@ def check_storable(value: Any, name: str, depth: int = 0) -> None:
         if not INT64_MIN <= value <= INT64_MAX:
             raise Unprocessable(f"{name} holds an integer outside the 64-bit range")
     elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise Unprocessable(f"{name} holds a number outside the double range")
+        # PostgreSQL's jsonb gives numbers back in plain notation: 1e300 comes back as a
+        # 301-digit integer, which no 64-bit reader (the cache's encoder first) can carry.
+        if not math.isfinite(value) or abs(value) >= FLOAT_ABS_BOUND:
+            raise Unprocessable(f"{name} holds a number of magnitude 2^63 or more")
     elif isinstance(value, str):
         check_text(value, name)
     elif isinstance(value, list):
