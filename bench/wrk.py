@@ -139,7 +139,7 @@ async def _prepare(url: str, token: str, region: str, n: int) -> list[str]:
             n, lambda _i: suite.create_account(s, url, region, 0)
         )
         statuses = await suite.bounded(
-            n, lambda i: suite.transfer(s, url, mint, accounts[i], suite.FUNDING_AMOUNT)
+            n, lambda i: suite.fund(s, url, mint, accounts[i], suite.FUNDING_AMOUNT)
         )
         if any(st != 201 for st in statuses):
             raise RuntimeError(f"funding failed: {sorted(set(statuses))}")
