@@ -109,6 +109,11 @@ class TransferCode(StrEnum):
     BALANCE_LIMIT = "balance_limit"
 
 
+# By value, for the batch answer's rows: a dict lookup instead of EnumType.__call__, which a
+# py-spy profile showed as a visible share of the router at saturation.
+_TRANSFER_CODES: Final = {c.value: c for c in TransferCode}
+
+
 class CreateAccountCode(StrEnum):
     OK = "ok"
     STALE_EPOCH = "stale_epoch"
@@ -570,7 +575,7 @@ class ShardStore:
             )
         return [
             TransferResult(
-                code=TransferCode(r[1]),
+                code=_TRANSFER_CODES[r[1]],
                 transfer_id=r[2],
                 status=r[3],
                 created_at=r[4],
