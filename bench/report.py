@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 REPORT_FILE: Final = "report.json"
 PLOT_LATENCY_VS_RATE: Final = "latency_vs_throughput.png"
 PLOT_PERCENTILES: Final = "latency_percentiles.png"
+PLOT_CPU: Final = "cpu_per_transfer.png"
 PLOT_DPI: Final = 110
 
 
@@ -25,12 +26,49 @@ def write(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     files = {
         "latency_vs_throughput": _plot_latency_vs_rate(report, out_dir / PLOT_LATENCY_VS_RATE),
         "latency_percentiles": _plot_percentiles(report, out_dir / PLOT_PERCENTILES),
+        "cpu_per_transfer": _plot_cpu(report, out_dir / PLOT_CPU),
     }
+    if report["router"].get("flame_graph"):
+        files["flame_graph"] = out_dir / report["router"]["flame_graph"]
     report["files"] = {k: str(v) for k, v in files.items()} | {"report": str(out_dir / REPORT_FILE)}
     path = out_dir / REPORT_FILE
     path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     files["report"] = path
     return files
+
+
+def _plot_cpu(report: dict[str, Any], path: Path) -> Path:
+    """CPU per acknowledged transfer by component, stacked: single requests vs batches."""
+    from bench.cpu import COMPONENTS
+
+    bars = {
+        "single (wrk, best)": report["router"]["saturation"]["best"]["cpu_us_per_transfer"],
+        f"batch of {report['router']['batch']['batch_size']}": report["router"]["batch"][
+            "cpu_us_per_transfer"
+        ],
+    }
+    fig, ax = plt.subplots(figsize=(7, 5))
+    bottoms = [0.0] * len(bars)
+    for comp in COMPONENTS:
+        heights = [b.get(comp, 0.0) for b in bars.values()]
+        ax.bar(list(bars), heights, bottom=bottoms, label=comp)
+        bottoms = [x + h for x, h in zip(bottoms, heights, strict=True)]
+    for i, total in enumerate(bottoms):
+        ax.annotate(
+            f"{total:.0f} us",
+            (i, total),
+            ha="center",
+            xytext=(0, 3),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    ax.set_ylabel("CPU us per acknowledged transfer")
+    ax.set_title("where a transfer's CPU goes (from /proc)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
 
 
 def _plot_latency_vs_rate(report: dict[str, Any], path: Path) -> Path:
@@ -39,13 +77,14 @@ def _plot_latency_vs_rate(report: dict[str, Any], path: Path) -> Path:
     closed = report["router"]["saturation"]["runs"]
     opened = report["router"]["open_loop"]
     for pct, colour in (("p50", "tab:blue"), ("p99", "tab:orange"), ("p99.9", "tab:green")):
-        ax.plot(
-            [r["rate"] for r in closed],
-            [r["latency_ms"][pct] for r in closed],
-            marker="o",
-            color=colour,
-            label=f"closed loop {pct}",
-        )
+        if pct != "p99.9":  # wrk's summary gives p50 and p99
+            ax.plot(
+                [r["rate"] for r in closed],
+                [r[f"{pct}_ms"] for r in closed],
+                marker="o",
+                color=colour,
+                label=f"wrk closed loop {pct}",
+            )
         ax.scatter(
             [r["rate"] for r in opened.values()],
             [r["latency_ms"][pct] for r in opened.values()],
@@ -56,8 +95,8 @@ def _plot_latency_vs_rate(report: dict[str, Any], path: Path) -> Path:
         )
     for r in closed:
         ax.annotate(
-            f"c={r['concurrency']}",
-            (r["rate"], r["latency_ms"]["p50"]),
+            f"c={r['connections']}",
+            (r["rate"], r["p50_ms"]),
             fontsize=7,
             xytext=(3, -10),
             textcoords="offset points",
@@ -89,7 +128,7 @@ def _plot_percentiles(report: dict[str, Any], path: Path) -> Path:
     runs: dict[str, dict[str, Any]] = {
         f"open {k}": v for k, v in report["router"]["open_loop"].items()
     }
-    runs["saturation (closed)"] = report["router"]["saturation"]["best"]
+    # (wrk's saturation runs carry p50/p99 only: their curves are not HdrHistogram's.)
     runs["skewed (closed)"] = report["skewed"]
     for name, run in runs.items():
         curve = run["percentile_curve_ms"]
@@ -122,10 +161,22 @@ def summary(report: dict[str, Any]) -> str:
         "",
         f"pgbench ceiling       {c['tps']:10.1f} transfers/s  (best of clients "
         f"{[x['clients'] for x in c['runs']]}: c={c['best_clients']})",
-        f"router saturation     {sat['rate']:10.1f} transfers/s  (closed loop, "
-        f"c={sat['concurrency']}, p50 {sat['latency_ms']['p50']:.1f} ms)",
+        f"router saturation     {sat['rate']:10.1f} transfers/s  (wrk, "
+        f"c={sat['connections']}, p50 {sat['p50_ms']:.1f} ms, p99 {sat['p99_ms']:.1f} ms)",
         f"ratio router/pgbench  {r['ratio_to_ceiling']:10.2f}",
         f"mean batch size       {r.get('mean_batch_size', 0.0):10.1f}",
+        f"batch endpoint        {r['batch']['rate']:10.1f} transfers/s  (wrk, "
+        f"{r['batch']['batch_size']} per request, c={r['batch']['connections']}), ratio "
+        f"{r['batch']['ratio_to_ceiling']:.2f}",
+        "",
+        "CPU us per acknowledged transfer (single / batch):",
+        *(
+            f"  {comp:12s} {sat['cpu_us_per_transfer'][comp]:8.0f} "
+            f"{r['batch']['cpu_us_per_transfer'][comp]:8.0f}"
+            for comp in sat["cpu_us_per_transfer"]
+        ),
+        f"load average before {report['load_average']['before']}, after "
+        f"{report['load_average']['after']} ({report['cpus']} CPUs)",
         "",
         "open loop (latency from intended send time, ms):",
     ]

@@ -1,17 +1,22 @@
 """``txr bench``: start a private cluster, measure every part side by side, report, tear down.
 
-Parts (the performance issue): (a) the pgbench ceiling on one shard primary; (b) router
-transfers/s at saturation (closed loop) and the ratio to (a); (c) latency at 50% and 80% of that
-rate (open loop, from the intended send time, HdrHistogram); (d) cached vs strong reads;
-(e) a skewed mix where most transfers touch a few hot accounts. The cluster lives in a temp
-directory on ports 7000-7099 (``--base-port`` moves them) with ``--wan none`` and is stopped
-and purged even on failure.
+Parts (issues 7 and 11): (a) the pgbench ceiling on one shard primary; (b) router transfers/s
+at saturation with ``wrk`` (C, Lua, a fresh Idempotency-Key per transfer; bench.wrk) and the
+ratio to (a); (c) ``POST /v1/transfers/batch`` with batches of BATCH_SIZE, its transfers/s and
+ratio to (a); for (b) and (c) the CPU time per acknowledged transfer of every component read
+from /proc (bench.cpu); (d) latency at 50% and 80% of (b)'s rate (open loop from the intended
+send time, HdrHistogram, the Python generator, whose own CPU is reported); (e) cached vs strong
+reads; (f) a skewed mix where most transfers touch a few hot accounts. A py-spy flame graph of
+the router at saturation is written beside the report, and the load average before and after
+says how busy the machine was. The cluster lives in a temp directory on ports 7000-7099
+(``--base-port`` moves them) with ``--wan none`` and is stopped and purged even on failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import random
 import re
 import shutil
@@ -27,7 +32,7 @@ from typing import Any, Final
 import aiohttp
 import uvloop
 
-from bench import ceiling, loadgen, report
+from bench import ceiling, cpu, loadgen, report, wrk
 from infra.local import cluster
 
 BASE_PORT: Final = 7000
@@ -42,7 +47,12 @@ MINT_OVERDRAFT: Final = 10**15
 FUNDING_AMOUNT: Final = 10**9
 TRANSFER_AMOUNT: Final = 1
 # Requests in flight while creating and funding accounts (set-up, not measured).
-SETUP_CONCURRENCY: Final = 32
+SETUP_CONCURRENCY: Final = 16
+# Set-up requests the router sheds (429/503) or times out (504) are retried this often, waiting
+# SETUP_RETRY_DELAY_S times the attempt number: a loaded machine must not fail the whole run.
+SETUP_RETRIES_MAX: Final = 5
+SETUP_RETRY_DELAY_S: Final = 0.5
+RETRY_STATUSES: Final = frozenset({429, 503, 504})
 # Skewed mix: this share of transfers has one side among HOT_ACCOUNTS accounts.
 HOT_SHARE: Final = 0.8
 HOT_ACCOUNTS: Final = 5
@@ -57,6 +67,15 @@ SATURATION_KNEE_FRACTION: Final = 0.9
 SETTLE_S: Final = 2.0
 # Every closed-loop run also stops after this many requests, whatever its duration.
 REQUESTS_MAX_PER_RUN: Final = 2_000_000
+
+# POST /v1/transfers/batch: items per request, and wrk connections sending them.
+BATCH_SIZE: Final = 100
+BATCH_CONNECTIONS: Final = 8
+# The flame graph: py-spy samples the router at this rate during the profiled saturation run.
+PYSPY_RATE_HZ: Final = 200
+FLAME_GRAPH_FILE: Final = "router-flame.svg"
+# Grace for py-spy to write its SVG after its duration.
+PYSPY_GRACE_S: Final = 30.0
 
 _WORKER_PID_RE: Final = r'^txr_router_worker_info\{.*pid="(\d+)".*\} '
 # Scrapes of /metrics to hear from every router worker (the kernel picks one per connection):
@@ -76,6 +95,8 @@ class Profile:
     warmup_s: float
     saturation_concurrency: tuple[int, ...]
     saturation_s: float
+    profile_concurrency: int
+    batch_s: float
     open_loop_s: float
     read_concurrency: int
     read_s: float
@@ -88,8 +109,10 @@ FULL: Final = Profile(
     pgbench_s=10.0,
     accounts=2000,
     warmup_s=3.0,
-    saturation_concurrency=(16, 32, 64, 128, 256),
-    saturation_s=10.0,
+    saturation_concurrency=(16, 64, 128, 256),
+    saturation_s=15.0,
+    profile_concurrency=64,
+    batch_s=15.0,
     open_loop_s=20.0,
     read_concurrency=64,
     read_s=8.0,
@@ -103,6 +126,8 @@ QUICK: Final = Profile(
     warmup_s=1.0,
     saturation_concurrency=(64,),
     saturation_s=3.0,
+    profile_concurrency=64,
+    batch_s=3.0,
     open_loop_s=3.0,
     read_concurrency=32,
     read_s=2.0,
@@ -127,6 +152,8 @@ def run(
     """Run the whole suite and write the report into ``out_dir``; returns the report."""
     prof = QUICK if quick else FULL
     t0 = time.monotonic()
+    load_before = os.getloadavg()
+    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="txr-bench-"))
     # The postgres user reads the pgbench script from here.
     tmp.chmod(0o755)
@@ -152,9 +179,16 @@ def run(
         )
         progress(f"pgbench ceiling {ceil['tps']:.1f} transfers/s")
         tok = cluster.token(cluster_dir, TENANT, SCOPES, TOKEN_TTL_S)
+        ctx = _Context(
+            cluster_dir=cluster_dir,
+            tmp=tmp,
+            out_dir=out_dir,
+            groups=cpu.groups(desc, region, shard),
+            router_pids=tuple(int(p) for p in desc["regions"][region]["router_pids"]),
+        )
         parts = uvloop.run(
             _router_parts(
-                router_url, metrics_url, tok, region, shard, router_workers, prof, progress
+                router_url, metrics_url, tok, region, shard, router_workers, prof, progress, ctx
             )
         )
     finally:
@@ -166,6 +200,10 @@ def run(
             shutil.rmtree(tmp, ignore_errors=True)
     sat_rate = parts["router"]["saturation"]["best"]["rate"]
     parts["router"]["ratio_to_ceiling"] = sat_rate / ceil["tps"] if ceil["tps"] > 0 else 0.0
+    batch_rate = parts["router"]["batch"]["rate"]
+    parts["router"]["batch"]["ratio_to_ceiling"] = (
+        batch_rate / ceil["tps"] if ceil["tps"] > 0 else 0.0
+    )
     rep: dict[str, Any] = {
         "quick": quick,
         "region": region,
@@ -176,20 +214,28 @@ def run(
         "ceiling": ceil,
         **parts,
         "elapsed_s": time.monotonic() - t0,
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "cpus": os.cpu_count(),
     }
     report.write(rep, out_dir)
     return rep
 
 
-async def _create_account(s: aiohttp.ClientSession, url: str, region: str, overdraft: int) -> str:
+async def create_account(s: aiohttp.ClientSession, url: str, region: str, overdraft: int) -> str:
     body = {"currency": CURRENCY, "home_region": region, "overdraft_limit": overdraft}
-    async with s.post(url + "/v1/accounts", json=body) as r:
-        if r.status != 201:
-            raise RuntimeError(f"account creation failed: {r.status} {await r.text()}")
-        return str((await r.json())["id"])
+    for attempt in range(SETUP_RETRIES_MAX + 1):
+        async with s.post(url + "/v1/accounts", json=body) as r:
+            if r.status == 201:
+                return str((await r.json())["id"])
+            text = await r.text()
+        # Set-up, not measured: on a loaded machine the router may shed (429/503); wait, retry.
+        if r.status not in RETRY_STATUSES or attempt == SETUP_RETRIES_MAX:
+            break
+        await asyncio.sleep(SETUP_RETRY_DELAY_S * (attempt + 1))
+    raise RuntimeError(f"account creation failed: {r.status} {text}")
 
 
-async def _transfer(s: aiohttp.ClientSession, url: str, src: str, dst: str, amount: int) -> int:
+async def transfer(s: aiohttp.ClientSession, url: str, src: str, dst: str, amount: int) -> int:
     body = {"source": src, "destination": dst, "amount": amount, "currency": CURRENCY}
     async with s.post(
         url + "/v1/transfers", json=body, headers={"Idempotency-Key": uuid.uuid4().hex}
@@ -198,7 +244,22 @@ async def _transfer(s: aiohttp.ClientSession, url: str, src: str, dst: str, amou
         return r.status
 
 
-async def _bounded(n: int, fn: Callable[[int], Any]) -> list[Any]:
+async def fund(s: aiohttp.ClientSession, url: str, src: str, dst: str, amount: int) -> int:
+    """A set-up transfer, retried with its key on 429/503/504 (replays never move money twice)."""
+    body = {"source": src, "destination": dst, "amount": amount, "currency": CURRENCY}
+    key = uuid.uuid4().hex
+    status = 0
+    for attempt in range(SETUP_RETRIES_MAX + 1):
+        async with s.post(url + "/v1/transfers", json=body, headers={"Idempotency-Key": key}) as r:
+            await r.read()
+            status = r.status
+        if status not in RETRY_STATUSES:
+            break
+        await asyncio.sleep(SETUP_RETRY_DELAY_S * (attempt + 1))
+    return status
+
+
+async def bounded(n: int, fn: Callable[[int], Any]) -> list[Any]:
     """``fn(0..n-1)`` with at most SETUP_CONCURRENCY in flight."""
     sem = asyncio.Semaphore(SETUP_CONCURRENCY)
 
@@ -232,6 +293,83 @@ async def _batch_totals(url: str, region: str, shard: str, workers: int) -> list
     return [sum(v[0] for v in seen.values()), sum(v[1] for v in seen.values())]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Context:
+    cluster_dir: Path
+    tmp: Path
+    out_dir: Path
+    groups: cpu.Groups
+    router_pids: tuple[int, ...]
+
+
+async def _wrk_measured(
+    url: str,
+    accounts_file: Path,
+    tok: str,
+    ctx: _Context,
+    *,
+    connections: int,
+    duration_s: float,
+    batch: int = 0,
+    profile_to: Path | None = None,
+) -> dict[str, Any]:
+    """One wrk run with the cluster's CPU per acknowledged transfer (and, if asked, a py-spy
+    flame graph of the router recorded over the same run)."""
+    spy: asyncio.subprocess.Process | None = None
+    if profile_to is not None:
+        spy = await _start_pyspy(ctx.router_pids[0], duration_s, profile_to)
+    before = cpu.snapshot(ctx.groups)
+    res = await asyncio.to_thread(
+        wrk.run,
+        url,
+        accounts_file,
+        tok,
+        connections=connections,
+        duration_s=duration_s,
+        batch=batch,
+    )
+    after = cpu.snapshot(ctx.groups)
+    out = res.to_json() | {"cpu_us_per_transfer": cpu.per_transfer_us(before, after, res.acked)}
+    if spy is not None:
+        try:
+            await asyncio.wait_for(spy.wait(), PYSPY_GRACE_S)
+        except TimeoutError:
+            spy.kill()
+            await spy.wait()
+    return out
+
+
+def _pyspy() -> str | None:
+    """py-spy from PATH or beside this interpreter (the venv's, from the profile extra)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
+async def _start_pyspy(
+    pid: int, duration_s: float, path: Path
+) -> asyncio.subprocess.Process | None:
+    exe = _pyspy()
+    if exe is None:
+        return None
+    return await asyncio.create_subprocess_exec(
+        exe,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, round(duration_s))),
+        "--rate",
+        str(PYSPY_RATE_HZ),
+        "--nonblocking",
+        "--format",
+        "flamegraph",
+        "--output",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
 async def _router_parts(
     url: str,
     metrics_url: str,
@@ -241,23 +379,24 @@ async def _router_parts(
     workers: int,
     prof: Profile,
     progress: Callable[[str], None],
+    ctx: _Context,
 ) -> dict[str, Any]:
     rng = random.Random(0x7E5)  # reproducible choice of accounts; the timing is not
     async with loadgen.session({"Authorization": f"Bearer {tok}"}) as s:
         progress(f"creating and funding {prof.accounts} accounts homed in {region}")
-        mint = await _create_account(s, url, region, MINT_OVERDRAFT)
-        accounts: list[str] = await _bounded(
-            prof.accounts, lambda _i: _create_account(s, url, region, 0)
+        mint = await create_account(s, url, region, MINT_OVERDRAFT)
+        accounts: list[str] = await bounded(
+            prof.accounts, lambda _i: create_account(s, url, region, 0)
         )
-        statuses = await _bounded(
-            len(accounts), lambda i: _transfer(s, url, mint, accounts[i], FUNDING_AMOUNT)
+        statuses = await bounded(
+            len(accounts), lambda i: fund(s, url, mint, accounts[i], FUNDING_AMOUNT)
         )
         if any(st != 201 for st in statuses):
             raise RuntimeError(f"funding failed: {Counter(statuses)}")
 
         async def uniform(sess: aiohttp.ClientSession, _seq: int) -> int:
             src, dst = rng.sample(accounts, 2)
-            return await _transfer(sess, url, src, dst, TRANSFER_AMOUNT)
+            return await transfer(sess, url, src, dst, TRANSFER_AMOUNT)
 
         progress(f"warm-up {prof.warmup_s} s")
         await loadgen.closed_loop(
@@ -268,34 +407,59 @@ async def _router_parts(
             max_requests=REQUESTS_MAX_PER_RUN,
             ok_statuses=OK_WRITE,
         )
+        accounts_file = wrk.write_accounts(ctx.tmp / "accounts.txt", accounts)
         before = await _batch_totals(metrics_url, region, shard, workers)
-        sat_runs = []
+        sat_runs: list[dict[str, Any]] = []
+        flame = ctx.out_dir / FLAME_GRAPH_FILE
+        flame.unlink(missing_ok=True)
         for c in prof.saturation_concurrency:
-            res = await loadgen.closed_loop(
-                s,
-                uniform,
-                concurrency=c,
+            wres = await _wrk_measured(
+                url,
+                accounts_file,
+                tok,
+                ctx,
+                connections=c,
                 duration_s=prof.saturation_s,
-                max_requests=REQUESTS_MAX_PER_RUN,
-                ok_statuses=OK_WRITE,
+                profile_to=flame if c == prof.profile_concurrency else None,
             )
-            progress(f"closed loop c={c}: {res.rate:.1f} transfers/s, errors {res.errors}")
-            sat_runs.append(res)
-            if res.errors or res.rate < SATURATION_KNEE_FRACTION * max(r.rate for r in sat_runs):
+            progress(
+                f"wrk c={c}: {wres['rate']:.1f} transfers/s, failed {wres['failed']}, router "
+                f"{wres['cpu_us_per_transfer']['router']:.0f} us/transfer"
+            )
+            sat_runs.append(wres)
+            best_rate = max(r["rate"] for r in sat_runs)
+            if wres["failed"] or wres["rate"] < SATURATION_KNEE_FRACTION * best_rate:
                 break
         after = await _batch_totals(metrics_url, region, shard, workers)
         batches = after[1] - before[1]
         mean_batch = (after[0] - before[0]) / batches if batches > 0 else 0.0
-        best = max(sat_runs, key=lambda r: r.rate)
+        best = max(sat_runs, key=lambda r: r["rate"])
+
+        await asyncio.sleep(SETTLE_S)
+        batch_run = await _wrk_measured(
+            url,
+            accounts_file,
+            tok,
+            ctx,
+            connections=BATCH_CONNECTIONS,
+            duration_s=prof.batch_s,
+            batch=BATCH_SIZE,
+        )
+        progress(
+            f"wrk batch of {BATCH_SIZE} x c={BATCH_CONNECTIONS}: {batch_run['rate']:.1f} "
+            f"transfers/s, router {batch_run['cpu_us_per_transfer']['router']:.0f} us/transfer"
+        )
 
         open_runs = {}
         for name, frac in OPEN_LOOP_FRACTIONS:
             await asyncio.sleep(SETTLE_S)
-            rate = max(1.0, best.rate * frac)
+            rate = max(1.0, best["rate"] * frac)
+            gen_cpu = time.process_time()
             res = await loadgen.open_loop(
                 s, uniform, rate=rate, duration_s=prof.open_loop_s, ok_statuses=OK_WRITE
             )
-            open_runs[name] = res.to_json()
+            # The Python generator shares the cores with the cluster: its own CPU, reported.
+            open_runs[name] = res.to_json() | {"generator_cpu_s": time.process_time() - gen_cpu}
             lat = open_runs[name]["latency_ms"]
             progress(
                 f"open loop {name} ({rate:.0f}/s): p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms"
@@ -341,7 +505,7 @@ async def _router_parts(
                 src, dst = pair
             else:
                 src, dst = rng.sample(cold, 2)
-            return await _transfer(sess, url, src, dst, TRANSFER_AMOUNT)
+            return await transfer(sess, url, src, dst, TRANSFER_AMOUNT)
 
         await asyncio.sleep(SETTLE_S)
         res = await loadgen.closed_loop(
@@ -359,8 +523,10 @@ async def _router_parts(
         "router": {
             "url": url,
             "accounts": len(accounts),
-            "saturation": {"runs": [r.to_json() for r in sat_runs], "best": best.to_json()},
+            "saturation": {"runs": sat_runs, "best": best, "generator": "wrk"},
             "mean_batch_size": mean_batch,
+            "batch": batch_run | {"batch_size": BATCH_SIZE},
+            "flame_graph": FLAME_GRAPH_FILE if flame.exists() else None,
             "open_loop": open_runs,
         },
         "reads": reads,

@@ -7,10 +7,17 @@ only: a released file is never edited, a fix is a new file.
 
 Migration text may name the application role as ``__APP_ROLE__``; it is replaced by the quoted
 role name, so the role's privileges (USAGE, SELECT, EXECUTE, never UPDATE) live with the schema.
+
+Functions (issue 17): numbered migrations are for schema; a function lives once, in a file under
+``regionstore/sql/functions/``, written as ``CREATE OR REPLACE``. Every migrate applies each file
+whose rendered text differs from the checksum recorded in ``txr.function_files`` (after the
+migrations, in file-name order, each in its own transaction with its record), so editing a file
+is how a function changes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +31,7 @@ from psycopg import sql
 APP_ROLE: Final = "txr_app"
 
 MIGRATIONS_DIR: Final = Path(__file__).with_name("migrations")
+FUNCTIONS_DIR: Final = Path(__file__).parent / "sql" / "functions"
 _FILE_RE: Final = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _ROLE_PLACEHOLDER: Final = "__APP_ROLE__"
 
@@ -96,6 +104,45 @@ def apply_migrations(admin_dsn: str, *, app_role: str = APP_ROLE) -> list[str]:
                         (mig.version, mig.name),
                     )
                 applied.append(mig.path.name)
+            applied.extend(_apply_functions(conn, app_role))
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATE_LOCK_KEY,))
+    return applied
+
+
+def function_files(directory: Path = FUNCTIONS_DIR) -> list[Path]:
+    return sorted(directory.glob("*.sql"))
+
+
+def _apply_functions(conn: psycopg.Connection[object], app_role: str) -> list[str]:
+    """Apply every function file whose rendered text changed since it was last applied."""
+    with conn.transaction():
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS txr.function_files ("
+            " name text PRIMARY KEY,"
+            " sha256 text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+    applied: list[str] = []
+    for path in function_files():
+        text = _render(path.read_text(), conn, app_role)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("SET LOCAL lock_timeout = {}").format(
+                    sql.Literal(f"{MIGRATION_LOCK_TIMEOUT_MS}ms")
+                )
+            )
+            row = conn.execute(
+                "SELECT sha256 FROM txr.function_files WHERE name = %s", (path.name,)
+            ).fetchone()
+            if row is not None and row == (digest,):
+                continue
+            conn.execute(text.encode())
+            conn.execute(
+                "INSERT INTO txr.function_files (name, sha256) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET sha256 = EXCLUDED.sha256, applied_at = now()",
+                (path.name, digest),
+            )
+        applied.append(path.name)
     return applied

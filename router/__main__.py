@@ -14,6 +14,7 @@ import uvloop
 from router import serve
 from router.app import create_app
 from router.config import RouterConfig
+from router.limits import HEADER_RECEIVE_TIMEOUT_S
 from router.logs import setup_logging
 
 
@@ -34,6 +35,8 @@ def main() -> None:
         loop=uvloop.new_event_loop(),
         # Give in-flight writes time to get their commit acknowledgement before exit.
         shutdown_timeout_s=5.0,
+        # Bounds the time to send a request's headers too (router.limits says how).
+        keepalive_timeout_s=HEADER_RECEIVE_TIMEOUT_S,
     )
 
 

@@ -12,16 +12,23 @@ causes) is retried item by item, so one bad item never fails its neighbours.
 ``after_commit`` runs once per committed batch before any of its items is answered: the
 router writes the batch's new versions into the region cache there, in one round trip
 (DESIGN.md section 4.3: the cache write precedes the answer).
+
+Deadlines cost one timer per batcher, not one per item: waiting items sit in a heap ordered by
+deadline and a single ``call_at`` handle fires at the earliest one, failing every expired item
+with ``StoreOutcomeUnknown`` (issue 11: ``wait_for(shield())`` and a timer per item were ~30 us
+of every transfer). The store call is timed once per batch (``observe_call``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
 from regionstore.errors import StoreInvariantViolation, StoreOutcomeUnknown
 from regionstore.store import ShardStore, TransferItem, TransferResult
@@ -42,11 +49,20 @@ class BatcherFull(Exception):
 AfterCommit = Callable[[Sequence[TransferItem], Sequence[TransferResult]], Awaitable[None]]
 
 
-@dataclass(slots=True)
 class _Pending:
-    item: TransferItem
-    future: asyncio.Future[TransferResult]
-    timeout_s: float
+    __slots__ = ("deadline", "future", "item", "timeout_s")
+
+    def __init__(
+        self,
+        item: TransferItem,
+        future: asyncio.Future[TransferResult],
+        timeout_s: float,
+        deadline: float,
+    ) -> None:
+        self.item = item
+        self.future = future
+        self.timeout_s = timeout_s
+        self.deadline = deadline  # loop.time() by which the caller needs its answer
 
 
 class ShardBatcher:
@@ -64,6 +80,7 @@ class ShardBatcher:
         observe_batch: Callable[[int], None] | None = None,
         relay_grace_s: float = 0.0,
         after_commit: AfterCommit | None = None,
+        observe_call: Callable[[float], None] | None = None,
     ) -> None:
         self._store = store
         self._epoch = shard_epoch
@@ -74,7 +91,12 @@ class ShardBatcher:
         self._observe_batch = observe_batch
         self._relay_grace_s = relay_grace_s
         self._after_commit = after_commit
+        self._observe_call = observe_call
         self._queue: deque[_Pending] = deque()
+        # Waiting items by deadline (answered ones are dropped lazily), and the one timer.
+        self._deadlines: list[tuple[float, int, _Pending]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
         self._inflight = 0
         self._linger_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -86,15 +108,48 @@ class ShardBatcher:
     async def submit(self, item: TransferItem, *, timeout_s: float) -> TransferResult:
         """The item's result. Raises the store's exception if its batch failed, and
         ``StoreOutcomeUnknown`` if ``timeout_s`` passes first (the batch may still commit)."""
+        # The future is failed by _expire when the deadline passes first; a caller that is
+        # cancelled cancels only its own future (its batch still runs).
+        return await self.enqueue(item, timeout_s=timeout_s)
+
+    def enqueue(self, item: TransferItem, *, timeout_s: float) -> asyncio.Future[TransferResult]:
+        """Queue ``item`` and return the future of its result (``submit`` without the await:
+        a batch request queues all its items before it waits for any)."""
         if len(self._queue) >= self._queue_max:
             raise BatcherFull(f"{len(self._queue)} transfers already queued for this shard")
-        fut: asyncio.Future[TransferResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, fut, timeout_s))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[TransferResult] = loop.create_future()
+        p = _Pending(item, fut, timeout_s, loop.time() + timeout_s)
+        self._queue.append(p)
+        self._watch(p, loop)
         self._schedule()
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-        except TimeoutError:
-            raise StoreOutcomeUnknown("the transfer's deadline passed while in a batch") from None
+        return fut
+
+    def _watch(self, p: _Pending, loop: asyncio.AbstractEventLoop) -> None:
+        heap = self._deadlines
+        # Answers come back roughly in deadline order: dropping answered items from the top
+        # here keeps the heap near the number of items actually waiting.
+        while heap and heap[0][2].future.done():
+            heapq.heappop(heap)
+        heapq.heappush(heap, (p.deadline, next(self._seq), p))
+        if self._timer is None or p.deadline < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(p.deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        heap = self._deadlines
+        while heap and (heap[0][0] <= now or heap[0][2].future.done()):
+            _, _, p = heapq.heappop(heap)
+            if not p.future.done():
+                p.future.set_exception(
+                    StoreOutcomeUnknown("the transfer's deadline passed while in a batch")
+                )
+        if heap:
+            self._timer = loop.call_at(heap[0][0], self._expire)
 
     def _schedule(self) -> None:
         while self._queue and self._inflight < self._inflight_max:
@@ -133,6 +188,7 @@ class ShardBatcher:
         if self._observe_batch is not None:
             self._observe_batch(len(batch))
         timeout_s = max(p.timeout_s for p in batch)
+        started = time.perf_counter()
         try:
             store = await self._store()
             results = await store.post_transfers(
@@ -153,6 +209,9 @@ class ShardBatcher:
         except Exception as exc:  # noqa: BLE001 - every waiter must get the batch's failure
             _fail(batch, exc)
             return
+        finally:
+            if self._observe_call is not None:
+                self._observe_call(time.perf_counter() - started)
         assert len(results) == len(batch), "one result per item"
         if self._after_commit is not None:
             try:
@@ -167,6 +226,9 @@ class ShardBatcher:
     async def close(self) -> None:
         if self._linger_task is not None:
             self._linger_task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task

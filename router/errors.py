@@ -103,6 +103,18 @@ class PayloadTooLarge(ApiError):
     title = "Payload too large"
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    default_code = "invalid_request"
+    title = "Request timeout"
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    default_code = "invalid_request"
+    title = "Unsupported media type"
+
+
 class BusinessRefusal(ApiError):
     status = 422
     title = "Refused"

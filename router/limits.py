@@ -10,6 +10,10 @@ BODY_BYTES_MAX: Final = 16 * 1024
 # failed ones always are. An in-region write takes a few ms, so this catches queueing, a slow
 # commit or a failover wait, not the normal case (which /metrics counts and times).
 ACCESS_LOG_SLOW_MS: Final = 250.0
+# At most this many access lines per second per worker; the rest are counted and the next line
+# says how many were left out. Past saturation every request is slow, and a line for each was
+# 10 % of the router's CPU exactly when it had none to spare (py-spy, issue 11).
+ACCESS_LOG_LINES_PER_S_MAX: Final = 50
 
 # Router worker processes per region, sharing the port through SO_REUSEPORT (the kernel spreads
 # connections). One Python process is bound by one core, but on the two-core reference machine
@@ -92,3 +96,25 @@ CACHED_LAG_BOUND_S: Final = 1.0
 # a healthy relay, and a dead relay is still noticed exactly at the bound. One Redis round trip
 # per interval, whatever the read rate.
 RELAY_LAG_REFRESH_S: Final = 0.1
+
+# -- Slow clients (issue 16) -----------------------------------------------------------------
+# A request's body must arrive within this time once its handler starts reading it (else 408):
+# a client that sends headers and no body no longer holds a handler forever.
+BODY_RECEIVE_TIMEOUT_S: Final = 5.0
+# aiohttp's keep-alive timer: a connection is closed when no complete request arrived for this
+# long since it opened or since its last answer, which also bounds the time to send headers.
+HEADER_RECEIVE_TIMEOUT_S: Final = 10.0
+
+# -- POST /v1/transfers/batch (API.md "Batches of transfers") ----------------------------------
+# Items per batch request, the contract's bound.
+TRANSFER_BATCH_ITEMS_MAX: Final = 1000
+# Its body: 1,000 items of the largest legal size (255-character key, 140-character reference
+# escaped as \uXXXX, ids) fit in about 1.3 MB; the single-transfer routes keep BODY_BYTES_MAX.
+TRANSFER_BATCH_BODY_BYTES_MAX: Final = 2 * 1024 * 1024
+
+# -- Garbage collection (router start-up) -----------------------------------------------------
+# Objects allocated at start-up (modules, OpenAPI document, pools) are frozen out of the
+# collector, and generation 0 runs every this many net allocations instead of 700: in-flight
+# futures and coroutines pushed it past 700 every ~35 requests, and GC was 8-9 % of the
+# router's CPU (issue 11). The older generations keep their default ratios.
+GC_GEN0_THRESHOLD: Final = 50_000

@@ -6,6 +6,7 @@ Nothing here logs headers or bodies: the Authorization header and DSNs never rea
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import logging
 import sys
 import time
@@ -39,6 +40,10 @@ class JsonFormatter(logging.Formatter):
         ctx = trace.get_current_span().get_span_context()
         if ctx.is_valid:
             doc["trace_id"] = f"{ctx.trace_id:032x}"
+        elif rid:
+            # No span is made while nothing records them (router.tracing): the request's lines
+            # still share one trace id, derived from its request id only when a line is written.
+            doc["trace_id"] = hashlib.blake2b(rid.encode(), digest_size=16).hexdigest()
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             doc.update(extra)

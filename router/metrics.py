@@ -36,6 +36,7 @@ class Metrics:
     def __init__(self, region: str) -> None:
         self.region = region
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._outcome_children: dict[str, Counter] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.worker_info = Gauge(
             "txr_router_worker_info",
@@ -188,6 +189,14 @@ class Metrics:
             if len(self._request_children) < REQUEST_CHILDREN_MAX:
                 self._request_children[key] = pair
         return pair
+
+    def transfer_outcome(self, code: str) -> Counter:
+        """The outcome counter's child for ``code``, resolved once per code (a bounded enum)."""
+        child = self._outcome_children.get(code)
+        if child is None:
+            child = self.transfer_outcomes.labels(self.region, code)
+            self._outcome_children[code] = child
+        return child
 
     def exposition(self) -> bytes:
         self.topology_revision.labels(self.region)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 from consistency import ids
 from consistency.topology import Shard
 from regionstore.store import AccountRow, EntryRow, TransferRow
 
+_ZERO: Final = timedelta(0)
+
 
 def timestamp(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """RFC 3339 in UTC with microseconds and ``Z``. The store's session runs in UTC, so the
+    conversion is skipped in the common case (it was ~3.5 us of every answer)."""
+    if value.utcoffset() != _ZERO:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def account(row: AccountRow, shard: Shard) -> dict[str, Any]:

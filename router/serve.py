@@ -72,11 +72,16 @@ def run(
     port: int,
     loop: asyncio.AbstractEventLoop,
     shutdown_timeout_s: float,
+    keepalive_timeout_s: float,
 ) -> None:
     """Serve until SIGTERM or SIGINT (like ``web.run_app``), then clean up the app."""
     asyncio.set_event_loop(loop)
     runner = ProblemAppRunner(
-        app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout_s
+        app,
+        handle_signals=True,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout_s,
+        keepalive_timeout=keepalive_timeout_s,
     )
     try:
         loop.run_until_complete(runner.setup())

@@ -72,6 +72,11 @@ class _Unrecorded:
         otel_context.detach(self._token)
 
 
+def tracing_enabled() -> bool:
+    """True when request spans are recorded (something exports or samples them)."""
+    return _recording
+
+
 def request_span(
     name: str, attributes: Mapping[str, AttributeValue]
 ) -> AbstractContextManager[trace.Span]:

@@ -130,7 +130,14 @@ async def read_account(
         return await from_primary()
 
     async def loader() -> CacheEntry | None:
-        row, _, _ = await from_primary()
+        # Shared by every caller that misses this key at once (single flight), whoever they
+        # are: so it loads the row for no tenant in particular, and each caller's own tenant
+        # check happens below (_visible). Loading as the first caller's tenant gave the owner
+        # a 404 whenever another tenant asked first (issue 16).
+        async def fetch(store: ShardStore, timeout_s: float) -> AccountRow | None:
+            return await store.get_customer_account(account_id, timeout_s=timeout_s)
+
+        row, _ = await router.read(slot, "get_account", fetch, deadline)
         if row is None:
             return None
         return CacheEntry(row.version, _payload(row))

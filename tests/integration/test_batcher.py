@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 from collections.abc import Sequence
 
+import msgspec
 import pytest
 
 from regionstore.errors import StoreOutcomeUnknown
@@ -69,7 +69,7 @@ async def test_an_item_that_aborts_its_batch_does_not_fail_its_neighbours(
 
     batcher = ShardBatcher(get_store, SHARD_EPOCH, inflight_max=1)
     good = [item(tenant, funding, dst, 3) for _ in range(20)]
-    bad = dataclasses.replace(item(tenant, funding, dst, 1), amount=0)
+    bad = msgspec.structs.replace(item(tenant, funding, dst, 1), amount=0)
     outcomes = await asyncio.gather(
         *(batcher.submit(it, timeout_s=TIMEOUT_S) for it in [*good[:10], bad, *good[10:]]),
         return_exceptions=True,

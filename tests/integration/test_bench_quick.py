@@ -33,6 +33,17 @@ def _check_run(run: dict[str, Any]) -> None:
     assert curve == sorted(curve), "a percentile curve never goes down"
 
 
+def _check_wrk(run: dict[str, Any]) -> None:
+    assert run["acked"] > 0
+    assert run["rate"] > 0
+    assert run["p99_ms"] >= run["p50_ms"] > 0
+    cpu = run["cpu_us_per_transfer"]
+    # The transfers went through the router and the primary: both spent CPU on them.
+    assert cpu["router"] > 0
+    assert cpu["primary"] > 0
+    assert cpu["total"] >= cpu["router"] + cpu["primary"]
+
+
 def test_quick_bench_writes_a_complete_report(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -46,7 +57,7 @@ def test_quick_bench_writes_a_complete_report(
 
     on_disk = json.loads((out / report.REPORT_FILE).read_text())
     assert on_disk["quick"] is True
-    for name in (report.PLOT_LATENCY_VS_RATE, report.PLOT_PERCENTILES):
+    for name in (report.PLOT_LATENCY_VS_RATE, report.PLOT_PERCENTILES, report.PLOT_CPU):
         png = (out / name).read_bytes()
         assert png.startswith(b"\x89PNG"), name
 
@@ -61,12 +72,18 @@ def test_quick_bench_writes_a_complete_report(
     router = on_disk["router"]
     assert router["ratio_to_ceiling"] > 0
     assert router["mean_batch_size"] >= 1
-    for run in router["saturation"]["runs"]:
-        _check_run(run)
+    for run in [*router["saturation"]["runs"], router["batch"]]:
+        _check_wrk(run)
+    assert router["batch"]["batch_size"] == 100
+    assert router["batch"]["ratio_to_ceiling"] > 0
+    if router["flame_graph"] is not None:
+        assert (out / router["flame_graph"]).read_bytes().lstrip().startswith(b"<?xml")
+    assert len(on_disk["load_average"]["before"]) == 3
     assert set(router["open_loop"]) == {"50%", "80%"}
     for run in router["open_loop"].values():
         _check_run(run)
         assert run["target_rate"] > 0
+        assert run["generator_cpu_s"] > 0
 
     assert set(on_disk["reads"]) == {"cached", "strong"}
     for run in on_disk["reads"].values():
