@@ -42,8 +42,12 @@ ETCD_HEALTH_TIMEOUT_S: Final = 2.0
 class LocalShardOps:
     """``consistency.failover.ShardOps`` for the local cluster at ``cluster_dir``."""
 
-    def __init__(self, cluster_dir: Path) -> None:
+    def __init__(self, cluster_dir: Path, *, via_region: str | None = None) -> None:
+        """``via_region``: dial every server the way that region does (through the WAN
+        emulator), as a region's failover controller must: a partition then hides a primary
+        from it exactly as it does from the region's routers."""
         self.dir = cluster_dir.resolve()
+        self.via_region = via_region
         self.state = cluster.load_state(self.dir)
         self.pw = cluster.pg_passwords(self.dir)
         ports = self.state.data["ports"]["regions"]
@@ -62,9 +66,8 @@ class LocalShardOps:
         raise FailoverError(f"node {node_name} is not part of the cluster in {self.dir}")
 
     def admin_dsn(self, node: Node, db: str = cluster.DB_NAME) -> str:
-        return postgres.dsn(
-            cluster.HOST, node.port, postgres.ADMIN_ROLE, self.pw["admin_password"], db
-        )
+        port = node.port if self.via_region is None else self._wan_port(self.via_region, node)
+        return postgres.dsn(cluster.HOST, port, postgres.ADMIN_ROLE, self.pw["admin_password"], db)
 
     def node_in(self, shard: str, region: str) -> Node:
         for e in self.state.data.get("pg", []):
@@ -141,6 +144,12 @@ class LocalShardOps:
             replication.set_sync_standby(
                 self.admin_dsn(primary, "postgres"), postgres.application_name(standby.name)
             )
+        except (replication.ReplicationError, psycopg.OperationalError) as exc:
+            raise FailoverError(str(exc)) from exc
+
+    def clear_sync_standby(self, primary: Node) -> None:
+        try:
+            replication.set_sync_standby(self.admin_dsn(primary, "postgres"), None)
         except (replication.ReplicationError, psycopg.OperationalError) as exc:
             raise FailoverError(str(exc)) from exc
 

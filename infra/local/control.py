@@ -26,6 +26,7 @@ RESTART_READY_TIMEOUT_S: Final = {
     "etcd": 60.0,
     "redis": 15.0,
     "wan": 15.0,
+    "controller": 15.0,
 }
 KILL_WAIT_S: Final = 10.0
 
@@ -86,7 +87,7 @@ def _ready_probe(cluster_dir: Path, entry: dict[str, Any]) -> Callable[[], bool]
         )
     if kind == "redis":
         return functools.partial(procs.port_open, int(ports["redis"]))
-    # Relays and the WAN emulator: alive is ready (they retry their own connections).
+    # Relays, controllers and the WAN emulator: alive is ready (they retry their own connections).
     return lambda: True
 
 
@@ -126,18 +127,7 @@ def pg_entry(cluster_dir: Path, node: str) -> dict[str, Any]:
 
 def _pg_tree(postmaster: int) -> list[int]:
     """The postmaster and its children (backends, walsender, checkpointer...)."""
-    out = [postmaster]
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[-1].split()[1])
-        if ppid == postmaster:
-            out.append(int(d.name))
-    return out
+    return [postmaster, *procs.children_of(postmaster)]
 
 
 def pg_signal(cluster_dir: Path, node: str, sig: signal.Signals) -> list[int]:
