@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -216,38 +217,50 @@ class FlakyPrimary(_Base):
     name: str = "flaky-primary"
     failovers_expected: tuple[int, int | None] = (0, 0)
     shards_hit: list[str] = field(default_factory=list, init=False)
-    pauses: int = field(default=0, init=False)
+    # Measured lengths of the pauses (a loaded machine may stretch them: the report shows it).
+    pauses_s: list[float] = field(default_factory=list, init=False)
     _node: str | None = field(default=None, init=False)
-    _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
 
     async def inject(self, ctx: Ctx) -> None:
         st = await asyncio.to_thread(real_ops.cluster_status, ctx.cluster_dir)
         self._node = str(st["shards"][self.target]["primary"])
         self.shards_hit = [self.target]
-        self._task = asyncio.create_task(self._flap(ctx, self._node))
+        self._stop.clear()
+        # A thread of its own, not the event loop: the workload keeps the loop busy (on a loaded
+        # machine for seconds), and a late SIGCONT would stretch a pause past the detection time.
+        self._thread = threading.Thread(
+            target=self._flap, args=(ctx.cluster_dir, self._node), name="flaky-primary"
+        )
+        self._thread.start()
         ctx.progress(f"flapping {self._node}: SIGSTOP {FLAKY_PAUSE_S:g}s / run {FLAKY_RUN_S:g}s")
 
-    async def _flap(self, ctx: Ctx, node: str) -> None:
+    def _flap(self, cluster_dir: Path, node: str) -> None:
         for _ in range(FLAKY_PAUSES_MAX):
-            await asyncio.to_thread(control.pg_signal, ctx.cluster_dir, node, signal.SIGSTOP)
+            t0 = time.monotonic()
+            control.pg_signal(cluster_dir, node, signal.SIGSTOP)
             try:
-                await asyncio.sleep(FLAKY_PAUSE_S)
+                self._stop.wait(FLAKY_PAUSE_S)
             finally:
-                await asyncio.to_thread(control.pg_signal, ctx.cluster_dir, node, signal.SIGCONT)
-            self.pauses += 1
-            await asyncio.sleep(FLAKY_RUN_S)
+                control.pg_signal(cluster_dir, node, signal.SIGCONT)
+                self.pauses_s.append(round(time.monotonic() - t0, 3))
+            if self._stop.wait(FLAKY_RUN_S):
+                return
 
     async def heal(self, ctx: Ctx) -> None:
-        if self._task is None or self._node is None:
+        if self._thread is None or self._node is None:
             return
-        task, self._task = self._task, None
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        # Whatever the cancellation interrupted, the server runs again.
-        await asyncio.to_thread(control.pg_signal, ctx.cluster_dir, self._node, signal.SIGCONT)
+        th, self._thread = self._thread, None
+        self._stop.set()
+        await asyncio.to_thread(th.join)
+        # Whatever the stop interrupted, the server runs again.
+        control.pg_signal(ctx.cluster_dir, self._node, signal.SIGCONT)
         self._mark_repaired()
-        ctx.progress(f"{self._node}: {self.pauses} pauses of {FLAKY_PAUSE_S:g}s, running")
+        ctx.progress(
+            f"{self._node}: {len(self.pauses_s)} pauses, longest "
+            f"{max(self.pauses_s, default=0.0):.3f}s (detection {FAILOVER_DETECTION_S:g}s)"
+        )
 
     def affects(self, op: TransferOp, history: History) -> bool:
         return _touches_shard(op, history, self.target)

@@ -258,8 +258,9 @@ def _recovery(
             after = [t for t in affected if t >= rel]
             event["recovery_s"] = round(after[0] - rel, 3) if after else None
         injected = float(event["injected_s"]) + (t0 - t_run0)
-        # Per shard the fault hit: fault -> the first acknowledged transfer on that shard that
-        # was sent after the fault (one in flight at the fault could be acked from before it).
+        # Per shard the fault hit: fault -> the first acknowledged write on that shard (a
+        # transfer whose source account lives there: its leg 1 commits there) that was sent
+        # after the fault (one in flight at the fault could be acked from before it).
         first: dict[str, float | None] = {}
         for shard in getattr(f, "shards_hit", []):
             after = [
@@ -268,11 +269,15 @@ def _recovery(
                 if op.outcome == "ok"
                 and op.process >= 0
                 and op.invoke_t >= injected
-                and shard in (_shard(history, op.source), _shard(history, op.destination))
+                and _shard(history, op.source) == shard
             ]
             first[shard] = round(min(after) - injected, 3) if after else None
         if first:
             event["first_ack_after_fault_s"] = first
+        pauses = getattr(f, "pauses_s", None)
+        if pauses:
+            event["pauses"] = len(pauses)
+            event["pause_max_s"] = max(pauses)
         window = [t for t in affected if t >= injected]
         gaps = [b - a for a, b in zip([injected, *window], window, strict=False)]
         event["longest_gap_s"] = round(max(gaps), 3) if gaps else None
