@@ -238,12 +238,13 @@ class FlakyPrimary(_Base):
 
     def _flap(self, cluster_dir: Path, node: str) -> None:
         for _ in range(FLAKY_PAUSES_MAX):
+            pids = control.pg_tree(cluster_dir, node)
+            control.send(pids, signal.SIGSTOP)
             t0 = time.monotonic()
-            control.pg_signal(cluster_dir, node, signal.SIGSTOP)
             try:
                 self._stop.wait(FLAKY_PAUSE_S)
             finally:
-                control.pg_signal(cluster_dir, node, signal.SIGCONT)
+                control.send(pids, signal.SIGCONT)
                 self.pauses_s.append(round(time.monotonic() - t0, 3))
             if self._stop.wait(FLAKY_RUN_S):
                 return

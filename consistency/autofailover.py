@@ -53,6 +53,7 @@ from consistency.limits import (
 CONTROL_PREFIX = "/txrctl/autofailover/"
 VERDICT_PREFIX = CONTROL_PREFIX + "verdicts/"
 MODE_KEY = CONTROL_PREFIX + "mode"
+# decision/<shard>/<region>: each controller's latest decision (written when it changes).
 DECISION_PREFIX = CONTROL_PREFIX + "decision/"
 LAST_FAILOVER_PREFIX = CONTROL_PREFIX + "last-failover/"
 # The per-shard lock: controllers and `txr failover/switchover/region ...` take the same one.

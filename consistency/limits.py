@@ -71,8 +71,10 @@ PROBE_TIMEOUT_S: Final = 1.0
 VERDICT_LEASE_TTL_S: Final = 3
 # A verdict counts only while its publication counter keeps moving: one that has not changed
 # for this long (a controller stuck, or cut off from etcd with its lease not yet expired) is
-# stale and ignored. Four probe rounds.
-VERDICT_STALE_S: Final = 1.0
+# stale and ignored. Eight probe rounds: a round on a loaded machine (a hung probe's timeout,
+# a few etcd calls, the CPU shared with everything else) takes a second or more, and a bound
+# tighter than that makes every other region's verdict stale, so no majority ever forms.
+VERDICT_STALE_S: Final = 2.0
 # The per-shard lock's lease: a controller (or operator command) that dies holding it frees
 # it within this TTL; the holder renews it every third of it while it works.
 SHARD_LOCK_TTL_S: Final = 6

@@ -51,6 +51,8 @@ log = logging.getLogger("txr.controller")
 LOCK_RENEWALS_PER_TTL: Final = 3
 # `shard_lock` polls a lock someone else holds this often.
 LOCK_POLL_S: Final = 0.1
+# A round slower than this is logged: its verdict may go stale for the other regions.
+ROUND_SLOW_S: Final = 1.0
 PROBE_SQL: Final = "SELECT pg_is_in_recovery(), (SELECT epoch FROM txr.fence LIMIT 1)"
 
 
@@ -282,7 +284,9 @@ class LocalControllerIO:
         )
         body = {"at": time.time(), "by": self.region, **decision.to_json()}
         with contextlib.suppress(EtcdError):
-            await self.etcd.put(af.DECISION_PREFIX + decision.shard, orjson.dumps(body))
+            await self.etcd.put(
+                af.DECISION_PREFIX + f"{decision.shard}/{self.region}", orjson.dumps(body)
+            )
 
     async def act(self, decision: af.Decision, decided: af.ShardView) -> af.Acted:
         holder = holder_id(f"controller {self.region}")
@@ -365,7 +369,10 @@ async def run(cluster_dir: Path, region: str, stop: asyncio.Event) -> None:
                 # Cut off from etcd: nothing is published, so our verdicts expire, and nothing
                 # is done. Keep probing so that we are current when etcd is back.
                 log.info("round without etcd: %s", exc)
-            delay = PROBE_INTERVAL_S - (time.monotonic() - t0)
+            took = time.monotonic() - t0
+            if took > ROUND_SLOW_S:
+                log.warning("slow round: %.2fs (probe interval %gs)", took, PROBE_INTERVAL_S)
+            delay = PROBE_INTERVAL_S - took
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, delay))
     finally:

@@ -355,14 +355,18 @@ def autofailover_status(endpoints: list[str]) -> dict[str, Any]:
     shards: dict[str, Any] = {}
     now = time.time()
     for key, raw in kv.items():
-        for prefix, field in (
-            (af.DECISION_PREFIX, "decision"),
-            (af.LAST_FAILOVER_PREFIX, "last_failover"),
-        ):
-            if key.startswith(prefix):
-                body = dict(orjson.loads(raw))
-                body["age_s"] = round(now - float(body.get("at", now)), 1)
-                shards.setdefault(key.removeprefix(prefix), {})[field] = body
+        body = dict(orjson.loads(raw)) if not key.startswith(af.VERDICT_PREFIX) else {}
+        if body:
+            body["age_s"] = round(now - float(body.get("at", now)), 1)
+        if key.startswith(af.DECISION_PREFIX):
+            shard, _, region = key.removeprefix(af.DECISION_PREFIX).partition("/")
+            entry = shards.setdefault(shard, {})
+            entry.setdefault("decisions", {})[region] = body
+            # The latest of the regions' decisions is "the" last decision.
+            if float(body.get("at", 0)) >= float(entry.get("decision", {}).get("at", 0)):
+                entry["decision"] = body
+        elif key.startswith(af.LAST_FAILOVER_PREFIX):
+            shards.setdefault(key.removeprefix(af.LAST_FAILOVER_PREFIX), {})["last_failover"] = body
     for name, entry in shards.items():
         entry["on"] = mode.on(name)
     regions = sorted(

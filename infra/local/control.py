@@ -130,6 +130,19 @@ def _pg_tree(postmaster: int) -> list[int]:
     return [postmaster, *procs.children_of(postmaster)]
 
 
+def pg_tree(cluster_dir: Path, node: str) -> list[int]:
+    """The pids of a running PostgreSQL node's server: the postmaster and its children."""
+    return _pg_tree(int(pg_entry(cluster_dir, node)["pid"]))
+
+
+def send(pids: list[int], sig: signal.Signals) -> None:
+    """``sig`` to each of ``pids`` (gone ones skipped): with :func:`pg_tree` taken once, a
+    pause's SIGSTOP and SIGCONT cost no /proc scan, so the pause lasts what the caller meant."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def pg_signal(cluster_dir: Path, node: str, sig: signal.Signals) -> list[int]:
     """Send ``sig`` to a PostgreSQL server and every process it forked: SIGSTOP freezes the
     whole server (a postmaster alone stopped would leave its backends answering), SIGKILL is a
