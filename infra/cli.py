@@ -169,6 +169,7 @@ def _cmd_local_status(args: argparse.Namespace) -> int:
         print(f"\n{region}")
         print(f"  router {r['router']:28s} pid {r['router_pid']}")
         print(f"  relays {'':28s} pid {r.get('relays_pid')}")
+        print(f"  failover controller {'':15s} pid {r.get('controller_pid')}")
         print(f"  redis  {r['redis']:28s} pid {r['redis_pid']}")
         print(f"  etcd   {r['etcd']:28s} pid {r['etcd_pid']}")
         for n in r["nodes"]:
