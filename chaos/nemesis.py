@@ -83,6 +83,22 @@ def _touches_shard(op: TransferOp, history: History, shard: str) -> bool:
     return shard in (_shard_of(history, op.source), _shard_of(history, op.destination))
 
 
+def _shards_now(ctx: Ctx) -> dict[str, dict[str, Any]]:
+    """Each shard's primary, its region and its standbys' regions, from etcd alone: a fault
+    must strike right after it is scheduled (``txr status`` would first spend seconds asking
+    every server and router), so that its window and figures mean what they say."""
+    ops = real_ops.LocalShardOps(ctx.cluster_dir)
+    out: dict[str, dict[str, Any]] = {}
+    for name in ctx.shards:
+        sh = ops.load(name)[0].shard
+        out[name] = {
+            "primary": sh.primary.name,
+            "primary_region": sh.primary.region,
+            "standbys": [{"region": n.region} for n in sh.standbys],
+        }
+    return out
+
+
 def _primary_region(ctx: Ctx, shard: str) -> str:
     rec, _rev = real_ops.LocalShardOps(ctx.cluster_dir).load(shard)
     return rec.shard.primary.region
@@ -114,6 +130,8 @@ def _rejoin_when_moved(
 class _Base:
     target: str
     _repaired: float | None = field(default=None, init=False)
+    # Monotonic time the fault struck (the kill, the cut), for the fault -> first ack figure.
+    fault_at: float | None = field(default=None, init=False)
 
     def repaired_at(self) -> float | None:
         return self._repaired
@@ -133,13 +151,14 @@ class KillPrimary(_Base):
     _old_region: str | None = field(default=None, init=False)
 
     async def inject(self, ctx: Ctx) -> None:
-        st = await asyncio.to_thread(real_ops.cluster_status, ctx.cluster_dir)
+        st = {"shards": await asyncio.to_thread(_shards_now, ctx)}
         shard = st["shards"][self.target]
         self._old_region = str(shard["primary_region"])
         self.shards_hit = [self.target]
         pids = await asyncio.to_thread(
             control.pg_signal, ctx.cluster_dir, str(shard["primary"]), signal.SIGKILL
         )
+        self.fault_at = time.monotonic()
         ctx.progress(f"kill -9 {shard['primary']} ({len(pids)} processes); no operator")
 
     async def heal(self, ctx: Ctx) -> None:
@@ -168,7 +187,7 @@ class KillRegion(_Base):
     _primaries: list[str] = field(default_factory=list, init=False)
 
     async def inject(self, ctx: Ctx) -> None:
-        st = await asyncio.to_thread(real_ops.cluster_status, ctx.cluster_dir)
+        st = {"shards": await asyncio.to_thread(_shards_now, ctx)}
         for name, sh in st["shards"].items():
             regions = {sh.get("primary_region")} | {b["region"] for b in sh.get("standbys", [])}
             if self.target in regions:
@@ -178,6 +197,7 @@ class KillRegion(_Base):
         self._killed, self._nodes = await asyncio.to_thread(
             control.kill_region, ctx.cluster_dir, self.target
         )
+        self.fault_at = time.monotonic()
         ctx.progress(
             f"kill -9 region {self.target}: {', '.join(self._killed + self._nodes)}; no operator"
         )
@@ -224,7 +244,7 @@ class FlakyPrimary(_Base):
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
 
     async def inject(self, ctx: Ctx) -> None:
-        st = await asyncio.to_thread(real_ops.cluster_status, ctx.cluster_dir)
+        st = {"shards": await asyncio.to_thread(_shards_now, ctx)}
         self._node = str(st["shards"][self.target]["primary"])
         self.shards_hit = [self.target]
         self._stop.clear()
@@ -234,6 +254,7 @@ class FlakyPrimary(_Base):
             target=self._flap, args=(ctx.cluster_dir, self._node), name="flaky-primary"
         )
         self._thread.start()
+        self.fault_at = time.monotonic()
         ctx.progress(f"flapping {self._node}: SIGSTOP {FLAKY_PAUSE_S:g}s / run {FLAKY_RUN_S:g}s")
 
     def _flap(self, cluster_dir: Path, node: str) -> None:
@@ -277,13 +298,14 @@ class PausePrimary(_Base):
     _region: str | None = field(default=None, init=False)
 
     async def inject(self, ctx: Ctx) -> None:
-        st = await asyncio.to_thread(real_ops.cluster_status, ctx.cluster_dir)
+        st = {"shards": await asyncio.to_thread(_shards_now, ctx)}
         self._node = str(st["shards"][self.target]["primary"])
         self._region = str(st["shards"][self.target]["primary_region"])
         self.shards_hit = [self.target]
         pids = await asyncio.to_thread(
             control.pg_signal, ctx.cluster_dir, self._node, signal.SIGSTOP
         )
+        self.fault_at = time.monotonic()
         ctx.progress(f"SIGSTOP {self._node} ({len(pids)} processes)")
 
     async def heal(self, ctx: Ctx) -> None:
@@ -312,7 +334,7 @@ class Partition(_Base):
     _primaries: list[str] = field(default_factory=list, init=False)
 
     async def inject(self, ctx: Ctx) -> None:
-        st = await asyncio.to_thread(real_ops.cluster_status, ctx.cluster_dir)
+        st = {"shards": await asyncio.to_thread(_shards_now, ctx)}
         for name, sh in st["shards"].items():
             regions = {sh.get("primary_region")} | {b["region"] for b in sh.get("standbys", [])}
             if self.target in regions:
@@ -323,6 +345,7 @@ class Partition(_Base):
             if other != self.target:
                 await ctx.wan.cut(self.target, other)
                 self._cut.append(other)
+        self.fault_at = time.monotonic()
         ctx.progress(f"partitioned {self.target} from {', '.join(self._cut)}")
 
     async def heal(self, ctx: Ctx) -> None:

@@ -258,6 +258,8 @@ def _recovery(
             after = [t for t in affected if t >= rel]
             event["recovery_s"] = round(after[0] - rel, 3) if after else None
         injected = float(event["injected_s"]) + (t0 - t_run0)
+        struck = getattr(f, "fault_at", None)
+        struck_rel = injected if struck is None else struck - t_run0
         # Per shard the fault hit: fault -> the first acknowledged write on that shard (a
         # transfer whose source account lives there: its leg 1 commits there) that was sent
         # after the fault (one in flight at the fault could be acked from before it).
@@ -268,10 +270,10 @@ def _recovery(
                 for op in history.transfers
                 if op.outcome == "ok"
                 and op.process >= 0
-                and op.invoke_t >= injected
+                and op.invoke_t >= struck_rel
                 and _shard(history, op.source) == shard
             ]
-            first[shard] = round(min(after) - injected, 3) if after else None
+            first[shard] = round(min(after) - struck_rel, 3) if after else None
         if first:
             event["first_ack_after_fault_s"] = first
         pauses = getattr(f, "pauses_s", None)
