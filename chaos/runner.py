@@ -189,6 +189,7 @@ async def _exercise(
         await bank.setup()
         ctx = nemesis.Ctx(d, sorted(routers), sorted(desc["shards"]), wan, progress)
         steps = nemesis.schedule(name, duration_s, ctx, rng)
+        epochs0 = await asyncio.to_thread(_epochs, d)
         stop = asyncio.Event()
         t0 = time.monotonic()
         load = asyncio.create_task(bank.run(duration_s, stop))
@@ -204,14 +205,38 @@ async def _exercise(
         _recovery(steps, bank.history, t_run0, t0, res)
         progress(f"scenario {name}: healed; settling and reading back")
         final = await _final_state(d, bank.history, routers, session, bearer, tenant)
+        epochs1 = await asyncio.to_thread(_epochs, d)
     result = check(bank.history, final, cached_bound_s=CACHED_LAG_BOUND_S + CACHED_SLACK_S)
+    # Nothing in a chaos run but the failover controllers bumps a shard epoch (the nemeses
+    # only rejoin, which keeps it), so the bumps are the automatic failovers.
+    res["automatic_failovers"] = sum(epochs1.get(s, e) - e for s, e in epochs0.items())
+    res["epochs"] = epochs1
+    anomalies = list(result.anomalies)
+    lo, hi = _failovers_expected(steps)
+    n = res["automatic_failovers"]
+    if n < lo or (hi is not None and n > hi):
+        anomalies.append(f"{n} automatic failovers, expected {lo}{'+' if hi is None else f'-{hi}'}")
     res.update(
         {
-            "ok": result.ok,
+            "ok": result.ok and len(anomalies) == len(result.anomalies),
             **{k: v for k, v in asdict(result).items() if k != "anomalies"},
-            "anomalies": result.anomalies,
+            "anomalies": anomalies,
         }
     )
+
+
+def _epochs(d: Path) -> dict[str, int]:
+    return {name: int(s["epoch"]) for name, s in cluster.status(d)["shards"].items()}
+
+
+def _failovers_expected(steps: list[nemesis.Step]) -> tuple[int, int | None]:
+    """The automatic failovers a schedule must cause: a single fault says (min, max); a mixed
+    schedule (faults may meet the anti-flap window or a shard without standby) is not held
+    to a number."""
+    if len(steps) != 1:
+        return 0, None
+    got: tuple[int, int | None] = getattr(steps[0].fault, "failovers_expected", (0, None))
+    return got
 
 
 def _recovery(
@@ -233,10 +258,37 @@ def _recovery(
             after = [t for t in affected if t >= rel]
             event["recovery_s"] = round(after[0] - rel, 3) if after else None
         injected = float(event["injected_s"]) + (t0 - t_run0)
+        struck = getattr(f, "fault_at", None)
+        struck_rel = injected if struck is None else struck - t_run0
+        # Per shard the fault hit: fault -> the first acknowledged write on that shard (a
+        # transfer whose source account lives there: its leg 1 commits there) that was sent
+        # after the fault (one in flight at the fault could be acked from before it).
+        first: dict[str, float | None] = {}
+        for shard in getattr(f, "shards_hit", []):
+            after = [
+                op.complete_t
+                for op in history.transfers
+                if op.outcome == "ok"
+                and op.process >= 0
+                and op.invoke_t >= struck_rel
+                and _shard(history, op.source) == shard
+            ]
+            first[shard] = round(min(after) - struck_rel, 3) if after else None
+        if first:
+            event["first_ack_after_fault_s"] = first
+        pauses = getattr(f, "pauses_s", None)
+        if pauses:
+            event["pauses"] = len(pauses)
+            event["pause_max_s"] = max(pauses)
         window = [t for t in affected if t >= injected]
         gaps = [b - a for a, b in zip([injected, *window], window, strict=False)]
         event["longest_gap_s"] = round(max(gaps), 3) if gaps else None
         event["acked_affected"] = len(window)
+
+
+def _shard(history: History, account: str) -> str | None:
+    acc = history.accounts.get(account)
+    return acc.shard if acc else None
 
 
 async def _wait_ready(session: aiohttp.ClientSession, routers: dict[str, str]) -> None:
@@ -313,7 +365,7 @@ def summary(report: dict[str, Any]) -> str:
         f"chaos run: seed {report['seed']}, {report['duration_s']:g} s per scenario, "
         f"WAN {report['wan']}",
         f"{'scenario':14} {'ops':>6} {'acked':>6} {'unknown':>7} {'lost':>4} {'dup':>4} "
-        f"{'stale':>5} {'conserved':>9} {'recovery_s':>10}  result",
+        f"{'stale':>5} {'conserved':>9} {'recovery_s':>10} {'auto_fo':>7}  result",
     ]
     for r in report["scenarios"]:
         rec = [f.get("recovery_s") for f in r.get("faults", [])]
@@ -322,8 +374,16 @@ def summary(report: dict[str, Any]) -> str:
         ops, acked, unknown, lost, dup, stale = ("-" if c is None else str(c) for c in cells)
         lines.append(
             f"{r['name']:14} {ops:>6} {acked:>6} {unknown:>7} {lost:>4} {dup:>4} {stale:>5} "
-            f"{r['conserved']!s:>9} {rec_s:>10}  {'ok' if r['ok'] else 'FAILED'}"
+            f"{r['conserved']!s:>9} {rec_s:>10} {r.get('automatic_failovers', '-')!s:>7}  "
+            f"{'ok' if r['ok'] else 'FAILED'}"
         )
+        for f in r.get("faults", []):
+            if f.get("first_ack_after_fault_s"):
+                per = ", ".join(
+                    f"{sh} {'-' if v is None else f'{v:.2f}s'}"
+                    for sh, v in f["first_ack_after_fault_s"].items()
+                )
+                lines.append(f"    {f['fault']} {f['target']}: fault -> first ack: {per}")
         if r.get("error"):
             lines.append(f"    error: {r['error']}")
         for a in r.get("anomalies", [])[:5]:

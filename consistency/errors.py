@@ -4,6 +4,7 @@
      +-- TopologyError            the topology is missing or malformed
      +-- EtcdError                etcd could not answer (every endpoint tried)
      |    +-- EtcdUnavailable     no endpoint reachable within the deadline
+     |    +-- LeaseExpired        a lease to renew is gone (its keys went with it)
      +-- CasConflict              a compare-and-swap lost to a concurrent writer
 
 Lower-layer errors (aiohttp, OS) are mapped here with ``raise ... from exc``; callers decide on
@@ -27,6 +28,10 @@ class EtcdError(ConsistencyError):
 
 class EtcdUnavailable(EtcdError):
     """No etcd endpoint answered within the deadline."""
+
+
+class LeaseExpired(EtcdError):
+    """A lease could not be renewed because it no longer exists."""
 
 
 class CasConflict(ConsistencyError):

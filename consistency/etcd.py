@@ -14,7 +14,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
-from consistency.errors import CasConflict, EtcdError, EtcdUnavailable
+from consistency.errors import CasConflict, EtcdError, EtcdUnavailable, LeaseExpired
 
 # One unary call to one member; an election under --wan realistic takes about a second, so a
 # shorter bound would give up on a cluster that is merely choosing a leader.
@@ -134,9 +134,87 @@ class EtcdClient:
             return False
         return True
 
+    async def put_with_lease(self, key: str, value: bytes, lease_id: int) -> int:
+        """Put ``key`` attached to ``lease_id``: it disappears when the lease expires."""
+        data = await self._call(
+            "/v3/kv/put", {"key": _b64(key), "value": _b64(value), "lease": str(lease_id)}
+        )
+        return int(data["header"]["revision"])
+
     async def delete(self, key: str) -> None:
         """Delete exactly ``key`` (absent is fine)."""
         await self._call("/v3/kv/deleterange", {"key": _b64(key)})
+
+    async def get_prefix_kvs(self, prefix: str) -> tuple[int, dict[str, tuple[bytes, int]]]:
+        """Like :meth:`get_prefix` with each key's mod_revision: ``{key: (value, mod_rev)}``."""
+        data = await self._call(
+            "/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}
+        )
+        out = {
+            _unb64(kv["key"]).decode(): (_unb64(kv.get("value", "")), int(kv["mod_revision"]))
+            for kv in data.get("kvs") or []
+        }
+        return int(data["header"]["revision"]), out
+
+    # -- leases and locks -------------------------------------------------------------------
+    # A lease is etcd's liveness token: keys attached to it vanish when its holder stops
+    # renewing it (a crashed controller's verdicts and locks go away by themselves).
+
+    async def lease_grant(self, ttl_s: int) -> int:
+        """A new lease of ``ttl_s`` seconds (etcd may round it up to its minimum); its id."""
+        data = await self._call("/v3/lease/grant", {"TTL": str(ttl_s), "ID": "0"})
+        if data.get("error"):
+            raise EtcdError(f"lease grant: {data['error']}")
+        return int(data["ID"])
+
+    async def lease_keepalive(self, lease_id: int) -> int:
+        """Renew ``lease_id`` once; the TTL it now has. Raises :class:`LeaseExpired` when the
+        lease is gone (expired or revoked): whatever was attached to it is gone too."""
+        data = await self._call("/v3/lease/keepalive", {"ID": str(lease_id)})
+        ttl = int((data.get("result") or {}).get("TTL", 0))
+        if ttl <= 0:
+            raise LeaseExpired(f"lease {lease_id:x} expired")
+        return ttl
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        """Drop ``lease_id`` and every key attached to it (an expired lease is no error)."""
+        try:
+            await self._call("/v3/kv/lease/revoke", {"ID": str(lease_id)})
+        except EtcdError as exc:
+            if isinstance(exc, EtcdUnavailable):
+                raise
+            # "requested lease not found": it already expired, which is what we wanted.
+
+    async def try_lock(self, key: str, holder: bytes, lease_id: int) -> bytes | None:
+        """Take the lock ``key`` for ``holder`` under ``lease_id`` if nobody holds it.
+
+        One transaction: create the key if it does not exist (create_revision 0), else read
+        it. Returns None when taken, else the current holder. The lock lasts while the lease
+        is renewed, so a holder that dies frees it after the lease's TTL.
+        """
+        compare = {"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+        success = [
+            {"request_put": {"key": _b64(key), "value": _b64(holder), "lease": str(lease_id)}}
+        ]
+        failure = [{"request_range": {"key": _b64(key)}}]
+        data = await self._call(
+            "/v3/kv/txn", {"compare": [compare], "success": success, "failure": failure}
+        )
+        if data.get("succeeded", False):
+            return None
+        for r in data.get("responses") or []:
+            kvs = (r.get("response_range") or {}).get("kvs") or []
+            if kvs:
+                return _unb64(kvs[0].get("value", ""))
+        # Released between the compare and the read: report it as held; the caller retries.
+        return b""
+
+    async def unlock(self, key: str, holder: bytes) -> bool:
+        """Delete the lock ``key`` if ``holder`` still holds it (never someone else's)."""
+        compare = {"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(holder)}
+        success = [{"request_delete_range": {"key": _b64(key)}}]
+        data = await self._call("/v3/kv/txn", {"compare": [compare], "success": success})
+        return bool(data.get("succeeded", False))
 
     async def delete_prefix(self, prefix: str) -> None:
         await self._call(

@@ -140,6 +140,10 @@ class ShardOps(Protocol):
         ``primary``."""
         ...
 
+    def clear_sync_standby(self, primary: Node) -> None:
+        """Let ``primary`` commit without waiting for any standby (or raise)."""
+        ...
+
     def node_in(self, shard: str, region: str) -> Node:
         """The deployment's node of ``shard`` in ``region`` (also one etcd no longer lists)."""
         ...
@@ -290,7 +294,8 @@ def failover(
     claimed = ShardRecord(
         replace(rec.shard, primary=target, standbys=others, epoch=new_epoch),
         region_survival=False,
-        extra=rec.extra,
+        # Whoever finishes an interrupted failover (finish_promotion) names the old primary.
+        extra={**rec.extra, "failover_from": old.name},
     )
     rev = _cas(ops, rec, rev, claimed)
     clock.step(f"etcd: epoch {rec.shard.epoch} -> {new_epoch}, primary {target.name}")
@@ -298,8 +303,21 @@ def failover(
     clock.step(f"promoted {target.name}")
     ops.set_epoch_in_db(target, new_epoch)
     clock.step(f"fence row of {target.name} = epoch {new_epoch}: writes accepted")
-    ops.node_role_changed(shard, target, others)
+    return _after_promotion(ops, claimed, rev, old.name, clock, loss, notes)
 
+
+def _after_promotion(
+    ops: ShardOps,
+    claimed: ShardRecord,
+    rev: int,
+    old_name: str,
+    clock: _Clock,
+    loss: bool,
+    notes: list[str],
+) -> Outcome:
+    """Steps 5 (bookkeeping) and 6 (a synchronous standby again, or a loud warning)."""
+    shard, target, others = claimed.shard.name, claimed.shard.primary, claimed.shard.standbys
+    ops.node_role_changed(shard, target, others)
     survival = False
     for cand in (n for n in others if n.region != target.region):
         try:
@@ -312,15 +330,87 @@ def failover(
         clock.step(f"{cand.name} is the synchronous standby: region survival restored")
         break
     if not survival:
+        old_region = old_name.rsplit("@", 1)[-1]
         msg = (
             f"WARNING: {shard} now runs WITHOUT REGION SURVIVAL (no synchronous standby); "
-            f"run `txr rejoin {shard} --node {old.region}` once {old.name} is back"
+            f"run `txr rejoin {shard} --node {old_region}` once {old_name} is back"
         )
         notes.append(msg)
         clock.step(msg)
     return Outcome(
-        shard, old.name, target.name, new_epoch, survival, tuple(clock.steps), loss, tuple(notes)
+        shard,
+        old_name,
+        target.name,
+        claimed.shard.epoch,
+        survival,
+        tuple(clock.steps),
+        loss,
+        tuple(notes),
     )
+
+
+def finish_promotion(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) -> Outcome:
+    """Finish a failover that stopped after its epoch CAS (its actor died): the record already
+    names the new primary at the new epoch, but that node is still a standby.
+
+    Safe for the reason the CAS was: the CAS happened only after the proof (fence, or the target
+    being the synchronous standby), and until the promotion the target is the old primary's
+    synchronous standby still, so anything the old primary acknowledged meanwhile reached it.
+    """
+    clock = _Clock(progress)
+    rec, rev = ops.load(shard)
+    target = rec.shard.primary
+    if ops.standby_lsn(target) is None:
+        raise FailoverRefused(
+            f"{shard}: {target.name} is not in recovery (or does not answer): nothing to finish"
+        )
+    clock.step(f"{shard}: {target.name} named primary at epoch {rec.shard.epoch} but in recovery")
+    ops.promote(target)
+    clock.step(f"promoted {target.name}")
+    ops.set_epoch_in_db(target, rec.shard.epoch)
+    clock.step(f"fence row of {target.name} = epoch {rec.shard.epoch}: writes accepted")
+    old = rec.extra.get("failover_from")
+    return _after_promotion(ops, rec, rev, str(old or "the old primary@?"), clock, False, [])
+
+
+def degrade(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) -> Outcome:
+    """The synchronous standby is lost and the primary cannot commit: let it commit alone.
+
+    The record says ``region_survival: false`` *before* the primary stops waiting: a failover
+    relies on "the synchronous standby holds every acknowledged commit" only while the record
+    says survival is on, so the record must never claim it while the primary may acknowledge a
+    commit the standby has not flushed.
+    """
+    clock = _Clock(progress)
+    rec, rev = ops.load(shard)
+    if not rec.region_survival:
+        raise FailoverRefused(f"{shard} already runs without region survival")
+    _cas(ops, rec, rev, replace(rec, region_survival=False))
+    clock.step(f"etcd: {shard} region survival off")
+    ops.clear_sync_standby(rec.shard.primary)
+    msg = (
+        f"WARNING: {shard} now runs WITHOUT REGION SURVIVAL: its synchronous standby is lost; "
+        "it is named synchronous again once it streams"
+    )
+    clock.step(msg)
+    p = rec.shard.primary.name
+    return Outcome(shard, p, p, rec.shard.epoch, False, tuple(clock.steps), False, (msg,))
+
+
+def restore(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) -> Outcome:
+    """Name the shard's first standby synchronous again, then record region survival (in
+    that order: the record claims survival only once it holds)."""
+    clock = _Clock(progress)
+    rec, rev = ops.load(shard)
+    if rec.region_survival or not rec.shard.standbys:
+        raise FailoverRefused(f"{shard}: nothing to restore")
+    sb = rec.shard.standbys[0]
+    ops.await_sync_standby(rec.shard.primary, sb)
+    clock.step(f"{sb.name} is the synchronous standby again")
+    _cas(ops, rec, rev, replace(rec, region_survival=True))
+    clock.step(f"etcd: {shard} region survival on")
+    p = rec.shard.primary.name
+    return Outcome(shard, p, p, rec.shard.epoch, True, tuple(clock.steps))
 
 
 def switchover(

@@ -47,3 +47,39 @@ ENTRIES_PAGE_DEFAULT: Final = 50
 # Transfers in one call of the batch procedure. The procedure locks every account of the batch
 # up front, so a batch bounds how many row locks one transaction holds.
 BATCH_ITEMS_MAX: Final = 256
+
+# -- automatic failover (consistency/autofailover.py, infra/controller.py) ---------------------
+# A primary (or a synchronous standby) is declared lost only after a majority of regions'
+# controllers have each failed to query it for this long without a single success. It sets
+# the floor of an automatic failover (goal: writes back within 5 s of a kill -9) and the
+# longest pause that must never cause one (GC, SIGSTOP, a slow checkpoint): 2 s leaves about
+# 3 s of the goal to the lock, the fence attempt, the promotion and the routers' watch.
+FAILOVER_DETECTION_S: Final = 2.0
+# At most one automatic failover per shard within this window (VTOrc blocks recoveries for
+# 30 s; a minute is wide enough for an operator to look at a shard that failed twice).
+FAILOVER_ANTI_FLAP_S: Final = 60.0
+# Each controller queries every primary and synchronous standby this often (on one kept
+# connection each: a query, not a new backend per probe). Eight probes per detection time keep
+# the measured "unreachable for" within an eighth of it.
+PROBE_INTERVAL_S: Final = 0.25
+# One probe: connect plus one query. A SIGSTOPped server accepts the TCP connection and never
+# answers, so only this bound turns it into a failed probe. Below the detection time so that a
+# single hung probe cannot by itself span it.
+PROBE_TIMEOUT_S: Final = 1.0
+# Verdicts live under a lease of this TTL, renewed every round: a dead controller's verdicts
+# vanish within it. etcd raises a TTL below its minimum (about 1.5 election timeouts) itself.
+VERDICT_LEASE_TTL_S: Final = 3
+# A verdict counts only while its publication counter keeps moving: one that has not changed
+# for this long (a controller stuck, or cut off from etcd with its lease not yet expired) is
+# stale and ignored. Eight probe rounds: a round on a loaded machine (a hung probe's timeout,
+# a few etcd calls, the CPU shared with everything else) takes a second or more, and a bound
+# tighter than that makes every other region's verdict stale, so no majority ever forms.
+VERDICT_STALE_S: Final = 2.0
+# The per-shard lock's lease: a controller (or operator command) that dies holding it frees
+# it within this TTL; the holder renews it every third of it while it works.
+SHARD_LOCK_TTL_S: Final = 6
+# How long `txr failover`/`switchover` wait for the shard lock a controller holds.
+SHARD_LOCK_WAIT_S: Final = 30.0
+# Each etcd call of a controller: short, so that a controller in a minority (its calls time
+# out) still probes on time and its verdicts expire rather than lag.
+CONTROLLER_ETCD_TIMEOUT_S: Final = 1.0

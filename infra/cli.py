@@ -26,6 +26,7 @@ from consistency import failover as procedures
 from consistency import reconcile, tenant_limits
 from consistency.errors import ConsistencyError
 from consistency.etcd import EtcdClient
+from infra import controller
 from infra import failover as real_ops
 from infra.keys import KeyRingError
 from infra.local import cluster, postgres, procs
@@ -172,6 +173,7 @@ def _cmd_local_status(args: argparse.Namespace) -> int:
         print(f"\n{region}")
         print(f"  router {r['router']:28s} pid {r['router_pid']}")
         print(f"  relays {'':28s} pid {r.get('relays_pid')}")
+        print(f"  failover controller {'':15s} pid {r.get('controller_pid')}")
         print(f"  redis  {r['redis']:28s} pid {r['redis_pid']}")
         print(f"  etcd   {r['etcd']:28s} pid {r['etcd_pid']}")
         for n in r["nodes"]:
@@ -394,9 +396,12 @@ def _run_procedure(args: argparse.Namespace, name: str, fn: Callable[[], Any]) -
     except procedures.FailoverRefused as exc:
         _err(f"{name} refused: {exc}")
         return EXIT_FAILED
-    except _OP_ERRORS as exc:
+    except (*_OP_ERRORS, TimeoutError) as exc:
         _err(f"{name} failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
+    if isinstance(outcome, _Already):
+        print(json.dumps(outcome.to_json(), indent=2) if args.json else outcome.message())
+        return EXIT_OK
     if args.json:
         print(json.dumps(outcome.to_json(), indent=2))
     else:
@@ -410,16 +415,60 @@ def _run_procedure(args: argparse.Namespace, name: str, fn: Callable[[], Any]) -
     return EXIT_OK
 
 
+def _locked(
+    args: argparse.Namespace, name: str, fn: Callable[[], procedures.Outcome]
+) -> Callable[[], procedures.Outcome | _Already]:
+    """``fn`` under the shard's lock (the one the failover controllers take), after checking
+    whether there is anything left to do once the lock is held."""
+
+    def run() -> procedures.Outcome | _Already:
+        with controller.shard_lock(args.dir, args.shard, f"txr {name}"):
+            if name in ("failover", "switchover"):
+                rec, _rev = real_ops.LocalShardOps(args.dir).load(args.shard)
+                if rec.shard.primary.region == args.to:
+                    return _Already(args.shard, rec.shard.primary.name, rec.shard.epoch, args.to)
+            return fn()
+
+    return run
+
+
+class _Already:
+    """The shard's primary already is where the command would put it (say, a controller
+    failed it over there first): nothing to do, and that is a success."""
+
+    def __init__(self, shard: str, primary: str, epoch: int, region: str) -> None:
+        self.shard, self.primary, self.epoch, self.region = shard, primary, epoch, region
+
+    def message(self) -> str:
+        return (
+            f"{self.shard}: primary {self.primary} is already in {self.region} (epoch "
+            f"{self.epoch}); nothing to do"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "already": True,
+            "new_primary": self.primary,
+            "epoch": self.epoch,
+            "message": self.message(),
+        }
+
+
 def _cmd_failover(args: argparse.Namespace) -> int:
     return _run_procedure(
         args,
         "failover",
-        lambda: procedures.failover(
-            real_ops.LocalShardOps(args.dir),
-            args.shard,
-            args.to,
-            accept_data_loss=args.accept_data_loss,
-            progress=_step,
+        _locked(
+            args,
+            "failover",
+            lambda: procedures.failover(
+                real_ops.LocalShardOps(args.dir),
+                args.shard,
+                args.to,
+                accept_data_loss=args.accept_data_loss,
+                progress=_step,
+            ),
         ),
     )
 
@@ -428,8 +477,12 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
     return _run_procedure(
         args,
         "switchover",
-        lambda: procedures.switchover(
-            real_ops.LocalShardOps(args.dir), args.shard, args.to, progress=_step
+        _locked(
+            args,
+            "switchover",
+            lambda: procedures.switchover(
+                real_ops.LocalShardOps(args.dir), args.shard, args.to, progress=_step
+            ),
         ),
     )
 
@@ -438,10 +491,91 @@ def _cmd_rejoin(args: argparse.Namespace) -> int:
     return _run_procedure(
         args,
         "rejoin",
-        lambda: procedures.rejoin(
-            real_ops.LocalShardOps(args.dir), args.shard, args.node, progress=_step
+        _locked(
+            args,
+            "rejoin",
+            lambda: procedures.rejoin(
+                real_ops.LocalShardOps(args.dir), args.shard, args.node, progress=_step
+            ),
         ),
     )
+
+
+def _cmd_autofailover(args: argparse.Namespace) -> int:
+    try:
+        mode = real_ops.set_autofailover(args.dir, args.state == "on", args.shard)
+    except _OP_ERRORS as exc:
+        _err(f"autofailover failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(mode.to_json(), indent=2))
+    else:
+        what = f"shard {args.shard}" if args.shard else "every shard"
+        print(f"automatic failover {args.state} for {what}")
+    return EXIT_OK
+
+
+def _cmd_region(args: argparse.Namespace) -> int:
+    """``txr region evacuate|fail R``: switch over (or fail over) every shard whose primary
+    is in R to its first standby outside R, one shard at a time, each under its lock."""
+    name = "switchover" if args.region_command == "evacuate" else "failover"
+    try:
+        ops = real_ops.LocalShardOps(args.dir)
+        shards = sorted({e["shard"] for e in ops.state.data.get("pg", [])})
+        records = {sh: ops.load(sh)[0] for sh in shards}
+    except _OP_ERRORS as exc:
+        _err(f"region {args.region_command} failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    if args.region not in ops.regions:
+        _err(f"no region {args.region} (regions: {', '.join(ops.regions)})")
+        return EXIT_USAGE
+    results: list[dict[str, Any]] = []
+    for sh, rec in records.items():
+        if rec.shard.primary.region != args.region:
+            continue
+        targets = [n.region for n in rec.shard.standbys if n.region != args.region]
+        row: dict[str, Any] = {"shard": sh, "from": rec.shard.primary.name, "ok": False}
+        results.append(row)
+        if not targets:
+            row["error"] = f"no standby outside {args.region}"
+            _err(f"{sh}: {row['error']}")
+            continue
+        row["to_region"] = targets[0]
+        _step(f"{sh}: {name} {rec.shard.primary.name} -> {targets[0]}")
+        ns = argparse.Namespace(dir=args.dir, shard=sh, to=targets[0])
+
+        def fn(sh: str = sh, to: str = targets[0]) -> procedures.Outcome:
+            o = real_ops.LocalShardOps(args.dir)
+            if name == "switchover":
+                return procedures.switchover(o, sh, to, progress=_step)
+            return procedures.failover(o, sh, to, progress=_step)
+
+        try:
+            out = _locked(ns, name, fn)()
+        except procedures.FailoverRefused as exc:
+            row["error"] = f"refused: {exc}"
+        except _OP_ERRORS as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            row.update(out.to_json())
+            row["ok"] = True
+        _step(f"{sh}: {'done' if row['ok'] else 'FAILED: ' + str(row.get('error'))}")
+    ok = all(r["ok"] for r in results)
+    if args.json:
+        print(
+            json.dumps(
+                {"region": args.region, "action": name, "ok": ok, "shards": results}, indent=2
+            )
+        )
+    else:
+        if not results:
+            print(f"no shard has its primary in {args.region}: nothing to do")
+        for r in results:
+            state = (
+                f"primary {r.get('new_primary')} epoch {r.get('epoch')}" if r["ok"] else r["error"]
+            )
+            print(f"{r['shard']:12s} {name:10s} {'ok' if r['ok'] else 'FAILED'}  {state}")
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 # The slot is refused while a rehome waits: an operator may shorten the wait, not make it
@@ -699,6 +833,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", required=True, metavar="REGION", help="the former primary's region")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_rejoin)
+
+    p = sub.add_parser("autofailover", help="switch the failover controllers on or off")
+    _add_dir(p)
+    p.add_argument("state", choices=("on", "off"))
+    p.add_argument("--shard", default=None, help="only this shard (default: every shard)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_autofailover)
+
+    region = sub.add_parser("region", help="act on every shard whose primary is in a region")
+    region_sub = region.add_subparsers(dest="region_command", required=True, metavar="ACTION")
+    for action, what in (
+        ("evacuate", "switch over every primary of REGION (planned, zero loss)"),
+        ("fail", "fail over every primary of REGION (REGION is lost)"),
+    ):
+        p = region_sub.add_parser(action, help=what)
+        _add_dir(p)
+        p.add_argument("region", metavar="REGION")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=_cmd_region)
 
     p = sub.add_parser("rehome", help="move a slot to another shard")
     _add_dir(p)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +22,9 @@ import orjson
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from consistency import autofailover as af
 from consistency import failover as procedures
+from consistency.errors import CasConflict, ConsistencyError
 from consistency.etcd import EtcdClient
 from consistency.failover import FailoverError, FailoverRefused, Progress, ShardRecord, StandbyLsn
 from consistency.limits import SLOT_COUNT
@@ -43,8 +46,12 @@ ETCD_HEALTH_TIMEOUT_S: Final = 2.0
 class LocalShardOps:
     """``consistency.failover.ShardOps`` for the local cluster at ``cluster_dir``."""
 
-    def __init__(self, cluster_dir: Path) -> None:
+    def __init__(self, cluster_dir: Path, *, via_region: str | None = None) -> None:
+        """``via_region``: dial every server the way that region does (through the WAN
+        emulator), as a region's failover controller must: a partition then hides a primary
+        from it exactly as it does from the region's routers."""
         self.dir = cluster_dir.resolve()
+        self.via_region = via_region
         self.state = cluster.load_state(self.dir)
         self.pw = cluster.pg_passwords(self.dir)
         ports = self.state.data["ports"]["regions"]
@@ -63,9 +70,8 @@ class LocalShardOps:
         raise FailoverError(f"node {node_name} is not part of the cluster in {self.dir}")
 
     def admin_dsn(self, node: Node, db: str = cluster.DB_NAME) -> str:
-        return postgres.dsn(
-            cluster.HOST, node.port, postgres.ADMIN_ROLE, self.pw["admin_password"], db
-        )
+        port = node.port if self.via_region is None else self._wan_port(self.via_region, node)
+        return postgres.dsn(cluster.HOST, port, postgres.ADMIN_ROLE, self.pw["admin_password"], db)
 
     def node_in(self, shard: str, region: str) -> Node:
         for e in self.state.data.get("pg", []):
@@ -142,6 +148,12 @@ class LocalShardOps:
             replication.set_sync_standby(
                 self.admin_dsn(primary, "postgres"), postgres.application_name(standby.name)
             )
+        except (replication.ReplicationError, psycopg.OperationalError) as exc:
+            raise FailoverError(str(exc)) from exc
+
+    def clear_sync_standby(self, primary: Node) -> None:
+        try:
+            replication.set_sync_standby(self.admin_dsn(primary, "postgres"), None)
         except (replication.ReplicationError, psycopg.OperationalError) as exc:
             raise FailoverError(str(exc)) from exc
 
@@ -318,7 +330,80 @@ def cluster_status(cluster_dir: Path) -> dict[str, Any]:
         ]
         entry["detached"] = detached
         shards[name] = entry
-    return {"etcd": members, "shards": shards, "routers": _router_views(cluster_dir)}
+    auto = autofailover_status(ops.etcd)
+    for name, entry in shards.items():
+        if "error" not in entry:
+            entry["autofailover"] = auto["shards"].get(name, {"on": auto["mode"]["enabled"]})
+    return {
+        "etcd": members,
+        "autofailover": auto,
+        "shards": shards,
+        "routers": _router_views(cluster_dir),
+    }
+
+
+def autofailover_status(endpoints: list[str]) -> dict[str, Any]:
+    """The controllers' mode, last decision and last automatic failover per shard (etcd)."""
+
+    async def run() -> dict[str, bytes]:
+        async with EtcdClient(endpoints, timeout_s=STATUS_CONNECT_TIMEOUT_S) as client:
+            _rev, kv = await client.get_prefix(af.CONTROL_PREFIX)
+            return kv
+
+    try:
+        kv = cluster._run_async(run)
+    except ConsistencyError as exc:
+        return {"error": f"etcd: {type(exc).__name__}", "mode": af.Mode().to_json(), "shards": {}}
+    raw_mode = kv.get(af.MODE_KEY)
+    mode = af.Mode.from_json(orjson.loads(raw_mode) if raw_mode else None)
+    shards: dict[str, Any] = {}
+    now = time.time()
+    for key, raw in kv.items():
+        body = dict(orjson.loads(raw)) if not key.startswith(af.VERDICT_PREFIX) else {}
+        if body:
+            body["age_s"] = round(now - float(body.get("at", now)), 1)
+        if key.startswith(af.DECISION_PREFIX):
+            shard, _, region = key.removeprefix(af.DECISION_PREFIX).partition("/")
+            entry = shards.setdefault(shard, {})
+            entry.setdefault("decisions", {})[region] = body
+            # The latest of the regions' decisions is "the" last decision.
+            if float(body.get("at", 0)) >= float(entry.get("decision", {}).get("at", 0)):
+                entry["decision"] = body
+        elif key.startswith(af.LAST_FAILOVER_PREFIX):
+            shards.setdefault(key.removeprefix(af.LAST_FAILOVER_PREFIX), {})["last_failover"] = body
+    for name, entry in shards.items():
+        entry["on"] = mode.on(name)
+    regions = sorted(
+        k.removeprefix(af.VERDICT_PREFIX) for k in kv if k.startswith(af.VERDICT_PREFIX)
+    )
+    return {"mode": mode.to_json(), "controllers_publishing": regions, "shards": shards}
+
+
+def set_autofailover(cluster_dir: Path, on: bool, shard: str | None) -> af.Mode:
+    """``txr autofailover on|off [--shard S]``: one CAS on the mode key (retried on a race)."""
+    ops = LocalShardOps(cluster_dir)
+
+    async def run() -> af.Mode:
+        async with EtcdClient(ops.etcd) as client:
+            while True:
+                got = await client.get(af.MODE_KEY)
+                mode = af.Mode.from_json(orjson.loads(got[0]) if got else None)
+                if shard is None:
+                    # Global: per-shard exceptions are dropped, so "off" really means all.
+                    new = af.Mode(on, {})
+                else:
+                    new = af.Mode(mode.enabled, {**mode.shards, shard: on})
+                try:
+                    await client.cas(
+                        af.MODE_KEY,
+                        got[1] if got else 0,
+                        {af.MODE_KEY: orjson.dumps(new.to_json())},
+                    )
+                except CasConflict:
+                    continue
+                return new
+
+    return cluster._run_async(run)
 
 
 def _router_views(cluster_dir: Path) -> dict[str, Any]:
@@ -348,22 +433,60 @@ def _fmt_standby(b: dict[str, Any]) -> str:
     return f"{b['node']} ({b['sync_state'] or b['state']}, {lag})"
 
 
+def _fmt_auto(a: dict[str, Any] | None) -> list[str]:
+    if not a:
+        return []
+    out = []
+    dec = a.get("decision")
+    mode = "on" if a.get("on", True) else "OFF"
+    if dec:
+        out.append(
+            f"{'':12s} autofailover {mode}; last decision ({dec.get('by')}, {dec.get('age_s')}s "
+            f"ago): {dec.get('action')}/{dec.get('reason')}: {dec.get('detail')}"
+        )
+    else:
+        out.append(f"{'':12s} autofailover {mode}; no decision yet")
+    last = a.get("last_failover")
+    if last:
+        out.append(
+            f"{'':12s} last automatic failover {last.get('age_s')}s ago by {last.get('by')}: "
+            f"{last.get('detail')}"
+        )
+    return out
+
+
 def format_status(st: dict[str, Any]) -> str:
     lines = ["etcd members:"]
-    for m in st["etcd"]:
-        lines.append(f"  {m['endpoint']:28s} {'healthy' if m['healthy'] else 'UNHEALTHY'}")
+    for m in st.get("etcd", []):
+        lines.append(f"  {m['endpoint']:28s} {'healthy' if m.get('healthy') else 'UNHEALTHY'}")
+    auto = st.get("autofailover") or {}
+    if auto:
+        mode = auto.get("mode") or {}
+        off = sorted(k for k, v in (mode.get("shards") or {}).items() if not v)
+        lines.append(
+            f"automatic failover: {'on' if mode.get('enabled', True) else 'OFF'}"
+            + (f" (off for {', '.join(off)})" if off else "")
+            + (f"; {auto['error']}" if auto.get("error") else "")
+        )
     lines.append("")
     lines.append(
         f"{'shard':12s} {'primary':24s} {'epoch':>5s}  {'survival':8s}  standbys (sync, lag)"
     )
-    for name, s in st["shards"].items():
+    for name, s in st.get("shards", {}).items():
         if "error" in s:
             lines.append(f"{name:12s} {s['error']}")
             continue
-        survival = "yes" if s["region_survival_now"] else "NO"
-        prim = s["primary"] + ("" if s.get("primary_reachable") else " (DOWN)")
-        sbs = ", ".join(_fmt_standby(b) for b in s["standbys"]) or "none"
-        lines.append(f"{name:12s} {prim:24s} {s['epoch']:5d}  {survival:8s}  {sbs}")
+        survival_now = bool(s.get("region_survival_now"))
+        survival = "yes" if survival_now else "NO"
+        prim = str(s.get("primary")) + ("" if s.get("primary_reachable") else " (DOWN)")
+        sbs = ", ".join(_fmt_standby(b) for b in s.get("standbys", [])) or "none"
+        lines.append(f"{name:12s} {prim:24s} {s.get('epoch', 0):5d}  {survival:8s}  {sbs}")
+        # Per shard (these lines once sat after the loop and spoke of the last shard only).
+        if s.get("detached"):
+            lines.append(f"{'':12s} detached: {', '.join(s['detached'])} (txr rejoin)")
+        if not survival_now:
+            lines.append(f"{'':12s} WARNING: no synchronous standby in another region (G1 off)")
+        lines.extend(_fmt_auto(s.get("autofailover")))
     routers = st.get("routers", {})
     if routers and "error" not in routers:
         lines.append("")
@@ -373,20 +496,16 @@ def format_status(st: dict[str, Any]) -> str:
                 lines.append(f"  {region:10s} unreachable ({v['error']})")
                 continue
             lags = ", ".join(
-                f"{sh} {'-' if lg['seconds'] is None else format(lg['seconds'], '.3f')}"
-                for sh, lg in v["invalidation_lag"].items()
+                f"{sh} {'-' if lg.get('seconds') is None else format(lg['seconds'], '.3f')}"
+                for sh, lg in (v.get("invalidation_lag") or {}).items()
             )
             lines.append(f"  {region:10s} lag: {lags}")
             rtts = ", ".join(
-                f"{t.split(':', 1)[1]} {x['ewma_ms']:.1f}/{x['tail_ms']:.1f}"
-                for t, x in v["rtt"].items()
-                if x["ewma_ms"] is not None and x["tail_ms"] is not None
+                f"{t.split(':', 1)[-1]} {x['ewma_ms']:.1f}/{x['tail_ms']:.1f}"
+                for t, x in (v.get("rtt") or {}).items()
+                if x.get("ewma_ms") is not None and x.get("tail_ms") is not None
             )
             lines.append(f"  {'':10s} rtt: {rtts}")
-        if s["detached"]:
-            lines.append(f"{'':12s} detached: {', '.join(s['detached'])} (txr rejoin)")
-        if not s["region_survival_now"]:
-            lines.append(f"{'':12s} WARNING: no synchronous standby in another region (G1 off)")
     return "\n".join(lines)
 
 

@@ -87,6 +87,8 @@ ROUTER_READY_TIMEOUT_S: Final = 60.0
 # A region's relay process is ready once it published a heartbeat for every shard: it attached
 # a logical slot on every primary (one WAN round trip each) and finished a round.
 RELAYS_READY_TIMEOUT_S: Final = 60.0
+# After pg_ctl stop: how long the servers' processes get to exit before SIGKILL.
+PG_EXIT_TIMEOUT_S: Final = 30.0
 # One HTTP probe of a loopback health endpoint.
 PROBE_TIMEOUT_S: Final = 2.0
 # `status` reads the live epochs from etcd, but must answer quickly when etcd is down.
@@ -119,6 +121,9 @@ class UpOptions:
     init_schema: bool = True
     # Router worker processes per region; None: the router's default (router.limits).
     workers: int | None = None
+    # One failover controller per region (infra.controller), with the routers; off leaves
+    # every failover to the operator.
+    controllers: bool = True
 
 
 # -- small helpers ----------------------------------------------------------------------------
@@ -188,6 +193,10 @@ def _now_iso() -> str:
 def router_proc_name(region: str, worker: int) -> str:
     """``router-{region}`` for the first worker (API.md's ``router_pid``), then ``-{i}``."""
     return f"router-{region}" if worker == 0 else f"router-{region}-{worker}"
+
+
+def controller_proc_name(region: str) -> str:
+    return f"controller-{region}"
 
 
 def shard_name(region: str) -> str:
@@ -325,6 +334,8 @@ class Launcher:
             self._start_relays()
             self._start_routers()
             self._wait_relays()
+            if self.opts.controllers:
+                self._start_controllers()
         elapsed = time.monotonic() - t0
         self.state.data["status"] = "up"
         self.state.data["start_seconds"] = round(elapsed, 2)
@@ -798,6 +809,21 @@ class Launcher:
                 log_path=self.logs / f"relays-{r}.log",
             )
 
+    def _start_controllers(self) -> None:
+        """One failover controller per region (python -m infra.controller), started last: it
+        must never see a cluster that is still coming up as one that lost its primaries."""
+        self.progress("failover controllers")
+        for r in self.regions:
+            argv = [sys.executable, "-m", "infra.controller", "--dir", str(self.dir), "--region", r]
+            self._spawn(
+                controller_proc_name(r),
+                "controller",
+                r,
+                argv,
+                " ".join(argv[2:]),
+                env=self._python_env(),
+            )
+
     def _start_routers(self) -> None:
         self.progress("routers")
         if importlib.util.find_spec("router.__main__") is None:
@@ -848,7 +874,8 @@ def up(opts: UpOptions, progress: Callable[[str], None] | None = None) -> dict[s
 
 # -- down -------------------------------------------------------------------------------------
 
-_STOP_ORDER: Final = ("router", "relays", "wan", "redis")
+# Controllers first: a cluster being stopped must not look to them like one losing primaries.
+_STOP_ORDER: Final = ("controller", "router", "relays", "wan", "redis")
 
 
 def _live_pids(state: State) -> list[int]:
@@ -904,6 +931,15 @@ def down(cluster_dir: Path, progress: Callable[[str], None] | None = None) -> bo
             stop_kind(kind)
     if state.data.get("pg"):
         report("stopping PostgreSQL")
+        # Every process of every server, taken before the stop: pg_ctl returns when the pid
+        # file is gone, and a postmaster killed alone leaves its backends behind; `down`
+        # returns only once all of them have exited, so the next cluster can start at once.
+        trees: list[int] = []
+        for e in state.data["pg"]:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                pm = int((Path(e["datadir"]) / "postmaster.pid").read_text().splitlines()[0])
+                if procs.is_alive(pm, e["datadir"]):
+                    trees += [pm, *procs.children_of(pm)]
         with concurrent.futures.ThreadPoolExecutor(max(1, len(state.data["pg"]))) as pool:
             futs = [pool.submit(_stop_pg, e) for e in state.data["pg"]]
             for f in futs:
@@ -911,6 +947,9 @@ def down(cluster_dir: Path, progress: Callable[[str], None] | None = None) -> bo
                     f.result()
                 except (procs.ProcessError, OSError) as exc:
                     errors.append(str(exc))
+        stuck = procs.wait_all_gone(trees, PG_EXIT_TIMEOUT_S)
+        if stuck:
+            errors.append(f"PostgreSQL processes still running: {stuck}")
     if any(p["kind"] == "etcd" for p in entries):
         report("stopping etcd")
         stop_kind("etcd")
@@ -1023,6 +1062,7 @@ def status(cluster_dir: Path) -> dict[str, Any]:
                 if (pid := pid_of(p["name"])) is not None
             ],
             "relays_pid": pid_of(f"relays-{r}"),
+            "controller_pid": pid_of(controller_proc_name(r)),
             "redis": f"redis://{HOST}:{ports[r]['redis']}",
             "redis_pid": pid_of(f"redis-{r}"),
             "etcd": f"http://{HOST}:{ports[r]['etcd_client']}",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from infra.local import cluster, procs
+from infra.local import cluster, postgres, procs
 
 # Readiness after a restart: a router reloads its topology and reconnects its pools, an etcd
 # member rejoins the raft group; Redis binds at once.
@@ -26,6 +26,7 @@ RESTART_READY_TIMEOUT_S: Final = {
     "etcd": 60.0,
     "redis": 15.0,
     "wan": 15.0,
+    "controller": 15.0,
 }
 KILL_WAIT_S: Final = 10.0
 
@@ -86,7 +87,7 @@ def _ready_probe(cluster_dir: Path, entry: dict[str, Any]) -> Callable[[], bool]
         )
     if kind == "redis":
         return functools.partial(procs.port_open, int(ports["redis"]))
-    # Relays and the WAN emulator: alive is ready (they retry their own connections).
+    # Relays, controllers and the WAN emulator: alive is ready (they retry their own connections).
     return lambda: True
 
 
@@ -126,18 +127,20 @@ def pg_entry(cluster_dir: Path, node: str) -> dict[str, Any]:
 
 def _pg_tree(postmaster: int) -> list[int]:
     """The postmaster and its children (backends, walsender, checkpointer...)."""
-    out = [postmaster]
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[-1].split()[1])
-        if ppid == postmaster:
-            out.append(int(d.name))
-    return out
+    return [postmaster, *procs.children_of(postmaster)]
+
+
+def pg_tree(cluster_dir: Path, node: str) -> list[int]:
+    """The pids of a running PostgreSQL node's server: the postmaster and its children."""
+    return _pg_tree(int(pg_entry(cluster_dir, node)["pid"]))
+
+
+def send(pids: list[int], sig: signal.Signals) -> None:
+    """``sig`` to each of ``pids`` (gone ones skipped): with :func:`pg_tree` taken once, a
+    pause's SIGSTOP and SIGCONT cost no /proc scan, so the pause lasts what the caller meant."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def pg_signal(cluster_dir: Path, node: str, sig: signal.Signals) -> list[int]:
@@ -150,3 +153,48 @@ def pg_signal(cluster_dir: Path, node: str, sig: signal.Signals) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     return pids
+
+
+def kill_region(cluster_dir: Path, region: str) -> tuple[list[str], list[str]]:
+    """kill -9 every process of ``region``: its recorded processes (etcd, Redis, routers,
+    relays, controller) and every PostgreSQL server there with all its children, as a region
+    lost at once. Returns (process names, PostgreSQL nodes)."""
+    state = cluster.load_state(cluster_dir)
+    found = [p for p in state.data.get("procs", []) if p.get("region") == region]
+    nodes = [
+        str(e["node"])
+        for e in state.data.get("pg", [])
+        if e["region"] == region and e.get("pid") and procs.is_alive(int(e["pid"]), e["datadir"])
+    ]
+    # The servers and the processes in one sweep, so nothing of the region outlives the rest.
+    pids = [pid for n in nodes for pid in _pg_tree(int(pg_entry(cluster_dir, n)["pid"]))]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    names = _kill_entries(found)
+    if procs.wait_all_gone(pids, KILL_WAIT_S):
+        raise ControlError(f"PostgreSQL processes of {region} survived SIGKILL")
+    return names, nodes
+
+
+def restart_pg(cluster_dir: Path, node: str) -> int:
+    """Start a stopped or crashed PostgreSQL node again as it was (a standby stays a standby
+    of the primary it streamed from); the state file gets the new pid."""
+    state = cluster.load_state(cluster_dir)
+    entry = next((e for e in state.data.get("pg", []) if e["node"] == node), None)
+    if entry is None:
+        raise ControlError(f"no PostgreSQL node {node} recorded")
+    datadir = Path(entry["datadir"])
+    with contextlib.suppress(postgres.PostgresError):
+        # A crash leaves postmaster.pid behind; stop() knows it and returns.
+        postgres.stop(datadir, "immediate")
+    pid = postgres.start(datadir, Path(entry["log"]))
+    entry["pid"] = pid
+    state.save()
+    return pid
+
+
+def pg_alive(cluster_dir: Path, node: str) -> bool:
+    state = cluster.load_state(cluster_dir)
+    entry = next((e for e in state.data.get("pg", []) if e["node"] == node), None)
+    return bool(entry and entry.get("pid") and procs.is_alive(int(entry["pid"]), entry["datadir"]))

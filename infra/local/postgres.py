@@ -170,6 +170,11 @@ def _common_conf(port: int) -> str:
             "max_replication_slots = 16",
             # A dead region's slot must not fill the disk; past this the standby must rebuild.
             "max_slot_wal_keep_size = '2GB'",
+            # pg_rewind reads the former primary's WAL back to the last checkpoint it shares
+            # with the new primary. A former primary that kept running through an automatic
+            # failover (cut off by a partition, or paused) checkpoints and recycles that WAL
+            # (chaos partition: "could not find previous WAL record"); keep enough of it.
+            "wal_keep_size = '256MB'",
             "hot_standby = on",
             "hot_standby_feedback = on",
             "synchronous_commit = on",

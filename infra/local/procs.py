@@ -126,6 +126,34 @@ def terminate(pid: int, marker: str | None, *, group: bool = True) -> None:
         raise ProcessError(f"pid {pid} survived SIGKILL")
 
 
+def children_of(pid: int) -> list[int]:
+    """``pid``'s direct children (from /proc), e.g. a postmaster's backends and walsenders."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[-1].split()[1]) == pid:
+            out.append(int(d.name))
+    return out
+
+
+def wait_all_gone(pids: Sequence[int], timeout_s: float) -> list[int]:
+    """Wait until every pid in ``pids`` has exited, SIGKILL what is left at the bound; the
+    pids that still exist after that (none, unless the kernel is stuck)."""
+    deadline = time.monotonic() + timeout_s
+    left = [p for p in pids if is_alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL_S)
+        left = [p for p in left if is_alive(p)]
+    for p in left:
+        _signal(p, signal.SIGKILL, group=False)
+    return [p for p in left if not wait_gone(p, KILL_GRACE_S)]
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(CONNECT_PROBE_TIMEOUT_S)

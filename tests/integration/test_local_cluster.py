@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -212,8 +214,18 @@ def test_up_then_down_leaves_nothing(tmp_path: Path) -> None:
             t0 = time.perf_counter()
             conn.execute("INSERT INTO t VALUES (1)")
             assert time.perf_counter() - t0 >= 0.190
+        # Every process of every server, and one postmaster killed alone (its backends,
+        # checkpointer and walreceiver outlive it for a while): `down` returns only once all
+        # of them have exited, so a next cluster could take the ports at once.
+        trees = [
+            [int(e["pid"]), *procs.children_of(int(e["pid"]))] for e in state["pg"] if e["pid"]
+        ]
+        assert all(len(t) > 1 for t in trees), trees
+        os.kill(trees[-1][0], signal.SIGKILL)
     finally:
         assert lc.down(cluster_dir) is True
+    left = [pid for tree in trees for pid in tree if procs.is_alive(pid)]
+    assert left == [], f"PostgreSQL processes still running after down: {left}"
     _assert_nothing_left(cluster_dir)
     lc.purge(cluster_dir)
     # Idempotent: a second down finds nothing running and succeeds.

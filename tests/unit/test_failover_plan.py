@@ -20,6 +20,7 @@ class Fake:
         self.lsn = lsn
         self.calls: list[str] = []
         self.conflict = False
+        self.primaries: set[Node] = set()
 
     def load(self, shard: str) -> tuple[fo.ShardRecord, int]:
         return self.rec, self.rev
@@ -36,6 +37,8 @@ class Fake:
         return 120 if self.old_alive else None
 
     def standby_lsn(self, node: Node) -> fo.StandbyLsn | None:
+        if node in self.primaries:
+            return None
         return fo.StandbyLsn(self.lsn, self.lsn)
 
     def stop(self, node: Node) -> None:
@@ -52,6 +55,9 @@ class Fake:
 
     def rejoin(self, node: Node, primary: Node) -> None:
         self.calls.append(f"rejoin {node.name} -> {primary.name}")
+
+    def clear_sync_standby(self, primary: Node) -> None:
+        self.calls.append(f"nosync {primary.name}")
 
     def node_in(self, shard: str, region: str) -> Node:
         return OLD
@@ -130,3 +136,44 @@ def test_rejoin_restores_survival() -> None:
     assert out.region_survival
     assert f.rec.region_survival
     assert f.rec.shard.standbys == (OLD,)
+
+
+def test_finish_promotion_after_an_actor_died_past_the_cas() -> None:
+    f = Fake(old_alive=False)
+
+    class Died(Exception):
+        pass
+
+    def die(node: Node) -> None:
+        raise Died
+
+    real_promote = f.promote
+    f.promote = die  # type: ignore[method-assign]
+    with pytest.raises(Died):
+        fo.failover(f, "s-1", "b")
+    assert f.rec.shard.primary == SB
+    assert f.rec.extra["failover_from"] == OLD.name
+    f.promote = real_promote  # type: ignore[method-assign]
+    f.calls.clear()
+    out = fo.finish_promotion(f, "s-1")
+    assert f.calls == ["promote s-1@b", "epoch s-1@b 2", "roles s-1@b"]
+    assert out.epoch == 2
+    # Once promoted there is nothing left to finish.
+    f.primaries.add(SB)
+    with pytest.raises(fo.FailoverRefused, match="nothing to finish"):
+        fo.finish_promotion(f, "s-1")
+
+
+def test_degrade_records_no_survival_before_the_primary_stops_waiting() -> None:
+    f = Fake(old_alive=True)
+    out = fo.degrade(f, "s-1")
+    assert f.calls == ["cas epoch=1 survival=False", "nosync s-1@a"]
+    assert not out.region_survival
+    with pytest.raises(fo.FailoverRefused):
+        fo.degrade(f, "s-1")
+    f.calls.clear()
+    out = fo.restore(f, "s-1")
+    # The reverse order: the standby is synchronous before the record claims survival.
+    assert f.calls == ["sync s-1@a <- s-1@b", "cas epoch=1 survival=True"]
+    assert out.region_survival
+    assert f.rec.region_survival
