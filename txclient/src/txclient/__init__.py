@@ -25,6 +25,7 @@ from txclient._core import BatchResult, Consistency
 from txclient._sync import Client
 from txclient.models import Account, Entry, Meta, Transfer
 from txclient.retry import Backoff, RetryBudget
+from txclient.session import Session
 
 __all__ = [
     "Account",
@@ -36,6 +37,7 @@ __all__ = [
     "Entry",
     "Meta",
     "RetryBudget",
+    "Session",
     "Transfer",
     "errors",
 ]

@@ -50,6 +50,7 @@ class AsyncClient:
         hedge: bool = False,
         probe: bool = True,
         session_token: str | None = None,
+        session: Session | None = None,
         budget: RetryBudget | None = None,
         backoff: Backoff | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -63,6 +64,7 @@ class AsyncClient:
             budget=budget,
             backoff=backoff,
             session_token=session_token,
+            session=session,
         )
         pool = httpx.Limits(
             max_connections=limits.POOL_CONNECTIONS_MAX,

@@ -133,11 +133,14 @@ class Core:
         budget: RetryBudget | None = None,
         backoff: Backoff | None = None,
         session_token: str | None = None,
+        session: Session | None = None,
     ) -> None:
         if timeout < limits.CALL_TIMEOUT_S_MIN:
             raise ValueError(f"timeout must be at least {limits.CALL_TIMEOUT_S_MIN} s")
         self.selector = RegionSelector(endpoints, prefer, clock=clock)
-        self.session = Session(session_token)
+        if session is not None and session_token is not None:
+            raise ValueError("give session or session_token, not both")
+        self.session = session if session is not None else Session(session_token)
         self.clock = clock
         self.timeout_s = timeout
         self.hedge = hedge
@@ -206,8 +209,11 @@ class Core:
                 parsed = False
         if 200 <= status < 300:
             if not parsed:
-                raise errors.UnexpectedResponse(
-                    "the answer is not JSON", status=status, request_id=rid, region=region
+                raise _stamped(
+                    errors.UnexpectedResponse(
+                        "the answer is not JSON", status=status, request_id=rid, region=region
+                    ),
+                    st,
                 )
             self.budget.on_success()
             if st.op.hedge:
@@ -220,6 +226,7 @@ class Core:
                 consistency_token=resp.headers.get(HEADER_TOKEN),
                 replayed=resp.headers.get(HEADER_REPLAYED, "").lower() == "true",
                 attempts=st.attempts,
+                regions=tuple(st.regions),
             )
             return Answer(status, body, resp.headers, meta)
         retry_after = parse_retry_after(resp.headers.get(HEADER_RETRY_AFTER))
@@ -261,7 +268,7 @@ class Core:
         else:
             verdict = MAYBE_SENT
         err: errors.TxError
-        detail = f"{type(exc).__name__} talking to {region}"
+        detail = f"{type(exc).__name__} talking to {region}: {exc}"
         if verdict is NOT_SENT:
             err = errors.RegionUnavailable(f"{detail}: not sent", region=region)
         elif st.op.kind == "read":
@@ -284,14 +291,17 @@ class Core:
         if not verdict.retry:
             # Definite: a refusal is the key's stored first outcome, even after unknown
             # attempts (the router replays it for every retry with the same body).
-            raise err
+            raise _stamped(err, st)
         if verdict.unknown and st.op.kind == "open":
-            raise errors.OutcomeUnknown(
-                f"the account open may or may not have happened ({err.code}); it has no "
-                "idempotency key, so it is not retried",
-                status=err.status,
-                request_id=err.request_id,
-                region=region,
+            raise _stamped(
+                errors.OutcomeUnknown(
+                    f"the account open may or may not have happened ({err.code}); it has no "
+                    "idempotency key, so it is not retried",
+                    status=err.status,
+                    request_id=err.request_id,
+                    region=region,
+                ),
+                st,
             ) from err
         if verdict.unknown and st.op.kind == "write":
             st.unknown = True
@@ -309,7 +319,7 @@ class Core:
             raise self.final_error(st)
         st.retries += 1
         log.debug(
-            "txclient: retry %d of %s %s after %s from %s in %.3f s (request %s)",
+            "txclient: retry %d of %s %s after %s from %s in %.3f s (request %s): %s",
             st.retries,
             st.op.method,
             st.op.path,
@@ -317,10 +327,14 @@ class Core:
             region,
             wait,
             st.request_id,
+            err.detail,
         )
         return wait
 
     def final_error(self, st: CallState) -> errors.TxError:
+        return _stamped(self._final_error(st), st)
+
+    def _final_error(self, st: CallState) -> errors.TxError:
         last = st.last_error
         assert last is not None
         if st.unknown:
@@ -362,6 +376,12 @@ class Core:
             self.selector.probe_failed(region)
         else:
             self.selector.observe_rtt(region, rtt_s)
+
+
+def _stamped(err: errors.TxError, st: CallState) -> errors.TxError:
+    err.attempts = st.attempts
+    err.regions = tuple(st.regions)
+    return err
 
 
 # -- operations (one place builds each request and reads its answer) ----------------------------

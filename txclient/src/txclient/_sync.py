@@ -51,6 +51,7 @@ class Client:
         hedge: bool = False,
         probe: bool = True,
         session_token: str | None = None,
+        session: Session | None = None,
         budget: RetryBudget | None = None,
         backoff: Backoff | None = None,
         transport: httpx.BaseTransport | None = None,
@@ -64,6 +65,7 @@ class Client:
             budget=budget,
             backoff=backoff,
             session_token=session_token,
+            session=session,
         )
         pool = httpx.Limits(
             max_connections=limits.POOL_CONNECTIONS_MAX,

@@ -55,6 +55,9 @@ class TxError(Exception):
         # The region whose router gave the answer.
         self.region = region
         self.problem: dict[str, Any] = dict(problem or {})
+        # Filled in by the client: how many attempts the call made, and in which regions.
+        self.attempts = 0
+        self.regions: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         where = f" via {self.region}" if self.region else ""

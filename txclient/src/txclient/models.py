@@ -26,6 +26,8 @@ class Meta:
     consistency_token: str | None = None
     replayed: bool = False
     attempts: int = 1
+    # The region of each attempt, in order (the last one answered).
+    regions: tuple[str, ...] = ()
 
 
 _NO_META = Meta(status=0, region="")
