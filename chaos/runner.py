@@ -50,6 +50,8 @@ DURATION_MAX_S: Final = 3600.0
 READY_TIMEOUT_S: Final = 60.0
 SETTLE_TIMEOUT_S: Final = 90.0
 POLL_S: Final = 0.5
+# One /readyz probe waits at most this long (a router answers it from memory and one Redis
+# ping); a slower one is retried at the next poll.
 READY_PROBE_TIMEOUT_S: Final = 8.0
 # Scheduling noise on a loaded machine on top of the routers' cache lag bound: a cached read
 # must reflect every write acknowledged longer than the bound plus this before it began.

@@ -429,7 +429,7 @@ async def test_the_retry_budget_stops_a_storm(local_cluster: LocalCluster) -> No
             sent = 0
             budget = RetryBudget(tokens_max=tokens_max, refill_per_s=0, success_credit=0)
             async with AsyncClient(
-                endpoints, tok, probe=False, budget=budget, timeout=2.0, transport=Counting()
+                endpoints, tok, probe=False, budget=budget, timeout=10.0, transport=Counting()
             ) as c:
                 outcomes = await asyncio.gather(
                     *(c.get_account("acc_000000000000001") for _ in range(30)),

@@ -38,7 +38,17 @@ from txclient.session import Session
 
 
 class AsyncClient:
-    """One session against a txrouter deployment; see the package docstring."""
+    """One session against a txrouter deployment (see the package docstring).
+
+    ``endpoints``: region -> router base URL. ``token``: the bearer JWT. ``prefer``: pin a
+    region (it is left only while it does not answer); else the lowest measured RTT.
+    ``timeout``: each call's deadline in seconds (every method also takes ``timeout=``), sent
+    as ``Request-Timeout``. ``hedge``: hedge ``cached`` reads to the second-best region.
+    ``probe``: measure RTT with ``GET /healthz`` at start and in the background.
+    ``session``/``session_token``: continue a session (share one ``Session`` between clients,
+    or start from a token). ``budget``/``backoff``: the retry policy (defaults in
+    ``txclient.limits``). ``transport``: an httpx transport (tests, proxies, mounts).
+    """
 
     def __init__(
         self,
@@ -300,6 +310,9 @@ class AsyncClient:
             resp = await self._http.get(
                 self._core.selector.url(region) + "/healthz", timeout=limits.PROBE_TIMEOUT_S
             )
+        except httpx.TimeoutException:
+            # Slow is not down: a sample at the bound (see the sync client).
+            return limits.PROBE_TIMEOUT_S
         except httpx.HTTPError:
             return None
         return time.perf_counter() - t0 if resp.status_code == 200 else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import uuid
 from collections import deque
@@ -148,6 +149,8 @@ class Core:
         self.backoff = backoff or Backoff(rng=rng)
         self._auth = f"Bearer {token}"
         self._latencies: deque[float] = deque(maxlen=limits.HEDGE_SAMPLES_MAX)
+        # A sync client's threads record and read the latencies at once.
+        self._latencies_lock = threading.Lock()
 
     # -- building ------------------------------------------------------------------------------
 
@@ -217,7 +220,8 @@ class Core:
                 )
             self.budget.on_success()
             if st.op.hedge:
-                self._latencies.append(elapsed_s)
+                with self._latencies_lock:
+                    self._latencies.append(elapsed_s)
             meta = Meta(
                 status=status,
                 region=region,
@@ -357,9 +361,10 @@ class Core:
     # -- hedging -------------------------------------------------------------------------------
 
     def hedge_delay_s(self) -> float:
-        if len(self._latencies) < limits.HEDGE_SAMPLES_MIN:
+        with self._latencies_lock:
+            ordered = sorted(self._latencies)
+        if len(ordered) < limits.HEDGE_SAMPLES_MIN:
             return limits.HEDGE_DELAY_S_DEFAULT
-        ordered = sorted(self._latencies)
         p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
         return max(p95, limits.HEDGE_DELAY_S_MIN)
 

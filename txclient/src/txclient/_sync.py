@@ -39,7 +39,17 @@ _R = TypeVar("_R")
 
 
 class Client:
-    """One session against a txrouter deployment; see the package docstring."""
+    """One session against a txrouter deployment (see the package docstring).
+
+    ``endpoints``: region -> router base URL. ``token``: the bearer JWT. ``prefer``: pin a
+    region (it is left only while it does not answer); else the lowest measured RTT.
+    ``timeout``: each call's deadline in seconds (every method also takes ``timeout=``), sent
+    as ``Request-Timeout``. ``hedge``: hedge ``cached`` reads to the second-best region.
+    ``probe``: measure RTT with ``GET /healthz`` at start and in the background.
+    ``session``/``session_token``: continue a session (share one ``Session`` between clients,
+    or start from a token). ``budget``/``backoff``: the retry policy (defaults in
+    ``txclient.limits``). ``transport``: an httpx transport (tests, proxies, mounts).
+    """
 
     def __init__(
         self,
@@ -282,6 +292,10 @@ def _probe(http: httpx.Client, url: str) -> float | None:
     t0 = time.perf_counter()
     try:
         resp = http.get(url + "/healthz")
+    except httpx.TimeoutException:
+        # Slow is not down (a loaded router, a loaded client): a sample at the bound, which
+        # moves an unpinned client elsewhere through the EWMA, not at once.
+        return limits.PROBE_TIMEOUT_S
     except httpx.HTTPError:
         return None
     return time.perf_counter() - t0 if resp.status_code == 200 else None

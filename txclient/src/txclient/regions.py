@@ -1,12 +1,13 @@
 """Which region a client sends to: the pinned one, else the lowest measured RTT; never one that
 just failed.
 
-RTT is an EWMA of ``GET /healthz`` round trips (at start and in the background). A region that
-refused a connection or answered 503 is *down* for ``REGION_DOWN_S``; a failed probe keeps it
-down. Ranking: regions that are up before those that are down; among the up ones the pinned
-region first, then by RTT (unmeasured last, in the order the caller listed them); down ones by
-how soon they come back. So a client moves to the next best region at the first failure and
-drifts back once its region answers again.
+RTT is an EWMA of ``GET /healthz`` round trips (at start and in the background; a probe that
+times out counts as a sample at the probe's bound). A region that refused a connection or
+answered 503 is *down* for ``REGION_DOWN_S``; a refused probe keeps it down. Ranking: regions
+that are up before those that are down; among the up ones the pinned region first, then by RTT
+(unmeasured last, in the order the caller listed them); down ones by how soon they come back.
+So a client moves to the next best region at the first failure and drifts back once its region
+answers again.
 """
 
 from __future__ import annotations
