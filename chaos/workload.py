@@ -69,12 +69,23 @@ class Worker:
     def __init__(self, routers: dict[str, str], bearer: str, timeout_s: float) -> None:
         self.session = Session()
         budget = RetryBudget()
-        self.clients = {
-            r: AsyncClient(
-                routers, bearer, prefer=r, timeout=timeout_s, session=self.session, budget=budget
+        regions = sorted(routers)
+        self.clients = {}
+        for i, r in enumerate(regions):
+            # Pinned to r; when r does not answer, on round the others in order (the order of
+            # the endpoints breaks ties between unmeasured regions). No RTT probe: the order
+            # is the workload's choice, and 18 clients probing would load the machine under
+            # test for nothing.
+            ring = regions[i:] + regions[:i]
+            self.clients[r] = AsyncClient(
+                {x: routers[x] for x in ring},
+                bearer,
+                prefer=r,
+                timeout=timeout_s,
+                session=self.session,
+                budget=budget,
+                probe=False,
             )
-            for r in routers
-        }
 
     async def aclose(self) -> None:
         for c in self.clients.values():
@@ -203,9 +214,8 @@ class Bank:
         op.served_by = a.meta.served_by
         return op
 
-    async def _worker(self, process: int, deadline: float, stop: asyncio.Event) -> None:
+    async def _worker(self, w: Worker, process: int, deadline: float, stop: asyncio.Event) -> None:
         rng = random.Random(self.rng.random())
-        w = self.worker()
         try:
             for _ in range(OPS_PER_CLIENT_MAX):
                 if stop.is_set() or time.monotonic() >= deadline:
@@ -228,8 +238,10 @@ class Bank:
             await w.aclose()
 
     async def run(self, duration_s: float, stop: asyncio.Event) -> None:
+        # Every worker's clients exist before the clock starts: the run is all operations.
+        workers = [self.worker() for _ in range(self.config.clients)]
         deadline = time.monotonic() + duration_s
-        await asyncio.gather(*(self._worker(i, deadline, stop) for i in range(self.config.clients)))
+        await asyncio.gather(*(self._worker(w, i, deadline, stop) for i, w in enumerate(workers)))
 
 
 def _attempts(op: TransferOp, regions: tuple[str, ...]) -> None:

@@ -317,7 +317,11 @@ async def test_the_budget_stops_a_storm(fakes: dict[str, Fake]) -> None:
     assert all(isinstance(o, errors.RegionUnavailable) for o in outcomes), [
         o for o in outcomes if not isinstance(o, errors.RegionUnavailable)
     ]
-    assert len(eu.seen) == 30 + 5, "each call once, and only the budget's five retries"
+    # Counted on the client: an attempt lost on a connection the server had just closed (a
+    # loaded machine) is an attempt all the same.
+    attempts = sum(o.attempts for o in outcomes if isinstance(o, errors.TxError))
+    assert attempts == 30 + 5, "each call once, and only the budget's five retries"
+    assert len(eu.seen) <= attempts
 
 
 # -- sessions, headers ---------------------------------------------------------------------------

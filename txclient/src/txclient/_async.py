@@ -28,6 +28,7 @@ from txclient._core import (
     batch_plan,
     entries_op,
     parse_transfer,
+    ssl_context,
     transfer_body,
     transfer_get_op,
     transfer_op,
@@ -80,7 +81,9 @@ class AsyncClient:
             max_connections=limits.POOL_CONNECTIONS_MAX,
             max_keepalive_connections=limits.POOL_KEEPALIVE_MAX,
         )
-        self._http = httpx.AsyncClient(limits=pool, transport=transport, follow_redirects=False)
+        self._http = httpx.AsyncClient(
+            limits=pool, transport=transport, follow_redirects=False, verify=ssl_context()
+        )
         self._probe = probe
         self._started = False
         self._prober: asyncio.Task[None] | None = None

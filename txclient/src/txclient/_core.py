@@ -5,8 +5,10 @@ decisions and the plans of multi-request calls (batches). Only the I/O differs b
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
+import ssl
 import threading
 import time
 import uuid
@@ -66,6 +68,14 @@ def _otel_injector() -> Callable[[dict[str, str]], None] | None:
 
 
 _INJECT_TRACE = _otel_injector()
+
+
+@functools.cache
+def ssl_context() -> ssl.SSLContext:
+    """One TLS context per process for every client: httpx otherwise builds one per client
+    (loading the CA bundle: 20 ms on an idle machine, 0.7 s measured on a loaded one), which
+    makes many short-lived clients slow. An SSLContext is safe to share between threads."""
+    return httpx.create_ssl_context()
 
 
 def new_idempotency_key() -> str:

@@ -27,6 +27,7 @@ from txclient._core import (
     batch_plan,
     entries_op,
     parse_transfer,
+    ssl_context,
     transfer_body,
     transfer_get_op,
     transfer_op,
@@ -81,7 +82,9 @@ class Client:
             max_connections=limits.POOL_CONNECTIONS_MAX,
             max_keepalive_connections=limits.POOL_KEEPALIVE_MAX,
         )
-        self._http = httpx.Client(limits=pool, transport=transport, follow_redirects=False)
+        self._http = httpx.Client(
+            limits=pool, transport=transport, follow_redirects=False, verify=ssl_context()
+        )
         self._closed = threading.Event()
         self._hedge_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._hedge_lock = threading.Lock()
@@ -280,7 +283,9 @@ class Client:
     # -- probes -------------------------------------------------------------------------------
 
     def _probe_loop(self, first_round: threading.Event) -> None:
-        with httpx.Client(timeout=limits.PROBE_TIMEOUT_S, follow_redirects=False) as http:
+        with httpx.Client(
+            timeout=limits.PROBE_TIMEOUT_S, follow_redirects=False, verify=ssl_context()
+        ) as http:
             while not self._closed.is_set():
                 for region in self._core.selector.names:
                     self._core.on_probe(region, _probe(http, self._core.selector.url(region)))
