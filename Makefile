@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 	@bash scripts/setup-system.sh
 
-$(STAMP): pyproject.toml
+# The Python client is its own distribution (txclient/pyproject.toml): installed beside the
+# project, editable, the way the project's workloads, scripts and tests use it.
+$(STAMP): pyproject.toml txclient/pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,profile]'
+	$(VENV)/bin/pip install --quiet -e './txclient[otel]' -e '.[test,profile]'
 	@touch $(STAMP)
 
 run: setup

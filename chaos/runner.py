@@ -33,14 +33,14 @@ import aiohttp
 from chaos import nemesis
 from chaos.checker import FinalAccount, FinalState, check
 from chaos.history import History
-from chaos.workload import REQUEST_TIMEOUT_S, SETUP_RETRY_FOR_S, Bank, WorkloadConfig
+from chaos.workload import SETUP_RETRY_FOR_S, Bank, WorkloadConfig
 from consistency import reconcile
 from infra.local import cluster
 from infra.wan import WanControl
 from regionstore import admin, audit
 from router.auth import TENANT_SCOPES
-from router.client import Client
 from router.limits import CACHED_LAG_BOUND_S
+from txclient import AsyncClient, errors
 
 DEFAULT_BASE_PORT: Final = 6800
 DEFAULT_DURATION_S: Final = 60.0
@@ -50,6 +50,9 @@ DURATION_MAX_S: Final = 3600.0
 READY_TIMEOUT_S: Final = 60.0
 SETTLE_TIMEOUT_S: Final = 90.0
 POLL_S: Final = 0.5
+# One /readyz probe waits at most this long (a router answers it from memory and one Redis
+# ping); a slower one is retried at the next poll.
+READY_PROBE_TIMEOUT_S: Final = 8.0
 # Scheduling noise on a loaded machine on top of the routers' cache lag bound: a cached read
 # must reflect every write acknowledged longer than the bound plus this before it began.
 CACHED_SLACK_S: Final = 0.5
@@ -182,10 +185,11 @@ async def _exercise(
     def clock() -> float:
         return time.monotonic() - t_run0
 
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    # Only for /readyz (operational, not the API: the API goes through txclient).
+    timeout = aiohttp.ClientTimeout(total=READY_PROBE_TIMEOUT_S)
     wan_url = cluster.load_state(d).data["wan_control"]
     async with aiohttp.ClientSession(timeout=timeout) as session, WanControl(wan_url) as wan:
-        bank = Bank(session, routers, bearer, tenant, WorkloadConfig(), rng, clock, history)
+        bank = Bank(routers, bearer, tenant, WorkloadConfig(), rng, clock, history)
         await bank.setup()
         ctx = nemesis.Ctx(d, sorted(routers), sorted(desc["shards"]), wan, progress)
         steps = nemesis.schedule(name, duration_s, ctx, rng)
@@ -204,7 +208,8 @@ async def _exercise(
             await load
         _recovery(steps, bank.history, t_run0, t0, res)
         progress(f"scenario {name}: healed; settling and reading back")
-        final = await _final_state(d, bank.history, routers, session, bearer, tenant)
+        await _wait_ready(session, routers)
+        final = await _final_state(d, bank.history, routers, bearer, tenant)
         epochs1 = await asyncio.to_thread(_epochs, d)
     result = check(bank.history, final, cached_bound_s=CACHED_LAG_BOUND_S + CACHED_SLACK_S)
     # Nothing in a chaos run but the failover controllers bumps a shard epoch (the nemeses
@@ -322,14 +327,8 @@ async def _settled_snapshots(d: Path) -> dict[str, dict[str, Any]]:
 
 
 async def _final_state(
-    d: Path,
-    history: History,
-    routers: dict[str, str],
-    session: aiohttp.ClientSession,
-    bearer: str,
-    tenant: str,
+    d: Path, history: History, routers: dict[str, str], bearer: str, tenant: str
 ) -> FinalState:
-    await _wait_ready(session, routers)
     snaps = await _settled_snapshots(d)
     summary = reconcile.summarize(snaps)
     problems = reconcile.reconcile(snaps)
@@ -340,16 +339,15 @@ async def _final_state(
         transfers.extend(a.transfers)
         foreign += a.foreign_slot_transfers
     accounts: dict[str, FinalAccount] = {}
-    for acc in history.accounts.values():
-        client = Client(session, routers[acc.region], bearer)
-        deadline = time.monotonic() + SETUP_RETRY_FOR_S
-        while True:
-            resp = await client.get_account(acc.id, "strong")
-            if resp.status == 200 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(POLL_S)
-        if resp.status == 200:
-            accounts[acc.id] = FinalAccount(int(resp.body["balance"]), int(resp.body["version"]))
+    # The client retries each read within its deadline; an account it cannot read is missing
+    # from the final state, and the checker says so.
+    async with AsyncClient(routers, bearer, timeout=SETUP_RETRY_FOR_S) as client:
+        for acc in history.accounts.values():
+            try:
+                got = await client.get_account(acc.id, consistency="strong")
+            except errors.TxError:
+                continue
+            accounts[acc.id] = FinalAccount(got.balance, got.version)
     return FinalState(
         accounts=accounts,
         transfers=list(transfers),

@@ -8,10 +8,13 @@ any router), some reads at every consistency level, each worker keeping its own 
 token. A transfer's idempotency key is also its ``reference``, so the checker can find every
 stored transfer's key.
 
-Retries are those of a careful client: an unknown outcome (timeout, dropped connection, 504) or
-a "not started" answer (429, 503) is retried with the same key, through the next region's
-router, with jittered exponential backoff, for at most ``RETRY_FOR_S``. What is still
-unanswered then is recorded as unknown (``info``), never as failed.
+Every call goes through ``txclient``, as a payments team's service would call txrouter: each
+worker is one session (one consistency token, sent on every call) with one client per region
+(an operation starts at a random region's router; the client moves to the next region when that
+one does not answer) and one retry budget. The client retries an unknown outcome (timeout,
+dropped connection, 504) and a "not started" answer (429, 503) with the same key, with
+full-jitter backoff, for at most ``CALL_TIMEOUT_S``; what is still unknown then is recorded as
+unknown (``info``), never as failed.
 """
 
 from __future__ import annotations
@@ -20,33 +23,23 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-import aiohttp
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_result,
-    stop_after_delay,
-    wait_random_exponential,
-)
-
 from chaos.history import Account, History, ReadLevel, ReadOp, TransferOp
 from consistency import ids, tokens
-from router.client import RETRY_LATER_STATUSES, UNKNOWN_STATUSES, Client, Response
+from txclient import AsyncClient, RetryBudget, Session, errors
 
 CURRENCY: Final = "EUR"
 # Far below zero, so funding never fails; bounded like every overdraft (consistency.limits).
 FUNDING_OVERDRAFT: Final = 10**15
-# A client waits this long for one answer: longer than the router's write deadline (5 s), so a
-# slow write comes back as the router's own 504 rather than as a client timeout.
-REQUEST_TIMEOUT_S: Final = 8.0
-# One operation's retries (same key) stop after this long; what is unanswered is unknown.
-RETRY_FOR_S: Final = 6.0
-RETRY_WAIT_MIN_S: Final = 0.05
-RETRY_WAIT_MAX_S: Final = 1.0
+# One operation's deadline, every retry (same key) included: longer than the router's write
+# deadline (5 s), so a slow write comes back as the router's own 504 and is retried at least
+# once; what is unanswered after it is unknown.
+CALL_TIMEOUT_S: Final = 12.0
+# A read is retried within this (reads change nothing; a failed read is just a failed read).
+READ_TIMEOUT_S: Final = 8.0
 # Setup must finish on a healthy cluster; each of its calls retries this long.
 SETUP_RETRY_FOR_S: Final = 30.0
 # Each worker's operations are bounded by count as well as by time.
@@ -70,14 +63,38 @@ class SetupError(RuntimeError):
     """The workload could not open or fund its accounts on the healthy cluster."""
 
 
-def _unresolved(resp: Response) -> bool:
-    return resp.status in UNKNOWN_STATUSES or resp.status in RETRY_LATER_STATUSES
+class Worker:
+    """One process of the workload: one session and one retry budget, a client per region."""
+
+    def __init__(self, routers: dict[str, str], bearer: str, timeout_s: float) -> None:
+        self.session = Session()
+        budget = RetryBudget()
+        regions = sorted(routers)
+        self.clients = {}
+        for i, r in enumerate(regions):
+            # Pinned to r; when r does not answer, on round the others in order (the order of
+            # the endpoints breaks ties between unmeasured regions). No RTT probe: the order
+            # is the workload's choice, and 18 clients probing would load the machine under
+            # test for nothing.
+            ring = regions[i:] + regions[:i]
+            self.clients[r] = AsyncClient(
+                {x: routers[x] for x in ring},
+                bearer,
+                prefer=r,
+                timeout=timeout_s,
+                session=self.session,
+                budget=budget,
+                probe=False,
+            )
+
+    async def aclose(self) -> None:
+        for c in self.clients.values():
+            await c.aclose()
 
 
 class Bank:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         routers: dict[str, str],
         bearer: str,
         tenant: str,
@@ -87,7 +104,8 @@ class Bank:
         history: History | None = None,
     ) -> None:
         self.regions = sorted(routers)
-        self.clients = {r: Client(session, url, bearer) for r, url in routers.items()}
+        self.routers = dict(routers)
+        self.bearer = bearer
         self.config = config
         self.rng = rng
         self.clock = clock
@@ -95,177 +113,140 @@ class Bank:
         self.history.tenant = tenant
         self.customers: list[Account] = []
 
+    def worker(self, timeout_s: float = CALL_TIMEOUT_S) -> Worker:
+        return Worker(self.routers, self.bearer, timeout_s)
+
     # -- setup --------------------------------------------------------------------------------
 
-    async def _call(
-        self,
-        send: Callable[[str], Awaitable[Response]],
-        vias: Sequence[str],
-        retry_for_s: float,
-        on_answer: Callable[[str, Response], None] | None = None,
-    ) -> Response:
-        """``send`` through ``vias`` in turn until an answer that settles it, or the bound."""
-        attempts = 0
-
-        async def once() -> Response:
-            nonlocal attempts
-            via = vias[attempts % len(vias)]
-            attempts += 1
-            resp = await send(via)
-            if on_answer is not None:
-                on_answer(via, resp)
-            return resp
-
-        retrying = AsyncRetrying(
-            stop=stop_after_delay(retry_for_s),
-            wait=wait_random_exponential(min=RETRY_WAIT_MIN_S, max=RETRY_WAIT_MAX_S),
-            retry=retry_if_result(_unresolved),
-            # Out of time: the last answer stands (the caller classifies it), no exception.
-            retry_error_callback=_last_answer,
-        )
-        resp: Response = await retrying(once)
-        return resp
-
-    async def _open(self, region: str, overdraft: int, funding: bool) -> Account:
-        client = self.clients[region]
-        resp = await self._call(
-            lambda _via: client.create_account(CURRENCY, region, overdraft),
-            [region],
-            SETUP_RETRY_FOR_S,
-        )
-        if resp.status != 201:
-            raise SetupError(f"open account in {region}: {resp.status} {resp.body!r}")
-        acc = Account(resp.body["id"], region, resp.body["shard"], overdraft, funding)
+    async def _open(self, w: Worker, region: str, overdraft: int, funding: bool) -> Account:
+        try:
+            a = await w.clients[region].create_account(
+                CURRENCY, home_region=region, overdraft_limit=overdraft
+            )
+        except errors.TxError as exc:
+            raise SetupError(f"open account in {region}: {exc}") from exc
+        acc = Account(a.id, region, a.shard, overdraft, funding)
         self.history.accounts[acc.id] = acc
         return acc
 
     async def setup(self) -> None:
-        for region in self.regions:
-            funding = await self._open(region, FUNDING_OVERDRAFT, funding=True)
-            for _ in range(self.config.accounts_per_region):
-                acc = await self._open(region, 0, funding=False)
-                self.customers.append(acc)
-                op = await self.transfer(
-                    -1,
-                    funding.id,
-                    acc.id,
-                    self.config.initial_balance,
-                    [region],
-                    {},
-                    SETUP_RETRY_FOR_S,
-                )
-                if op.outcome != "ok":
-                    raise SetupError(f"funding {acc.id}: {op.outcome} {op.code}")
+        w = self.worker(SETUP_RETRY_FOR_S)
+        try:
+            for region in self.regions:
+                funding = await self._open(w, region, FUNDING_OVERDRAFT, funding=True)
+                for _ in range(self.config.accounts_per_region):
+                    acc = await self._open(w, region, 0, funding=False)
+                    self.customers.append(acc)
+                    op = await self.transfer(
+                        w, -1, funding.id, acc.id, self.config.initial_balance, region
+                    )
+                    if op.outcome != "ok":
+                        raise SetupError(f"funding {acc.id}: {op.outcome} {op.code}")
+        finally:
+            await w.aclose()
 
     # -- operations ---------------------------------------------------------------------------
 
     async def transfer(
-        self,
-        process: int,
-        source: str,
-        destination: str,
-        amount: int,
-        vias: Sequence[str],
-        token: dict[int, int],
-        retry_for_s: float = RETRY_FOR_S,
+        self, w: Worker, process: int, source: str, destination: str, amount: int, via: str
     ) -> TransferOp:
         key = f"chaos-{uuid.uuid4().hex}"
         op = TransferOp(process, key, source, destination, amount, self.clock())
         self.history.transfers.append(op)
-        indeterminate = False
-
-        def on_answer(via: str, resp: Response) -> None:
-            nonlocal indeterminate
-            op.attempts += 1
-            op.via.append(via)
-            indeterminate = indeterminate or resp.status in UNKNOWN_STATUSES
-
-        resp = await self._call(
-            lambda via: self.clients[via].transfer(key, source, destination, amount, CURRENCY, key),
-            vias,
-            retry_for_s,
-            on_answer,
-        )
-        op.complete_t = self.clock()
-        if resp.status == 201:
-            op.outcome = "ok"
-            op.transfer_id = resp.body["id"]
-            op.status = resp.body["status"]
-            seen = _token_versions(resp.token)
-            for acc in (source, destination):
-                parsed = ids.parse_account_id(acc)
-                if parsed is not None and parsed in seen:
-                    op.versions[acc] = seen[parsed]
-                    token[parsed] = max(token.get(parsed, 0), seen[parsed])
-        elif _unresolved(resp) and indeterminate:
+        try:
+            t = await w.clients[via].transfer(
+                source=source,
+                destination=destination,
+                amount=amount,
+                currency=CURRENCY,
+                reference=key,
+                idempotency_key=key,
+            )
+        except errors.OutcomeUnknown as exc:
+            op.complete_t = self.clock()
+            _attempts(op, exc.regions)
             op.outcome = "info"
-            op.code = resp.code or resp.error or str(resp.status)
-        else:
-            # A definite refusal (4xx), or only "not started" answers (429/503): not applied.
-            # A refusal after an unknown attempt is still definite: the key's first outcome is
-            # stored with it and every retry of the same body gets that outcome back.
+            op.code = exc.code
+            return op
+        except errors.TxError as exc:
+            # A definite refusal (4xx), or only "not started" answers (429/503, connection
+            # refused): not applied. A refusal after an unknown attempt is still definite: the
+            # key's first outcome is stored with it and every retry gets that outcome back.
+            op.complete_t = self.clock()
+            _attempts(op, exc.regions)
             op.outcome = "fail"
-            op.code = resp.code or str(resp.status)
+            op.code = exc.code
+            return op
+        op.complete_t = self.clock()
+        _attempts(op, t.meta.regions)
+        op.outcome = "ok"
+        op.transfer_id = t.id
+        op.status = t.status
+        seen = _token_versions(t.meta.consistency_token)
+        for acc in (source, destination):
+            parsed = ids.parse_account_id(acc)
+            if parsed is not None and parsed in seen:
+                op.versions[acc] = seen[parsed]
         return op
 
     async def read(
-        self, process: int, account: str, level: ReadLevel, via: str, token: dict[int, int]
+        self, w: Worker, process: int, account: str, level: ReadLevel, via: str
     ) -> ReadOp:
         parsed = ids.parse_account_id(account)
         assert parsed is not None
-        sent = tokens.encode(token, []) if level == "session" and token else None
-        op = ReadOp(
-            process,
-            account,
-            level,
-            via,
-            self.clock(),
-            token_version=token.get(parsed, 0) if sent else 0,
-        )
+        # The client sends its session's token on every read; only a session read is bound
+        # by it (the checker's floor for the read).
+        held = w.session.versions().get(parsed, 0) if level == "session" else 0
+        op = ReadOp(process, account, level, via, self.clock(), token_version=held)
         self.history.reads.append(op)
-        resp = await self.clients[via].get_account(account, level, sent)
-        op.complete_t = self.clock()
-        if resp.status == 200:
-            op.outcome = "ok"
-            op.version = int(resp.body["version"])
-            op.balance = int(resp.body["balance"])
-            op.served_by = resp.served_by
-            token[parsed] = max(token.get(parsed, 0), op.version)
-        else:
+        try:
+            a = await w.clients[via].get_account(account, consistency=level, timeout=READ_TIMEOUT_S)
+        except errors.TxError as exc:
             # A read changes nothing: any failure is simply a failed read.
+            op.complete_t = self.clock()
             op.outcome = "fail"
-            op.code = resp.code or resp.error or str(resp.status)
+            op.code = exc.code
+            return op
+        op.complete_t = self.clock()
+        op.outcome = "ok"
+        op.version = a.version
+        op.balance = a.balance
+        op.served_by = a.meta.served_by
         return op
 
-    async def worker(self, process: int, deadline: float, stop: asyncio.Event) -> None:
+    async def _worker(self, w: Worker, process: int, deadline: float, stop: asyncio.Event) -> None:
         rng = random.Random(self.rng.random())
-        token: dict[int, int] = {}
-        for _ in range(OPS_PER_CLIENT_MAX):
-            if stop.is_set() or time.monotonic() >= deadline:
-                return
-            # Each attempt starts at a random router; retries go round the others.
-            start = rng.randrange(len(self.regions))
-            vias = self.regions[start:] + self.regions[:start]
-            if rng.random() < self.config.read_fraction:
-                acc = rng.choice(self.customers)
-                await self.read(process, acc.id, rng.choice(READ_LEVELS), vias[0], token)
-                continue
-            src = rng.choice(self.customers)
-            cross = rng.random() < self.config.cross_fraction
-            pool = [a for a in self.customers if a.id != src.id and (a.shard != src.shard) == cross]
-            dst = rng.choice(pool or [a for a in self.customers if a.id != src.id])
-            amount = rng.randint(1, self.config.amount_max)
-            await self.transfer(process, src.id, dst.id, amount, vias, token)
+        try:
+            for _ in range(OPS_PER_CLIENT_MAX):
+                if stop.is_set() or time.monotonic() >= deadline:
+                    return
+                # Each operation starts at a random router; the client moves on from there.
+                via = rng.choice(self.regions)
+                if rng.random() < self.config.read_fraction:
+                    acc = rng.choice(self.customers)
+                    await self.read(w, process, acc.id, rng.choice(READ_LEVELS), via)
+                    continue
+                src = rng.choice(self.customers)
+                cross = rng.random() < self.config.cross_fraction
+                pool = [
+                    a for a in self.customers if a.id != src.id and (a.shard != src.shard) == cross
+                ]
+                dst = rng.choice(pool or [a for a in self.customers if a.id != src.id])
+                amount = rng.randint(1, self.config.amount_max)
+                await self.transfer(w, process, src.id, dst.id, amount, via)
+        finally:
+            await w.aclose()
 
     async def run(self, duration_s: float, stop: asyncio.Event) -> None:
+        # Every worker's clients exist before the clock starts: the run is all operations.
+        workers = [self.worker() for _ in range(self.config.clients)]
         deadline = time.monotonic() + duration_s
-        await asyncio.gather(*(self.worker(i, deadline, stop) for i in range(self.config.clients)))
+        await asyncio.gather(*(self._worker(w, i, deadline, stop) for i, w in enumerate(workers)))
 
 
-def _last_answer(state: RetryCallState) -> Response:
-    assert state.outcome is not None
-    resp: Response = state.outcome.result()
-    return resp
+def _attempts(op: TransferOp, regions: tuple[str, ...]) -> None:
+    op.attempts = len(regions)
+    op.via = list(regions)
 
 
 def _token_versions(text: str | None) -> dict[int, int]:

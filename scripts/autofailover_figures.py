@@ -28,7 +28,7 @@ from infra import cli
 from infra import failover as real_ops
 from infra.local import cluster as lc
 from infra.local import control
-from router.auth import SCOPES
+from router.auth import TENANT_SCOPES
 from router.client import Client
 
 WRITE_WAIT_S = 60.0
@@ -37,7 +37,7 @@ POLL_S = 0.02
 
 async def one(d: Path, shard: str, home: str) -> float:
     routers = {r: v["router"] for r, v in lc.status(d)["regions"].items()}
-    tok = lc.token(d, "figures", sorted(SCOPES), 3600)
+    tok = lc.token(d, "figures", sorted(TENANT_SCOPES), 3600)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as s:
         cs = [Client(s, u, tok) for u in routers.values()]
         f = await cs[0].create_account("EUR", home, 10**12)

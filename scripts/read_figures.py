@@ -15,16 +15,15 @@ import asyncio
 import random
 import statistics
 import time
-import uuid
 from pathlib import Path
 
-import aiohttp
-
 from infra.local import cluster as lc
+from txclient import AsyncClient, Consistency
 
 CONCURRENCY = 32
 POLL_S = 0.005
 VISIBLE_WAIT_S = 10.0
+LEVELS: tuple[Consistency, ...] = ("cached", "strong")
 
 
 async def main() -> None:
@@ -42,82 +41,64 @@ async def main() -> None:
         ["accounts:read", "accounts:write", "accounts:overdraft", "transfers:write"],
         3600,
     )
-    conn = aiohttp.TCPConnector(limit=CONCURRENCY * 2)
-    async with aiohttp.ClientSession(
-        headers={"Authorization": f"Bearer {token}"}, connector=conn
-    ) as s:
-
-        async def open_account(region: str, overdraft: int = 0) -> str:
-            body = {"currency": "EUR", "home_region": region, "overdraft_limit": overdraft}
-            async with s.post(routers[region] + "/v1/accounts", json=body) as r:
-                assert r.status == 201, await r.text()
-                acc: str = (await r.json())["id"]
-                return acc
-
+    # One txclient per region, pinned to it. Throughput is read through it too, so the
+    # figures include the client's own cost (httpx), as an application's would.
+    clients = {r: AsyncClient(routers, token, prefer=r) for r in routers}
+    try:
         home = args.region
-        accounts = [await open_account(home) for _ in range(50)]
-        url = routers[home]
+        c = clients[home]
+        accounts = [(await c.create_account("EUR", home_region=home)).id for _ in range(50)]
 
-        async def run(level: str) -> float:
+        async def run(level: Consistency) -> float:
             done = 0
             end = time.monotonic() + args.seconds
 
             async def worker() -> None:
                 nonlocal done
                 while time.monotonic() < end:
-                    acc = random.choice(accounts)
-                    async with s.get(f"{url}/v1/accounts/{acc}?consistency={level}") as r:
-                        assert r.status == 200
-                        await r.read()
+                    await c.get_account(random.choice(accounts), consistency=level)
                     done += 1
 
             await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-            return done / args.seconds
+            return float(done / args.seconds)
 
         await run("cached")  # warm the cache and the pools
         rates: dict[str, list[float]] = {"cached": [], "strong": []}
         for _ in range(3):
-            for level in ("cached", "strong"):
+            for level in LEVELS:
                 rates[level].append(await run(level))
-        c, st = statistics.median(rates["cached"]), statistics.median(rates["strong"])
+        ca, st = statistics.median(rates["cached"]), statistics.median(rates["strong"])
         print(f"read throughput via {home} ({CONCURRENCY} clients, {args.seconds:.0f} s x3 each):")
-        print(f"  cached {c:8.0f}/s  runs {[round(x) for x in rates['cached']]}")
+        print(f"  cached {ca:8.0f}/s  runs {[round(x) for x in rates['cached']]}")
         print(f"  strong {st:8.0f}/s  runs {[round(x) for x in rates['strong']]}")
-        print(f"  ratio cached/strong {c / st:.2f}")
+        print(f"  ratio cached/strong {ca / st:.2f}")
 
         print("\nvisibility after commit (ack in source region -> served from remote cache):")
         print(f"{'writer':10} {'reader':10} {'p50 ms':>8} {'p99 ms':>8}")
-        for writer in routers:
-            src = await open_account(writer, 10**12)
-            dst = await open_account(writer)
-            for reader in routers:
+        for writer, wc in clients.items():
+            src = (await wc.create_account("EUR", home_region=writer, overdraft_limit=10**12)).id
+            dst = (await wc.create_account("EUR", home_region=writer)).id
+            for reader, rc in clients.items():
                 if reader == writer:
                     continue
                 samples = []
                 for _ in range(args.n):
-                    body = {"source": src, "destination": dst, "amount": 1, "currency": "EUR"}
-                    async with s.post(
-                        routers[writer] + "/v1/transfers",
-                        json=body,
-                        headers={"Idempotency-Key": uuid.uuid4().hex},
-                    ) as r:
-                        assert r.status == 201
+                    await wc.transfer(source=src, destination=dst, amount=1, currency="EUR")
                     t0 = time.perf_counter()
-                    async with s.get(
-                        routers[writer] + f"/v1/accounts/{dst}?consistency=strong"
-                    ) as r:
-                        want = (await r.json())["version"]
+                    want = (await wc.get_account(dst, consistency="strong")).version
                     while time.perf_counter() - t0 < VISIBLE_WAIT_S:
-                        async with s.get(routers[reader] + f"/v1/accounts/{dst}") as r:
-                            doc = await r.json()
-                            by = r.headers["X-Served-By"]
-                        if by.endswith("/cache") and doc["version"] >= want:
+                        got = await rc.get_account(dst, consistency="cached")
+                        by = got.meta.served_by or ""
+                        if by.endswith("/cache") and got.version >= want:
                             break
                         await asyncio.sleep(POLL_S)
                     samples.append((time.perf_counter() - t0) * 1000)
                 samples.sort()
                 p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
                 print(f"{writer:10} {reader:10} {statistics.median(samples):8.1f} {p99:8.1f}")
+    finally:
+        for client in clients.values():
+            await client.aclose()
 
 
 if __name__ == "__main__":

@@ -1,25 +1,23 @@
 """Measure single-transfer latency through every router to every home region.
 
 Usage: .venv/bin/python scripts/transfer_latency.py [--dir .txr/local] [--n 40]
-Runs against a running local cluster (``txr local up``); sequential requests, one at a time,
-so each figure is the latency of one transfer with nothing else in flight.
+Runs against a running local cluster (``txr local up``) through ``txclient``, one client pinned
+to each entry region; sequential requests, one at a time, so each figure is the latency of one
+transfer call (a retry, if any, is inside it and counted) with nothing else in flight.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import time
-import uuid
 from pathlib import Path
 
-import aiohttp
-
 from infra.local import cluster as lc
+from txclient import Client
 
 
-async def main() -> None:
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", type=Path, default=Path(".txr/local"))
     parser.add_argument("--n", type=int, default=40)
@@ -29,39 +27,33 @@ async def main() -> None:
     token = lc.token(
         args.dir, "latency-probe", ["accounts:write", "accounts:overdraft", "transfers:write"], 3600
     )
-    hdrs = {"Authorization": f"Bearer {token}"}
-    async with aiohttp.ClientSession(headers=hdrs) as s:
+    clients = {r: Client(routers, token, prefer=r) for r in routers}
+    try:
         accounts = {}
-        for home, url in routers.items():
-            pair = []
-            for overdraft in (10**12, 0):
-                body = {"currency": "EUR", "home_region": home, "overdraft_limit": overdraft}
-                async with s.post(url + "/v1/accounts", json=body) as r:
-                    assert r.status == 201, await r.text()
-                    pair.append((await r.json())["id"])
-            accounts[home] = pair
-        print(f"{'entry':10} {'home':10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-        for entry, url in routers.items():
+        for home in routers:
+            c = clients[home]
+            fund = c.create_account("EUR", home_region=home, overdraft_limit=10**12)
+            accounts[home] = (fund.id, c.create_account("EUR", home_region=home).id)
+        print(f"{'entry':10} {'home':10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'retries':>7}")
+        for entry, c in clients.items():
             for home, (src, dst) in accounts.items():
                 samples = []
+                retries = 0
                 for _ in range(args.n):
-                    body = {"source": src, "destination": dst, "amount": 1, "currency": "EUR"}
                     t0 = time.perf_counter()
-                    async with s.post(
-                        url + "/v1/transfers",
-                        json=body,
-                        headers={"Idempotency-Key": uuid.uuid4().hex},
-                    ) as r:
-                        assert r.status == 201, await r.text()
-                        await r.read()
+                    t = c.transfer(source=src, destination=dst, amount=1, currency="EUR")
                     samples.append((time.perf_counter() - t0) * 1000)
+                    retries += t.meta.attempts - 1
                 samples.sort()
                 p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
                 print(
                     f"{entry:10} {home:10} {statistics.median(samples):8.1f} {p99:8.1f} "
-                    f"{samples[-1]:8.1f}"
+                    f"{samples[-1]:8.1f} {retries:7d}"
                 )
+    finally:
+        for c in clients.values():
+            c.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import aiohttp
 import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -40,6 +39,7 @@ from router.config import RouterConfig
 from router.resources import TOPOLOGY
 from tests.fixtures import PORT_OFFSET
 from tests.fixtures.api import ALL_SCOPES, FUNDING_OVERDRAFT
+from txclient import AsyncClient, RetryBudget, Session, errors
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ LOAD_S: Final = 2.5
 # A client retries an unacknowledged write (503/504/connection error) with the same key for at
 # most this long: past it the transfer is "unknown", never counted as acked.
 RETRY_FOR_S: Final = 30.0
-RETRY_PAUSE_S: Final = 0.05
+RETRY_BUDGET_TOKENS: Final = 10_000.0
 RECONCILE_TRIES: Final = 40
 
 
@@ -84,56 +84,65 @@ def _routers(d: Path) -> dict[str, str]:
 
 
 class Client:
-    def __init__(self, d: Path, session: aiohttp.ClientSession) -> None:
+    """One tenant's txclient per entry region (pinned to it), one session for all of them."""
+
+    def __init__(self, d: Path) -> None:
         self.d = d
-        self.s = session
         self.routers = _routers(d)
         self.tenant = "t-" + uuid.uuid4().hex[:10]
         self.tok = lc.token(d, self.tenant, list(ALL_SCOPES), 3600)
+        self.session = Session()
+        # The load keeps retrying through a failover for up to RETRY_FOR_S: a budget that
+        # does not run dry in these few seconds (the default one is for production callers).
+        budget = RetryBudget(tokens_max=RETRY_BUDGET_TOKENS)
+        self.clients = {
+            r: AsyncClient(
+                self.routers,
+                self.tok,
+                prefer=r,
+                timeout=RETRY_FOR_S,
+                session=self.session,
+                budget=budget,
+            )
+            for r in self.routers
+        }
+
+    async def aclose(self) -> None:
+        for c in self.clients.values():
+            await c.aclose()
 
     def h(self, key: str | None = None) -> dict[str, str]:
+        """Headers for a raw request (the stale in-process router below)."""
         out = {"Authorization": f"Bearer {self.tok}"}
         if key:
             out["Idempotency-Key"] = key
         return out
 
     async def open(self, region: str, overdraft: int = 0) -> str:
-        body = {"currency": "EUR", "home_region": region, "overdraft_limit": overdraft}
-        async with self.s.post(
-            self.routers[region] + "/v1/accounts", json=body, headers=self.h()
-        ) as r:
-            assert r.status == 201, await r.text()
-            acc: str = (await r.json())["id"]
-            return acc
-
-    async def transfer(
-        self, via: str, src: str, dst: str, amount: int, key: str, *, base: str | None = None
-    ) -> tuple[int, Any]:
-        body = {"source": src, "destination": dst, "amount": amount, "currency": "EUR"}
-        try:
-            async with self.s.post(
-                (base or self.routers[via]) + "/v1/transfers", json=body, headers=self.h(key)
-            ) as r:
-                return r.status, await r.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return 0, repr(exc)
+        a = await self.clients[region].create_account(
+            "EUR", home_region=region, overdraft_limit=overdraft
+        )
+        return a.id
 
     async def acked(self, via: str, src: str, dst: str, amount: int = 1) -> str | None:
-        """POST until acknowledged (same key every time); the transfer id, or None if unknown."""
-        key = uuid.uuid4().hex
-        end = time.monotonic() + RETRY_FOR_S
-        while time.monotonic() < end:
-            status, body = await self.transfer(via, src, dst, amount, key)
-            if status == 201:
-                tid: str = body["id"]
-                return tid
-            assert status in (0, 503, 504), (status, body)
-            await asyncio.sleep(RETRY_PAUSE_S)
-        return None
+        """The transfer id once acknowledged (txclient retries with one key), or None if its
+        outcome is still unknown (or it never started) after RETRY_FOR_S."""
+        try:
+            t = await self.clients[via].transfer(
+                source=src, destination=dst, amount=amount, currency="EUR"
+            )
+        except (errors.OutcomeUnknown, errors.RegionUnavailable):
+            return None
+        return t.id
 
-    async def get(self, region: str, path: str) -> tuple[int, Any]:
-        async with self.s.get(self.routers[region] + path, headers=self.h()) as r:
-            return r.status, await r.json(content_type=None)
+
+@contextlib.asynccontextmanager
+async def _client(d: Path) -> AsyncIterator[Client]:
+    c = Client(d)
+    try:
+        yield c
+    finally:
+        await c.aclose()
 
 
 async def _run_load(
@@ -205,13 +214,11 @@ async def _check_acked(c: Client, load: Load, dsn: str) -> None:
     for a in load.acks:
         want[a.destination] = want.get(a.destination, 0) + 1
     for acc, n in want.items():
-        status, body = await c.get("eu-west", f"/v1/accounts/{acc}?consistency=strong")
-        assert status == 200, body
-        assert body["balance"] == n, (acc, body["balance"], n)
+        got = await c.clients["eu-west"].get_account(acc, consistency="strong")
+        assert got.balance == n, (acc, got.balance, n)
     # And through the API, via another region's router.
     for a in load.acks[:: max(1, len(load.acks) // 10)]:
-        status, body = await c.get("ap-south", f"/v1/transfers/{a.transfer_id}")
-        assert status == 200, body
+        assert (await c.clients["ap-south"].get_transfer(a.transfer_id)).id == a.transfer_id
 
 
 def _max_gap(load: Load, t0: float) -> float:
@@ -244,8 +251,7 @@ async def _reconcile_clean(d: Path) -> None:
 
 async def test_switchover_under_load(cluster_dir: Path) -> None:
     d = cluster_dir
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        c = Client(d, s)
+    async with _client(d) as c:
         pairs = await _pairs(c, "eu-west")
         stop = asyncio.Event()
         task = asyncio.create_task(_run_load(c, pairs, ["us-east", "ap-south", "eu-west"], stop))
@@ -276,11 +282,7 @@ async def test_switchover_under_load(cluster_dir: Path) -> None:
 async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
     d = cluster_dir
     shard, old_node = "us-east-1", "us-east-1@us-east"
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s,
-        _stale_router(d, "eu-west") as stale,
-    ):
-        c = Client(d, s)
+    async with _client(d) as c, _stale_router(d, "eu-west") as stale:
         pairs = await _pairs(c, "us-east")
         # A refusal first: the target must be a standby of the shard.
         assert await _cli("failover", shard, "--to", "eu-west", "--dir", str(d)) == 1

@@ -1,0 +1,326 @@
+"""``AsyncClient``: the asyncio client (httpx.AsyncClient), the same methods as ``Client`` as
+coroutines. One client is one session for every task that uses it; it must be used from one
+event loop (the one it first ran in)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from txclient import errors, limits
+from txclient._core import (
+    Answer,
+    BatchResult,
+    Consistency,
+    Core,
+    Op,
+    Plan,
+    Sleep,
+    account_get_op,
+    account_open_op,
+    batch_items,
+    batch_plan,
+    entries_op,
+    parse_transfer,
+    ssl_context,
+    transfer_body,
+    transfer_get_op,
+    transfer_op,
+)
+from txclient.models import Account, EntriesPage, Entry, Transfer
+from txclient.retry import Backoff, RetryBudget
+from txclient.session import Session
+
+
+class AsyncClient:
+    """One session against a txrouter deployment (see the package docstring).
+
+    ``endpoints``: region -> router base URL. ``token``: the bearer JWT. ``prefer``: pin a
+    region (it is left only while it does not answer); else the lowest measured RTT.
+    ``timeout``: each call's deadline in seconds (every method also takes ``timeout=``), sent
+    as ``Request-Timeout``. ``hedge``: hedge ``cached`` reads to the second-best region.
+    ``probe``: measure RTT with ``GET /healthz`` at start and in the background.
+    ``session``/``session_token``: continue a session (share one ``Session`` between clients,
+    or start from a token). ``budget``/``backoff``: the retry policy (defaults in
+    ``txclient.limits``). ``transport``: an httpx transport (tests, proxies, mounts).
+    """
+
+    def __init__(
+        self,
+        endpoints: Mapping[str, str],
+        token: str,
+        *,
+        prefer: str | None = None,
+        timeout: float = limits.CALL_TIMEOUT_S_DEFAULT,
+        hedge: bool = False,
+        probe: bool = True,
+        session_token: str | None = None,
+        session: Session | None = None,
+        budget: RetryBudget | None = None,
+        backoff: Backoff | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._core = Core(
+            endpoints=endpoints,
+            token=token,
+            prefer=prefer,
+            timeout=timeout,
+            hedge=hedge,
+            budget=budget,
+            backoff=backoff,
+            session_token=session_token,
+            session=session,
+        )
+        pool = httpx.Limits(
+            max_connections=limits.POOL_CONNECTIONS_MAX,
+            max_keepalive_connections=limits.POOL_KEEPALIVE_MAX,
+        )
+        self._http = httpx.AsyncClient(
+            limits=pool, transport=transport, follow_redirects=False, verify=ssl_context()
+        )
+        self._probe = probe
+        self._started = False
+        self._prober: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- session and region ----------------------------------------------------------------------
+
+    @property
+    def region(self) -> str:
+        """The region this client sends to now."""
+        return self._core.selector.best()
+
+    @property
+    def regions(self) -> list[str]:
+        return self._core.selector.ranked()
+
+    @property
+    def session(self) -> Session:
+        return self._core.session
+
+    @property
+    def consistency_token(self) -> str | None:
+        return self._core.session.token
+
+    @property
+    def budget(self) -> RetryBudget:
+        return self._core.budget
+
+    def rtt_s(self, region: str) -> float | None:
+        return self._core.selector.rtt_s(region)
+
+    # -- the API ------------------------------------------------------------------------------
+
+    async def create_account(
+        self,
+        currency: str,
+        *,
+        home_region: str | None = None,
+        overdraft_limit: int = 0,
+        metadata: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Account:
+        op = account_open_op(self._core, currency, home_region, overdraft_limit, metadata, timeout)
+        ans = await self._send(op)
+        return Account.from_json(ans.body, ans.meta)
+
+    async def get_account(
+        self,
+        account_id: str,
+        *,
+        consistency: Consistency = "session",
+        timeout: float | None = None,
+        hedge: bool | None = None,
+    ) -> Account:
+        op = account_get_op(self._core, account_id, consistency, timeout, hedge)
+        ans = await (self._hedged(op) if op.hedge else self._send(op))
+        return Account.from_json(ans.body, ans.meta)
+
+    async def entries(
+        self,
+        account_id: str,
+        *,
+        page_size: int = limits.ENTRIES_PAGE_DEFAULT,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Entry]:
+        """Every entry of the account, newest first (``async for``), one call per page."""
+        cursor: str | None = None
+        for _ in range(limits.ENTRIES_PAGES_MAX):
+            ans = await self._send(entries_op(self._core, account_id, page_size, cursor, timeout))
+            page = EntriesPage.from_json(ans.body)
+            for entry in page.data:
+                yield entry
+            cursor = page.next_cursor
+            if cursor is None:
+                return
+
+    async def transfer(
+        self,
+        *,
+        source: str,
+        destination: str,
+        amount: int,
+        currency: str,
+        reference: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Transfer:
+        body = transfer_body(source, destination, amount, currency, reference)
+        op = transfer_op(self._core, body, idempotency_key, timeout)
+        return parse_transfer(await self._send(op))
+
+    async def transfer_batch(
+        self, items: Sequence[Mapping[str, Any]], *, timeout: float | None = None
+    ) -> list[BatchResult]:
+        """One result per item, in order: the ``Transfer``, or the ``TxError`` it met."""
+        plan = batch_plan(self._core, batch_items(items), timeout)
+        result: list[BatchResult] = await self._run(plan)
+        return result
+
+    async def get_transfer(self, transfer_id: str, *, timeout: float | None = None) -> Transfer:
+        return parse_transfer(await self._send(transfer_get_op(self._core, transfer_id, timeout)))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        await self._start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _start(self) -> None:
+        """Probe once (unless a region is pinned: then in the background only) and start the
+        background probe. Runs at the first call or on ``async with``."""
+        if self._started or not self._probe or self._closed:
+            self._started = True
+            return
+        self._started = True
+        if self._core.selector.prefer is None:
+            await self._probe_round()
+        self._prober = asyncio.create_task(self._probe_loop(), name="txclient-probe")
+
+    # -- the call loop ----------------------------------------------------------------------------
+
+    async def _send(self, op: Op, first_region: str | None = None) -> Answer:
+        if not self._started:
+            await self._start()
+        core = self._core
+        st = core.start(op)
+        region = first_region
+        while True:
+            region = region or core.selector.best()
+            url, headers, remaining = core.request(st, region)
+            t0 = time.perf_counter()
+            try:
+                # httpx bounds each phase; this bounds the whole attempt by the deadline.
+                async with asyncio.timeout(remaining):
+                    resp = await self._http.request(
+                        op.method,
+                        url,
+                        json=op.json,
+                        params=op.params,
+                        headers=headers,
+                        timeout=core.timeouts(remaining),
+                    )
+            except httpx.TransportError as exc:
+                wait = core.on_transport_error(st, region, exc)
+            except TimeoutError:
+                wait = core.on_transport_error(
+                    st, region, httpx.ReadTimeout("the call's deadline passed")
+                )
+            else:
+                got = core.on_response(st, region, resp, time.perf_counter() - t0)
+                if isinstance(got, Answer):
+                    return got
+                wait = got
+            await asyncio.sleep(wait)
+            region = None
+
+    async def _run(self, plan: Plan) -> Any:
+        step = next(plan)
+        while True:
+            try:
+                if isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
+                    step = plan.send(None)
+                    continue
+                try:
+                    ans = await self._send(step)
+                except errors.TxError as exc:
+                    step = plan.throw(exc)
+                else:
+                    step = plan.send(ans)
+            except StopIteration as stop:
+                return stop.value
+
+    async def _hedged(self, op: Op) -> Answer:
+        regions = self._core.hedge_regions()
+        if len(regions) < 2:
+            return await self._send(op)
+        first = asyncio.create_task(self._send(op, regions[0]))
+        done, _ = await asyncio.wait({first}, timeout=self._core.hedge_delay_s())
+        if done:
+            return first.result()
+        second = asyncio.create_task(self._send(op, regions[1]))
+        tasks = [first, second]
+        pending: set[asyncio.Task[Answer]] = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if t.exception() is None:
+                        return t.result()
+            return first.result()
+        finally:
+            for t in pending:
+                t.cancel()
+            for t in tasks:
+                # Retrieve every exception so none is reported as never retrieved.
+                if t.done() and not t.cancelled():
+                    t.exception()
+
+    # -- probes -------------------------------------------------------------------------------
+
+    async def _probe_round(self) -> None:
+        names = self._core.selector.names
+        rtts = await asyncio.gather(*(self._probe_one(r) for r in names))
+        for region, rtt in zip(names, rtts, strict=True):
+            self._core.on_probe(region, rtt)
+
+    async def _probe_one(self, region: str) -> float | None:
+        t0 = time.perf_counter()
+        try:
+            resp = await self._http.get(
+                self._core.selector.url(region) + "/healthz", timeout=limits.PROBE_TIMEOUT_S
+            )
+        except httpx.TimeoutException:
+            # Slow is not down: a sample at the bound (see the sync client).
+            return limits.PROBE_TIMEOUT_S
+        except httpx.HTTPError:
+            return None
+        return time.perf_counter() - t0 if resp.status_code == 200 else None
+
+    async def _probe_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(limits.PROBE_INTERVAL_S)
+            await self._probe_round()

@@ -1,0 +1,321 @@
+"""``Client``: the synchronous client (httpx.Client). Thread-safe: one client may serve many
+threads, and it is one session for all of them."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from txclient import errors, limits
+from txclient._core import (
+    Answer,
+    BatchResult,
+    Consistency,
+    Core,
+    Op,
+    Plan,
+    Sleep,
+    account_get_op,
+    account_open_op,
+    batch_items,
+    batch_plan,
+    entries_op,
+    parse_transfer,
+    ssl_context,
+    transfer_body,
+    transfer_get_op,
+    transfer_op,
+)
+from txclient.models import Account, EntriesPage, Entry, Transfer
+from txclient.retry import Backoff, RetryBudget
+from txclient.session import Session
+
+_R = TypeVar("_R")
+
+
+class Client:
+    """One session against a txrouter deployment (see the package docstring).
+
+    ``endpoints``: region -> router base URL. ``token``: the bearer JWT. ``prefer``: pin a
+    region (it is left only while it does not answer); else the lowest measured RTT.
+    ``timeout``: each call's deadline in seconds (every method also takes ``timeout=``), sent
+    as ``Request-Timeout``. ``hedge``: hedge ``cached`` reads to the second-best region.
+    ``probe``: measure RTT with ``GET /healthz`` at start and in the background.
+    ``session``/``session_token``: continue a session (share one ``Session`` between clients,
+    or start from a token). ``budget``/``backoff``: the retry policy (defaults in
+    ``txclient.limits``). ``transport``: an httpx transport (tests, proxies, mounts).
+    """
+
+    def __init__(
+        self,
+        endpoints: Mapping[str, str],
+        token: str,
+        *,
+        prefer: str | None = None,
+        timeout: float = limits.CALL_TIMEOUT_S_DEFAULT,
+        hedge: bool = False,
+        probe: bool = True,
+        session_token: str | None = None,
+        session: Session | None = None,
+        budget: RetryBudget | None = None,
+        backoff: Backoff | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._core = Core(
+            endpoints=endpoints,
+            token=token,
+            prefer=prefer,
+            timeout=timeout,
+            hedge=hedge,
+            budget=budget,
+            backoff=backoff,
+            session_token=session_token,
+            session=session,
+        )
+        pool = httpx.Limits(
+            max_connections=limits.POOL_CONNECTIONS_MAX,
+            max_keepalive_connections=limits.POOL_KEEPALIVE_MAX,
+        )
+        self._http = httpx.Client(
+            limits=pool, transport=transport, follow_redirects=False, verify=ssl_context()
+        )
+        self._closed = threading.Event()
+        self._hedge_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._hedge_lock = threading.Lock()
+        self._prober: threading.Thread | None = None
+        if probe:
+            first_round = threading.Event()
+            self._prober = threading.Thread(
+                target=self._probe_loop, args=(first_round,), name="txclient-probe", daemon=True
+            )
+            self._prober.start()
+            if prefer is None:
+                # The first choice should be measured; a dead region must not hold us up long.
+                first_round.wait(limits.PROBE_TIMEOUT_S + 0.5)
+
+    # -- session and region ----------------------------------------------------------------------
+
+    @property
+    def region(self) -> str:
+        """The region this client sends to now."""
+        return self._core.selector.best()
+
+    @property
+    def regions(self) -> list[str]:
+        """Every region, best first."""
+        return self._core.selector.ranked()
+
+    @property
+    def session(self) -> Session:
+        return self._core.session
+
+    @property
+    def consistency_token(self) -> str | None:
+        """The newest token of this session (sent on every call)."""
+        return self._core.session.token
+
+    @property
+    def budget(self) -> RetryBudget:
+        return self._core.budget
+
+    def rtt_s(self, region: str) -> float | None:
+        return self._core.selector.rtt_s(region)
+
+    # -- the API ------------------------------------------------------------------------------
+
+    def create_account(
+        self,
+        currency: str,
+        *,
+        home_region: str | None = None,
+        overdraft_limit: int = 0,
+        metadata: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Account:
+        op = account_open_op(self._core, currency, home_region, overdraft_limit, metadata, timeout)
+        ans = self._send(op)
+        return Account.from_json(ans.body, ans.meta)
+
+    def get_account(
+        self,
+        account_id: str,
+        *,
+        consistency: Consistency = "session",
+        timeout: float | None = None,
+        hedge: bool | None = None,
+    ) -> Account:
+        op = account_get_op(self._core, account_id, consistency, timeout, hedge)
+        ans = self._hedged(op) if op.hedge else self._send(op)
+        return Account.from_json(ans.body, ans.meta)
+
+    def entries(
+        self,
+        account_id: str,
+        *,
+        page_size: int = limits.ENTRIES_PAGE_DEFAULT,
+        timeout: float | None = None,
+    ) -> Iterator[Entry]:
+        """Every entry of the account, newest first, page after page (each page one call)."""
+        cursor: str | None = None
+        for _ in range(limits.ENTRIES_PAGES_MAX):
+            ans = self._send(entries_op(self._core, account_id, page_size, cursor, timeout))
+            page = EntriesPage.from_json(ans.body)
+            yield from page.data
+            cursor = page.next_cursor
+            if cursor is None:
+                return
+
+    def transfer(
+        self,
+        *,
+        source: str,
+        destination: str,
+        amount: int,
+        currency: str,
+        reference: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Transfer:
+        body = transfer_body(source, destination, amount, currency, reference)
+        return parse_transfer(self._send(transfer_op(self._core, body, idempotency_key, timeout)))
+
+    def transfer_batch(
+        self, items: Sequence[Mapping[str, Any]], *, timeout: float | None = None
+    ) -> list[BatchResult]:
+        """One result per item, in order: the ``Transfer``, or the ``TxError`` it met."""
+        result: list[BatchResult] = self._run(batch_plan(self._core, batch_items(items), timeout))
+        return result
+
+    def get_transfer(self, transfer_id: str, *, timeout: float | None = None) -> Transfer:
+        return parse_transfer(self._send(transfer_get_op(self._core, transfer_id, timeout)))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._prober is not None:
+            self._prober.join(limits.PROBE_TIMEOUT_S * 2)
+        if self._hedge_pool is not None:
+            self._hedge_pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the call loop ----------------------------------------------------------------------------
+
+    def _send(self, op: Op, first_region: str | None = None) -> Answer:
+        core = self._core
+        st = core.start(op)
+        region = first_region
+        while True:
+            region = region or core.selector.best()
+            url, headers, remaining = core.request(st, region)
+            t0 = time.perf_counter()
+            try:
+                resp = self._http.request(
+                    op.method,
+                    url,
+                    json=op.json,
+                    params=op.params,
+                    headers=headers,
+                    timeout=core.timeouts(remaining),
+                )
+            except httpx.TransportError as exc:
+                wait = core.on_transport_error(st, region, exc)
+            else:
+                got = core.on_response(st, region, resp, time.perf_counter() - t0)
+                if isinstance(got, Answer):
+                    return got
+                wait = got
+            time.sleep(wait)
+            region = None
+
+    def _run(self, plan: Plan) -> Any:
+        step = next(plan)
+        while True:
+            try:
+                if isinstance(step, Sleep):
+                    time.sleep(step.seconds)
+                    step = plan.send(None)
+                    continue
+                try:
+                    ans = self._send(step)
+                except errors.TxError as exc:
+                    step = plan.throw(exc)
+                else:
+                    step = plan.send(ans)
+            except StopIteration as stop:
+                return stop.value
+
+    def _hedged(self, op: Op) -> Answer:
+        regions = self._core.hedge_regions()
+        if len(regions) < 2:
+            return self._send(op)
+        with self._hedge_lock:
+            if self._hedge_pool is None:
+                self._hedge_pool = concurrent.futures.ThreadPoolExecutor(
+                    limits.HEDGE_THREADS_MAX, thread_name_prefix="txclient-hedge"
+                )
+            pool = self._hedge_pool
+        first = pool.submit(self._send, op, regions[0])
+        try:
+            return first.result(timeout=self._core.hedge_delay_s())
+        except concurrent.futures.TimeoutError:
+            pass
+        second = pool.submit(self._send, op, regions[1])
+        return _first_success([first, second])
+
+    # -- probes -------------------------------------------------------------------------------
+
+    def _probe_loop(self, first_round: threading.Event) -> None:
+        with httpx.Client(
+            timeout=limits.PROBE_TIMEOUT_S, follow_redirects=False, verify=ssl_context()
+        ) as http:
+            while not self._closed.is_set():
+                for region in self._core.selector.names:
+                    self._core.on_probe(region, _probe(http, self._core.selector.url(region)))
+                first_round.set()
+                self._closed.wait(limits.PROBE_INTERVAL_S)
+
+
+def _probe(http: httpx.Client, url: str) -> float | None:
+    t0 = time.perf_counter()
+    try:
+        resp = http.get(url + "/healthz")
+    except httpx.TimeoutException:
+        # Slow is not down (a loaded router, a loaded client): a sample at the bound, which
+        # moves an unpinned client elsewhere through the EWMA, not at once.
+        return limits.PROBE_TIMEOUT_S
+    except httpx.HTTPError:
+        return None
+    return time.perf_counter() - t0 if resp.status_code == 200 else None
+
+
+def _first_success(futures: list[concurrent.futures.Future[_R]]) -> _R:
+    """The first future to succeed; if all fail, the first one's error."""
+    pending = set(futures)
+    while pending:
+        done, pending = concurrent.futures.wait(
+            pending, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        for f in done:
+            if f.exception() is None:
+                for other in pending:
+                    other.cancel()
+                return f.result()
+    return futures[0].result()
