@@ -736,6 +736,19 @@ class ShardStore:
             return 0, 0.0
         return int(row[0]), float(row[1])
 
+    async def accounts_committed_since(self, since: datetime, *, timeout_s: float) -> list[int]:
+        """Accounts whose current row was committed at or after ``since`` (migration 0004: the
+        change feed's failover step). A full scan: run once per failover, never per request."""
+
+        async def op(conn: Conn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute("SELECT id FROM txr.accounts_committed_since(%s)", (since,))
+            return await cur.fetchall()
+
+        rows = await self._call(
+            op, timeout_s=timeout_s, write=False, what="accounts_committed_since"
+        )
+        return [int(r[0]) for r in rows]
+
     async def wait_for_outbox(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a leg-1 commit's notification: True when one came.
 

@@ -44,6 +44,11 @@ class RouterConfig:
     # Router worker processes of this region sharing ``port`` (SO_REUSEPORT), each started by
     # the launcher as ``python -m router --config FILE --worker I``; see limits.ROUTER_WORKERS.
     workers: int = ROUTER_WORKERS
+    # The change feed writes every region's Redis: region -> Redis URL as dialled from this
+    # region (a remote one through the WAN emulator locally). Empty: only this region's.
+    feed_redis: Mapping[str, str] = field(default_factory=dict)
+    # The relay process (python -m router.relays) serves its metrics here; None: not served.
+    relay_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= ROUTER_WORKERS_MAX:
@@ -77,6 +82,8 @@ class RouterConfig:
                 str(self.repl_password_file) if self.repl_password_file is not None else None
             ),
             "workers": self.workers,
+            "feed_redis": dict(self.feed_redis),
+            "relay_metrics_port": self.relay_metrics_port,
         }
 
     @classmethod
@@ -101,6 +108,10 @@ class RouterConfig:
                 Path(d["repl_password_file"]) if d.get("repl_password_file") else None
             ),
             workers=int(d.get("workers", ROUTER_WORKERS)),
+            feed_redis={str(k): str(v) for k, v in d.get("feed_redis", {}).items()},
+            relay_metrics_port=(
+                int(d["relay_metrics_port"]) if d.get("relay_metrics_port") is not None else None
+            ),
         )
 
     @classmethod

@@ -39,6 +39,7 @@ import psycopg
 import redis
 
 import infra
+from consistency import coherence
 from consistency.etcd import EtcdClient
 from consistency.topology import (
     Node,
@@ -53,7 +54,6 @@ from infra.local import postgres, procs
 from infra.local.ports import PortPlan, plan_ports
 from infra.wan import ListenerSpec, WanConfig, profile_latencies
 from router.auth import SCOPES, mint_token
-from router.cache import RELAY_STATE_PREFIX
 from router.config import RouterConfig
 from router.limits import ROUTER_WORKERS
 
@@ -157,7 +157,7 @@ def _relay_heartbeats(redis_url: str, shards: Sequence[str]) -> bool:
     """True when the region's Redis holds a relay heartbeat with a claim for every shard."""
     client = redis.Redis.from_url(redis_url, socket_timeout=PROBE_TIMEOUT_S)
     try:
-        return all(client.hget(RELAY_STATE_PREFIX + s, "through") for s in shards)
+        return all(client.hget(coherence.heartbeat_key(s), "through") for s in shards)
     except (redis.RedisError, OSError):
         return False
     finally:
@@ -252,6 +252,7 @@ def _plan_json(plan: PortPlan) -> dict[str, Any]:
                 "etcd_peer": p.etcd_peer,
                 "pg_primary": p.pg_primary,
                 "pg_standby": p.pg_standby,
+                "relay_metrics": p.relay_metrics,
             }
             for r, p in plan.region.items()
         },
@@ -760,7 +761,21 @@ class Launcher:
             repl_user=postgres.REPL_ROLE,
             repl_password_file=self.secrets_dir / "db_repl.password",
             workers=ROUTER_WORKERS if self.opts.workers is None else self.opts.workers,
+            feed_redis=self.feed_redis(region),
+            relay_metrics_port=self.plan.region[region].relay_metrics,
         )
+
+    def feed_redis(self, region: str) -> dict[str, str]:
+        """Every region's Redis as the relay of ``region`` dials it (remote ones via the WAN)."""
+        urls: dict[str, str] = {}
+        for other in self.regions:
+            port = (
+                self.plan.region[other].redis
+                if other == region
+                else self.plan.wan[(region, other, "redis")]
+            )
+            urls[other] = f"redis://{HOST}:{port}/0"
+        return urls
 
     def _write_router_configs(self) -> None:
         for r in self.regions:
@@ -1013,6 +1028,13 @@ def status(cluster_dir: Path) -> dict[str, Any]:
                 if (pid := pid_of(p["name"])) is not None
             ],
             "relays_pid": pid_of(f"relays-{r}"),
+            # The relay process's /metrics (change feed lag per target region, resets, ...);
+            # absent for a cluster started before it existed.
+            "relays_metrics": (
+                f"http://{HOST}:{ports[r]['relay_metrics']}/metrics"
+                if "relay_metrics" in ports[r]
+                else None
+            ),
             "redis": f"redis://{HOST}:{ports[r]['redis']}",
             "redis_pid": pid_of(f"redis-{r}"),
             "etcd": f"http://{HOST}:{ports[r]['etcd_client']}",

@@ -4,9 +4,12 @@ Layout (API.md promises at most 100 consecutive ports):
 
 - ``P + 20*i + k`` for region ``i``: router (0), redis (1), etcd client (2), etcd peer, the real
   one the member listens on (3), PostgreSQL primary of the home shard (4), PostgreSQL standby of
-  the next region's shard (5). 20 per region leaves room for more services per region later.
+  the next region's shard (5), the relay process's metrics (6). 20 per region leaves room for
+  more services per region later.
 - ``P + 60 ..``: the WAN emulator: the control port first, then one etcd peer front per member
-  (the member's advertised peer URL), then one listener per (source region, remote service).
+  (the member's advertised peer URL), then one listener per (source region, remote service),
+  then one per (source region, remote Redis): the change feed writes every region's Redis from
+  the region of a shard's primary (added after the others so that their ports did not move).
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ OFF_ETCD_CLIENT: Final = 2
 OFF_ETCD_PEER: Final = 3
 OFF_PG_PRIMARY: Final = 4
 OFF_PG_STANDBY: Final = 5
+OFF_RELAY_METRICS: Final = 6
 
 # Remote services a region reaches through its side of the WAN: the two PostgreSQL servers of
 # every other region (its primary and the standby it hosts), its etcd member and its router.
 REMOTE_SERVICES: Final = ("pg-primary", "pg-standby", "etcd", "router")
+# Remote services only the relay process dials: every other region's Redis (the change feed).
+FEED_SERVICES: Final = ("redis",)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class RegionPorts:
     etcd_peer: int
     pg_primary: int
     pg_standby: int
+    relay_metrics: int
 
     def service(self, name: str) -> int:
         return {
@@ -48,6 +55,7 @@ class RegionPorts:
             "pg-standby": self.pg_standby,
             "etcd": self.etcd_client,
             "router": self.router,
+            "redis": self.redis,
         }[name]
 
 
@@ -72,6 +80,7 @@ class PortPlan:
                 rp.etcd_peer,
                 rp.pg_primary,
                 rp.pg_standby,
+                rp.relay_metrics,
             ]
         ports.append(self.wan_control)
         ports += self.etcd_peer_front.values()
@@ -101,6 +110,7 @@ def plan_ports(base: int, regions: tuple[str, ...] | list[str]) -> PortPlan:
             etcd_peer=b + OFF_ETCD_PEER,
             pg_primary=b + OFF_PG_PRIMARY,
             pg_standby=b + OFF_PG_STANDBY,
+            relay_metrics=b + OFF_RELAY_METRICS,
         )
     nxt = base + WAN_OFFSET
     wan_control = nxt
@@ -117,6 +127,12 @@ def plan_ports(base: int, regions: tuple[str, ...] | list[str]) -> PortPlan:
             for svc in REMOTE_SERVICES:
                 wan[(src, dst, svc)] = nxt
                 nxt += 1
+    for svc in FEED_SERVICES:
+        for src in names:
+            for dst in names:
+                if src != dst:
+                    wan[(src, dst, svc)] = nxt
+                    nxt += 1
     if nxt - base > PORT_SPAN_MAX:
         raise ValueError(f"{len(names)} regions need {nxt - base} ports, more than {PORT_SPAN_MAX}")
     return PortPlan(
