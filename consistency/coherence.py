@@ -243,9 +243,9 @@ return apply(KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), to
 # ARGV[6] value ttl, ARGV[7] tombstone ttl, ARGV[8] heartbeat age s ('' = no claim),
 # ARGV[9] primary node, ARGV[10] lag bytes ('' = unknown), ARGV[11] heartbeat ttl s, then per
 # entry key i (from 3): ARGV[12 + 3*(i-3)] mode, version, payload.
-# Returns the number of entries written, or -1 (nothing written) when the marker does not prove
-# that this Redis holds every change up to where the batch starts: missing (Redis lost its
-# data), naming another repl_slot (recreated: failover) or behind (a batch never arrived).
+# Returns the number of entries written, or (nothing written) when the marker does not prove
+# that this Redis holds every change up to where the batch starts: -1 missing (Redis lost its
+# data), -2 naming another repl_slot (recreated: failover), -3 behind (a batch never arrived).
 #
 # The heartbeat is stamped with Redis's own clock: ``through`` = Redis time - the age the feed
 # reports, so no two hosts compare clocks. Forward-only while the (epoch, primary) it follows is
@@ -255,8 +255,14 @@ FEED_APPLY_SCRIPT: Final = (
     _APPLY_FN
     + """
 local m = redis.call('HMGET', KEYS[1], 'slot', 'lsn')
-if m[1] ~= ARGV[1] or not m[2] or m[2] < ARGV[2] then
+if not m[2] then
   return -1
+end
+if m[1] ~= ARGV[1] then
+  return -2
+end
+if m[2] < ARGV[2] then
+  return -3
 end
 local written = apply_from(3, 12, tonumber(ARGV[6]), tonumber(ARGV[7]))
 if ARGV[3] > m[2] then

@@ -58,6 +58,7 @@ import re
 import secrets
 import struct
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -368,7 +369,7 @@ class ChangeFeed:
         self._pgconn: PGconn | None = None
         self._sql: psycopg.AsyncConnection[Any] | None = None
         self._parser = PgOutputParser()
-        self._pending: list[CommittedTxn] = []
+        self._pending: deque[CommittedTxn] = deque()
         self._durable = 0
         self._flush_hint = 0
         self._wal_end = 0
@@ -380,6 +381,7 @@ class ChangeFeed:
         self._wake = asyncio.Event()
         self._error: BaseException | None = None
         self._reading = False
+        self._fd = -1
         self._last_rx = time.monotonic()
         self._next_beat = 0.0
         self._recheck_s = DURABLE_RECHECK_S_MIN
@@ -405,7 +407,9 @@ class ChangeFeed:
         self._pgconn = await asyncio.to_thread(self._start_stream, slot, start)
         self._safe = self._handed = self._confirmed = self._wal_end = start
         self._pgconn.nonblocking = 1
-        asyncio.get_running_loop().add_reader(self._pgconn.socket, self._on_readable)
+        # Kept: a broken connection no longer tells its socket, and the reader must go.
+        self._fd = self._pgconn.socket
+        asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
         self._reading = True
         self._last_rx = time.monotonic()
         return FeedStart(slot, start, created)
@@ -414,8 +418,7 @@ class ChangeFeed:
         conn, self._pgconn = self._pgconn, None
         if conn is not None:
             if self._reading:
-                with contextlib.suppress(Exception):
-                    asyncio.get_running_loop().remove_reader(conn.socket)
+                asyncio.get_running_loop().remove_reader(self._fd)
             self._reading = False
             conn.finish()
         sql, self._sql = self._sql, None
@@ -524,12 +527,12 @@ class ChangeFeed:
 
     def _pause_reading(self) -> None:
         if self._reading and self._pgconn is not None:
-            asyncio.get_running_loop().remove_reader(self._pgconn.socket)
+            asyncio.get_running_loop().remove_reader(self._fd)
             self._reading = False
 
     def _resume_reading(self) -> None:
         if not self._reading and self._pgconn is not None and self._error is None:
-            asyncio.get_running_loop().add_reader(self._pgconn.socket, self._on_readable)
+            asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
             self._reading = True
             self._on_readable()
 
@@ -601,14 +604,15 @@ class ChangeFeed:
                 self._send_status(reply=True)
                 beat = True
             batch = self._take()
-            if batch is not None and (batch.txns or beat or batch.proofs):
+            # A moved position must go out too: the next batch starts where this one ends.
+            if batch is not None and (batch.to_lsn > batch.from_lsn or beat or batch.proofs):
                 return batch
             await self._wait()
 
     def _take(self) -> FeedBatch | None:
         ready: list[CommittedTxn] = []
         while self._pending and self._pending[0].end_lsn <= self._durable:
-            ready.append(self._pending.pop(0))
+            ready.append(self._pending.popleft())
             if len(ready) >= BATCH_TXNS_MAX:
                 break
         if ready:
@@ -617,10 +621,8 @@ class ChangeFeed:
             if not self._reading:
                 self._resume_reading()
         # Everything before the first pending commit (or all the walsender reported) is out.
+        # (A transaction still being received ends past every keepalive position so far.)
         safe = self._pending[0].commit_lsn if self._pending else self._wal_end
-        if not self._pending and self._parser.in_txn:
-            # A transaction in flight ends past every keepalive position already received.
-            safe = self._wal_end
         safe = max(safe, self._safe)
         proofs = tuple(p for p in self._proofs if p[0] <= safe)
         self._proofs = [p for p in self._proofs if p[0] > safe]

@@ -44,6 +44,9 @@ FEED_REDIS_CONNECTIONS_MAX: Final = 8
 SWEEP_PAGE_KEYS: Final = 1000
 
 
+_REFUSALS: Final = {-1: "marker_missing", -2: "repl_slot_changed", -3: "marker_behind"}
+
+
 @dataclass(frozen=True, slots=True)
 class Marker:
     """A region's position for a shard (coherence: ``txr:feed:{shard}``)."""
@@ -120,9 +123,10 @@ class RegionSink:
         heartbeat_age_s: float | None,
         primary: str,
         lag_bytes: int | None,
-    ) -> int | None:
-        """One batch (``FEED_APPLY_SCRIPT``). Returns the entries written, or None (nothing
-        written) when the marker does not prove continuity: the region must be reset."""
+    ) -> int | str:
+        """One batch (``FEED_APPLY_SCRIPT``). Returns the entries written, or why the marker
+        does not prove continuity (nothing written: the region must be reset or catch up):
+        ``marker_missing``, ``repl_slot_changed`` or ``marker_behind``."""
         keys = [coherence.position_key(shard), coherence.heartbeat_key(shard)]
         args: list[str | int | bytes] = [
             repl_slot,
@@ -151,7 +155,7 @@ class RegionSink:
                 args += ["inval", c.version, b""]
         with redis_unavailable(f"redis {self.region}"):
             res = int(await self._apply(keys=keys, args=args))
-        return None if res < 0 else res
+        return _REFUSALS.get(res, "marker_refused") if res < 0 else res
 
     async def new_generation(self) -> None:
         """Fence every read-through fill in flight in this region (coherence docstring)."""

@@ -446,8 +446,11 @@ class ShardFeed:
                 primary=shard.primary.name,
                 lag_bytes=batch.lag_bytes,
             )
-        if written is None:
-            self._behind(r, "its marker does not prove continuity")
+        if isinstance(written, str):
+            self._behind(
+                r,
+                f"its marker does not prove continuity ({written}, batch from {batch.from_lsn:X})",
+            )
             return
         r.applied = batch.to_lsn
         r.through = through

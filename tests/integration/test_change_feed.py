@@ -36,7 +36,7 @@ from infra.local import postgres as pg
 from regionstore import replication
 from regionstore.changefeed import repl_slot_prefix
 from regionstore.store import CreateAccountCode, ShardStore, TransferCode, TransferItem
-from router.cache import RegionCache
+from router.cache import CacheUnavailable, RegionCache
 from router.feedsink import RegionSink
 from router.freshness import RelayLag
 from router.metrics import Metrics
@@ -168,7 +168,10 @@ class Env:
         return out
 
     async def cached(self, region: str, acc: int) -> int | None:
-        e = await self.caches[region].get(self.epoch, acc)
+        try:
+            e = await self.caches[region].get(self.epoch, acc)
+        except CacheUnavailable:
+            return None  # a paused server, just resumed: as good as not there yet
         return None if e is None else e.version
 
     async def assert_never_stale(self, region: str, accounts: list[int]) -> dict[int, int | None]:
@@ -356,10 +359,10 @@ async def test_commits_reach_every_region_with_the_full_row(env: Env) -> None:
 async def test_nothing_applied_past_the_standby_flush(env: Env, pg_shard: PgShard) -> None:
     """G1 before G6: a commit the synchronous standby has not flushed reaches no cache, and the
     heartbeat stops claiming freshness meanwhile."""
-    funding = await env.account(FUNDING_OVERDRAFT)
-    acc = await env.account()
     feed = env.feed()
     async with running(feed):
+        funding = await env.account(FUNDING_OVERDRAFT)
+        acc = await env.account()
         await env.wait_cached({acc: 1})
         await asyncio.to_thread(pg.stop, pg_shard.standby_dir, "fast")
         try:
@@ -398,10 +401,11 @@ async def _committer(env: Env, funding: int, accounts: list[int], stop: asyncio.
 
 
 async def test_decoder_killed_mid_batch_redelivers_and_skips_nothing(env: Env) -> None:
-    funding = await env.account(FUNDING_OVERDRAFT)
-    accounts = [await env.account() for _ in range(ACCOUNTS)]
     feed = env.feed()
     task = asyncio.create_task(feed.run())
+    await wait_until(lambda: all(feed.lag(r) is not None for r in REGIONS), CATCH_UP_S, "up")
+    funding = await env.account(FUNDING_OVERDRAFT)
+    accounts = [await env.account() for _ in range(ACCOUNTS)]
     stop = asyncio.Event()
     committer = asyncio.create_task(_committer(env, funding, accounts, stop))
     rng = random.Random(2)
@@ -431,10 +435,10 @@ async def test_decoder_killed_mid_batch_redelivers_and_skips_nothing(env: Env) -
 
 
 async def test_unreachable_region_catches_up_without_holding_others(env: Env) -> None:
-    funding = await env.account(FUNDING_OVERDRAFT)
-    accounts = [await env.account() for _ in range(ACCOUNTS)]
     feed = env.feed()
     async with running(feed):
+        funding = await env.account(FUNDING_OVERDRAFT)
+        accounts = [await env.account() for _ in range(ACCOUNTS)]
         await env.wait_cached(dict.fromkeys(accounts, 1))
         env.redis["r3"].pause()
         try:
@@ -455,13 +459,16 @@ async def test_unreachable_region_catches_up_without_holding_others(env: Env) ->
 
 
 async def test_region_past_the_bound_stops_holding_the_slot_and_is_reset(env: Env) -> None:
-    funding = await env.account(FUNDING_OVERDRAFT)
-    accounts = [await env.account() for _ in range(ACCOUNTS)]
-    old = await env.account()  # written long before the outage: survives a partial reset
     feed = env.feed(hold_s=TEST_HOLD_S)
     async with running(feed):
+        funding = await env.account(FUNDING_OVERDRAFT)
+        accounts = [await env.account() for _ in range(ACCOUNTS)]
+        old = await env.account()  # written long before the outage: survives a partial reset
         await env.wait_cached(dict.fromkeys([*accounts, old], 1))
-        await asyncio.sleep(1.5)  # past the commit-time margin for ``old``
+        # The region's last applied commit comes well after ``old`` (past the margin).
+        await asyncio.sleep(1.5)
+        await env.transfer(funding, accounts[0])
+        await env.wait_cached(await env.db_versions([funding, accounts[0]]))
         env.redis["r3"].pause()
         try:
             await wait_until(lambda: feed.state("r3") == "behind", CATCH_UP_S, "r3 behind")
@@ -492,12 +499,13 @@ async def test_new_repl_slot_and_epoch_keep_other_accounts(env: Env) -> None:
     """What a failover does to the feed (the new primary has no slot, the epoch moves on): only
     the accounts committed after the last confirmed commit lose their entries, in every region;
     every other entry is carried to the new epoch's keys."""
-    funding = await env.account(FUNDING_OVERDRAFT)
-    quiet = [await env.account() for _ in range(ACCOUNTS)]
-    busy = [await env.account() for _ in range(ACCOUNTS)]
     feed = env.feed()
     task = asyncio.create_task(feed.run())
     try:
+        await wait_until(lambda: all(feed.lag(r) is not None for r in REGIONS), CATCH_UP_S, "up")
+        funding = await env.account(FUNDING_OVERDRAFT)
+        quiet = [await env.account() for _ in range(ACCOUNTS)]
+        busy = [await env.account() for _ in range(ACCOUNTS)]
         await env.wait_cached(dict.fromkeys([*quiet, *busy], 1))
         await asyncio.sleep(1.5)  # past the commit-time margin for the quiet accounts
         for acc in busy:
@@ -536,11 +544,11 @@ async def test_new_repl_slot_and_epoch_keep_other_accounts(env: Env) -> None:
 async def test_remote_visibility_latency(env: Env, record_property: Callable[..., None]) -> None:
     """The measured figure: acknowledged commit -> the new version readable in a remote
     region's Redis (no WAN delay here: the decoder's own latency)."""
-    funding = await env.account(FUNDING_OVERDRAFT)
-    accounts = [await env.account() for _ in range(ACCOUNTS)]
     feed = env.feed()
     samples: list[float] = []
     async with running(feed):
+        funding = await env.account(FUNDING_OVERDRAFT)
+        accounts = [await env.account() for _ in range(ACCOUNTS)]
         for i in range(LATENCY_COMMITS):
             acc = accounts[i % len(accounts)]
             _, v = await env.transfer(funding, acc)
