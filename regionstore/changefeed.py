@@ -303,6 +303,11 @@ class _Unchanged:
 _UNCHANGED: Final = _Unchanged()
 
 
+def _finish_started(fut: asyncio.Future[PGconn]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().finish()
+
+
 def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     end = buf.index(b"\0", pos)
     return buf[pos:end].decode(), end + 1
@@ -404,7 +409,14 @@ class ChangeFeed:
         )
         slot, start, created = await self._attach(create)
         self.repl_slot = slot
-        self._pgconn = await asyncio.to_thread(self._start_stream, slot, start)
+        # The blocking connect runs in a thread, which a cancellation cannot stop: shield it and
+        # close what it opens, or a leaked walsender would keep the slot active.
+        starting = asyncio.ensure_future(asyncio.to_thread(self._start_stream, slot, start))
+        try:
+            self._pgconn = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            starting.add_done_callback(_finish_started)
+            raise
         self._safe = self._handed = self._confirmed = self._wal_end = start
         self._pgconn.nonblocking = 1
         # Kept: a broken connection no longer tells its socket, and the reader must go.

@@ -91,6 +91,8 @@ REGION_CALL_TIMEOUT_S: Final = 60.0
 # region never delays the others; one that falls this far behind (at one batch per heartbeat
 # while idle, or per durable round under load: seconds of commits) is treated as unreachable.
 REGION_QUEUE_BATCHES_MAX: Final = 1024
+# A stopping session waits this long at most for its region workers to end.
+WORKER_STOP_TIMEOUT_S: Final = 5.0
 
 
 class TopologySource(Protocol):
@@ -159,6 +161,7 @@ class ShardFeed:
         self._last_commit_us: int | None = None
         self._restart_wanted = False
         self._moved = False
+        self._stopping = False
         self._rng = random.Random()
         self._export()
 
@@ -210,6 +213,7 @@ class ShardFeed:
             self.metrics.feed_restarts.labels(self.region, self.shard, reason).inc()
         self._restart_wanted = False
         self._moved = False
+        self._stopping = False
         # Freshness carries over a restart per region: it was earned by applied batches.
         previous = {name: r.through for name, r in self.regions.items()}
         self.regions = {
@@ -242,9 +246,13 @@ class ShardFeed:
                 if self._restart_wanted:
                     raise _Restart
         finally:
+            self._stopping = True
             for w in workers:
                 w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            # Bounded: a library that swallowed a cancellation must not keep the feed alive;
+            # the flag ends such a worker at its next turn.
+            if workers:
+                await asyncio.wait(workers, timeout=WORKER_STOP_TIMEOUT_S)
             feed, self.feed = self.feed, None
             await feed.close()
 
@@ -281,7 +289,7 @@ class ShardFeed:
     async def _region_worker(self, r: _Region, shard: Shard) -> None:
         """Attach, then apply batches in order; when behind, probe until it answers again."""
         backoff = PROBE_BACKOFF_S_MIN
-        while True:
+        while not self._stopping:
             try:
                 if r.state == "attaching":
                     await self._attach(r, shard)
@@ -339,7 +347,7 @@ class ShardFeed:
             # A newer epoch's feed owns this region's marker: this feed is the stale one.
             raise _Moved
         # No await between these two lines: every batch handed out after ``pos`` is queued.
-        r.queue = asyncio.Queue(REGION_QUEUE_BATCHES_MAX)
+        _drain(r.queue)
         r.state, pos = "recovering", self.feed.safe_lsn
         slots = self._slots()
         reason = (
@@ -407,7 +415,7 @@ class ShardFeed:
         if r.state != "behind":
             log.warning("feed %s -> %s: behind (%s)", self.shard, r.name, why)
         r.state = "behind"
-        r.queue = asyncio.Queue(REGION_QUEUE_BATCHES_MAX)
+        _drain(r.queue)
         if r.behind_since is None:
             r.behind_since = time.monotonic()
 
@@ -491,6 +499,11 @@ class ShardFeed:
             self.metrics.feed_lag_bytes.labels(self.region, self.shard, name).set_function(
                 lag_bytes
             )
+
+
+def _drain(q: asyncio.Queue[FeedBatch]) -> None:
+    while not q.empty():
+        q.get_nowait()
 
 
 def _to_us(t: dt.datetime) -> int:

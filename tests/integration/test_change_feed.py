@@ -219,6 +219,16 @@ class Env:
         return None if row is None or row[0] is None else coherence.parse_lsn(str(row[0]))
 
 
+async def stop_feed(task: asyncio.Task[None]) -> None:
+    """Cancel a feed's task and wait (bounded) until it has stopped."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=TIMEOUT_S)
+    if not done:
+        for t in asyncio.all_tasks():
+            t.print_stack(limit=8)
+        raise AssertionError("the feed did not stop when cancelled")
+
+
 async def wait_until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not pred():
@@ -414,8 +424,7 @@ async def test_decoder_killed_mid_batch_redelivers_and_skips_nothing(env: Env) -
             # Cancel the decoder at a random point (mid-stream, between the Redis writes of
             # one batch's regions, before the slot's confirmation), then start a fresh one.
             await asyncio.sleep(rng.uniform(0.05, 0.4))
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await stop_feed(task)
             feed = env.feed()
             task = asyncio.create_task(feed.run())
     finally:
