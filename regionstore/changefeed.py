@@ -13,12 +13,13 @@ event loop (``add_reader`` on the socket). Chosen over the two other candidates:
   message: fine for test_decoding's text, ambiguous for pgoutput's binary messages (a newline is
   a valid byte inside them), so it would force test_decoding back (every column of every table
   formatted as text, then parsed), which is what made the old relay expensive.
-* psycopg2's ``LogicalReplicationConnection`` (another driver beside psycopg 3) consumes the
-  server's keepalives itself, so a reader cannot see the walsender's position between data
-  messages; this one sees every message. Measured on this machine (one run, decoding a stream
-  of 20,000 single-row account updates, CPU of the reader process only): see the change-feed
-  report in the lead's notes; the libpq binding is the same C library under both, and the
-  Python work per message (this parser) dominates.
+* psycopg2's ``LogicalReplicationConnection`` (a second PostgreSQL driver beside psycopg 3)
+  consumes the server's keepalives itself (and advances the flush position it reports on them
+  once every received message was confirmed), so a reader cannot see the walsender's position
+  between data messages; this one sees every message. Both drive the same libpq underneath, so
+  the per-message cost is this parser's either way. (Not measured against each other: the
+  choice rests on the framing and keepalive reasons; the cluster-level figures are in the
+  change-feed report.)
 
 Publication ``txr_feed`` (migration 0004) publishes ``txr.accounts`` with a column list
 (PostgreSQL 15), so the walsender decodes every table's WAL once but sends only the account

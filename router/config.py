@@ -37,7 +37,7 @@ class RouterConfig:
     # Per-region router URLs as dialled from this region (RTT probes, forwarding).
     peer_routers: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
-    # The invalidation relay's role (REPLICATION: logical decoding). Optional so that configs
+    # The change feed's role (REPLICATION: logical decoding). Optional so that configs
     # written before the relay still load; without a password file the relay does not run.
     repl_user: str = "txr_repl"
     repl_password_file: Path | None = None

@@ -398,7 +398,7 @@ class Launcher:
             ),
         )
         _write_secret(self.secrets_dir / "db_app.password", self.creds.app_password)
-        # The routers' invalidation relays decode the commit log as the replication role.
+        # The relays' change feed decodes the commit log as the replication role.
         _write_secret(self.secrets_dir / "db_repl.password", self.creds.repl_password)
         self.passfile = postgres.write_passfile(self.pg_root, self.creds)
 
