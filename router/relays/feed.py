@@ -190,7 +190,8 @@ class ShardFeed:
         reason = "start"
         while True:
             shard = self.topology.current.shards.get(self.shard)
-            if shard is None:
+            if shard is None or shard.primary.region != self.region:
+                # The decoder runs next to the primary only: another region's relay has it now.
                 return
             try:
                 await self._session(shard, reason)
