@@ -396,6 +396,70 @@ class KillProcess(_Base):
         return bool(op.via) and self.target in op.via
 
 
+@dataclass
+class KillDecoder(_Base):
+    """kill -9 the relay process that runs a shard's change-feed decoder (the one of its
+    current primary's region), while the workload's batches are in flight; restart at heal.
+    The new decoder re-delivers from the slot's position: nothing may be skipped."""
+
+    name: str = "kill-decoder"
+    _killed: list[str] = field(default_factory=list, init=False)
+
+    async def inject(self, ctx: Ctx) -> None:
+        st = await asyncio.to_thread(real_ops.cluster_status, ctx.cluster_dir)
+        region = str(st["shards"][self.target]["primary_region"])
+        self._killed = await asyncio.to_thread(control.kill, ctx.cluster_dir, "relays", region)
+        ctx.progress(f"kill -9 the decoder of {self.target}: {', '.join(self._killed)}")
+
+    async def heal(self, ctx: Ctx) -> None:
+        while self._killed:
+            name = self._killed.pop()
+            pid = await asyncio.to_thread(control.restart, ctx.cluster_dir, name)
+            ctx.progress(f"restarted {name} (pid {pid})")
+            self._mark_repaired()
+
+    def affects(self, op: TransferOp, history: History) -> bool:
+        # The decoder is not on the write path: reads of the shard's accounts fall back to the
+        # primary while the heartbeat ages, so only the shard's transfers say it serves.
+        return _touches_shard(op, history, self.target)
+
+
+@dataclass
+class PartitionFeed(_Base):
+    """Cut the WAN link between a shard's decoder (its primary's region) and a region that
+    holds no standby of the shard: that region's Redis stops receiving the shard's batches (and
+    its routers lose the primary) while the synchronous standby keeps acknowledging commits.
+    At heal the region catches up from its position, or is invalidated and says so."""
+
+    name: str = "partition-feed"
+    _cut: tuple[str, str] | None = field(default=None, init=False)
+
+    async def inject(self, ctx: Ctx) -> None:
+        st = await asyncio.to_thread(real_ops.cluster_status, ctx.cluster_dir)
+        shard = st["shards"][self.target]
+        decoder = str(shard["primary_region"])
+        standbys = {str(sb["region"]) for sb in shard["standbys"]}
+        others = [r for r in ctx.regions if r != decoder and r not in standbys]
+        if not others:
+            others = [r for r in ctx.regions if r != decoder]
+        far = others[0]
+        await ctx.wan.cut(decoder, far)
+        self._cut = (decoder, far)
+        ctx.progress(f"cut the feed of {self.target}: {decoder} <-> {far}")
+
+    async def heal(self, ctx: Ctx) -> None:
+        if self._cut is None:
+            return
+        a, b = self._cut
+        self._cut = None
+        await ctx.wan.heal(a, b)
+        self._mark_repaired()
+        ctx.progress(f"healed {a} <-> {b}")
+
+    def affects(self, op: TransferOp, history: History) -> bool:
+        return _touches_shard(op, history, self.target)
+
+
 def _kill(kind: str) -> Callable[[str], Fault]:
     return lambda region: KillProcess(region, kind=kind, name=f"kill-{kind}")
 
@@ -411,6 +475,8 @@ FAULTS: Final[dict[str, tuple[str, Callable[[str], Fault]]]] = {
     "kill-relays": ("region", _kill("relays")),
     "kill-region": ("region", lambda region: KillRegion(region)),
     "flaky-primary": ("shard", lambda shard: FlakyPrimary(shard)),
+    "kill-decoder": ("shard", lambda shard: KillDecoder(shard)),
+    "partition-feed": ("shard", lambda shard: PartitionFeed(shard)),
 }
 SCENARIOS: Final = (*FAULTS, "mixed")
 

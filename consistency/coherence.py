@@ -1,7 +1,7 @@
 """The cache-coherence protocol of the region caches (DESIGN.md section 5, guarantee G6).
 
-Pure rules and the Redis server-side scripts; the Redis client lives in ``router.cache`` and the
-commit-log relay in ``router.relays.invalidation``.
+Pure rules and the Redis server-side scripts; the request path's Redis client lives in
+``router.cache``, the change feed's fan-out (positions, heartbeats) in ``router.feedsink``.
 
 Entries
     One Redis hash per account under ``txr:acct:{shard epoch}:{account id}``:
@@ -33,11 +33,13 @@ The generation fence (state loss)
     *before* it read the database and is refused if the token changed: an invalidation lost in
     between can then never be "undone" by a fill of a read taken before the loss.
 
-Relay positions
-    ``txr:inval:{shard}`` = ``{slot: <slot name>, lsn: <16 hex digits>}``: the replication slot
-    this region's cache follows for the shard and the position up to which every change was
-    applied. ``RELAY_APPLY_SCRIPT`` applies a batch only while that marker names the expected
-    slot at a position at or beyond the slot's own, atomically with moving it forward.
+Feed positions (one per shard in every region's Redis)
+    ``txr:feed:{shard}`` = ``{slot: <repl_slot name>, lsn: <16 hex digits>, ts: <commit time,
+    epoch µs, of the last transaction applied>, epoch: <shard epoch of the entries>}``: the
+    shard's replication slot this region's cache follows and the position up to which every
+    change was applied. ``FEED_APPLY_SCRIPT`` applies a batch only while that marker names the
+    expected repl_slot at or beyond the batch's start, atomically with moving it forward and
+    with the shard's heartbeat ``txr:relay:{shard}`` (router.freshness reads it).
 """
 
 from __future__ import annotations
@@ -65,7 +67,14 @@ VERSION_MAX: Final = 2**53 - 1
 ENTRY_PREFIX: Final = "txr:acct:"
 ENTRY_SCAN_PATTERN: Final = ENTRY_PREFIX + "*"
 GENERATION_KEY: Final = "txr:cache:gen"
-POSITION_PREFIX: Final = "txr:inval:"
+# The change feed's position per shard in each region's Redis, and the shard's heartbeat there
+# (router.freshness reads it).
+POSITION_PREFIX: Final = "txr:feed:"
+HEARTBEAT_PREFIX: Final = "txr:relay:"
+HEARTBEAT_FIELDS: Final = ("through", "epoch", "primary", "lag_bytes")
+# A heartbeat no feed refreshed for this long disappears (a shard that left the topology).
+# Freshness never depends on it: an old heartbeat already reads as a large lag.
+HEARTBEAT_TTL_S: Final = 600
 # No generation key at all (a fresh or restarted Redis) is represented by the empty string.
 GENERATION_ABSENT: Final = ""
 
@@ -101,6 +110,10 @@ def parse_entry_key(key: str) -> tuple[int, int] | None:
 
 def position_key(shard: str) -> str:
     return POSITION_PREFIX + shard
+
+
+def heartbeat_key(shard: str) -> str:
+    return HEARTBEAT_PREFIX + shard
 
 
 def account_payload(
@@ -220,24 +233,78 @@ return apply(KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), to
 """
 )
 
-# KEYS[1] the shard's position marker, KEYS[2..n] entries.
-# ARGV[1] slot name, ARGV[2] the slot's confirmed position (lsn_sortable), ARGV[3] the position
-# this batch brings the cache to (lsn_sortable), ARGV[4] value ttl, ARGV[5] tombstone ttl, then
-# per entry key i (from 2): ARGV[6 + 3*(i-2)] mode, ARGV[7 + ...] version, ARGV[8 + ...] payload.
-# Returns the number of keys written, or -1 (nothing written) when the marker does not prove
-# that this Redis holds every change up to the slot's position: marker missing (Redis lost its
-# data), naming another slot (recreated), or behind the slot (someone consumed changes that
-# never reached this Redis).
-RELAY_APPLY_SCRIPT: Final = (
+# The change feed's batch for one region (router.relays.feed), atomically: the continuity check,
+# the entries, the region's position marker and the shard's heartbeat.
+# KEYS[1] the shard's position marker (``position_key``), KEYS[2] its heartbeat
+# (``heartbeat_key``), KEYS[3..n] entries.
+# ARGV[1] repl_slot name, ARGV[2] the stream position this batch starts at (lsn_sortable),
+# ARGV[3] the position it brings the region to, ARGV[4] commit time (epoch µs) of its last
+# transaction ('' = none in this batch), ARGV[5] shard epoch the entries are keyed by,
+# ARGV[6] value ttl, ARGV[7] tombstone ttl, ARGV[8] heartbeat age s ('' = no claim),
+# ARGV[9] primary node, ARGV[10] lag bytes ('' = unknown), ARGV[11] heartbeat ttl s, then per
+# entry key i (from 3): ARGV[12 + 3*(i-3)] mode, version, payload.
+# Returns the number of entries written, or (nothing written) when the marker does not prove
+# that this Redis holds every change up to where the batch starts: -1 missing (Redis lost its
+# data), -2 naming another repl_slot (recreated: failover), -3 behind (a batch never arrived).
+#
+# The heartbeat is stamped with Redis's own clock: ``through`` = Redis time - the age the feed
+# reports, so no two hosts compare clocks. Forward-only while the (epoch, primary) it follows is
+# the same, so an older decoder overlapping a newer one (a restart) cannot make a fresher claim
+# look older; '' as age moves nothing.
+FEED_APPLY_SCRIPT: Final = (
     _APPLY_FN
     + """
 local m = redis.call('HMGET', KEYS[1], 'slot', 'lsn')
-if m[1] ~= ARGV[1] or not m[2] or m[2] < ARGV[2] then
+if not m[2] then
   return -1
 end
-local written = apply_from(2, 6, tonumber(ARGV[4]), tonumber(ARGV[5]))
+if m[1] ~= ARGV[1] then
+  return -2
+end
+if m[2] < ARGV[2] then
+  return -3
+end
+local written = apply_from(3, 12, tonumber(ARGV[6]), tonumber(ARGV[7]))
 if ARGV[3] > m[2] then
   redis.call('HSET', KEYS[1], 'lsn', ARGV[3])
+end
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'ts', ARGV[4])
+end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local cur = redis.call('HMGET', KEYS[2], 'through', 'epoch', 'primary')
+local through = ''
+if cur[2] == ARGV[5] and cur[3] == ARGV[9] and cur[1] then through = cur[1] end
+if ARGV[8] ~= '' then
+  local mine = now - tonumber(ARGV[8])
+  if through == '' or mine > tonumber(through) then
+    through = string.format('%.6f', mine)
+  end
+end
+redis.call('HSET', KEYS[2], 'through', through, 'epoch', ARGV[5], 'primary', ARGV[9],
+           'lag_bytes', ARGV[10])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[11]))
+return written
+"""
+)
+
+# Carry entries from one shard epoch's keys to the next (a failover or switchover, whose new
+# epoch starts with empty keys) for the accounts the feed proved unchanged since.
+# KEYS[1..2n] pairs (old key, new key); ARGV[1] value ttl, ARGV[2] tombstone ttl.
+# A value moves through the forward-only rule (a newer write under the new key wins); a
+# tombstone is not carried (it only said "not here"). Returns the number of values written.
+COPY_ENTRIES_SCRIPT: Final = (
+    _APPLY_FN
+    + """
+local written = 0
+for i = 1, #KEYS, 2 do
+  local cur = redis.call('HMGET', KEYS[i], 'v', 't', 'd')
+  if cur[1] and cur[2] ~= '1' and cur[3] then
+    written = written + apply(KEYS[i + 1], 'fill', tonumber(cur[1]), cur[3],
+                              tonumber(ARGV[1]), tonumber(ARGV[2]))
+  end
 end
 return written
 """

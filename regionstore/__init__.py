@@ -4,7 +4,10 @@ Owns the shard schema and its migrations (``migrations/NNNN_name.sql``, ``migrat
 procedures that enforce fencing (G5), floors (G3), idempotency (G2) and balanced postings (G4)
 inside one transaction, the async store client the router writes through (``store``), shard
 administration for the launcher and operators (``admin``: fencing, slots, ledger check),
-synchronous replication settings (``replication``), and the store's error tree (``errors``).
+synchronous replication settings (``replication``), the change feed (``changefeed``: the
+shard's replication slot, the logical replication stream, pgoutput parsed into typed account
+changes, only what the synchronous standby has flushed), and the store's error tree
+(``errors``).
 
 Depends only on ``consistency`` (ids, limits) and psycopg; it must never import ``router``,
 ``infra``, ``bench`` or ``chaos``.

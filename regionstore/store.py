@@ -282,6 +282,10 @@ _OUTBOX_STATS_SQL: Final = (
     "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
     " FROM txr.outbox WHERE state = 'pending'"
 )
+_OUTBOX_NEXT_DUE_SQL: Final = (
+    "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8"
+    " FROM txr.outbox WHERE state = 'pending'"
+)
 # The channel post_transfers notifies on commit of a cross-shard leg 1.
 OUTBOX_CHANNEL: Final = "txr_outbox"
 # Reconnecting the LISTEN connection after a failure: at most this often, so a down primary
@@ -370,6 +374,8 @@ class ShardStore:
         # The dedicated LISTEN connection of wait_for_outbox (not pooled: it holds a session).
         self._listen: Conn | None = None
         self._listen_failed_at = -LISTEN_RETRY_MIN_S
+        # True once a LISTEN connection was (re)opened and before a wait returned for it.
+        self._listen_fresh = False
         # One waiter at a time on the LISTEN connection (psycopg allows one operation per
         # connection); a notification wakes whichever waiter holds it, the others poll.
         self._listen_lock = asyncio.Lock()
@@ -757,14 +763,42 @@ class ShardStore:
             return 0, 0.0
         return int(row[0]), float(row[1])
 
+    async def outbox_next_due_s(self, *, timeout_s: float) -> float | None:
+        """Seconds until the next pending message is due (<= 0: due now); None: none pending.
+        Reads the partial index of pending messages: one small query."""
+
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(_OUTBOX_NEXT_DUE_SQL)
+            return await cur.fetchone()
+
+        row = await self._call(op, timeout_s=timeout_s, write=False, what="outbox_next_due")
+        if row is None or row[0] is None:
+            return None
+        return float(row[0])
+
+    async def accounts_committed_since(self, since: datetime, *, timeout_s: float) -> list[int]:
+        """Accounts whose current row was committed at or after ``since``
+        (sql/functions/changefeed.sql: the change feed's failover step). A full scan: run once
+        per failover, never per request."""
+
+        async def op(conn: Conn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute("SELECT id FROM txr.accounts_committed_since(%s)", (since,))
+            return await cur.fetchall()
+
+        rows = await self._call(
+            op, timeout_s=timeout_s, write=False, what="accounts_committed_since"
+        )
+        return [int(r[0]) for r in rows]
+
     async def wait_for_outbox(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a leg-1 commit's notification: True when one came.
 
         Uses a dedicated LISTEN connection, opened on first use and reopened after a failure
         (at most every LISTEN_RETRY_MIN_S). A notification sent while we were not waiting is
-        queued on the connection and returns at once next time; one sent while the connection
-        was down is lost, which only costs latency: callers poll with this as the timeout.
-        Never raises for a connection problem: it waits out the timeout and returns False.
+        queued on the connection and returns at once next time; one sent while no connection
+        listened is lost, so the first wait on a (re)opened connection returns True at once
+        (the caller then looks for due work itself). Never raises for a connection problem: it
+        waits out the timeout and returns False.
         """
         deadline = time.monotonic() + timeout_s
         try:
@@ -780,6 +814,9 @@ class ShardStore:
     async def _wait_locked(self, deadline: float) -> bool:
         try:
             conn = await self._listen_connection(deadline)
+            if conn is not None and self._listen_fresh:
+                self._listen_fresh = False
+                return True
             if conn is not None:
                 remaining = max(deadline - time.monotonic(), 0.0)
                 async for _ in conn.notifies(timeout=remaining, stop_after=1):
@@ -811,6 +848,8 @@ class ShardStore:
             )
             self._listen = conn
             await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+            # Notifications sent while no connection listened are lost: the caller must look.
+            self._listen_fresh = True
         return conn
 
     async def _close_listen(self) -> None:

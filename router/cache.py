@@ -17,7 +17,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,7 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from consistency import coherence
+from consistency import coherence, ids
 from consistency.coherence import Mode
 from router.limits import CACHE_WRITE_TIMEOUT_S
 from router.metrics import Metrics
@@ -53,41 +53,9 @@ BULK_CONNECTIONS_MAX: Final = 16
 # Random bits of a cache generation token (coherence.GENERATION_KEY): collisions must be
 # negligible across restarts, since a repeated token would let a fenced-out fill in.
 GENERATION_BYTES: Final = 16
-# A relay heartbeat no relay refreshed for this long disappears (a shard that left the
-# topology, a region whose relay is gone for good). Freshness never depends on it: an old
-# heartbeat already reads as a large lag; this only keeps Redis tidy.
-RELAY_STATE_TTL_S: Final = 600
-RELAY_STATE_PREFIX: Final = "txr:relay:"
-_RELAY_STATE_FIELDS: Final = ("through", "epoch", "primary", "lag_bytes")
-
-# The relay's heartbeat for one shard (router.freshness reads it). Redis's own clock stamps it,
-# so the relay's and the router's hosts never compare their clocks: ``through`` is Redis time
-# minus the age the relay reports. Forward-only while the (epoch, primary) it follows stays the
-# same, so a second relay of the region (a restart overlapping the old process) that is behind
-# cannot make a fresher claim look older; '' as age means "no claim" and moves nothing.
-# KEYS[1] the heartbeat; ARGV[1] age s of applied_through ('' = unknown), ARGV[2] epoch,
-# ARGV[3] primary node, ARGV[4] lag bytes ('' = unknown), ARGV[5] ttl s.
-_PUBLISH_SCRIPT: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local cur = redis.call('HMGET', KEYS[1], 'through', 'epoch', 'primary')
-local same = cur[2] == ARGV[2] and cur[3] == ARGV[3]
-local through = ''
-if same and cur[1] then through = cur[1] end
-if ARGV[1] ~= '' then
-  local mine = now - tonumber(ARGV[1])
-  if through == '' or mine > tonumber(through) then
-    through = string.format('%.6f', mine)
-  end
-end
-redis.call('HSET', KEYS[1], 'through', through, 'epoch', ARGV[2], 'primary', ARGV[3],
-           'lag_bytes', ARGV[4])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-return 1
-"""
 
 
-def _reconnect_once() -> Retry:
+def reconnect_once() -> Retry:
     # A pooled connection to a Redis that restarted fails once with "connection closed": retry
     # that on a fresh connection at once. Safe because every write here is forward-only (a
     # repeat is refused or identical); timeouts are not retried (they bound request latency).
@@ -96,6 +64,15 @@ def _reconnect_once() -> Retry:
 
 class CacheUnavailable(Exception):
     """Redis did not answer (down, restarting, timed out); nothing is known to be written."""
+
+
+@contextlib.contextmanager
+def redis_unavailable(what: str) -> Iterator[None]:
+    """The one mapping of Redis client failures: RedisError or OSError -> CacheUnavailable."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise CacheUnavailable(f"{what}: {exc!r}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,15 +93,6 @@ class RelayState:
     lag_bytes: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class RelayOp:
-    """One change the invalidation relay applies: a fill of the full row, or a tombstone."""
-
-    account_id: int
-    version: int
-    payload: Mapping[str, Any] | None  # None: invalidate only
-
-
 Loader = Callable[[], Awaitable[CacheEntry | None]]
 
 
@@ -143,7 +111,7 @@ class RegionCache:
                 timeout=CACHE_WRITE_TIMEOUT_S,
                 socket_timeout=CACHE_WRITE_TIMEOUT_S,
                 socket_connect_timeout=CACHE_WRITE_TIMEOUT_S,
-                retry=_reconnect_once(),
+                retry=reconnect_once(),
             )
         )
         # Bulk operations (relay batches, shard drops) use their own connections with a longer
@@ -155,13 +123,11 @@ class RegionCache:
                 timeout=BULK_TIMEOUT_S,
                 socket_timeout=BULK_TIMEOUT_S,
                 socket_connect_timeout=BULK_TIMEOUT_S,
-                retry=_reconnect_once(),
+                retry=reconnect_once(),
             )
         )
         self._apply = self._redis.register_script(coherence.APPLY_SCRIPT)
         self._apply_many = self._redis.register_script(coherence.APPLY_MANY_SCRIPT)
-        self._relay_apply = self._bulk.register_script(coherence.RELAY_APPLY_SCRIPT)
-        self._publish = self._bulk.register_script(_PUBLISH_SCRIPT)
         self._metrics = metrics
         self._flights: dict[tuple[int, int], asyncio.Task[CacheEntry | None]] = {}
 
@@ -271,10 +237,8 @@ class RegionCache:
 
     async def generation(self) -> str:
         """The current generation token (coherence.GENERATION_ABSENT when there is none)."""
-        try:
+        with redis_unavailable("redis"):
             raw = await self._redis.get(coherence.GENERATION_KEY)
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"redis: {exc!r}") from exc
         return _text(raw) if raw is not None else coherence.GENERATION_ABSENT
 
     async def fill(
@@ -322,116 +286,29 @@ class RegionCache:
         The generation changes first: a fill that read the database before this call is then
         refused even if it lands after the sweep. Returns the number of keys deleted.
         """
-        wanted = frozenset(slots)
         try:
-            await self._bulk.set(coherence.GENERATION_KEY, secrets.token_hex(GENERATION_BYTES))
-            dropped = 0
-            batch: list[str] = []
-            async for raw in self._bulk.scan_iter(
-                match=coherence.ENTRY_SCAN_PATTERN, count=DROP_SCAN_COUNT
-            ):
-                key = raw.decode()
-                parsed = coherence.parse_entry_key(key)
-                if parsed is not None and (parsed[1] >> 48) in wanted:
-                    batch.append(key)
-                if len(batch) >= DROP_SCAN_COUNT:
-                    dropped += int(await self._bulk.unlink(*batch))
-                    batch.clear()
-            if batch:
-                dropped += int(await self._bulk.unlink(*batch))
-        except (RedisError, OSError) as exc:
+            with redis_unavailable("redis"):
+                await self._bulk.set(coherence.GENERATION_KEY, secrets.token_hex(GENERATION_BYTES))
+            dropped = await drop_entries(self._bulk, slots, "redis")
+        except CacheUnavailable:
             self._count("drop", "error")
-            raise CacheUnavailable(f"redis: {exc!r}") from exc
+            raise
         self._count("drop", "ok")
         return dropped
 
-    # -- relay-facing -----------------------------------------------------------------------
-
-    async def position(self, shard: str) -> tuple[str, int] | None:
-        """(slot name, position) this cache follows for ``shard``; None when unknown."""
-        try:
-            raw = await self._bulk.hmget(coherence.position_key(shard), ["slot", "lsn"])
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"redis: {exc!r}") from exc
-        if raw[0] is None or raw[1] is None:
-            return None
-        return _text(raw[0]), int(_text(raw[1]), 16)
-
-    async def set_position(self, shard: str, slot: str, lsn: int) -> None:
-        """Start following ``slot`` from ``lsn`` (after a reset: entries already dropped)."""
-        try:
-            await self._bulk.hset(
-                coherence.position_key(shard),
-                mapping={"slot": slot, "lsn": coherence.lsn_sortable(lsn)},
-            )
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"redis: {exc!r}") from exc
-
-    async def relay_apply(
-        self,
-        shard: str,
-        shard_epoch: int,
-        *,
-        slot: str,
-        slot_confirmed: int,
-        position: int,
-        ops: Sequence[RelayOp],
-    ) -> int | None:
-        """Apply one relay batch atomically with moving the shard's position marker forward.
-
-        Returns the number of keys written, or None (nothing written) when the marker does not
-        prove continuity (coherence.RELAY_APPLY_SCRIPT): the relay must reset the shard.
-        """
-        keys = [coherence.position_key(shard)]
-        args: list[str | int | bytes] = [
-            slot,
-            coherence.lsn_sortable(slot_confirmed),
-            coherence.lsn_sortable(position),
-            coherence.ENTRY_TTL_S,
-            coherence.TOMBSTONE_TTL_S,
-        ]
-        for op in ops:
-            _check_version(op.version)
-            keys.append(coherence.entry_key(shard_epoch, op.account_id))
-            if op.payload is not None:
-                args += ["fill", op.version, orjson.dumps(dict(op.payload))]
-            else:
-                args += ["inval", op.version, b""]
-        try:
-            res = int(await self._relay_apply(keys=keys, args=args))
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"redis: {exc!r}") from exc
-        return None if res < 0 else res
-
-    async def publish_relay_state(
-        self, shard: str, *, age_s: float | None, epoch: int, primary: str, lag_bytes: int | None
-    ) -> None:
-        """The relay's heartbeat for ``shard`` (``_PUBLISH_SCRIPT``): its applied-through age."""
-        args: list[str | int | bytes] = [
-            "" if age_s is None else f"{max(age_s, 0.0):.6f}",
-            epoch,
-            primary,
-            "" if lag_bytes is None else lag_bytes,
-            RELAY_STATE_TTL_S,
-        ]
-        try:
-            await self._publish(keys=[RELAY_STATE_PREFIX + shard], args=args)
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"redis: {exc!r}") from exc
+    # -- the freshness guard's read (the change feed writes these: router.feedsink) ---------
 
     async def relay_states(self, shards: Sequence[str]) -> tuple[float, dict[str, RelayState]]:
         """Redis's clock now and the heartbeats of ``shards`` (absent ones are left out).
 
         One round trip on the request-path pool: the read path calls it when its view is old.
         """
-        try:
+        with redis_unavailable("redis"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.time()
                 for shard in shards:
-                    pipe.hmget(RELAY_STATE_PREFIX + shard, _RELAY_STATE_FIELDS)
+                    pipe.hmget(coherence.heartbeat_key(shard), coherence.HEARTBEAT_FIELDS)
                 replies = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"redis: {exc!r}") from exc
         secs, micros = replies[0]
         states: dict[str, RelayState] = {}
         for shard, (through, epoch, primary, lag_bytes) in zip(shards, replies[1:], strict=True):
@@ -488,6 +365,27 @@ class RegionCache:
             ],
             client=client,
         )
+
+
+async def drop_entries(client: aioredis.Redis, slots: Collection[int], what: str) -> int:
+    """Delete every entry of ``slots`` (any epoch) from ``client``'s Redis; keys deleted."""
+    wanted = frozenset(slots)
+    dropped = 0
+    batch: list[str] = []
+    with redis_unavailable(what):
+        async for raw in client.scan_iter(
+            match=coherence.ENTRY_SCAN_PATTERN, count=DROP_SCAN_COUNT
+        ):
+            key = _text(raw)
+            parsed = coherence.parse_entry_key(key)
+            if parsed is not None and ids.account_slot(parsed[1]) in wanted:
+                batch.append(key)
+            if len(batch) >= DROP_SCAN_COUNT:
+                dropped += int(await client.unlink(*batch))
+                batch.clear()
+        if batch:
+            dropped += int(await client.unlink(*batch))
+    return dropped
 
 
 def _check_version(version: int) -> None:

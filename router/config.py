@@ -41,7 +41,7 @@ class RouterConfig:
     # Per-region router URLs as dialled from this region (RTT probes, forwarding).
     peer_routers: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
-    # The invalidation relay's role (REPLICATION: logical decoding). Optional so that configs
+    # The change feed's role (REPLICATION: logical decoding). Optional so that configs
     # written before the relay still load; without a password file the relay does not run.
     repl_user: str = "txr_repl"
     repl_password_file: Path | None = None
@@ -51,6 +51,11 @@ class RouterConfig:
     # The admin listener (GET /metrics) on its own port, for scrapers on the operator's
     # network; never on the public port. None: no admin listener.
     admin_port: int | None = None
+    # The change feed writes every region's Redis: region -> Redis URL as dialled from this
+    # region (a remote one through the WAN emulator locally). Empty: only this region's.
+    feed_redis: Mapping[str, str] = field(default_factory=dict)
+    # The relay process (python -m router.relays) serves its metrics here; None: not served.
+    relay_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= ROUTER_WORKERS_MAX:
@@ -86,6 +91,8 @@ class RouterConfig:
             ),
             "workers": self.workers,
             "admin_port": self.admin_port,
+            "feed_redis": dict(self.feed_redis),
+            "relay_metrics_port": self.relay_metrics_port,
         }
 
     @classmethod
@@ -112,6 +119,10 @@ class RouterConfig:
             ),
             workers=int(d.get("workers", ROUTER_WORKERS)),
             admin_port=int(d["admin_port"]) if d.get("admin_port") is not None else None,
+            feed_redis={str(k): str(v) for k, v in d.get("feed_redis", {}).items()},
+            relay_metrics_port=(
+                int(d["relay_metrics_port"]) if d.get("relay_metrics_port") is not None else None
+            ),
         )
 
     @classmethod

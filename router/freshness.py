@@ -1,9 +1,10 @@
 """The read path's freshness guard: how far this region's cache may be behind each shard (G6).
 
-The invalidation relay runs in its own process (``python -m router.relays``). For every shard
-it publishes, in this region's Redis, a heartbeat stamped with Redis's clock: the instant up to
-which every acknowledged commit of the shard is in the cache, and the (epoch, primary) it
-follows (``RegionCache.publish_relay_state``). A router reads every shard's heartbeat and
+The change feed runs in the relay processes (``python -m router.relays``: the decoder of each
+shard next to its primary, ``router.relays.feed``). With every batch it writes, in each region's
+Redis, the shard's heartbeat stamped with Redis's clock: the instant up to which every
+acknowledged commit of the shard is in that cache, and the (epoch, primary) it follows
+(``coherence.FEED_APPLY_SCRIPT``). A router reads every shard's heartbeat and
 Redis's clock in one round trip, at most once per ``RELAY_LAG_REFRESH_S``, and between reads
 advances that clock with its own monotonic clock. The view is conservative by construction:
 

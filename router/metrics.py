@@ -127,7 +127,7 @@ class Metrics:
             registry=self.registry,
         )
 
-        # -- invalidation relay (router/relays/invalidation.py) -------------------------------
+        # -- the read path's view of the change feed (router.freshness) ------------------------
         self.invalidation_lag_seconds = Gauge(
             "txr_invalidation_lag_seconds",
             "How far this region's cache may be behind a shard's commits: now minus the newest "
@@ -135,22 +135,56 @@ class Metrics:
             ["region", "shard"],
             registry=self.registry,
         )
-        self.invalidation_lag_bytes = Gauge(
-            "txr_invalidation_lag_bytes",
-            "pg_current_wal_lsn() minus the relay slot's confirmed_flush_lsn, per shard.",
-            ["region", "shard"],
+
+        # -- the change feed (router/relays/feed.py), in the relay process -------------------
+        # ``region``: the relay's region (where the decoder runs); ``target``: the region whose
+        # Redis the figure is about.
+        self.feed_lag_seconds = Gauge(
+            "txr_feed_lag_seconds",
+            "Per target region: now minus the instant up to which every acknowledged commit of "
+            "the shard is applied there (NaN: unknown, e.g. the region is unreachable).",
+            ["region", "shard", "target"],
             registry=self.registry,
         )
-        self.invalidation_applied = Counter(
-            "txr_invalidation_applied_total",
-            "Account changes the relay applied to this region's cache (fills and tombstones).",
-            ["region", "shard"],
+        self.feed_lag_bytes = Gauge(
+            "txr_feed_lag_bytes",
+            "Per target region: the primary's WAL flush position minus the position applied "
+            "there (WAL of every table counts: a backlog indicator).",
+            ["region", "shard", "target"],
             registry=self.registry,
         )
-        self.invalidation_resets = Counter(
-            "txr_invalidation_resets_total",
-            "Times the relay dropped a shard's entries because it could not prove continuity.",
+        self.feed_batch_txns = Histogram(
+            "txr_feed_batch_transactions",
+            "Committed transactions per batch applied to every region's Redis.",
+            ["region", "shard"],
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.feed_applied = Counter(
+            "txr_feed_applied_total",
+            "Account changes applied per target region (fills and tombstones).",
+            ["region", "shard", "target"],
+            registry=self.registry,
+        )
+        self.feed_restarts = Counter(
+            "txr_feed_restarts_total",
+            "Times a shard's decoder (re)opened its stream, by reason.",
             ["region", "shard", "reason"],
+            registry=self.registry,
+        )
+        self.feed_region_resets = Counter(
+            "txr_feed_region_resets_total",
+            "Times a target region's entries of a shard were invalidated because the feed could "
+            "not prove it holds every change: kind partial (only accounts written after the "
+            "region's last confirmed commit) or full (every entry of the shard, new generation).",
+            ["region", "shard", "target", "kind", "reason"],
+            registry=self.registry,
+        )
+        self.feed_region_excluded = Gauge(
+            "txr_feed_region_excluded",
+            "1 while a target region has been unreachable longer than the bound and no longer "
+            "holds the replication slot back.",
+            ["region", "shard", "target"],
             registry=self.registry,
         )
 

@@ -39,6 +39,7 @@ import psycopg
 import redis
 
 import infra
+from consistency import coherence
 from consistency.etcd import EtcdClient
 from consistency.topology import (
     Node,
@@ -54,7 +55,6 @@ from infra.local import postgres, procs
 from infra.local.ports import PortPlan, plan_ports
 from infra.wan import ListenerSpec, WanConfig, profile_latencies
 from router.auth import TENANT_SCOPES
-from router.cache import RELAY_STATE_PREFIX
 from router.config import RouterConfig
 from router.limits import ROUTER_WORKERS
 
@@ -165,7 +165,7 @@ def _relay_heartbeats(redis_url: str, shards: Sequence[str]) -> bool:
     """True when the region's Redis holds a relay heartbeat with a claim for every shard."""
     client = redis.Redis.from_url(redis_url, socket_timeout=PROBE_TIMEOUT_S)
     try:
-        return all(client.hget(RELAY_STATE_PREFIX + s, "through") for s in shards)
+        return all(client.hget(coherence.heartbeat_key(s), "through") for s in shards)
     except (redis.RedisError, OSError):
         return False
     finally:
@@ -265,6 +265,7 @@ def _plan_json(plan: PortPlan) -> dict[str, Any]:
                 "pg_primary": p.pg_primary,
                 "pg_standby": p.pg_standby,
                 "router_admin": p.router_admin,
+                "relay_metrics": p.relay_metrics,
             }
             for r, p in plan.region.items()
         },
@@ -412,7 +413,7 @@ class Launcher:
             ),
         )
         _write_secret(self.secrets_dir / "db_app.password", self.creds.app_password)
-        # The routers' invalidation relays decode the commit log as the replication role.
+        # The relays' change feed decodes the commit log as the replication role.
         _write_secret(self.secrets_dir / "db_repl.password", self.creds.repl_password)
         self.passfile = postgres.write_passfile(self.pg_root, self.creds)
 
@@ -777,7 +778,21 @@ class Launcher:
             repl_password_file=self.secrets_dir / "db_repl.password",
             workers=ROUTER_WORKERS if self.opts.workers is None else self.opts.workers,
             admin_port=self.plan.region[region].router_admin,
+            feed_redis=self.feed_redis(region),
+            relay_metrics_port=self.plan.region[region].relay_metrics,
         )
+
+    def feed_redis(self, region: str) -> dict[str, str]:
+        """Every region's Redis as the relay of ``region`` dials it (remote ones via the WAN)."""
+        urls: dict[str, str] = {}
+        for other in self.regions:
+            port = (
+                self.plan.region[other].redis
+                if other == region
+                else self.plan.wan[(region, other, "redis")]
+            )
+            urls[other] = f"redis://{HOST}:{port}/0"
+        return urls
 
     def _write_router_configs(self) -> None:
         for r in self.regions:
@@ -1063,6 +1078,13 @@ def status(cluster_dir: Path) -> dict[str, Any]:
             ],
             "relays_pid": pid_of(f"relays-{r}"),
             "controller_pid": pid_of(controller_proc_name(r)),
+            # The relay process's /metrics (change feed lag per target region, resets, ...);
+            # absent for a cluster started before it existed.
+            "relays_metrics": (
+                f"http://{HOST}:{ports[r]['relay_metrics']}/metrics"
+                if "relay_metrics" in ports[r]
+                else None
+            ),
             "redis": f"redis://{HOST}:{ports[r]['redis']}",
             "redis_pid": pid_of(f"redis-{r}"),
             "etcd": f"http://{HOST}:{ports[r]['etcd_client']}",

@@ -4,10 +4,12 @@ Layout (API.md promises at most 100 consecutive ports):
 
 - ``P + 20*i + k`` for region ``i``: router (0), redis (1), etcd client (2), etcd peer, the real
   one the member listens on (3), PostgreSQL primary of the home shard (4), PostgreSQL standby of
-  the next region's shard (5), the router's admin listener (/metrics, 6). 20 per region leaves
-  room for more services per region later.
+  the next region's shard (5), the router's admin listener (/metrics, 6), the relay process's
+  metrics (7). 20 per region leaves room for more services per region later.
 - ``P + 60 ..``: the WAN emulator: the control port first, then one etcd peer front per member
-  (the member's advertised peer URL), then one listener per (source region, remote service).
+  (the member's advertised peer URL), then one listener per (source region, remote service),
+  then one per (source region, remote Redis): the change feed writes every region's Redis from
+  the region of a shard's primary (added after the others so that their ports did not move).
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ OFF_ETCD_PEER: Final = 3
 OFF_PG_PRIMARY: Final = 4
 OFF_PG_STANDBY: Final = 5
 OFF_ROUTER_ADMIN: Final = 6
+OFF_RELAY_METRICS: Final = 7
 
 # Remote services a region reaches through its side of the WAN: the two PostgreSQL servers of
 # every other region (its primary and the standby it hosts), its etcd member and its router.
 REMOTE_SERVICES: Final = ("pg-primary", "pg-standby", "etcd", "router")
+# Remote services only the relay process dials: every other region's Redis (the change feed).
+FEED_SERVICES: Final = ("redis",)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class RegionPorts:
     pg_primary: int
     pg_standby: int
     router_admin: int
+    relay_metrics: int
 
     def service(self, name: str) -> int:
         return {
@@ -51,6 +57,7 @@ class RegionPorts:
             "pg-standby": self.pg_standby,
             "etcd": self.etcd_client,
             "router": self.router,
+            "redis": self.redis,
         }[name]
 
 
@@ -76,6 +83,7 @@ class PortPlan:
                 rp.pg_primary,
                 rp.pg_standby,
                 rp.router_admin,
+                rp.relay_metrics,
             ]
         ports.append(self.wan_control)
         ports += self.etcd_peer_front.values()
@@ -106,6 +114,7 @@ def plan_ports(base: int, regions: tuple[str, ...] | list[str]) -> PortPlan:
             pg_primary=b + OFF_PG_PRIMARY,
             pg_standby=b + OFF_PG_STANDBY,
             router_admin=b + OFF_ROUTER_ADMIN,
+            relay_metrics=b + OFF_RELAY_METRICS,
         )
     nxt = base + WAN_OFFSET
     wan_control = nxt
@@ -122,6 +131,12 @@ def plan_ports(base: int, regions: tuple[str, ...] | list[str]) -> PortPlan:
             for svc in REMOTE_SERVICES:
                 wan[(src, dst, svc)] = nxt
                 nxt += 1
+    for svc in FEED_SERVICES:
+        for src in names:
+            for dst in names:
+                if src != dst:
+                    wan[(src, dst, svc)] = nxt
+                    nxt += 1
     if nxt - base > PORT_SPAN_MAX:
         raise ValueError(f"{len(names)} regions need {nxt - base} ports, more than {PORT_SPAN_MAX}")
     return PortPlan(

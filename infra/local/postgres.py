@@ -166,6 +166,10 @@ def _common_conf(port: int) -> str:
             "shared_buffers = '128MB'",
             "wal_level = logical",
             "wal_log_hints = on",
+            # The change feed's failover step asks which accounts were committed after a point
+            # in time (regionstore/sql/functions/changefeed.sql); commit times are WAL-logged,
+            # so a promoted standby answers for its old primary's commits too.
+            "track_commit_timestamp = on",
             "max_wal_senders = 16",
             "max_replication_slots = 16",
             # A dead region's slot must not fill the disk; past this the standby must rebuild.
@@ -245,8 +249,8 @@ def create_roles_sql(creds: Credentials) -> list[tuple[str, tuple[str, ...]]]:
     return [
         (f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{creds.app_password}'", ()),
         (f"CREATE ROLE {REPL_ROLE} LOGIN REPLICATION PASSWORD '{creds.repl_password}'", ()),
-        # The routers' invalidation relays decode only what the synchronous standby has flushed
-        # (router/relays/invalidation.py); pg_stat_replication shows that position only to
+        # The change feed decodes only what the synchronous standby has flushed
+        # (regionstore/changefeed.py); pg_stat_replication shows that position only to
         # roles with pg_read_all_stats.
         (f"GRANT pg_read_all_stats TO {REPL_ROLE}", ()),
     ]

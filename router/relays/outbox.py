@@ -11,8 +11,10 @@ Several relays may serve one source shard (every region runs one, and the router
 right after leg 1): ``claim_outbox`` uses FOR UPDATE SKIP LOCKED and a lease, so they share the
 work instead of repeating it; when they do overlap, idempotency makes it harmless.
 
-Wake-ups: leg 1 NOTIFYs on commit; ``run`` waits on it with the poll interval as timeout, so a
-lost notification (LISTEN connection down) costs at most one poll interval of latency.
+Wake-ups: leg 1 NOTIFYs on commit; ``run`` waits on it, until the next pending message is due
+(the inline delivery's grace, a backoff), or at most ``POLL_INTERVAL_S`` (a long safety net):
+no query runs on a timer while nothing is pending. A LISTEN connection that was reopened makes
+the relay look at once (notifications sent while it was down are lost).
 Failures never drop a message (money is in flight): they are retried with exponential backoff
 and full jitter, forever, with a warning once a message has failed many times.
 """
@@ -65,9 +67,15 @@ STATS_TIMEOUT_S: Final = 5.0
 # the worst: ceil(CLAIM_BATCH_MAX / DELIVERY_CONCURRENCY) waves of (apply + settle) timeouts =
 # 8 * 10 s; a relay that dies mid-delivery delays its messages by at most this.
 LEASE_S: Final = 90.0
-# When nothing is due: wait this long for a NOTIFY before polling again. Bounds the latency a
-# lost notification costs, and how late a deferred retry is picked up.
-POLL_INTERVAL_S: Final = 1.0
+# When nothing is pending: wait this long for a NOTIFY (leg 1's commit) before looking again.
+# Only a safety net: a notification cannot be lost without the LISTEN connection breaking, and a
+# reopened connection makes the relay look at once (ShardStore.wait_for_outbox); pending
+# messages that are not due yet (the inline delivery's grace, a backoff, a lease) wake the relay
+# at their due time instead. So an idle relay costs one small query per this interval.
+POLL_INTERVAL_S: Final = 30.0
+# How long to wait at least before looking again for a message that is not due yet, so that a
+# clock rounding never turns the wait into a busy loop.
+DUE_WAIT_S_MIN: Final = 0.01
 # The outbox depth/age gauges are refreshed this often (one small aggregate query).
 STATS_INTERVAL_S: Final = 5.0
 # After an unexpected error in a round (the source primary down): pause before the next one.
@@ -302,9 +310,16 @@ class OutboxRelay:
                     continue  # a full batch: more is probably due
                 try:
                     source = await self.resolver.store_for_shard(self.source_shard)
+                    due_s = await source.outbox_next_due_s(timeout_s=STATS_TIMEOUT_S)
                 except (KeyError, LookupError):
                     continue
-                await _wait_either(stop_wait, source.wait_for_outbox(self.poll_interval_s))
+                except StoreError as exc:
+                    log.warning("outbox %s: next due unknown: %s", self.source_shard, exc)
+                    due_s = ROUND_ERROR_PAUSE_S
+                wait_s = self.poll_interval_s
+                if due_s is not None:
+                    wait_s = min(wait_s, max(due_s, DUE_WAIT_S_MIN))
+                await _wait_either(stop_wait, source.wait_for_outbox(wait_s))
         finally:
             stop_wait.cancel()
 

@@ -27,9 +27,10 @@ from typing import Any, Final
 
 import psycopg
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from consistency import ids
+from consistency import coherence, ids
 from infra import cli
 from infra import failover as real_ops
 from infra.local import cluster as lc
@@ -249,10 +250,56 @@ async def _reconcile_clean(d: Path) -> None:
     raise AssertionError("txr reconcile never came back clean")
 
 
+# The change feed's recovery after a switchover or failover keeps every entry it can prove
+# unchanged (router.relays.feed); accounts untouched for longer than this before the move are.
+QUIET_BEFORE_MOVE_S: Final = 2.0
+# The new primary's region starts the decoder and recovers every region within this.
+FEED_RECOVERY_S: Final = 30.0
+
+
+async def _quiet_accounts(c: Client, region: str, n: int = 4) -> list[str]:
+    """Accounts of ``region``'s shard that nothing writes again, cached in every region."""
+    accounts = [await c.open(region) for _ in range(n)]
+    await _wait_entries(c.d, accounts, epoch=1, timeout_s=FEED_RECOVERY_S)
+    return accounts
+
+
+def _redis_urls(d: Path) -> dict[str, str]:
+    return {r: v["redis"] for r, v in lc.status(d)["regions"].items()}
+
+
+async def _wait_entries(d: Path, accounts: list[str], *, epoch: int, timeout_s: float) -> None:
+    """Until every region's Redis holds a value (not a tombstone) for every account under the
+    shard epoch ``epoch``."""
+    ids_ = [ids.parse_account_id(a) for a in accounts]
+    assert all(i is not None for i in ids_)
+    deadline = time.monotonic() + timeout_s
+    clients = {r: aioredis.Redis.from_url(u) for r, u in _redis_urls(d).items()}
+    try:
+        while True:
+            missing = []
+            for r, cl in clients.items():
+                for a, i in zip(accounts, ids_, strict=True):
+                    assert i is not None
+                    v, t = await cl.hmget(coherence.entry_key(epoch, i), ["v", "t"])
+                    if v is None or t is not None:
+                        missing.append((r, a))
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"entries missing under epoch {epoch}: {missing[:4]}")
+            await asyncio.sleep(0.1)
+    finally:
+        for cl in clients.values():
+            await cl.aclose()
+
+
 async def test_switchover_under_load(cluster_dir: Path) -> None:
     d = cluster_dir
     async with _client(d) as c:
+        quiet = await _quiet_accounts(c, "eu-west")
         pairs = await _pairs(c, "eu-west")
+        await asyncio.sleep(QUIET_BEFORE_MOVE_S)
         stop = asyncio.Event()
         task = asyncio.create_task(_run_load(c, pairs, ["us-east", "ap-south", "eu-west"], stop))
         await asyncio.sleep(LOAD_S)
@@ -276,6 +323,9 @@ async def test_switchover_under_load(cluster_dir: Path) -> None:
         assert st["region_survival_now"], st
         assert st["standbys"][0]["node"] == "eu-west-1@eu-west"
         assert st["standbys"][0]["sync_state"] == "sync"
+        # The decoder followed the primary to us-east, recreated its slot there and kept every
+        # region's entries of the accounts nothing wrote (under the new epoch's keys).
+        await _wait_entries(d, quiet, epoch=2, timeout_s=FEED_RECOVERY_S)
         await _reconcile_clean(d)
 
 
@@ -283,7 +333,9 @@ async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
     d = cluster_dir
     shard, old_node = "us-east-1", "us-east-1@us-east"
     async with _client(d) as c, _stale_router(d, "eu-west") as stale:
+        quiet = await _quiet_accounts(c, "us-east")
         pairs = await _pairs(c, "us-east")
+        await asyncio.sleep(QUIET_BEFORE_MOVE_S)
         # A refusal first: the target must be a standby of the shard.
         assert await _cli("failover", shard, "--to", "eu-west", "--dir", str(d)) == 1
         stop = asyncio.Event()
@@ -314,6 +366,7 @@ async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
         assert not st["region_survival"]
         assert not st["region_survival_now"]
         assert st["detached"] == [old_node]
+        await _wait_entries(d, quiet, epoch=2, timeout_s=FEED_RECOVERY_S)
         # Writes resume through every region's router.
         for via in ("us-east", "eu-west", "ap-south"):
             assert await c.acked(via, pairs[0][0], pairs[0][1]) is not None
