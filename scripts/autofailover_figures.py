@@ -21,38 +21,46 @@ import time
 import uuid
 from pathlib import Path
 
-import aiohttp
-
 from consistency.limits import FAILOVER_ANTI_FLAP_S
 from infra import cli
 from infra import failover as real_ops
 from infra.local import cluster as lc
 from infra.local import control
 from router.auth import TENANT_SCOPES
-from router.client import Client
+from txclient import AsyncClient, errors
 
 WRITE_WAIT_S = 60.0
 POLL_S = 0.02
+ATTEMPT_TIMEOUT_S = 1.0
 
 
 async def one(d: Path, shard: str, home: str) -> float:
     routers = {r: v["router"] for r, v in lc.status(d)["regions"].items()}
     tok = lc.token(d, "figures", sorted(TENANT_SCOPES), 3600)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as s:
-        cs = [Client(s, u, tok) for u in routers.values()]
-        f = await cs[0].create_account("EUR", home, 10**12)
-        a = await cs[0].create_account("EUR", home)
-        assert f.status == a.status == 201, (f.body, a.body)
+    # One client pinned to each region; every attempt is short (the client retries inside it
+    # with the same key), so the first acknowledgement is seen within about POLL_S.
+    cs = [
+        AsyncClient(routers, tok, prefer=r, timeout=ATTEMPT_TIMEOUT_S, probe=False) for r in routers
+    ]
+    try:
+        f = await cs[0].create_account("EUR", home_region=home, overdraft_limit=10**12, timeout=10)
+        a = await cs[0].create_account("EUR", home_region=home, timeout=10)
         node = real_ops.LocalShardOps(d).load(shard)[0].shard.primary.name
         control.pg_signal(d, node, signal.SIGKILL)
         t0 = time.monotonic()
         key, n = uuid.uuid4().hex, 0
         while time.monotonic() - t0 < WRITE_WAIT_S:
-            r = await cs[n % len(cs)].transfer(key, f.body["id"], a.body["id"], 1, "EUR")
-            n += 1
-            if r.status == 201:
+            try:
+                await cs[n % len(cs)].transfer(
+                    source=f.id, destination=a.id, amount=1, currency="EUR", idempotency_key=key
+                )
                 return time.monotonic() - t0
-            await asyncio.sleep(POLL_S)
+            except (errors.OutcomeUnknown, errors.RegionUnavailable, errors.DeadlineExceeded):
+                n += 1
+                await asyncio.sleep(POLL_S)
+    finally:
+        for c in cs:
+            await c.aclose()
     raise RuntimeError(f"{shard}: no write within {WRITE_WAIT_S:g}s")
 
 

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-import aiohttp
 import pytest
 
 from consistency import autofailover as af
@@ -35,9 +34,9 @@ from infra import failover as real_ops
 from infra.local import cluster as lc
 from infra.local import control
 from infra.wan import WanControl
-from router.client import Client
 from tests.fixtures import PORT_OFFSET
 from tests.fixtures.api import ALL_SCOPES, FUNDING_OVERDRAFT
+from txclient import AsyncClient, errors
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
@@ -51,6 +50,8 @@ QUIET_S: Final = 3 * FAILOVER_DETECTION_S + 2.0
 FAILOVER_WAIT_S: Final = 30.0
 WRITE_WAIT_S: Final = 30.0
 POLL_S: Final = 0.1
+# One attempt of the polling write (the client retries inside it with the same key).
+ATTEMPT_TIMEOUT_S: Final = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +71,21 @@ def accounts(cluster_dir: Path) -> dict[str, tuple[str, str]]:
 
     async def run() -> dict[str, tuple[str, str]]:
         out = {}
-        async with aiohttp.ClientSession() as s:
-            c = _client(cluster_dir, s, "us-east")
+        async with _client(cluster_dir, "us-east", timeout=10.0) as c:
             for r in REGIONS:
-                f = await c.create_account("EUR", r, FUNDING_OVERDRAFT)
-                a = await c.create_account("EUR", r)
-                assert f.status == a.status == 201, (f.body, a.body)
-                out[r] = (str(f.body["id"]), str(a.body["id"]))
+                f = await c.create_account("EUR", home_region=r, overdraft_limit=FUNDING_OVERDRAFT)
+                a = await c.create_account("EUR", home_region=r)
+                out[r] = (f.id, a.id)
         return out
 
     return asyncio.run(run())
 
 
-def _client(d: Path, s: aiohttp.ClientSession, via: str) -> Client:
+def _client(d: Path, via: str, *, timeout: float) -> AsyncClient:
+    """A txclient pinned to ``via`` (no probes: the test picks the entry region)."""
     routers = {r: v["router"] for r, v in lc.status(d)["regions"].items()}
-    return Client(s, routers[via], lc.token(d, "af-tenant", list(ALL_SCOPES), 3600))
+    tok = lc.token(d, "af-tenant", list(ALL_SCOPES), 3600)
+    return AsyncClient(routers, tok, prefer=via, timeout=timeout, probe=False)
 
 
 def _write(d: Path, accounts: dict[str, tuple[str, str]], shard: str) -> float:
@@ -94,17 +95,21 @@ def _write(d: Path, accounts: dict[str, tuple[str, str]], shard: str) -> float:
     async def run() -> float:
         t0 = time.monotonic()
         key = uuid.uuid4().hex
-        timeout = aiohttp.ClientTimeout(total=5)
-        async with aiohttp.ClientSession(timeout=timeout) as s:
-            vias = [_client(d, s, r) for r in REGIONS]
+        vias = [_client(d, r, timeout=ATTEMPT_TIMEOUT_S) for r in REGIONS]
+        try:
             n = 0
             while time.monotonic() - t0 < WRITE_WAIT_S:
-                r = await vias[n % len(vias)].transfer(key, src, dst, 1, "EUR")
-                n += 1
-                if r.status == 201:
+                try:
+                    await vias[n % len(vias)].transfer(
+                        source=src, destination=dst, amount=1, currency="EUR", idempotency_key=key
+                    )
                     return time.monotonic() - t0
-                assert r.status in (0, 503, 504), (r.status, r.body)
-                await asyncio.sleep(POLL_S)
+                except (errors.OutcomeUnknown, errors.RegionUnavailable, errors.DeadlineExceeded):
+                    n += 1
+                    await asyncio.sleep(POLL_S)
+        finally:
+            for c in vias:
+                await c.aclose()
         raise AssertionError(f"{shard}: no write acknowledged within {WRITE_WAIT_S:g}s")
 
     return asyncio.run(run())

@@ -1,11 +1,11 @@
 """txclient against the real three-region cluster (tests/fixtures/cluster.py): typed errors,
 retries with the same key after a dropped connection and a 504, the deadline, failover when the
 preferred region's routers are killed and the drift back, read-your-writes across regions, and
-the retry budget stopping a storm.
+the retry budget stopping a storm, a tenant's rate limit as ``RateLimited`` with its
+Retry-After, and ``transfer_batch`` on the real batch endpoint.
 
-What the real cluster of this branch cannot be made to answer (429 rate_limited: no tenant
-limits yet; a router's own 503) is covered by tests/unit/test_txclient_calls.py against a local
-server answering the documented shapes.
+A router's own 503 cannot be provoked on demand here; tests/unit/test_txclient_calls.py covers
+it against a local server answering the documented shapes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from consistency import ids
+from infra import cli
 from infra import failover as real_ops
 from infra.local import cluster as lc
 from infra.local import control
@@ -444,3 +445,112 @@ async def test_the_retry_budget_stops_a_storm(local_cluster: LocalCluster) -> No
     finally:
         for name in names:
             await asyncio.to_thread(respawn, d, name)
+
+
+# -- transfer_batch against the real batch endpoint ---------------------------------------------
+
+
+async def test_transfer_batch_per_item_results_and_replay(local_cluster: LocalCluster) -> None:
+    """Same-shard and cross-region items, a refusal and a reused key in one call: one result
+    per item in order; the same call again is a replay of every applied item (applied once)."""
+    tenant = new_tenant()
+    async with _client(local_cluster, tenant, prefer="us-east") as c:
+        fund, acc = await _funded(c, "us-east", 0)
+        remote = await c.create_account("EUR", home_region="ap-south")
+        usd = await c.create_account("USD", home_region="us-east")
+        await c.transfer(
+            source=fund, destination=acc, amount=5, currency="EUR", idempotency_key="used"
+        )
+        key = uuid.uuid4().hex
+        items: list[dict[str, Any]] = [
+            {
+                "source": fund,
+                "destination": acc,
+                "amount": 100,
+                "currency": "EUR",
+                "idempotency_key": f"{key}-a",
+            },
+            {
+                "source": fund,
+                "destination": remote.id,
+                "amount": 7,
+                "currency": "EUR",
+                "idempotency_key": f"{key}-b",
+            },
+            {
+                "source": acc,
+                "destination": fund,
+                "amount": 10**9,
+                "currency": "EUR",
+                "idempotency_key": f"{key}-c",
+            },
+            {
+                "source": fund,
+                "destination": acc,
+                "amount": 6,
+                "currency": "EUR",
+                "idempotency_key": "used",
+            },
+            {
+                "source": fund,
+                "destination": usd.id,
+                "amount": 1,
+                "currency": "EUR",
+                "idempotency_key": f"{key}-e",
+            },
+        ]
+        first = await c.transfer_batch(items)
+        assert [type(r).__name__ for r in first] == [
+            "Transfer",
+            "Transfer",
+            "InsufficientFunds",
+            "IdempotencyKeyReused",
+            "CurrencyMismatch",
+        ]
+        t_a, t_b = first[0], first[1]
+        assert isinstance(t_a, Transfer)
+        assert isinstance(t_b, Transfer)
+        assert (t_a.amount, t_a.status, t_a.replayed) == (100, "settled", False)
+        assert t_b.destination == remote.id
+        assert t_b.status in ("settled", "pending")
+
+        again = await c.transfer_batch(items)
+        r_a, r_b = again[0], again[1]
+        assert isinstance(r_a, Transfer)
+        assert isinstance(r_b, Transfer)
+        assert (r_a.id, r_a.replayed) == (t_a.id, True)
+        assert (r_b.id, r_b.replayed) == (t_b.id, True)
+        assert isinstance(again[2], errors.InsufficientFunds)
+
+        # Session reads after the batch see every applied item, once.
+        assert (await c.get_account(acc)).balance == 105
+        assert (await c.get_account(fund, consistency="strong")).balance == -112
+
+
+async def test_rate_limited_is_typed_with_retry_after(local_cluster: LocalCluster) -> None:
+    """Past the tenant's limit (``txr limits set``) the router answers 429; a call whose deadline
+    is shorter than the Retry-After raises ``RateLimited`` carrying it, and spent no retry."""
+    tenant = new_tenant()
+    async with _client(local_cluster, tenant, prefer="eu-west") as c:
+        fund, acc = await _funded(c, "eu-west", 0)
+        d = str(local_cluster.dir)
+        argv = ["limits", "set", "--dir", d, "--tenant", tenant, "--rate", "1", "--burst", "1"]
+        assert await asyncio.to_thread(cli.main, argv) == 0
+        try:
+            await asyncio.sleep(2.0)  # API.md: every router applies a limit within 2 s
+            seen: errors.RateLimited | None = None
+            for _ in range(5):
+                try:
+                    await c.transfer(
+                        source=fund, destination=acc, amount=1, currency="EUR", timeout=0.5
+                    )
+                except errors.RateLimited as exc:
+                    seen = exc
+                    break
+            assert seen is not None, "five transfers within a second passed a 1/s limit"
+            assert seen.status == 429
+            assert seen.retry_after is not None
+            assert seen.retry_after >= 1
+        finally:
+            clear = ["limits", "clear", "--dir", d, "--tenant", tenant]
+            assert await asyncio.to_thread(cli.main, clear) == 0
