@@ -94,6 +94,11 @@ TOPOLOGY_CONFIRM_S: Final = 1.0
 # Each router process confirms every this often: four chances per bound, so one slow or lost
 # round never lapses the lease on a healthy cluster.
 TOPOLOGY_CONFIRM_INTERVAL_S: Final = TOPOLOGY_CONFIRM_S / 4
+# A router confirms only while reads ask for it: after this long without one it stops (an idle
+# three-region cluster has 0.10 cores in all; four rounds a second per router cost about 0.05),
+# and the next read waits for one round (a quorum read: milliseconds locally, one WAN round
+# trip to etcd's leader under --wan realistic).
+TOPOLOGY_CONFIRM_IDLE_S: Final = 10.0
 # One confirmation round (every etcd endpoint it tries). Past half the bound an answer would be
 # nearly worthless (its validity counts from the send), and a shorter bound keeps the rounds
 # going on time when the local member hangs in a minority.

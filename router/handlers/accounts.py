@@ -123,7 +123,7 @@ async def read_account(
         standby = _closer_local_standby(request, shard, config.region)
         if standby is not None:
             # A standby of a deposed primary is as stale as the primary: same lease rule.
-            router.require_confirmed(shard)
+            await router.require_confirmed(shard)
             row = await _read_standby(request, standby, account_id, tenant, deadline)
             if row is not None and row.version >= needed:
                 return row, shard, "standby"
