@@ -28,10 +28,31 @@ own fence row holds exactly that epoch and is not fenced.
    winner promotes. Routers that pick up the new map right now are refused by the target (still
    a standby: read-only, or its replicated fence row says E): they answer 503 with Retry-After
    or hold the write briefly (router failover buffer); they never write.
-4. **Promote** the target, then 5. **write the new epoch into it** (``set_epoch_in_db``). Only from
-   this moment can a write succeed anywhere, and only with epoch E + 1, which only routers with
-   the new map send, and only to the target. The old primary (fenced, or holding E, or unable to
-   acknowledge) refuses them all.
+4. **Promote** the target, then **wait out the routers' epoch leases**, then 5. **write the new
+   epoch into it** (``set_epoch_in_db``). Only from this moment can a write succeed anywhere, and
+   only with epoch E + 1, which only routers with the new map send, and only to the target. The
+   old primary (fenced, or holding E, or unable to acknowledge) refuses them all.
+
+   *Why the wait* (reads; G6 and linearizable ``strong`` reads). A router cut off from etcd's
+   majority keeps its map, and the old primary, though it can no longer commit, still answers
+   reads with what it had: without the wait such a router would serve, as ``strong``, a balance
+   older than writes the new primary has acknowledged. So a router reads a shard's primary or
+   standby only while its epoch is *confirmed*: within ``TOPOLOGY_CONFIRM_S`` of the **send**
+   time of a linearizable etcd read that answered that epoch (``topology.EpochConfirmations``).
+   Here, after the CAS has *completed* (at ``t_cas`` by our clock), we wait until
+   ``t_cas + FAILOVER_LEASE_WAIT_S`` (the bound plus ``TOPOLOGY_CONFIRM_DRIFT_S`` for clock rate
+   drift and scheduling) before the target accepts anything. The argument: take any router that
+   still believes E. Its newest confirmation of E was a quorum read linearized before the CAS
+   committed (one linearized after it would have answered E + 1), so it was *sent* before the
+   CAS completed, i.e. before ``t_cas``; the router stops reading E's nodes at
+   ``sent + TOPOLOGY_CONFIRM_S < t_cas + FAILOVER_LEASE_WAIT_S``, before the first write the new
+   primary can acknowledge. A confirmation that *raced* the CAS is the same case: either etcd
+   ordered it before the CAS (then it was sent before ``t_cas`` and its lease ends in time) or
+   after (then it shows E + 1, confirms nothing about E, and the router reloads). A read that
+   passes the check just before its lease ends reaches the old primary while the target still
+   refuses writes, so it is concurrent with, never after, any new acknowledged write. The wait
+   overlaps the promotion (it counts from the CAS), so it costs only what the promotion did not
+   already take.
 6. **Region survival again**: give the new primary a synchronous standby. In a switchover the
    old primary is rewound and rejoined as that standby *before* step 5, and named synchronous
    before any write is accepted, so no write is ever acknowledged without region survival.
@@ -48,6 +69,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
 
 from consistency.errors import CasConflict, ConsistencyError
+from consistency.limits import FAILOVER_LEASE_WAIT_S
 from consistency.topology import Node, Shard
 
 # A switchover waits for the standby to replay the fenced primary's last LSN. Locally that takes
@@ -177,6 +199,23 @@ class Outcome:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseClock:
+    """The clock the lease wait reads and sleeps on (a fake one in the unit tests)."""
+
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+def _wait_out_leases(lease: LeaseClock, since: float, clock: _Clock) -> None:
+    """Block until ``FAILOVER_LEASE_WAIT_S`` has passed since ``since`` (the CAS's completion,
+    or now when the CAS's time is unknown): no router still reads the old epoch's nodes."""
+    left = FAILOVER_LEASE_WAIT_S - (lease.now() - since)
+    if left > 0:
+        lease.sleep(left)
+    clock.step(f"waited out the routers' epoch leases ({FAILOVER_LEASE_WAIT_S:.2f}s since the CAS)")
+
+
 class _Clock:
     def __init__(self, progress: Progress) -> None:
         self._t0 = time.monotonic()
@@ -241,8 +280,10 @@ def failover(
     *,
     accept_data_loss: bool = False,
     progress: Progress = lambda _m: None,
+    lease_clock: LeaseClock | None = None,
 ) -> Outcome:
     """Promote ``shard``'s standby in ``to_region`` after its primary was lost (see module doc)."""
+    lease = lease_clock or LeaseClock()
     clock = _Clock(progress)
     rec, rev = ops.load(shard)
     old = rec.shard.primary
@@ -298,9 +339,11 @@ def failover(
         extra={**rec.extra, "failover_from": old.name},
     )
     rev = _cas(ops, rec, rev, claimed)
+    cas_done = lease.now()
     clock.step(f"etcd: epoch {rec.shard.epoch} -> {new_epoch}, primary {target.name}")
     ops.promote(target)
     clock.step(f"promoted {target.name}")
+    _wait_out_leases(lease, cas_done, clock)
     ops.set_epoch_in_db(target, new_epoch)
     clock.step(f"fence row of {target.name} = epoch {new_epoch}: writes accepted")
     return _after_promotion(ops, claimed, rev, old.name, clock, loss, notes)
@@ -349,14 +392,23 @@ def _after_promotion(
     )
 
 
-def finish_promotion(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) -> Outcome:
+def finish_promotion(
+    ops: ShardOps,
+    shard: str,
+    *,
+    progress: Progress = lambda _m: None,
+    lease_clock: LeaseClock | None = None,
+) -> Outcome:
     """Finish a failover that stopped after its epoch CAS (its actor died): the record already
     names the new primary at the new epoch, but that node is still a standby.
 
     Safe for the reason the CAS was: the CAS happened only after the proof (fence, or the target
     being the synchronous standby), and until the promotion the target is the old primary's
     synchronous standby still, so anything the old primary acknowledged meanwhile reached it.
+    The CAS's time is unknown here, so the lease wait counts from now (it completed before).
     """
+    lease = lease_clock or LeaseClock()
+    since = lease.now()
     clock = _Clock(progress)
     rec, rev = ops.load(shard)
     target = rec.shard.primary
@@ -367,6 +419,7 @@ def finish_promotion(ops: ShardOps, shard: str, *, progress: Progress = lambda _
     clock.step(f"{shard}: {target.name} named primary at epoch {rec.shard.epoch} but in recovery")
     ops.promote(target)
     clock.step(f"promoted {target.name}")
+    _wait_out_leases(lease, since, clock)
     ops.set_epoch_in_db(target, rec.shard.epoch)
     clock.step(f"fence row of {target.name} = epoch {rec.shard.epoch}: writes accepted")
     old = rec.extra.get("failover_from")
@@ -414,15 +467,23 @@ def restore(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) 
 
 
 def switchover(
-    ops: ShardOps, shard: str, to_region: str, *, progress: Progress = lambda _m: None
+    ops: ShardOps,
+    shard: str,
+    to_region: str,
+    *,
+    progress: Progress = lambda _m: None,
+    lease_clock: LeaseClock | None = None,
 ) -> Outcome:
     """Planned move of ``shard``'s primary to its standby in ``to_region``, zero writes lost.
 
     Fence the old primary, wait until the target has *replayed* its final LSN, stop the old
     primary cleanly, CAS etcd, promote, name the old primary as the target's synchronous
     standby and rejoin it, and only then write the new epoch into the target: the first write
-    the new primary accepts already waits for a standby in another region.
+    the new primary accepts already waits for a standby in another region. The lease wait (see
+    the module) sits before that write too: a router that still believes the old epoch would
+    otherwise read the rejoined old primary, now a standby that may not have replayed it yet.
     """
+    lease = lease_clock or LeaseClock()
     clock = _Clock(progress)
     rec, rev = ops.load(shard)
     old = rec.shard.primary
@@ -453,6 +514,7 @@ def switchover(
         extra=rec.extra,
     )
     rev = _cas(ops, rec, rev, claimed)
+    cas_done = lease.now()
     clock.step(f"etcd: epoch {rec.shard.epoch} -> {new_epoch}, primary {target.name}")
     ops.promote(target)
     clock.step(f"promoted {target.name}")
@@ -460,6 +522,7 @@ def switchover(
     clock.step(f"{old.name} rewound and streaming from {target.name}")
     ops.await_sync_standby(target, old)
     clock.step(f"{old.name} is the synchronous standby of {target.name}")
+    _wait_out_leases(lease, cas_done, clock)
     ops.set_epoch_in_db(target, new_epoch)
     clock.step(f"fence row of {target.name} = epoch {new_epoch}: writes accepted")
     standbys = (old, *others)

@@ -83,3 +83,30 @@ SHARD_LOCK_WAIT_S: Final = 30.0
 # Each etcd call of a controller: short, so that a controller in a minority (its calls time
 # out) still probes on time and its verdicts expire rather than lag.
 CONTROLLER_ETCD_TIMEOUT_S: Final = 1.0
+
+# -- topology leases (consistency/topology.py EpochConfirmations, consistency/failover.py) -----
+# A router serves a read from a shard's primary or standby only within this long of the *send*
+# time of a linearizable etcd read that showed the shard's epoch it holds. A router cut off from
+# etcd's majority therefore stops reading from a deposed primary within it. 1 s: well above a
+# quorum read across the WAN (about 2 x 80 ms under --wan realistic), so a lost confirmation or
+# two costs nothing, and small against the 5 s failover goal, which pays it once (below).
+TOPOLOGY_CONFIRM_S: Final = 1.0
+# Each router process confirms every this often: four chances per bound, so one slow or lost
+# round never lapses the lease on a healthy cluster.
+TOPOLOGY_CONFIRM_INTERVAL_S: Final = TOPOLOGY_CONFIRM_S / 4
+# A router confirms only while reads ask for it: after this long without one it stops (an idle
+# three-region cluster has 0.10 cores in all; four rounds a second per router cost about 0.05),
+# and the next read waits for one round (a quorum read: milliseconds locally, one WAN round
+# trip to etcd's leader under --wan realistic).
+TOPOLOGY_CONFIRM_IDLE_S: Final = 10.0
+# One confirmation round (every etcd endpoint it tries). Past half the bound an answer would be
+# nearly worthless (its validity counts from the send), and a shorter bound keeps the rounds
+# going on time when the local member hangs in a minority.
+TOPOLOGY_CONFIRM_TIMEOUT_S: Final = TOPOLOGY_CONFIRM_S / 2
+# Clock rate drift between a router's host and the failover actor's host: both measure the bound
+# on their own monotonic clocks. Quartz drifts about 1e-4; 10 % also covers the scheduling delay
+# of an overloaded router between its lease check and its query to the store.
+TOPOLOGY_CONFIRM_DRIFT_S: Final = 0.1 * TOPOLOGY_CONFIRM_S
+# What a failover or switchover waits between its epoch CAS and the new primary's first accepted
+# write: every router that still believes the old epoch has stopped reading the old primary.
+FAILOVER_LEASE_WAIT_S: Final = TOPOLOGY_CONFIRM_S + TOPOLOGY_CONFIRM_DRIFT_S

@@ -5,6 +5,12 @@ Routers hold a :class:`TopologyWatcher`: it loads the whole prefix, watches it, 
 last map it saw when etcd is unreachable, because a router that stops routing when the control
 plane blips would turn an etcd hiccup into an outage. Stores enforce epochs, so a stale map can
 cost a retry but never a wrong write.
+
+Reads are another matter: a deposed primary cut off with its router still answers reads, and
+nothing in the store refuses them. So a router's view of each shard's epoch is a lease
+(:class:`EpochConfirmations`): it is good for ``TOPOLOGY_CONFIRM_S`` from the send time of a
+linearizable etcd read that showed it, and the failover procedure waits that long (plus drift)
+between its epoch CAS and the new primary's first write (``consistency.failover``).
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -22,7 +29,13 @@ import orjson
 
 from consistency.errors import EtcdError, TopologyError
 from consistency.etcd import EtcdClient
-from consistency.limits import SLOT_COUNT
+from consistency.limits import (
+    SLOT_COUNT,
+    TOPOLOGY_CONFIRM_IDLE_S,
+    TOPOLOGY_CONFIRM_INTERVAL_S,
+    TOPOLOGY_CONFIRM_S,
+    TOPOLOGY_CONFIRM_TIMEOUT_S,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +253,61 @@ async def bootstrap_topology(client: EtcdClient, topology: Topology) -> bool:
     return await client.put_all_if_absent(SLOTMAP_KEY, topology.to_kv())
 
 
-class TopologyWatcher:
-    """Holds the newest topology a router has seen and keeps it current through an etcd watch."""
+class EpochConfirmations:
+    """Which shard epochs a linearizable etcd read has recently shown to be current (a lease).
 
-    def __init__(self, client: EtcdClient) -> None:
+    The rule: ``(shard, epoch)`` is confirmed at time ``now`` when a quorum read *sent* at
+    ``t >= now - bound_s`` answered that epoch for the shard. Counting from the send, not the
+    answer, is what makes it a lease: the read took effect in etcd somewhere between send and
+    answer, so whatever etcd held at ``t`` or later still held ``epoch`` at ``t`` at the
+    earliest, and a failover whose CAS completed before ``t`` would have shown in the answer.
+    An answer sent earlier than the one already recorded never overrides it (reads and refreshes
+    may complete out of order).
+    """
+
+    def __init__(
+        self, bound_s: float = TOPOLOGY_CONFIRM_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.bound_s = bound_s
+        self.clock = clock
+        self._seen: dict[str, tuple[int, float]] = {}
+
+    def record(self, sent_at: float, epochs: Mapping[str, int]) -> None:
+        """A quorum read sent at ``sent_at`` (by :attr:`clock`) showed these shard epochs."""
+        for shard, epoch in epochs.items():
+            prior = self._seen.get(shard)
+            if prior is None or sent_at > prior[1]:
+                self._seen[shard] = (epoch, sent_at)
+
+    def confirmed(self, shard: str, epoch: int) -> bool:
+        seen = self._seen.get(shard)
+        if seen is None or seen[0] != epoch:
+            return False
+        return self.clock() - seen[1] < self.bound_s
+
+    def epoch_seen(self, shard: str) -> int | None:
+        """The epoch of the newest confirmation for ``shard`` (however old), if any."""
+        seen = self._seen.get(shard)
+        return None if seen is None else seen[0]
+
+
+class TopologyWatcher:
+    """Holds the newest topology a router has seen and keeps it current through an etcd watch.
+
+    With ``confirm=True`` (routers) it also keeps the per-shard epoch lease fresh: one
+    linearizable range over the shard records every ``TOPOLOGY_CONFIRM_INTERVAL_S``, while reads
+    asked for it within ``TOPOLOGY_CONFIRM_IDLE_S``; an idle router sends none (each round costs
+    about 1 ms of router CPU and a few ms of etcd's), and its first read waits for one round.
+    """
+
+    def __init__(self, client: EtcdClient, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
+        self.confirmations = EpochConfirmations(TOPOLOGY_CONFIRM_S, clock)
+        self._confirm_task: asyncio.Task[None] | None = None
+        self._confirm_refresh: asyncio.Task[None] | None = None
+        self._demand_at = -math.inf
+        self._wake = asyncio.Event()  # set while the confirmation loop runs (reads want it)
+        self._round_done = asyncio.Event()
         self._topology: Topology | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -262,8 +325,28 @@ class TopologyWatcher:
     def loaded(self) -> bool:
         return self._topology is not None
 
-    async def start(self, *, initial_timeout_s: float) -> None:
-        """Load once (bounded), then watch in the background."""
+    def confirmed(self, shard: Shard) -> bool:
+        """True while this router may read ``shard``'s primary or standbys (see the module)."""
+        return self.confirmations.confirmed(shard.name, shard.epoch)
+
+    async def ensure_confirmed(self, shard: Shard) -> bool:
+        """:meth:`confirmed`, keeping the confirmation loop going while reads come. When the
+        loop was idle, wait (at most ``TOPOLOGY_CONFIRM_TIMEOUT_S``) for the round this read
+        starts; when it runs and the lease lapsed anyway, answer at once (etcd is out of reach,
+        and waiting would only delay the 503)."""
+        self._demand_at = time.monotonic()
+        was_idle = self._confirm_task is not None and not self._wake.is_set()
+        done = self._round_done
+        self._wake.set()
+        if self.confirmations.confirmed(shard.name, shard.epoch):
+            return True
+        if was_idle:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), TOPOLOGY_CONFIRM_TIMEOUT_S)
+        return self.confirmations.confirmed(shard.name, shard.epoch)
+
+    async def start(self, *, initial_timeout_s: float, confirm: bool = False) -> None:
+        """Load once (bounded), then watch (and with ``confirm``, confirm) in the background."""
         deadline = time.monotonic() + initial_timeout_s
         delay = WATCH_BACKOFF_S_MIN
         while True:
@@ -277,13 +360,72 @@ class TopologyWatcher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, WATCH_BACKOFF_S_MAX)
         self._task = asyncio.create_task(self._watch_forever(), name="topology-watch")
+        if confirm:
+            self._confirm_task = asyncio.create_task(
+                self._confirm_forever(), name="topology-confirm"
+            )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._confirm_task, self._confirm_refresh):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, EtcdError, TopologyError):
+                    await task
+        self._task = self._confirm_task = self._confirm_refresh = None
+
+    async def confirm_once(self) -> None:
+        """One linearizable read of the shard records (the gateway's range without
+        ``serializable``: etcd answers it only with its majority's agreement, so a member cut
+        off in a minority times out instead of answering from its own stale copy)."""
+        sent_at = self.confirmations.clock()
+        _rev, kv = await asyncio.wait_for(
+            self._client.get_prefix(SHARD_PREFIX), TOPOLOGY_CONFIRM_TIMEOUT_S
+        )
+        try:
+            epochs = {
+                k.removeprefix(SHARD_PREFIX): int(orjson.loads(v)["epoch"]) for k, v in kv.items()
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TopologyError(f"malformed shard record: {exc!r}") from exc
+        self.confirmations.record(sent_at, epochs)
+        held = self._topology
+        moved_on = held is not None and any(
+            name in held.shards and epoch != held.shards[name].epoch
+            for name, epoch in epochs.items()
+        )
+        # etcd moved on and the watch has not told us yet (it may be stuck on a member that
+        # just rejoined): reload, which confirms the new epochs in passing.
+        if moved_on and (self._confirm_refresh is None or self._confirm_refresh.done()):
+            self._confirm_refresh = asyncio.create_task(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        with contextlib.suppress(EtcdError, TopologyError):
+            await self.refresh()
+
+    async def _confirm_forever(self) -> None:
+        failing = False
+        while True:
+            if time.monotonic() - self._demand_at > TOPOLOGY_CONFIRM_IDLE_S:
+                self._wake.clear()
+                await self._wake.wait()
+            started = time.monotonic()
+            try:
+                await self.confirm_once()
+                if failing:
+                    log.warning("topology confirmed again: reads from primaries resume")
+                failing = False
+            except (EtcdError, TopologyError, TimeoutError) as exc:
+                if not failing:
+                    log.warning(
+                        "topology not confirmable (%r): primary reads stop within %.1f s",
+                        exc,
+                        TOPOLOGY_CONFIRM_S,
+                    )
+                failing = True
+            done, self._round_done = self._round_done, asyncio.Event()
+            done.set()
+            spent = time.monotonic() - started
+            await asyncio.sleep(max(TOPOLOGY_CONFIRM_INTERVAL_S - spent, 0.0))
 
     async def refresh(self, *, newer_than: int | None = None) -> Topology:
         """Reload the whole topology from etcd (after a store said our epochs are stale).
@@ -298,11 +440,14 @@ class TopologyWatcher:
                 and self._topology.revision > newer_than
             ):
                 return self._topology
+            sent_at = self.confirmations.clock()
             try:
                 topo = await load_topology(self._client)
             except EtcdError:
                 self.etcd_reachable = False
                 raise
+            # The load is a linearizable read too: it confirms the epochs it brought.
+            self.confirmations.record(sent_at, {n: s.epoch for n, s in topo.shards.items()})
             self._install(topo)
             return topo
 

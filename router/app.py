@@ -196,7 +196,8 @@ async def _topology_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     client = EtcdClient(config.etcd_endpoints)
     watcher = TopologyWatcher(client)
-    await watcher.start(initial_timeout_s=TOPOLOGY_INITIAL_TIMEOUT_S)
+    # confirm: the read path's epoch lease (ShardRouter.require_confirmed).
+    await watcher.start(initial_timeout_s=TOPOLOGY_INITIAL_TIMEOUT_S, confirm=True)
     app[TOPOLOGY] = watcher
     yield
     await watcher.stop()

@@ -610,9 +610,27 @@ class ShardRouter:
             raise Unprocessable("the home shard refused this account; nothing was written") from exc
         return res
 
+    async def require_confirmed(self, shard: Shard) -> None:
+        """Refuse a read of ``shard``'s primary or standbys once this router's view of its epoch
+        is past its lease (``TopologyWatcher.confirmed``): cut off from etcd's majority, the
+        router cannot know whether the shard failed over, and the node it would read may be a
+        deposed primary that still answers reads with what it had. A 503 is the honest answer.
+
+        Writes need no such check: a deposed primary cannot commit without its synchronous
+        standby (the node promoted in its place), and the stores refuse stale epochs (G5).
+        """
+        if not await self.watcher.ensure_confirmed(shard):
+            raise RegionUnavailable(
+                "this region cannot confirm who holds the account's shard (etcd majority "
+                "unreachable); nothing stale is served",
+                retry_after_s=RETRY_AFTER_S,
+            )
+
     async def read(self, slot: int, op: str, fn: Any, deadline: Deadline) -> tuple[Any, Shard]:
-        """Run a read on the home primary of ``slot``: ``fn(store, timeout_s)``."""
+        """Run a read on the home primary of ``slot``: ``fn(store, timeout_s)``, only while the
+        shard's epoch is confirmed (:meth:`require_confirmed`)."""
         shard, _ = self.topology.route(slot)
+        await self.require_confirmed(shard)
         try:
             store = await self.stores.for_node(shard.primary)
             value = await self._timed(shard.name, op, fn(store, max(deadline.remaining(), 0.01)))

@@ -69,7 +69,9 @@ async def get_account(request: web.Request) -> web.Response:
     the client's token, else this region's synchronous standby when it is closer than the
     primary and new enough, else the primary. cached: the region cache while the region's
     invalidation relay is within its lag bound for the shard, else the primary. The cache
-    serves either level only within that bound.
+    serves either level only within that bound. The primary and the standby serve only while
+    this router's view of the shard's epoch is confirmed (``ShardRouter.require_confirmed``):
+    past it the read is a 503, never an answer from a primary that may have been deposed.
     """
     principal = authorize(request, "accounts:read")
     account_id = _account_id(request)
@@ -120,6 +122,8 @@ async def read_account(
             return _visible(entry.payload, tenant), shard, "cache"
         standby = _closer_local_standby(request, shard, config.region)
         if standby is not None:
+            # A standby of a deposed primary is as stale as the primary: same lease rule.
+            await router.require_confirmed(shard)
             row = await _read_standby(request, standby, account_id, tenant, deadline)
             if row is not None and row.version >= needed:
                 return row, shard, "standby"
