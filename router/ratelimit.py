@@ -309,9 +309,8 @@ class AccountCounts:
         else:
             self._unflushed.pop(tenant, None)
 
-    async def _flush_one(self, tenant: str, sem: asyncio.Semaphore) -> None:
+    async def _flush_one(self, tenant: str, delta: int, sem: asyncio.Semaphore) -> None:
         # Opens admitted while this flush is away add to the delta; only `delta` is settled.
-        delta = self._unflushed.get(tenant, 0)
         async with sem:
             try:
                 async with asyncio.timeout(ACCOUNT_COUNT_TIMEOUT_S):
@@ -332,8 +331,9 @@ class AccountCounts:
     async def flush(self) -> None:
         """Add every tenant's unflushed delta to its counter in etcd (one CAS per tenant)."""
         sem = asyncio.Semaphore(ACCOUNT_FLUSH_CONCURRENCY_MAX)
-        pending = [t for t, d in self._unflushed.items() if d]
-        await asyncio.gather(*(self._flush_one(t, sem) for t in pending))
+        # The deltas as of this call; what is admitted meanwhile goes with the next flush.
+        pending = [(t, d) for t, d in self._unflushed.items() if d]
+        await asyncio.gather(*(self._flush_one(t, d, sem) for t, d in pending))
 
     async def read(self) -> None:
         """Every tenant's total as etcd has it now (after this process's flush)."""
