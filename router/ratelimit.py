@@ -210,8 +210,16 @@ class LocalBuckets:
         self._tat: OrderedDict[str, int] = OrderedDict()
 
     def admit(
-        self, tenant: str, interval_us: int, tolerance_us: int, burst: int, cost: int = 1
+        self,
+        tenant: str,
+        interval_us: int,
+        tolerance_us: int,
+        burst: int,
+        cost: int = 1,
+        *,
+        limit: int = 0,
     ) -> Decision:
+        """``limit``: what RateLimit-Limit reports (the tenant's burst; default ``burst``)."""
         now = int(self._clock() * _US_PER_S)
         new_tat, (ok, remaining, retry, reset) = gcra(
             self._tat.get(tenant), now, interval_us, tolerance_us, cost
@@ -221,7 +229,7 @@ class LocalBuckets:
             self._tat.move_to_end(tenant)
             if len(self._tat) > LOCAL_BUCKETS_MAX:
                 self._tat.popitem(last=False)
-        return Decision(bool(ok), burst, int(remaining), int(retry), int(reset))
+        return Decision(bool(ok), limit or burst, int(remaining), int(retry), int(reset))
 
 
 class RedisBuckets:
@@ -384,7 +392,10 @@ class Limiter:
                     "rate limit buckets fall back to this process (Redis: %s)",
                     type(exc).__name__,
                 )
-        return self._local.admit(tenant, *bucket_params(limits, self._workers), cost)
+        # The headers still state the tenant's policy (its burst), not this worker's share.
+        return self._local.admit(
+            tenant, *bucket_params(limits, self._workers), cost, limit=limits.effective_burst
+        )
 
     def reserve_account(self, tenant: str) -> bool:
         """True: one unit taken from this process's view. False: at the cap. No etcd call."""

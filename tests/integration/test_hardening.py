@@ -52,6 +52,12 @@ def _problem(r: Reply, status: int, code: str) -> None:
     assert r.body["code"] == code, r.body
 
 
+def _fallbacks(api: Api, region: str) -> int:
+    """Times the region's routers logged that their buckets fell back to local ones."""
+    logs = (api.cluster.dir / "logs").glob(f"router-{region}*.log")
+    return sum(p.read_text(errors="replace").count("buckets fall back") for p in logs)
+
+
 async def test_an_overdraft_needs_the_overdraft_scope(api: Api) -> None:
     tenant = new_tenant()
     plain = api.token(tenant, ("accounts:read", "accounts:write", "transfers:write"))
@@ -74,6 +80,7 @@ async def test_a_tenant_rate_limit_applies_on_every_router_with_its_headers(api:
     try:
         await _set_limits(api, tenant, "--rate", "1", "--burst", "3")
         for region in ("us-east", "ap-south"):
+            fallbacks_before = _fallbacks(api, region)
             t0 = time.monotonic()
             replies = await asyncio.gather(
                 *(api.transfer(tenant, region, src, dst, 1) for _ in range(8))
@@ -82,9 +89,14 @@ async def test_a_tenant_rate_limit_applies_on_every_router_with_its_headers(api:
             admitted = [r for r in replies if r.status == 201]
             limited = [r for r in replies if r.status == 429]
             assert len(admitted) + len(limited) == 8, [r.status for r in replies]
-            # Burst 3, then one per second (the region's two workers share one bucket).
-            assert 1 <= len(admitted) <= 3 + int(elapsed) + 1, (region, elapsed)
-            assert len(limited) >= 8 - 3 - int(elapsed) - 1
+            # Burst 3, then one per second (the region's two workers share one bucket; on a
+            # machine so loaded that Redis misses its bound, each worker's local share admits
+            # less, never more).
+            # A worker whose Redis call missed its bound (a very loaded machine; it logs it)
+            # admits from its local share of the burst as well: fail open, bounded.
+            local = 2 if _fallbacks(api, region) > fallbacks_before else 0
+            assert 1 <= len(admitted) <= 3 + local + int(elapsed) + 1, (region, elapsed, local)
+            assert len(limited) >= 8 - 3 - local - int(elapsed) - 1
             for r in limited:
                 _problem(r, 429, "rate_limited")
                 assert int(r.headers["Retry-After"]) >= 1
