@@ -2,8 +2,10 @@
 
 ``txr limits set`` writes one key per tenant under ``LIMITS_PREFIX``; every router polls the
 prefix (router.ratelimit) and applies a change within two seconds. The account count of each
-tenant is a counter under ``ACCOUNT_COUNT_PREFIX``, moved by compare-and-swap so that
-concurrent opens in different regions can never pass the cap together.
+tenant is a counter under ``ACCOUNT_COUNT_PREFIX``: every router process adds the opens it
+admitted once per poll (compare-and-swap, so concurrent flushes never lose a count) and reads
+every tenant's total back in the same poll; the request path never calls etcd (the bound this
+puts on the cap is in router.ratelimit).
 
 Both prefixes sit outside the topology's ``/txr/`` so that neither a limit change nor an account
 open wakes the topology watchers of every router.
@@ -33,8 +35,9 @@ BURST_MAX: Final = 1_000_000
 # decision for an operator to make, not something a script in a loop gets by default.
 TENANT_ACCOUNTS_MAX_DEFAULT: Final = 1_000_000
 TENANT_ACCOUNTS_MAX_MAX: Final = 100_000_000
-# Compare-and-swap rounds on a tenant's account counter before giving up (fail open, logged):
-# each lost round means another open of the same tenant committed its count in between.
+# Compare-and-swap rounds on a tenant's account counter in one flush before giving up until the
+# next poll (the count is kept and retried): each lost round means another router process
+# flushed the same tenant's count in between.
 ACCOUNT_COUNT_CAS_ROUNDS_MAX: Final = 16
 
 
@@ -118,24 +121,39 @@ async def account_count(client: EtcdClient, tenant: str) -> int:
     return 0 if got is None else int(got[0])
 
 
-async def adjust_account_count(
-    client: EtcdClient, tenant: str, delta: int, *, cap: int | None
-) -> bool | None:
-    """Add ``delta`` to the tenant's account counter; with ``cap``, only while it stays within.
+async def load_account_counts(client: EtcdClient) -> dict[str, int]:
+    """Every tenant's account count, read at one revision (the routers' poll). A value that
+    does not parse is skipped: that tenant counts from zero until its next flush rewrites it."""
+    _, kv = await client.get_prefix(ACCOUNT_COUNT_PREFIX)
+    out: dict[str, int] = {}
+    for key, raw in kv.items():
+        try:
+            out[key.removeprefix(ACCOUNT_COUNT_PREFIX)] = int(raw)
+        except ValueError:
+            continue
+    return out
 
-    True: done. False: the cap would be passed (nothing changed). None: too many concurrent
-    writers (ACCOUNT_COUNT_CAS_ROUNDS_MAX), nothing changed. Raises EtcdError when etcd is away.
+
+async def add_account_count(client: EtcdClient, tenant: str, delta: int) -> int | None:
+    """Add ``delta`` (either sign; the count never goes below 0) to the tenant's account
+    counter: the new count, or None after ACCOUNT_COUNT_CAS_ROUNDS_MAX lost rounds (nothing
+    changed). Raises EtcdError when etcd is away (the outcome is then unknown).
+
+    No cap here: the counter records the opens routers admitted, and a router refuses at the
+    cap from its own view before an open (router.ratelimit).
     """
     key = ACCOUNT_COUNT_PREFIX + tenant
     for _ in range(ACCOUNT_COUNT_CAS_ROUNDS_MAX):
         got = await client.get(key)
-        current, revision = (0, 0) if got is None else (int(got[0]), got[1])
+        try:
+            current = 0 if got is None else int(got[0])
+        except ValueError:
+            current = 0  # an unreadable value is overwritten, never a reason to stop counting
+        revision = 0 if got is None else got[1]
         new = max(current + delta, 0)
-        if cap is not None and delta > 0 and new > cap:
-            return False
         try:
             await client.cas(key, revision, {key: str(new).encode()})
         except CasConflict:
             continue
-        return True
+        return new
     return None

@@ -20,6 +20,7 @@ from router.limits import (
     WRITE_DEADLINE_S,
 )
 from router.model import PostedTransfer, TransferRequest
+from router.ratelimit import charge
 from router.resources import METRICS, ROUTER
 from router.routing import Deadline, ShardRouter
 from router.validation import (
@@ -108,10 +109,12 @@ async def _answer(
 async def create_transfer_batch(request: web.Request) -> web.Response:
     """``POST /v1/transfers/batch``: independent items, each exactly one POST /v1/transfers.
 
-    The envelope is checked whole first (400/413/422, nothing applied); then every item is
-    validated on its own (a bad item gets its own 422, its neighbours go on), the valid ones
-    go to their shards' batchers together, and the answer lists one result per item in
-    request order. The consistency token covers every applied or replayed item.
+    The envelope is checked whole first (400/413/422, nothing applied); the batch is charged to
+    the tenant's rate as one unit per item (429 for the whole batch, nothing applied, when that
+    many are not there); then every item is validated on its own (a bad item gets its own 422,
+    its neighbours go on), the valid ones go to their shards' batchers together, and the answer
+    lists one result per item in request order. The consistency token covers every applied or
+    replayed item.
     """
     principal = authorize(request, "transfers:write")
     client_token(request)
@@ -121,6 +124,8 @@ async def create_transfer_batch(request: web.Request) -> web.Response:
     items = doc["transfers"]
     if not isinstance(items, list) or not 1 <= len(items) <= TRANSFER_BATCH_ITEMS_MAX:
         raise Unprocessable(f"transfers must be a list of 1 to {TRANSFER_BATCH_ITEMS_MAX} items")
+    # The tenant's rate limit, one unit per item, all or nothing (router.ratelimit).
+    rate_headers = await charge(request, principal.tenant, len(items))
     results: list[dict[str, Any] | None] = [None] * len(items)
     valid: list[tuple[int, TransferRequest, str]] = []
     for i, item in enumerate(items):
@@ -158,7 +163,13 @@ async def create_transfer_batch(request: web.Request) -> web.Response:
     if cross:
         await asyncio.gather(*cross)
     assert all(r is not None for r in results)
-    return json_response(request, {"results": results}, versions=versions, served_by="primary")
+    return json_response(
+        request,
+        {"results": results},
+        versions=versions,
+        served_by="primary",
+        headers=rate_headers,
+    )
 
 
 def _batch_item(item: object) -> tuple[TransferRequest, str]:

@@ -1,5 +1,7 @@
 """GCRA buckets: the in-process fallback and the Redis script pass the same contract on a fake
-clock; the limiter falls back to local buckets (still limiting) when Redis does not answer."""
+clock (requests of cost 1 and batches of cost n); the limiter falls back to local buckets
+(still limiting) when Redis does not answer; the account cap is decided from the process's own
+view without etcd, and its flushes err towards over-counting."""
 
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from router.ratelimit import (
     Limiter,
     LocalBuckets,
     RedisBuckets,
+    TenantRateLimited,
     bucket_params,
 )
 from tests.fixtures.redis import RedisServer
 
 S = 1_000_000  # microseconds
-Admit = Callable[[str, int, int, int, int], Awaitable[Decision]]
+Admit = Callable[[str, int, int, int, int, int], Awaitable[Decision]]
 
 
 async def _contract(admit: Admit) -> None:
@@ -31,8 +34,8 @@ async def _contract(admit: Admit) -> None:
     assert (interval, tolerance, burst) == (S // 2, S, 3)
     t0 = 1000 * S
 
-    async def at(t: int, tenant: str = "a") -> Decision:
-        return await admit(tenant, interval, tolerance, burst, t)
+    async def at(t: int, tenant: str = "a", cost: int = 1) -> Decision:
+        return await admit(tenant, interval, tolerance, burst, t, cost)
 
     got = [await at(t0) for _ in range(4)]
     assert [d.allowed for d in got] == [True, True, True, False]
@@ -56,14 +59,33 @@ async def _contract(admit: Admit) -> None:
     later = [await at(t0 + 60 * S) for _ in range(4)]
     assert [d.allowed for d in later] == [True, True, True, False]
 
+    # A batch costs its item count, all or nothing (tenant "c", idle, burst 3).
+    d = await at(t0, "c", cost=2)
+    assert (d.allowed, d.remaining, d.reset_us) == (True, 1, 2 * interval)
+    # Two more are not there: refused whole, nothing taken; Remaining says what is left, and
+    # Retry-After is when two would be.
+    d = await at(t0, "c", cost=2)
+    assert (d.allowed, d.remaining, d.retry_after_us) == (False, 1, interval)
+    d = await at(t0 + interval, "c", cost=2)
+    assert (d.allowed, d.remaining) == (True, 0)
+    assert not (await at(t0 + interval, "c")).allowed
+    # More than the burst is never admitted, not even from a whole bucket (tenant "d").
+    d = await at(t0, "d", cost=4)
+    assert (d.allowed, d.remaining) == (False, 3)
+    assert d.retry_after_us > 0
+    d = await at(t0, "d", cost=3)
+    assert (d.allowed, d.remaining) == (True, 0)
+
 
 async def test_local_buckets_pass_the_contract() -> None:
     now = [0.0]
     local = LocalBuckets(clock=lambda: now[0])
 
-    async def admit(tenant: str, interval: int, tolerance: int, burst: int, t: int) -> Decision:
+    async def admit(
+        tenant: str, interval: int, tolerance: int, burst: int, t: int, cost: int
+    ) -> Decision:
         now[0] = t / S
-        return local.admit(tenant, interval, tolerance, burst)
+        return local.admit(tenant, interval, tolerance, burst, cost)
 
     await _contract(admit)
 
@@ -74,8 +96,10 @@ async def test_redis_script_passes_the_same_contract(redis_server: RedisServer) 
     try:
         buckets = RedisBuckets(client)
 
-        async def admit(tenant: str, interval: int, tolerance: int, burst: int, t: int) -> Decision:
-            return await buckets.admit(tenant, interval, tolerance, burst, now_us=t)
+        async def admit(
+            tenant: str, interval: int, tolerance: int, burst: int, t: int, cost: int
+        ) -> Decision:
+            return await buckets.admit(tenant, interval, tolerance, burst, cost, now_us=t)
 
         await _contract(admit)
         # Redis's own clock (what the routers use) admits a fresh tenant at once.
@@ -102,10 +126,63 @@ async def test_redis_down_falls_back_to_a_local_bucket_that_still_limits() -> No
         # Two workers share the region's limit while Redis is away: burst 4 -> 2 per worker.
         assert [d.allowed for d in got if d is not None] == [True, True, False, False]
         assert got[0] is not None
-        assert got[0].limit == 2
+        # The headers state the tenant's policy, not the worker's share.
+        assert got[0].limit == 4
         # Redis is tried again only after REDIS_RETRY_S, not on every request.
         mono[0] += REDIS_RETRY_S
         assert (await limiter.admit("t")) is not None
+        # A batch through the local bucket costs its items too (a fresh tenant: burst 2 each).
+        limiter.replace_limits({"u": TenantLimits(rate_per_s=10, burst=4)})
+        refused = await limiter.admit("u", 3)
+        assert refused is not None
+        assert (refused.allowed, refused.remaining) == (False, 2)
+        ok = await limiter.admit("u", 2)
+        assert ok is not None
+        assert ok.allowed
+    finally:
+        await client.aclose()
+        await etcd.close()
+
+
+def test_a_refused_batch_says_why() -> None:
+    short = TenantRateLimited(Decision(False, 5, 2, 1_500_000, 1_500_000), cost=4)
+    assert short.status == 429
+    assert "RateLimit-Remaining" in short.headers()
+    assert short.headers()["Retry-After"] == "2"
+    assert "nothing was applied" in short.detail
+    assert "split it" in TenantRateLimited(Decision(False, 5, 5, 1, 1), cost=6).detail
+
+
+async def test_the_account_cap_is_decided_without_etcd_and_flushes_over_count() -> None:
+    # etcd unreachable (nothing on port 1): the request path must not need it at all.
+    client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.05)
+    etcd = EtcdClient(["http://127.0.0.1:1"], timeout_s=0.05)
+    limiter = Limiter(client, etcd)
+    try:
+        limiter.replace_limits({"t": TenantLimits(accounts_max=3)})
+        # Not a coroutine: deciding is a lookup in this process's view, no etcd round trip.
+        got = [limiter.reserve_account("t") for _ in range(4)]
+        assert got == [True, True, True, False]
+        # A refused open gives its unit back: one more fits, then the cap holds again.
+        limiter.release_account("t")
+        assert limiter.reserve_account("t")
+        assert not limiter.reserve_account("t")
+        # Another tenant has its own count (and the default cap).
+        assert limiter.reserve_account("other")
+        # etcd away: a flush fails, the opens stay counted here and are sent again later.
+        await limiter.accounts.flush()
+        assert limiter.accounts.unflushed("t") == 3
+        assert limiter.accounts.view("t") == 3
+        assert not limiter.reserve_account("t")
+        # A give-back whose flush fails (outcome unknown) is dropped, never sent twice: the
+        # count may over-state, never under-state. Opens stay.
+        limiter.release_account("t")
+        limiter.release_account("t")
+        limiter.release_account("t")
+        limiter.release_account("t")
+        await limiter.accounts.flush()
+        assert limiter.accounts.unflushed("t") == 0
+        assert limiter.accounts.view("t") == 0
     finally:
         await client.aclose()
         await etcd.close()
