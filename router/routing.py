@@ -33,7 +33,7 @@ from regionstore.store import (
     TransferItem,
     TransferResult,
 )
-from router.batcher import BatcherFull, ShardBatcher
+from router.batcher import BatcherFull, DeadlinePassedUnsent, ShardBatcher, TenantQueueFull
 from router.cache import RegionCache
 from router.config import RouterConfig
 from router.errors import (
@@ -52,6 +52,7 @@ from router.limits import (
     FAILOVER_WAITS_MAX,
     INLINE_DELIVERIES_MAX,
     INLINE_SETTLE_WAIT_S,
+    OVERLOAD_RETRY_AFTER_S,
     POOL_MAX,
     POOL_MIN,
     POOL_OPEN_TIMEOUT_S,
@@ -241,11 +242,8 @@ class ShardRouter:
             item = _item(tenant, req, key, ids.new_transfer_id(), source_epoch, dest_epoch, None)
             try:
                 fut = self._batcher(shard).enqueue(item, timeout_s=deadline.remaining())
-            except BatcherFull:
-                out[i] = RateLimited(
-                    f"too many transfers queued for shard {shard.name}; retry shortly",
-                    retry_after_s=RETRY_AFTER_S,
-                )
+            except (BatcherFull, TenantQueueFull) as exc:
+                out[i] = self._shed(shard.name, exc)
                 continue
             queued.append((i, fut, shard, source_slot, item))
         results = await asyncio.gather(*(q[1] for q in queued), return_exceptions=True)
@@ -285,7 +283,30 @@ class ShardRouter:
         assert all(o is not None for o in out)
         return [o for o in out if o is not None]
 
+    def _shed(self, shard: str, exc: BatcherFull | TenantQueueFull) -> ApiError:
+        """A write refused at the shard's queue, before anything was sent."""
+        if isinstance(exc, TenantQueueFull):
+            self._store_error(shard, "tenant_queue_full")
+            return RateLimited(
+                f"this tenant has too many transfers queued for shard {shard}; retry shortly",
+                retry_after_s=OVERLOAD_RETRY_AFTER_S,
+            )
+        self._store_error(shard, "shed")
+        return RegionUnavailable(
+            f"shard {shard} is overloaded; nothing was written, retry shortly",
+            retry_after_s=OVERLOAD_RETRY_AFTER_S,
+        )
+
     def _map_store_error(self, shard: str, exc: BaseException) -> ApiError:
+        if isinstance(exc, DeadlinePassedUnsent):
+            # Still queued when its deadline passed, so never sent: surely not applied, which
+            # is 503 with Retry-After, never outcome_unknown (G7).
+            self._store_error(shard, "deadline_unsent")
+            return RegionUnavailable(
+                "the request deadline passed before the transfer reached its shard; "
+                "nothing was written",
+                retry_after_s=OVERLOAD_RETRY_AFTER_S,
+            )
         if isinstance(exc, StoreOutcomeUnknown):
             self._store_error(shard, "outcome_unknown")
             return OutcomeUnknown(
@@ -443,16 +464,19 @@ class ShardRouter:
         self, shard: Shard, item: TransferItem, deadline: Deadline
     ) -> TransferResult:
         if deadline.expired():
-            raise OutcomeUnknown("the request deadline passed; retry with the same key")
+            # Every earlier attempt was refused or never sent: nothing was written.
+            raise RegionUnavailable(
+                "the request deadline passed before the transfer was sent; nothing was written",
+                retry_after_s=RETRY_AFTER_S,
+            )
         batcher = self._batcher(shard)
         try:
             # Timed once per batch by the batcher (observe_call), not here per item.
             result = await batcher.submit(item, timeout_s=deadline.remaining())
-        except BatcherFull as exc:
-            raise RateLimited(
-                f"too many transfers queued for shard {shard.name}; retry shortly",
-                retry_after_s=RETRY_AFTER_S,
-            ) from exc
+        except (BatcherFull, TenantQueueFull) as exc:
+            raise self._shed(shard.name, exc) from exc
+        except DeadlinePassedUnsent as exc:
+            raise self._map_store_error(shard.name, exc) from exc
         except StoreUnavailable as exc:
             self._store_error(shard.name, "unavailable")
             raise _PrimaryUnreachable(shard.name) from exc
@@ -579,7 +603,11 @@ class ShardRouter:
         deadline: Deadline,
     ) -> tuple[CreateAccountCode, AccountRow | None]:
         if deadline.expired():
-            raise OutcomeUnknown("the request deadline passed")
+            # Earlier attempts were refused (id taken, fence): nothing was created.
+            raise RegionUnavailable(
+                "the request deadline passed before the account was created; nothing was written",
+                retry_after_s=RETRY_AFTER_S,
+            )
         try:
             store = await self.stores.for_node(shard.primary)
             res: tuple[CreateAccountCode, AccountRow | None] = await self._timed(
