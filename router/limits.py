@@ -143,3 +143,14 @@ TRANSFER_BATCH_BODY_BYTES_MAX: Final = 2 * 1024 * 1024
 # futures and coroutines pushed it past 700 every ~35 requests, and GC was 8-9 % of the
 # router's CPU (issue 11). The older generations keep their default ratios.
 GC_GEN0_THRESHOLD: Final = 50_000
+
+# -- Circuit breakers (router.breaker), one per remote primary node ---------------------------
+# This many calls in a row that could not reach a remote primary (StoreUnavailable before the
+# caller's own deadline) open its breaker: calls then fail at once with 503 and Retry-After
+# instead of each waiting up to a pool acquire (1 s) for a peer that is cut off. Five is a few
+# requests' worth, so one dropped connection never opens it.
+BREAKER_FAILURES_MAX: Final = 5
+# An open breaker lets one probe call through after this long (half-open); its success closes
+# the breaker, its failure keeps it open for another period. Two seconds is below the
+# failover detection time (3 s), so a healed link is used again before a failover would act.
+BREAKER_OPEN_S: Final = 2.0

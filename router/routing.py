@@ -34,6 +34,7 @@ from regionstore.store import (
     TransferResult,
 )
 from router.batcher import BatcherFull, DeadlinePassedUnsent, ShardBatcher, TenantQueueFull
+from router.breaker import CircuitBreaker
 from router.cache import RegionCache
 from router.config import RouterConfig
 from router.errors import (
@@ -154,6 +155,8 @@ class ShardRouter:
         self._buffered = 0
         self._batchers: dict[tuple[str, int], ShardBatcher] = {}
         self._inline: set[asyncio.Task[Delivery]] = set()
+        # One per remote primary node (router.breaker); local nodes have none.
+        self._breakers: dict[str, CircuitBreaker] = {}
 
     # -- ShardResolver, for the outbox relays (router.relays.outbox) --------------------------
 
@@ -215,6 +218,41 @@ class ShardRouter:
                     time.perf_counter() - start
                 )
 
+    # -- circuit breakers (router.breaker) --------------------------------------------------
+
+    def _breaker(self, node: Node) -> CircuitBreaker | None:
+        if node.region == self.region:
+            return None  # the local failure modes have their own handling (failover buffer)
+        breaker = self._breakers.get(node.name)
+        if breaker is None:
+            breaker = self._breakers[node.name] = CircuitBreaker()
+        return breaker
+
+    def _circuit_open(self, shard: Shard, breaker: CircuitBreaker | None) -> ApiError | None:
+        """The 503 to answer at once when ``shard``'s remote primary is behind an open breaker
+        (nothing was sent), else None (and, half-open, this call is the probe)."""
+        if breaker is None or breaker.allow():
+            return None
+        self._store_error(shard.name, "circuit_open")
+        return RegionUnavailable(
+            f"shard {shard.name}'s primary in {shard.primary.region} is not reachable from "
+            f"{self.region}; nothing was sent",
+            retry_after_s=breaker.retry_after_s(),
+        )
+
+    @staticmethod
+    def _record(
+        breaker: CircuitBreaker | None, exc: BaseException | None, deadline: Deadline
+    ) -> None:
+        """An answer closes the breaker; failing to reach the node counts against it, unless
+        the caller's own deadline ran out (a short Request-Timeout says nothing of the node)."""
+        if breaker is None:
+            return
+        if exc is None:
+            breaker.success()
+        elif isinstance(exc, StoreUnavailable) and not deadline.expired():
+            breaker.failure()
+
     async def post_many(
         self,
         tenant: str,
@@ -240,6 +278,10 @@ class ShardRouter:
                 slow.append(i)
                 continue
             item = _item(tenant, req, key, ids.new_transfer_id(), source_epoch, dest_epoch, None)
+            refusal = self._circuit_open(shard, self._breaker(shard.primary))
+            if refusal is not None:
+                out[i] = refusal
+                continue
             try:
                 fut = self._batcher(shard).enqueue(item, timeout_s=deadline.remaining())
             except (BatcherFull, TenantQueueFull) as exc:
@@ -249,6 +291,11 @@ class ShardRouter:
         results = await asyncio.gather(*(q[1] for q in queued), return_exceptions=True)
         retry_ids: dict[int, uuid.UUID] = {}
         for (i, _fut, shard, source_slot, item), res in zip(queued, results, strict=True):
+            self._record(
+                self._breaker(shard.primary),
+                None if isinstance(res, TransferResult) else res,
+                deadline,
+            )
             if isinstance(res, TransferResult):
                 if res.code in _FENCE_CODES:
                     self.metrics.fence_rejections.labels(
@@ -469,6 +516,10 @@ class ShardRouter:
                 "the request deadline passed before the transfer was sent; nothing was written",
                 retry_after_s=RETRY_AFTER_S,
             )
+        breaker = self._breaker(shard.primary)
+        refusal = self._circuit_open(shard, breaker)
+        if refusal is not None:
+            raise refusal
         batcher = self._batcher(shard)
         try:
             # Timed once per batch by the batcher (observe_call), not here per item.
@@ -478,6 +529,7 @@ class ShardRouter:
         except DeadlinePassedUnsent as exc:
             raise self._map_store_error(shard.name, exc) from exc
         except StoreUnavailable as exc:
+            self._record(breaker, exc, deadline)
             self._store_error(shard.name, "unavailable")
             raise _PrimaryUnreachable(shard.name) from exc
         except StoreOutcomeUnknown as exc:
@@ -489,6 +541,7 @@ class ShardRouter:
         except StoreInvariantViolation as exc:
             # Rolled back: certainly not applied, so never an unknown outcome (G7).
             raise self._map_store_error(shard.name, exc) from exc
+        self._record(breaker, None, deadline)
         return result
 
     def _store_error(self, shard: str, kind: str) -> None:
@@ -641,13 +694,19 @@ class ShardRouter:
     async def read(self, slot: int, op: str, fn: Any, deadline: Deadline) -> tuple[Any, Shard]:
         """Run a read on the home primary of ``slot``: ``fn(store, timeout_s)``."""
         shard, _ = self.topology.route(slot)
+        breaker = self._breaker(shard.primary)
+        refusal = self._circuit_open(shard, breaker)
+        if refusal is not None:
+            raise refusal
         try:
             store = await self.stores.for_node(shard.primary)
             value = await self._timed(shard.name, op, fn(store, max(deadline.remaining(), 0.01)))
         except (StoreUnavailable, StoreOutcomeUnknown) as exc:
+            self._record(breaker, exc, deadline)
             raise RegionUnavailable(
                 "the account's home shard is not reachable", retry_after_s=RETRY_AFTER_S
             ) from exc
+        self._record(breaker, None, deadline)
         return value, shard
 
 

@@ -22,6 +22,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from consistency import ids
+from infra.local import cluster as lc
 from router.app import create_app
 from router.config import RouterConfig
 from router.limits import (
@@ -30,6 +31,7 @@ from router.limits import (
     BATCH_QUEUE_ITEMS_MAX,
     BATCH_QUEUE_TENANT_SHARE,
     BATCH_SIZE_MAX,
+    BREAKER_FAILURES_MAX,
     READ_DEADLINE_S,
     WRITE_DEADLINE_S,
 )
@@ -305,3 +307,108 @@ async def test_one_tenant_cannot_fill_the_shard_queue(
     assert status == 201, doc
     assert await _balance(api, quiet, q_dst) == 7
     assert await _balance(api, noisy, dst) == applied
+
+
+class _Link:
+    """A TCP forwarder the test owns, between one router and one primary: ``cut`` closes its
+    connections and refuses new ones (connection reset), ``heal`` forwards again."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.cut = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+    def cut_now(self) -> None:
+        self.cut = True
+        for w in list(self._writers):
+            w.transport.abort()
+
+    async def close(self) -> None:
+        self.cut_now()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_a_remote_primary_that_cannot_be_reached_trips_the_breaker(
+    api: Api, local_cluster: Any
+) -> None:
+    """Consecutive failures to reach a remote primary open its breaker: reads and writes then
+    fail at once with 503 and Retry-After; once the link is back a probe closes it."""
+    remote_region, remote_shard = "us-east", "us-east-1"
+    info = psycopg.conninfo.conninfo_to_dict(lc.primary_admin_dsns(local_cluster.dir)[remote_shard])
+    node_addr = f"{info['host']}:{info['port']}"
+    config = RouterConfig.load(local_cluster.dir / "run" / f"router-{REGION}.json")
+    mapped = config.dial.get(node_addr, node_addr)
+    host, _, port = mapped.rpartition(":")
+    link = _Link((host, int(port)))
+    link_port = await link.start()
+    dial = {**config.dial, node_addr: f"127.0.0.1:{link_port}"}
+    tenant = new_tenant()
+    acc = await api.funded(tenant, remote_region, 100)
+    dst = await api.open_account(tenant, remote_region)
+    assert (await api.account(tenant, remote_region, acc))["shard"] == remote_shard
+    app = create_app(dataclasses.replace(config, port=0, dial=dial))
+    try:
+        async with TestClient(TestServer(app)) as client:
+            path = f"/v1/accounts/{acc}?consistency=strong"
+
+            async def read() -> tuple[int, dict[str, str], float]:
+                t0 = time.monotonic()
+                resp = await client.get(path, headers=_auth(api, tenant))
+                await resp.read()
+                return resp.status, dict(resp.headers), time.monotonic() - t0
+
+            assert (await read())[0] == 200
+            link.cut_now()
+            failures = [await read() for _ in range(BREAKER_FAILURES_MAX)]
+            assert all(status == 503 for status, _, _ in failures), failures
+            # Open: refused at once, without a connection attempt.
+            fast = [await read() for _ in range(5)]
+            assert all(s == 503 and h.get("Retry-After") for s, h, _ in fast), fast
+            assert sum(e for _, _, e in fast) < 0.5, fast
+            status, doc, headers, elapsed = await _post(client, api, tenant, _transfer(acc, dst, 5))
+            assert status == 503, doc
+            assert doc["code"] == "region_unavailable"
+            assert headers["Retry-After"]
+            assert elapsed < 0.2, elapsed
+            link.cut = False
+            # Half-open probes every BREAKER_OPEN_S until the pool has reconnected.
+            deadline = time.monotonic() + 30
+            while (await read())[0] != 200:
+                assert time.monotonic() < deadline, "the breaker never closed"
+                await asyncio.sleep(0.2)
+            assert [(await read())[0] for _ in range(3)] == [200] * 3
+    finally:
+        await link.close()
+    assert await _balance(api, tenant, dst) == 0, "the refused write was not applied"
