@@ -300,6 +300,18 @@ class ShardBatcher:
         started = time.perf_counter()
         try:
             store = await self._store()
+            # Reaching the store may have taken a while (a pool to open): items whose deadline
+            # passed meanwhile are left out of the call. Their callers were (or are now) told
+            # so; not sending what nobody waits for is within either answer.
+            now = asyncio.get_running_loop().time()
+            if any(p.deadline <= now for p in batch):
+                _fail(
+                    [p for p in batch if p.deadline <= now],
+                    DeadlinePassedUnsent("the deadline passed before the batch was sent"),
+                )
+                batch = [p for p in batch if p.deadline > now]
+                if not batch:
+                    return
             results = await store.post_transfers(
                 self._epoch,
                 [p.item for p in batch],
