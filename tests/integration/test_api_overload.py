@@ -299,14 +299,16 @@ async def test_one_tenant_cannot_fill_the_shard_queue(
     limited = [r for r in results if r["status"] == 429]
     assert limited, "one tenant filled more than its share"
     assert {r["error"]["code"] for r in limited} == {"rate_limited"}
-    assert set(statuses) <= {201, 429}, sorted(set(statuses))
+    # Admitted items commit (201) or, on a loaded machine, run out of deadline once sent (504:
+    # they all lock the same source row, so their batches commit one after another).
+    assert set(statuses) <= {201, 429, 504}, sorted(set(statuses))
     # In flight (two batches) plus its share of the queue, no more.
-    applied = statuses.count(201)
-    assert share <= applied <= share + BATCH_INFLIGHT_MAX * BATCH_SIZE_MAX, applied
+    admitted = statuses.count(201) + statuses.count(504)
+    assert share <= admitted <= share + BATCH_INFLIGHT_MAX * BATCH_SIZE_MAX, admitted
     status, doc, _, _ = await quiet_write
     assert status == 201, doc
     assert await _balance(api, quiet, q_dst) == 7
-    assert await _balance(api, noisy, dst) == applied
+    assert statuses.count(201) <= await _balance(api, noisy, dst) <= admitted
 
 
 class _Link:
