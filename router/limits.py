@@ -84,8 +84,35 @@ BATCH_INFLIGHT_MAX: Final = 2
 # While a shard is busy, a new batch waits at most this long for followers. Idle shards never
 # linger: the first transfer leaves at once.
 BATCH_LINGER_US: Final = 200
-# Transfers queued per shard beyond those in flight; past this the router answers 429.
+# Transfers queued per shard beyond those in flight: the high-water mark. Past it the router
+# sheds new writes at once (503 region_unavailable, Retry-After) instead of queueing them: 64
+# batches of backlog is already seconds of work for one shard, and a longer queue would only
+# make every admitted write slower (issue 16, "Overload").
 BATCH_QUEUE_ITEMS_MAX: Final = 4096
+# The second shedding signal, by time rather than count: while the oldest transfer still
+# queued for a shard has waited longer than this, new writes for that shard are shed the same
+# way. A local batch commits in a few ms and one to a remote primary under --wan realistic in
+# about one 190 ms RTT, so two seconds means the shard has been behind its arrivals for many
+# batch rounds (CoDel's reasoning: a standing queue, not a burst). It is under half of
+# WRITE_DEADLINE_S, so a write that was admitted still has time to commit, and a test suite's
+# bursts on a loaded two-core machine (hot-account contention) are not shed. To be tuned with
+# the open-loop overload run of txr bench (issue 16).
+BATCH_QUEUE_DELAY_MAX_S: Final = 2.0
+# Fair queuing: one tenant may hold at most this fraction of a shard's queue (past it, 429
+# rate_limited with Retry-After for that tenant while others still get in). A quarter keeps
+# room for at least three more tenants at full share, and still fits one whole batch request
+# (TRANSFER_BATCH_ITEMS_MAX items) of a single tenant. Batches are formed round-robin over
+# the tenants that have items queued, so a tenant's backlog never delays another's next batch.
+BATCH_QUEUE_TENANT_SHARE: Final = 0.25
+# Retry-After (seconds) when a write is shed for overload or for its tenant's queue share: one
+# second is several batch rounds, long enough for the queue to drain, short for a client.
+OVERLOAD_RETRY_AFTER_S: Final = 1
+
+# -- Request-Timeout (API.md "Deadlines, limits and overload") --------------------------------
+# The header is a positive integer of milliseconds; the router works within min(it, its own
+# bound: WRITE_DEADLINE_S / READ_DEADLINE_S). More digits than this is no meaningful budget
+# (over 11 days), and refusing them keeps int() of a megabyte of digits off the request path.
+REQUEST_TIMEOUT_DIGITS_MAX: Final = 9
 
 # A ``cached`` read is served from the region cache only while the region's invalidation relay
 # is at most this far behind the shard (G6); otherwise it goes to the home primary. The relay
@@ -118,3 +145,14 @@ TRANSFER_BATCH_BODY_BYTES_MAX: Final = 2 * 1024 * 1024
 # futures and coroutines pushed it past 700 every ~35 requests, and GC was 8-9 % of the
 # router's CPU (issue 11). The older generations keep their default ratios.
 GC_GEN0_THRESHOLD: Final = 50_000
+
+# -- Circuit breakers (router.breaker), one per remote primary node ---------------------------
+# This many calls in a row that could not reach a remote primary (StoreUnavailable before the
+# caller's own deadline) open its breaker: calls then fail at once with 503 and Retry-After
+# instead of each waiting up to a pool acquire (1 s) for a peer that is cut off. Five is a few
+# requests' worth, so one dropped connection never opens it.
+BREAKER_FAILURES_MAX: Final = 5
+# An open breaker lets one probe call through after this long (half-open); its success closes
+# the breaker, its failure keeps it open for another period. Two seconds is below the
+# failover detection time (3 s), so a healed link is used again before a failover would act.
+BREAKER_OPEN_S: Final = 2.0

@@ -33,7 +33,8 @@ from regionstore.store import (
     TransferItem,
     TransferResult,
 )
-from router.batcher import BatcherFull, ShardBatcher
+from router.batcher import BatcherFull, DeadlinePassedUnsent, ShardBatcher, TenantQueueFull
+from router.breaker import CircuitBreaker
 from router.cache import RegionCache
 from router.config import RouterConfig
 from router.errors import (
@@ -52,6 +53,7 @@ from router.limits import (
     FAILOVER_WAITS_MAX,
     INLINE_DELIVERIES_MAX,
     INLINE_SETTLE_WAIT_S,
+    OVERLOAD_RETRY_AFTER_S,
     POOL_MAX,
     POOL_MIN,
     POOL_OPEN_TIMEOUT_S,
@@ -153,6 +155,8 @@ class ShardRouter:
         self._buffered = 0
         self._batchers: dict[tuple[str, int], ShardBatcher] = {}
         self._inline: set[asyncio.Task[Delivery]] = set()
+        # One per remote primary node (router.breaker); local nodes have none.
+        self._breakers: dict[str, CircuitBreaker] = {}
 
     # -- ShardResolver, for the outbox relays (router.relays.outbox) --------------------------
 
@@ -214,6 +218,41 @@ class ShardRouter:
                     time.perf_counter() - start
                 )
 
+    # -- circuit breakers (router.breaker) --------------------------------------------------
+
+    def _breaker(self, node: Node) -> CircuitBreaker | None:
+        if node.region == self.region:
+            return None  # the local failure modes have their own handling (failover buffer)
+        breaker = self._breakers.get(node.name)
+        if breaker is None:
+            breaker = self._breakers[node.name] = CircuitBreaker()
+        return breaker
+
+    def _circuit_open(self, shard: Shard, breaker: CircuitBreaker | None) -> ApiError | None:
+        """The 503 to answer at once when ``shard``'s remote primary is behind an open breaker
+        (nothing was sent), else None (and, half-open, this call is the probe)."""
+        if breaker is None or breaker.allow():
+            return None
+        self._store_error(shard.name, "circuit_open")
+        return RegionUnavailable(
+            f"shard {shard.name}'s primary in {shard.primary.region} is not reachable from "
+            f"{self.region}; nothing was sent",
+            retry_after_s=breaker.retry_after_s(),
+        )
+
+    @staticmethod
+    def _record(
+        breaker: CircuitBreaker | None, exc: BaseException | None, deadline: Deadline
+    ) -> None:
+        """An answer closes the breaker; failing to reach the node counts against it, unless
+        the caller's own deadline ran out (a short Request-Timeout says nothing of the node)."""
+        if breaker is None:
+            return
+        if exc is None:
+            breaker.success()
+        elif isinstance(exc, StoreUnavailable) and not deadline.expired():
+            breaker.failure()
+
     async def post_many(
         self,
         tenant: str,
@@ -239,18 +278,24 @@ class ShardRouter:
                 slow.append(i)
                 continue
             item = _item(tenant, req, key, ids.new_transfer_id(), source_epoch, dest_epoch, None)
+            refusal = self._circuit_open(shard, self._breaker(shard.primary))
+            if refusal is not None:
+                out[i] = refusal
+                continue
             try:
                 fut = self._batcher(shard).enqueue(item, timeout_s=deadline.remaining())
-            except BatcherFull:
-                out[i] = RateLimited(
-                    f"too many transfers queued for shard {shard.name}; retry shortly",
-                    retry_after_s=RETRY_AFTER_S,
-                )
+            except (BatcherFull, TenantQueueFull) as exc:
+                out[i] = self._shed(shard.name, exc)
                 continue
             queued.append((i, fut, shard, source_slot, item))
         results = await asyncio.gather(*(q[1] for q in queued), return_exceptions=True)
         retry_ids: dict[int, uuid.UUID] = {}
         for (i, _fut, shard, source_slot, item), res in zip(queued, results, strict=True):
+            self._record(
+                self._breaker(shard.primary),
+                None if isinstance(res, TransferResult) else res,
+                deadline,
+            )
             if isinstance(res, TransferResult):
                 if res.code in _FENCE_CODES:
                     self.metrics.fence_rejections.labels(
@@ -285,7 +330,30 @@ class ShardRouter:
         assert all(o is not None for o in out)
         return [o for o in out if o is not None]
 
+    def _shed(self, shard: str, exc: BatcherFull | TenantQueueFull) -> ApiError:
+        """A write refused at the shard's queue, before anything was sent."""
+        if isinstance(exc, TenantQueueFull):
+            self._store_error(shard, "tenant_queue_full")
+            return RateLimited(
+                f"this tenant has too many transfers queued for shard {shard}; retry shortly",
+                retry_after_s=OVERLOAD_RETRY_AFTER_S,
+            )
+        self._store_error(shard, "shed")
+        return RegionUnavailable(
+            f"shard {shard} is overloaded; nothing was written, retry shortly",
+            retry_after_s=OVERLOAD_RETRY_AFTER_S,
+        )
+
     def _map_store_error(self, shard: str, exc: BaseException) -> ApiError:
+        if isinstance(exc, DeadlinePassedUnsent):
+            # Still queued when its deadline passed, so never sent: surely not applied, which
+            # is 503 with Retry-After, never outcome_unknown (G7).
+            self._store_error(shard, "deadline_unsent")
+            return RegionUnavailable(
+                "the request deadline passed before the transfer reached its shard; "
+                "nothing was written",
+                retry_after_s=OVERLOAD_RETRY_AFTER_S,
+            )
         if isinstance(exc, StoreOutcomeUnknown):
             self._store_error(shard, "outcome_unknown")
             return OutcomeUnknown(
@@ -443,17 +511,25 @@ class ShardRouter:
         self, shard: Shard, item: TransferItem, deadline: Deadline
     ) -> TransferResult:
         if deadline.expired():
-            raise OutcomeUnknown("the request deadline passed; retry with the same key")
+            # Every earlier attempt was refused or never sent: nothing was written.
+            raise RegionUnavailable(
+                "the request deadline passed before the transfer was sent; nothing was written",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        breaker = self._breaker(shard.primary)
+        refusal = self._circuit_open(shard, breaker)
+        if refusal is not None:
+            raise refusal
         batcher = self._batcher(shard)
         try:
             # Timed once per batch by the batcher (observe_call), not here per item.
             result = await batcher.submit(item, timeout_s=deadline.remaining())
-        except BatcherFull as exc:
-            raise RateLimited(
-                f"too many transfers queued for shard {shard.name}; retry shortly",
-                retry_after_s=RETRY_AFTER_S,
-            ) from exc
+        except (BatcherFull, TenantQueueFull) as exc:
+            raise self._shed(shard.name, exc) from exc
+        except DeadlinePassedUnsent as exc:
+            raise self._map_store_error(shard.name, exc) from exc
         except StoreUnavailable as exc:
+            self._record(breaker, exc, deadline)
             self._store_error(shard.name, "unavailable")
             raise _PrimaryUnreachable(shard.name) from exc
         except StoreOutcomeUnknown as exc:
@@ -465,6 +541,7 @@ class ShardRouter:
         except StoreInvariantViolation as exc:
             # Rolled back: certainly not applied, so never an unknown outcome (G7).
             raise self._map_store_error(shard.name, exc) from exc
+        self._record(breaker, None, deadline)
         return result
 
     def _store_error(self, shard: str, kind: str) -> None:
@@ -579,7 +656,11 @@ class ShardRouter:
         deadline: Deadline,
     ) -> tuple[CreateAccountCode, AccountRow | None]:
         if deadline.expired():
-            raise OutcomeUnknown("the request deadline passed")
+            # Earlier attempts were refused (id taken, fence): nothing was created.
+            raise RegionUnavailable(
+                "the request deadline passed before the account was created; nothing was written",
+                retry_after_s=RETRY_AFTER_S,
+            )
         try:
             store = await self.stores.for_node(shard.primary)
             res: tuple[CreateAccountCode, AccountRow | None] = await self._timed(
@@ -631,13 +712,19 @@ class ShardRouter:
         shard's epoch is confirmed (:meth:`require_confirmed`)."""
         shard, _ = self.topology.route(slot)
         await self.require_confirmed(shard)
+        breaker = self._breaker(shard.primary)
+        refusal = self._circuit_open(shard, breaker)
+        if refusal is not None:
+            raise refusal
         try:
             store = await self.stores.for_node(shard.primary)
             value = await self._timed(shard.name, op, fn(store, max(deadline.remaining(), 0.01)))
         except (StoreUnavailable, StoreOutcomeUnknown) as exc:
+            self._record(breaker, exc, deadline)
             raise RegionUnavailable(
                 "the account's home shard is not reachable", retry_after_s=RETRY_AFTER_S
             ) from exc
+        self._record(breaker, None, deadline)
         return value, shard
 
 

@@ -14,7 +14,7 @@ from regionstore.store import AccountRow, EntryRow, ShardStore
 from router import render
 from router.cache import CacheEntry, CacheUnavailable
 from router.errors import Forbidden, NotFound
-from router.handlers.common import authorize, client_token, json_response
+from router.handlers.common import authorize, client_token, json_response, request_deadline
 from router.limits import CACHED_LAG_BOUND_S, READ_DEADLINE_S, WRITE_DEADLINE_S
 from router.resources import CACHE, CONFIG, RELAY_LAG, ROUTER, RTT, STORES
 from router.routing import Deadline
@@ -43,7 +43,7 @@ async def create_account(request: web.Request) -> web.Response:
         currency=spec.currency,
         overdraft_limit=spec.overdraft_limit,
         metadata=spec.metadata,
-        deadline=Deadline(WRITE_DEADLINE_S),
+        deadline=request_deadline(request, WRITE_DEADLINE_S),
     )
     return json_response(
         request,
@@ -92,7 +92,7 @@ async def read_account(
     router = request.app[ROUTER]
     cache = request.app[CACHE]
     config = request.app[CONFIG]
-    deadline = Deadline(READ_DEADLINE_S)
+    deadline = request_deadline(request, READ_DEADLINE_S)
     slot = ids.account_slot(account_id)
     shard, _ = router.topology.route(slot)
 
@@ -216,9 +216,8 @@ async def list_entries(request: web.Request) -> web.Response:
             account_id, principal.tenant, before_seq=before, limit=limit, timeout_s=timeout_s
         )
 
-    rows, _shard = await router.read(
-        ids.account_slot(account_id), "list_entries", fetch, Deadline(READ_DEADLINE_S)
-    )
+    deadline = request_deadline(request, READ_DEADLINE_S)
+    rows, _shard = await router.read(ids.account_slot(account_id), "list_entries", fetch, deadline)
     if rows is None:
         raise NotFound("no such account")
     next_cursor = encode_cursor(rows[-1].seq) if len(rows) == limit and rows[-1].seq > 1 else None

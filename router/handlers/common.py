@@ -11,7 +11,9 @@ from aiohttp import web
 from consistency import tokens
 from router.auth import ADMIN_SCOPES, AuthError, Principal, WrongAudience
 from router.errors import Forbidden, Unauthorized, Unprocessable
+from router.limits import REQUEST_TIMEOUT_DIGITS_MAX
 from router.resources import CONFIG, VERIFIER
+from router.routing import Deadline
 
 SERVED_BY_KEY = web.RequestKey("served_by", str)
 
@@ -36,6 +38,28 @@ def client_token(request: web.Request) -> dict[int, int]:
         return tokens.decode(request.headers.get("X-Consistency-Token"))
     except tokens.TokenError as exc:
         raise Unprocessable(f"X-Consistency-Token: {exc}") from None
+
+
+def request_deadline(request: web.Request, bound_s: float) -> Deadline:
+    """The request's deadline: min(``Request-Timeout``, the router's own ``bound_s``).
+
+    The header is a positive integer of milliseconds (API.md); anything else is 422
+    invalid_request before any work, so a client never gets a deadline it did not ask for.
+    """
+    raw = request.headers.get("Request-Timeout")
+    if raw is None:
+        return Deadline(bound_s)
+    value = raw.strip()
+    # isascii: str.isdigit() also accepts other scripts' digits, which int() may refuse.
+    if (
+        not (value.isascii() and value.isdigit() and len(value) <= REQUEST_TIMEOUT_DIGITS_MAX)
+        or int(value) == 0
+    ):
+        raise Unprocessable(
+            "Request-Timeout must be a positive integer of milliseconds "
+            f"(at most {REQUEST_TIMEOUT_DIGITS_MAX} digits)"
+        )
+    return Deadline(min(int(value) / 1000, bound_s))
 
 
 def json_response(

@@ -12,7 +12,7 @@ from consistency.idempotency import is_valid_key
 from regionstore.store import ShardStore, TransferCode, TransferRow
 from router import render
 from router.errors import ApiError, BusinessRefusal, Conflict, NotFound, Unprocessable
-from router.handlers.common import authorize, client_token, json_response
+from router.handlers.common import authorize, client_token, json_response, request_deadline
 from router.limits import (
     READ_DEADLINE_S,
     TRANSFER_BATCH_BODY_BYTES_MAX,
@@ -44,9 +44,10 @@ async def create_transfer(request: web.Request) -> web.Response:
     principal = authorize(request, "transfers:write")
     key = validate_idempotency_key(request.headers.get("Idempotency-Key"))
     client_token(request)
+    deadline = request_deadline(request, WRITE_DEADLINE_S)
     req = decode_transfer(await read_body(request))
     router = request.app[ROUTER]
-    posted = await router.post_transfer(principal.tenant, req, key, Deadline(WRITE_DEADLINE_S))
+    posted = await router.post_transfer(principal.tenant, req, key, deadline)
     body, versions, replayed = await _answer(request, router, principal.tenant, req, posted)
     return json_response(
         request,
@@ -118,6 +119,7 @@ async def create_transfer_batch(request: web.Request) -> web.Response:
     """
     principal = authorize(request, "transfers:write")
     client_token(request)
+    deadline = request_deadline(request, WRITE_DEADLINE_S)
     doc = parse_json_object(await read_body(request, limit=TRANSFER_BATCH_BODY_BYTES_MAX))
     if set(doc) != {"transfers"}:
         raise Unprocessable('the body must be {"transfers": [item, ...]} and nothing else')
@@ -137,9 +139,7 @@ async def create_transfer_batch(request: web.Request) -> web.Response:
         valid.append((i, req, key))
     router = request.app[ROUTER]
     tenant = principal.tenant
-    posted = await router.post_many(
-        tenant, [(req, key) for _, req, key in valid], Deadline(WRITE_DEADLINE_S)
-    )
+    posted = await router.post_many(tenant, [(req, key) for _, req, key in valid], deadline)
     versions: Versions = []
 
     async def answer(i: int, req: TransferRequest, outcome: PostedTransfer | ApiError) -> None:
@@ -210,7 +210,7 @@ async def get_transfer(request: web.Request) -> web.Response:
         return await store.get_transfer(transfer_uuid, principal.tenant, timeout_s=timeout_s)
 
     row, _shard = await request.app[ROUTER].read(
-        slot, "get_transfer", fetch, Deadline(READ_DEADLINE_S)
+        slot, "get_transfer", fetch, request_deadline(request, READ_DEADLINE_S)
     )
     if row is None or ids.account_slot(row.source) != slot:
         raise NotFound("no such transfer")

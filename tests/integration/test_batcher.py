@@ -11,7 +11,7 @@ import pytest
 
 from regionstore.errors import StoreOutcomeUnknown
 from regionstore.store import ShardStore, TransferCode, TransferItem, TransferResult
-from router.batcher import BatcherFull, ShardBatcher
+from router.batcher import BatcherFull, DeadlinePassedUnsent, ShardBatcher, TenantQueueFull
 from tests.fixtures.pg import SHARD_EPOCH
 from tests.integration.test_store_ledger import FUNDING_OVERDRAFT, item, new_account, new_tenant
 
@@ -102,8 +102,9 @@ async def test_bounded_queue_and_deadline(store: ShardStore) -> None:
     await asyncio.sleep(0)
     with pytest.raises(BatcherFull):
         await batcher.submit(item(tenant, funding, dst, 1), timeout_s=TIMEOUT_S)
-    # The first caller's deadline passes while its batch waits: its outcome is unknown (the
-    # batch may still commit it), never "failed".
+    # The first caller's deadline passes once its batch left the queue: its outcome is unknown
+    # to it, never "failed". The batch reaches the store only after that deadline, so the
+    # item is left out of the call: nobody waits for it any more.
     with pytest.raises(StoreOutcomeUnknown):
         await first
     gate.set()
@@ -111,7 +112,7 @@ async def test_bounded_queue_and_deadline(store: ShardStore) -> None:
     await batcher.close()
     row = await store.get_account(dst, tenant, timeout_s=TIMEOUT_S)
     assert row is not None
-    assert row.balance == 4, "the timed-out transfer was still applied, once"
+    assert row.balance == 3, "the expired transfer was not sent"
 
 
 async def test_after_commit_runs_once_per_batch_before_its_answers(store: ShardStore) -> None:
@@ -153,3 +154,151 @@ async def test_after_commit_runs_once_per_batch_before_its_answers(store: ShardS
     # Two batches may be in flight at once and finish in either order: compare as multisets.
     assert sorted(hooked) == sorted(sizes), "one hook call per batch, with all of its items"
     assert early == [], "items answered before their batch's hook ran"
+
+
+class _Recording:
+    """The real store, with each post_transfers call's items and timeout recorded."""
+
+    def __init__(self, store: ShardStore) -> None:
+        self.store = store
+        self.calls: list[tuple[list[TransferItem], float]] = []
+
+    async def post_transfers(
+        self, epoch: int, items: Sequence[TransferItem], *, timeout_s: float, relay_grace_s: float
+    ) -> list[TransferResult]:
+        self.calls.append((list(items), timeout_s))
+        return await self.store.post_transfers(
+            epoch, items, timeout_s=timeout_s, relay_grace_s=relay_grace_s
+        )
+
+
+def _gated(store: ShardStore, gate: asyncio.Event, rec: _Recording | None = None) -> object:
+    async def get_store() -> object:
+        await gate.wait()
+        return rec if rec is not None else store
+
+    return get_store
+
+
+async def test_an_item_whose_deadline_passes_while_queued_is_never_sent(store: ShardStore) -> None:
+    """Still queued at its deadline: dropped, never sent, and never outcome_unknown."""
+    tenant = new_tenant()
+    funding = await new_account(store, tenant, overdraft_limit=FUNDING_OVERDRAFT)
+    dst = await new_account(store, tenant)
+    gate = asyncio.Event()
+    rec = _Recording(store)
+    batcher = ShardBatcher(_gated(store, gate, rec), SHARD_EPOCH, inflight_max=1)  # type: ignore[arg-type]
+    first = asyncio.create_task(batcher.submit(item(tenant, funding, dst, 1), timeout_s=TIMEOUT_S))
+    await asyncio.sleep(0)
+    late = item(tenant, funding, dst, 100)
+    with pytest.raises(DeadlinePassedUnsent):
+        await batcher.submit(late, timeout_s=0.1)
+    assert batcher.queued == 0
+    gate.set()
+    assert (await first).code is TransferCode.OK
+    await batcher.close()
+    sent = [it.transfer_id for items, _ in rec.calls for it in items]
+    assert late.transfer_id not in sent
+    row = await store.get_account(dst, tenant, timeout_s=TIMEOUT_S)
+    assert row is not None
+    assert row.balance == 1, "the expired item was not applied"
+
+
+async def test_the_batch_call_runs_within_the_latest_deadline_of_its_items(
+    store: ShardStore,
+) -> None:
+    tenant = new_tenant()
+    funding = await new_account(store, tenant, overdraft_limit=FUNDING_OVERDRAFT)
+    dst = await new_account(store, tenant)
+    gate = asyncio.Event()
+    rec = _Recording(store)
+    batcher = ShardBatcher(_gated(store, gate, rec), SHARD_EPOCH, inflight_max=1)  # type: ignore[arg-type]
+    first = asyncio.create_task(batcher.submit(item(tenant, funding, dst, 1), timeout_s=TIMEOUT_S))
+    await asyncio.sleep(0)
+    a = asyncio.create_task(batcher.submit(item(tenant, funding, dst, 1), timeout_s=2.0))
+    b = asyncio.create_task(batcher.submit(item(tenant, funding, dst, 1), timeout_s=4.0))
+    await asyncio.sleep(0.5)
+    gate.set()
+    assert [r.code for r in await asyncio.gather(first, a, b)] == [TransferCode.OK] * 3
+    await batcher.close()
+    assert [len(items) for items, _ in rec.calls] == [1, 2]
+    timeout_s = rec.calls[1][1]
+    # b's remaining time when the batch left (4.0 - 0.5 s queued), not a's, nor b's full 4 s.
+    assert 2.5 < timeout_s <= 3.5, timeout_s
+
+
+async def test_one_tenant_cannot_fill_the_queue_and_batches_take_tenants_in_turn(
+    store: ShardStore,
+) -> None:
+    noisy, quiet = new_tenant(), new_tenant()
+    n_funding = await new_account(store, noisy, overdraft_limit=FUNDING_OVERDRAFT)
+    n_dst = await new_account(store, noisy)
+    q_funding = await new_account(store, quiet, overdraft_limit=FUNDING_OVERDRAFT)
+    q_dst = await new_account(store, quiet)
+    gate = asyncio.Event()
+    rec = _Recording(store)
+    batcher = ShardBatcher(
+        _gated(store, gate, rec),  # type: ignore[arg-type]
+        SHARD_EPOCH,
+        inflight_max=1,
+        size_max=2,
+        queue_max=10,
+        tenant_queue_max=3,
+    )
+    first = asyncio.create_task(
+        batcher.submit(item(noisy, n_funding, n_dst, 1), timeout_s=TIMEOUT_S)
+    )
+    await asyncio.sleep(0)
+    noisy_items = [item(noisy, n_funding, n_dst, 1) for _ in range(3)]
+    queued = [batcher.enqueue(it, timeout_s=TIMEOUT_S) for it in noisy_items]
+    with pytest.raises(TenantQueueFull):
+        batcher.enqueue(item(noisy, n_funding, n_dst, 1), timeout_s=TIMEOUT_S)
+    assert batcher.tenant_queued(noisy) == 3
+    # The other tenant still gets in, and into the very next batch.
+    quiet_item = item(quiet, q_funding, q_dst, 7)
+    queued.append(batcher.enqueue(quiet_item, timeout_s=TIMEOUT_S))
+    gate.set()
+    results = await asyncio.gather(first, *queued)
+    assert all(r.code is TransferCode.OK for r in results)
+    await batcher.close()
+    second_batch = {it.tenant for it in rec.calls[1][0]}
+    assert second_batch == {noisy, quiet}, "round-robin: one item of each tenant"
+    row = await store.get_account(q_dst, quiet, timeout_s=TIMEOUT_S)
+    assert row is not None
+    assert row.balance == 7
+
+
+async def test_a_standing_queue_sheds_new_items_until_it_drains(store: ShardStore) -> None:
+    tenant, other = new_tenant(), new_tenant()
+    funding = await new_account(store, tenant, overdraft_limit=FUNDING_OVERDRAFT)
+    dst = await new_account(store, tenant)
+    gate = asyncio.Event()
+    batcher = ShardBatcher(
+        _gated(store, gate),  # type: ignore[arg-type]
+        SHARD_EPOCH,
+        inflight_max=1,
+        queue_delay_max_s=0.2,
+    )
+    first = asyncio.create_task(batcher.submit(item(tenant, funding, dst, 1), timeout_s=TIMEOUT_S))
+    await asyncio.sleep(0)
+    waiting = batcher.enqueue(item(tenant, funding, dst, 1), timeout_s=TIMEOUT_S)
+    # A burst that is younger than the bound is admitted.
+    also = batcher.enqueue(item(other, funding, dst, 1), timeout_s=TIMEOUT_S)
+    await asyncio.sleep(0.3)
+    assert batcher.oldest_wait_s() > 0.2
+    for t in (tenant, other):
+        with pytest.raises(BatcherFull):
+            batcher.enqueue(item(t, funding, dst, 1), timeout_s=TIMEOUT_S)
+    gate.set()
+    assert (await first).code is TransferCode.OK
+    assert (await waiting).code is TransferCode.OK
+    # `other` has no account here: its item is answered (not_found), not lost.
+    assert (await also).code is TransferCode.NOT_FOUND
+    assert batcher.queued == 0
+    assert (await batcher.submit(item(tenant, funding, dst, 1), timeout_s=TIMEOUT_S)).code is (
+        TransferCode.OK
+    )
+    await batcher.close()
+    row = await store.get_account(dst, tenant, timeout_s=TIMEOUT_S)
+    assert row is not None
+    assert row.balance == 3
