@@ -148,8 +148,10 @@ async def test_cached_reads_go_home_within_the_bound_when_the_relay_dies(
             "GET", "eu-west", "/v1/admin/status", token=local_cluster.admin_token()
         )
         assert status.status == 200, status.body
-        for shard, lag in status.body["invalidation_lag"].items():
-            assert lag["seconds"] is None or lag["seconds"] > CACHED_LAG_BOUND_S, shard
+        # The relay process of eu-west decodes the shard whose primary is in eu-west (the change
+        # feed of every other shard runs in its own primary's region and keeps going).
+        lag = status.body["invalidation_lag"]["eu-west-1"]
+        assert lag["seconds"] is None or lag["seconds"] > CACHED_LAG_BOUND_S, lag
     finally:
         respawn(local_cluster.dir, "relays-eu-west")
     await _wait_cached(api, tenant, "eu-west", acc, 100)

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-import aiohttp
 import psycopg
 import pytest
 import pytest_asyncio
@@ -37,6 +36,7 @@ from tests.integration.test_failover import (
     Ack,
     Client,
     _cli,
+    _client,
     _pairs,
     _reconcile_clean,
     _run_load,
@@ -69,9 +69,10 @@ def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest_asyncio.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
+async def client(cluster_dir: Path) -> AsyncIterator[Client]:
+    """One tenant's txclient per entry region (test_failover's Client)."""
+    async with _client(cluster_dir) as c:
+        yield c
 
 
 def _dsn(d: Path, shard: str) -> str:
@@ -204,11 +205,7 @@ async def test_rehome_under_load_with_stale_router(cluster_dir: Path) -> None:
     longer owns the slot, the target owns it under another epoch) and it refreshes; no write
     lands in the wrong shard, every acked write is there once. Measures the move's window."""
     d = cluster_dir
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s,
-        _stale_router(d, "us-east") as stale,
-    ):
-        c = Client(d, s)
+    async with _client(d) as c, _stale_router(d, "us-east") as stale:
         pairs = await _pairs(c, "ap-south")
         moving = pairs[0][1]
         slot = _slot(moving)
@@ -265,7 +262,7 @@ async def test_rehome_under_load_with_stale_router(cluster_dir: Path) -> None:
 
 
 async def test_in_flight_into_the_moved_slot_lands_on_the_new_owner(
-    cluster_dir: Path, session: aiohttp.ClientSession
+    cluster_dir: Path, client: Client
 ) -> None:
     """Transfers into an account of a slot moving ap-south-1 -> eu-west-1, in flight across the
     move. From us-east-1: one not yet delivered (leg 2 must land on eu-west-1, and us-east-1
@@ -273,7 +270,7 @@ async def test_in_flight_into_the_moved_slot_lands_on_the_new_owner(
     the move but not yet marked (its inbox row moves with the slot; the settle must leave the
     credit where it is). From eu-west-1 itself: leg 2 lands on the sender's own shard."""
     d = cluster_dir
-    c = Client(d, session)
+    c = client
     src = await _funded(c, "us-east", 1_000)
     dst = await c.open("ap-south")
     dst_id = ids.parse_account_id(dst)
@@ -326,14 +323,14 @@ async def test_in_flight_into_the_moved_slot_lands_on_the_new_owner(
 
 
 async def test_in_flight_out_of_the_slot_settles_or_reverses_before_it_moves(
-    cluster_dir: Path, session: aiohttp.ClientSession
+    cluster_dir: Path, client: Client
 ) -> None:
     """Transfers from an account of the moving slot, still pending: while their destination
     refuses every write the move cannot drain them and rolls back (the slot stays writable
     where it was); once it answers, the rerun drains them (one settles, one is reversed) and
     moves the slot. Each is applied or reversed exactly once."""
     d = cluster_dir
-    c = Client(d, session)
+    c = client
     src = await _funded(c, "ap-south", 1_000)
     dst = await c.open("us-east")
     dst_id = ids.parse_account_id(dst)
@@ -419,13 +416,13 @@ def _rows_of_slot(d: Path, slot: int) -> dict[str, tuple[int, int, int]]:
 
 @pytest.mark.parametrize(("after", "before"), [("copy_in", ""), ("", "finish_out")])
 async def test_interrupted_rehome_is_finished_by_a_rerun(
-    cluster_dir: Path, session: aiohttp.ClientSession, after: str, before: str
+    cluster_dir: Path, client: Client, after: str, before: str
 ) -> None:
     """Stopped after the copy (etcd not flipped) or after the flip (the source still holds
     its rows): the slot is refused everywhere meanwhile, and `txr rehome` again finishes the
     move with every row and every unit of money exactly once."""
     d = cluster_dir
-    c = Client(d, session)
+    c = client
     acc = await _funded(c, "ap-south", 500)
     peer = await c.open("ap-south")
     slot = _slot(acc)
