@@ -39,21 +39,18 @@ class StandbyStatus:
     replay_lag_s: float | None
 
 
-# pg_stat_replication lists every walsender: the change feed's logical streams
-# (regionstore.changefeed) too. A standby is a physical one: not the active end of a logical slot.
-_PHYSICAL_ONLY: Final = (
-    " WHERE pid NOT IN (SELECT active_pid FROM pg_replication_slots"
-    " WHERE slot_type = 'logical' AND active_pid IS NOT NULL)"
-)
-
-
 def standbys(admin_dsn: str) -> list[StandbyStatus]:
     """The primary's view of its standbys (pg_stat_replication)."""
     with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
         rows = conn.execute(
             "SELECT application_name, state, sync_state,"
             " extract(epoch FROM replay_lag)::float8"
-            " FROM pg_stat_replication" + _PHYSICAL_ONLY + " ORDER BY application_name"
+            " FROM pg_stat_replication"
+            # Every walsender is listed, the change feed's logical streams too
+            # (regionstore.changefeed); a standby is the one not serving a logical slot.
+            " WHERE pid NOT IN (SELECT active_pid FROM pg_replication_slots"
+            "  WHERE slot_type = 'logical' AND active_pid IS NOT NULL)"
+            " ORDER BY application_name"
         ).fetchall()
     return [StandbyStatus(r[0], r[1], r[2], r[3]) for r in rows]
 
@@ -151,7 +148,12 @@ def replication_report(
             " pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint,"
             " pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint,"
             " extract(epoch FROM replay_lag)::float8"
-            " FROM pg_stat_replication" + _PHYSICAL_ONLY + " ORDER BY application_name"
+            " FROM pg_stat_replication"
+            # Every walsender is listed, the change feed's logical streams too
+            # (regionstore.changefeed); a standby is the one not serving a logical slot.
+            " WHERE pid NOT IN (SELECT active_pid FROM pg_replication_slots"
+            "  WHERE slot_type = 'logical' AND active_pid IS NOT NULL)"
+            " ORDER BY application_name"
         ).fetchall()
     return [ReplicationRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
