@@ -24,8 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-import aiohttp
-
 SCRIPT: Final = "transfers.lua"
 # wrk runs at least this long past its duration before we call it hung (it stops by itself).
 WRK_GRACE_S: Final = 30.0
@@ -133,16 +131,7 @@ def write_accounts(path: Path, accounts: Sequence[str]) -> Path:
 async def _prepare(url: str, token: str, region: str, n: int) -> list[str]:
     from bench import suite  # the same creation and funding as the suite
 
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
-        mint = await suite.create_account(s, url, region, suite.MINT_OVERDRAFT)
-        accounts: list[str] = await suite.bounded(
-            n, lambda _i: suite.create_account(s, url, region, 0)
-        )
-        statuses = await suite.bounded(
-            n, lambda i: suite.fund(s, url, mint, accounts[i], suite.FUNDING_AMOUNT)
-        )
-        if any(st != 201 for st in statuses):
-            raise RuntimeError(f"funding failed: {sorted(set(statuses))}")
+    _mint, accounts = await suite.setup_accounts(url, token, region, n)
     return accounts
 
 
