@@ -188,9 +188,7 @@ def _inbox_and_credits(d: Path, tid: uuid.UUID) -> tuple[list[str], list[tuple[s
 
 
 async def _balance(c: Client, acc: str) -> int:
-    status, body = await c.get("us-east", f"/v1/accounts/{acc}?consistency=strong")
-    assert status == 200, body
-    return int(body["balance"])
+    return (await c.clients["us-east"].get_account(acc, consistency="strong")).balance
 
 
 async def _funded(c: Client, region: str, amount: int) -> str:
