@@ -321,7 +321,13 @@ async def _settled_snapshots(d: Path) -> dict[str, dict[str, Any]]:
     while True:
         snaps = await asyncio.to_thread(_snapshots, d)
         pending = sum(s["pending"] for s in reconcile.summarize(snaps).values())
-        if pending == 0 or time.monotonic() > deadline:
+        if pending == 0:
+            # Shards are read one after another: a transfer can settle between two reads (its
+            # destination read before leg 2, its source after the settle). Nothing is pending
+            # now and the workload has stopped, so a second pass reads every shard after every
+            # settle: one consistent cut.
+            return await asyncio.to_thread(_snapshots, d)
+        if time.monotonic() > deadline:
             return snaps
         await asyncio.sleep(POLL_S)
 
