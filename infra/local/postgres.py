@@ -29,6 +29,11 @@ from infra.local import procs
 PG_CTL_TIMEOUT_S: Final = 60
 BASEBACKUP_TIMEOUT_S: Final = 180
 UNPRIVILEGED_USER: Final = "postgres"
+# A postmaster killed with SIGKILL stays a zombie until init reaps it (a few seconds here), and
+# PostgreSQL's lock-file check (kill(pid, 0)) takes a zombie for a running postmaster: a restart
+# or pg_rewind's single-user recovery then refuses the data directory. How long we wait for the
+# reaping before we judge the lock file stale ourselves.
+CRASHED_POSTMASTER_REAP_S: Final = 10.0
 
 ADMIN_ROLE: Final = "txr_admin"
 APP_ROLE: Final = "txr_app"
@@ -366,9 +371,11 @@ def stop(datadir: Path, mode: str = "fast") -> None:
     # A server killed with SIGKILL leaves its pid file behind, and pg_ctl stop then fails
     # ("could not send stop signal"): nothing runs, so there is nothing to stop.
     try:
-        if not procs.is_alive(postmaster_pid(datadir), str(datadir)):
-            return
+        pid = postmaster_pid(datadir)
     except PostgresError:
+        return
+    if not procs.is_alive(pid, str(datadir)):
+        _clear_after_crash(datadir, pid)
         return
     _run(
         [
@@ -384,6 +391,35 @@ def stop(datadir: Path, mode: str = "fast") -> None:
         ],
         timeout=PG_CTL_TIMEOUT_S + 5,
     )
+
+
+def _clear_after_crash(datadir: Path, pid: int) -> None:
+    """Leave ``datadir`` startable after its postmaster crashed: wait until the dead postmaster
+    is reaped; if it is still a zombie after the bound, and no process runs in the directory
+    (every backend has it as its working directory), its lock file is stale: remove it."""
+    deadline = time.monotonic() + CRASHED_POSTMASTER_REAP_S
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            if _processes_in(datadir):
+                raise PostgresError(f"processes of a crashed server still run in {datadir}")
+            (datadir / "postmaster.pid").unlink(missing_ok=True)
+            return
+        time.sleep(procs.POLL_INTERVAL_S)
+
+
+def _processes_in(datadir: Path) -> list[int]:
+    """Pids whose working directory is ``datadir`` (a zombie has none)."""
+    target = datadir.resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "cwd").resolve(strict=True) == target:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def promote(datadir: Path) -> None:
