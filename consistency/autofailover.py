@@ -45,6 +45,7 @@ from typing import Any, Protocol
 from consistency.limits import (
     FAILOVER_ANTI_FLAP_S,
     FAILOVER_DETECTION_S,
+    VERDICT_HEARTBEAT_S,
     VERDICT_STALE_S,
 )
 
@@ -69,6 +70,7 @@ class Config:
     detection_s: float = FAILOVER_DETECTION_S
     anti_flap_s: float = FAILOVER_ANTI_FLAP_S
     verdict_stale_s: float = VERDICT_STALE_S
+    verdict_heartbeat_s: float = VERDICT_HEARTBEAT_S
 
 
 class Action(StrEnum):
@@ -462,6 +464,11 @@ class Controller:
     tracker: DownTracker = field(default_factory=DownTracker)
     _fresh: Freshness | None = None
     _last: dict[str, tuple[Action, Reason]] = field(default_factory=dict)
+    # What this controller last published, and when (monotonic): an unchanged verdict is
+    # republished only as a heartbeat, so an idle cluster writes etcd about once a second per
+    # region instead of every round (each put is a raft commit and an fsync on every member).
+    _published: dict[str, ShardVerdict] | None = None
+    _published_at: float = 0.0
 
     def __post_init__(self) -> None:
         self._fresh = Freshness(self.cfg.verdict_stale_s)
@@ -507,8 +514,13 @@ class Controller:
                 p.detail,
             )
         self.tracker.forget_except(keys)
-        self.seq += 1
-        await self.io.publish(Verdict(self.io.region, self.seq, mine))
+        # A verdict that changed (any "down for" grows every round, so a suspicion is published
+        # at once) goes out now; an unchanged one every heartbeat, well within the readers'
+        # staleness bound.
+        if mine != self._published or ended - self._published_at >= self.cfg.verdict_heartbeat_s:
+            self.seq += 1
+            await self.io.publish(Verdict(self.io.region, self.seq, mine))
+            self._published, self._published_at = mine, ended
         assert self._fresh is not None
         fresh = self._fresh.fresh(await self.io.verdicts(), clock())
         mode = await self.io.mode()

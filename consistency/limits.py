@@ -75,6 +75,10 @@ VERDICT_LEASE_TTL_S: Final = 3
 # a few etcd calls, the CPU shared with everything else) takes a second or more, and a bound
 # tighter than that makes every other region's verdict stale, so no majority ever forms.
 VERDICT_STALE_S: Final = 2.0
+# An unchanged verdict is republished this often (a changed one at once): half the staleness
+# bound, so a reader sees its counter move at least once per bound even when its own rounds
+# and the publisher's are out of step.
+VERDICT_HEARTBEAT_S: Final = VERDICT_STALE_S / 2
 # The per-shard lock's lease: a controller (or operator command) that dies holding it frees
 # it within this TTL; the holder renews it every third of it while it works.
 SHARD_LOCK_TTL_S: Final = 6

@@ -31,7 +31,7 @@ import psycopg
 from consistency import autofailover as af
 from consistency import failover as procedures
 from consistency.errors import ConsistencyError, EtcdError, LeaseExpired
-from consistency.etcd import EtcdClient
+from consistency.etcd import EtcdClient, PrefixMirror
 from consistency.failover import ShardRecord
 from consistency.limits import (
     CONTROLLER_ETCD_TIMEOUT_S,
@@ -176,9 +176,17 @@ class LocalControllerIO:
         self._conns: dict[tuple[str, int], psycopg.AsyncConnection[Any]] = {}
         self._lease: int | None = None
         self._lease_renewed = 0.0
+        # The shard records and the controllers' keys, each mirrored by one watch: a round
+        # reads them every quarter second, and polled reads were most of the idle etcd load.
+        self._shard_mirror = PrefixMirror(self.etcd, SHARD_PREFIX)
+        self._control_mirror = PrefixMirror(self.etcd, af.CONTROL_PREFIX)
         self._control: dict[str, bytes] = {}
+        # Our own latest verdict: the mirror shows it only once the watch brings it back.
+        self._own: af.Verdict | None = None
 
     async def close(self) -> None:
+        await self._shard_mirror.close()
+        await self._control_mirror.close()
         for c in self._conns.values():
             with contextlib.suppress(Exception):
                 await c.close()
@@ -188,7 +196,7 @@ class LocalControllerIO:
         await self.etcd.close()
 
     async def shards(self) -> dict[str, af.ShardView]:
-        _rev, kv = await self.etcd.get_prefix(SHARD_PREFIX)
+        kv = await self._shard_mirror.snapshot()
         out: dict[str, af.ShardView] = {}
         for key, raw in kv.items():
             rec = ShardRecord.from_json(orjson.loads(raw))
@@ -252,15 +260,21 @@ class LocalControllerIO:
         except EtcdError:
             # The lease may have expired while we were cut off: a new one next round.
             self._lease = None
+            self._own = None
             raise
+        self._own = verdict
 
     async def verdicts(self) -> list[af.Verdict]:
-        _rev, self._control = await self.etcd.get_prefix(af.CONTROL_PREFIX)
-        return [
+        self._control = await self._control_mirror.snapshot()
+        own_key = af.VERDICT_PREFIX + self.region
+        out = [
             af.Verdict.from_json(orjson.loads(v))
             for k, v in self._control.items()
-            if k.startswith(af.VERDICT_PREFIX)
+            if k.startswith(af.VERDICT_PREFIX) and k != own_key
         ]
+        if self._own is not None:
+            out.append(self._own)
+        return out
 
     async def mode(self) -> af.Mode:
         raw = self._control.get(af.MODE_KEY)

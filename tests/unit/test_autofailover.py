@@ -7,6 +7,7 @@ probe one fake set of servers; time only moves when a test moves it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from consistency import autofailover as af
 
 REGIONS = ("a", "b", "c")
-CFG = af.Config(detection_s=2.0, anti_flap_s=60.0, verdict_stale_s=1.0)
+CFG = af.Config(detection_s=2.0, anti_flap_s=60.0, verdict_stale_s=1.0, verdict_heartbeat_s=0.5)
 VIEW = af.ShardView("s-1", "s-1@a", "a", 1, True, "s-1@b", "b")
 
 
@@ -134,6 +135,7 @@ class World:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     actions: list[str] = field(default_factory=list)
     decisions: list[af.Decision] = field(default_factory=list)
+    published: list[tuple[float, af.Verdict]] = field(default_factory=list)
 
 
 @dataclass
@@ -152,6 +154,7 @@ class FakeIO:
 
     async def publish(self, verdict: af.Verdict) -> None:
         self.world.verdicts[self.region] = verdict
+        self.world.published.append((self.world.now, verdict))
 
     async def verdicts(self) -> list[af.Verdict]:
         return list(self.world.verdicts.values())
@@ -270,3 +273,28 @@ async def test_stale_verdicts_of_dead_controllers_are_no_majority() -> None:
 @pytest.mark.parametrize(("total", "need"), [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3)])
 def test_majority(total: int, need: int) -> None:
     assert af.majority(total) == need
+
+
+async def test_an_unchanged_verdict_is_published_only_as_a_heartbeat() -> None:
+    """Idle, a controller writes etcd once per heartbeat, not every round (each put is a raft
+    commit with an fsync on every member); a suspicion goes out on the round that saw it."""
+    w = World()
+    cs = controllers(w)
+    await run_for(w, cs, 10.0)
+    per_region = len(w.published) / len(REGIONS)
+    rounds = 10.0 / 0.25
+    assert per_region <= 10.0 / CFG.verdict_heartbeat_s + 1 < rounds
+    # Every reader still sees every region's counter move within the staleness bound.
+    for r in REGIONS:
+        times = [t for t, v in w.published if v.region == r]
+        assert max(b - a for a, b in itertools.pairwise(times)) < CFG.verdict_stale_s
+    w.published.clear()
+    w.down.add("s-1@a")
+    seen_at = w.now
+    await run_for(w, cs, 0.25)
+    assert {v.region for _, v in w.published} == set(REGIONS)
+    assert all(t == seen_at and v.shards["s-1"].primary_down_s is not None for t, v in w.published)
+    # While it stays down, "down for" grows: every round publishes.
+    w.published.clear()
+    await run_for(w, cs, 1.0)
+    assert len(w.published) == len(REGIONS) * 4
