@@ -18,6 +18,13 @@ PLOT_LATENCY_VS_RATE: Final = "latency_vs_throughput.png"
 PLOT_PERCENTILES: Final = "latency_percentiles.png"
 PLOT_CPU: Final = "cpu_per_transfer.png"
 PLOT_DPI: Final = 110
+_DB_FIGURES: Final = (
+    ("statements", "statements_per_transfer"),
+    ("WAL records", "wal_records_per_transfer"),
+    ("WAL bytes", "wal_bytes_per_transfer"),
+    ("WAL full-page images", "wal_fpi_per_transfer"),
+    ("WAL syncs", "wal_syncs_per_transfer"),
+)
 
 
 def write(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
@@ -174,6 +181,20 @@ def summary(report: dict[str, Any]) -> str:
             f"  {comp:12s} {sat['cpu_us_per_transfer'][comp]:8.0f} "
             f"{r['batch']['cpu_us_per_transfer'][comp]:8.0f}"
             for comp in sat["cpu_us_per_transfer"]
+        ),
+        "",
+        "primary's work per acknowledged transfer (single / batch; pg_stat_statements, "
+        "pg_stat_wal):",
+        *(
+            f"  {label:24s} {sat['db_per_transfer'][key]:10.2f} "
+            f"{r['batch']['db_per_transfer'][key]:10.2f}"
+            for label, key in _DB_FIGURES
+        ),
+        "  heaviest statements (single):",
+        *(
+            f"    {st['calls_per_transfer']:6.2f} calls {st['wal_bytes_per_transfer']:8.0f} B WAL "
+            f"{st['exec_us_per_transfer']:7.0f} us  {st['query'][:70]}"
+            for st in sat["db_per_transfer"]["top_statements"]
         ),
         f"load average before {report['load_average']['before']}, after "
         f"{report['load_average']['after']} ({report['cpus']} CPUs)",

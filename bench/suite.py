@@ -32,7 +32,7 @@ from typing import Any, Final
 import aiohttp
 import uvloop
 
-from bench import ceiling, cpu, loadgen, report, wrk
+from bench import ceiling, cpu, dbwork, loadgen, report, wrk
 from infra.local import cluster
 from txclient import AsyncClient, RetryBudget
 
@@ -173,6 +173,7 @@ def run(
         metrics_url = desc["regions"][region]["router_admin"]
         loadgen.check_loopback(router_url)
         admin_dsn = cluster.primary_admin_dsns(cluster_dir)[shard]
+        dbwork.enable(admin_dsn)
         progress(f"pgbench ceiling on {shard}: clients {prof.pgbench_clients}, {prof.pgbench_s} s")
         ceil = ceiling.measure(
             admin_dsn, tmp, clients=prof.pgbench_clients, duration_s=prof.pgbench_s
@@ -185,6 +186,7 @@ def run(
             out_dir=out_dir,
             groups=cpu.groups(desc, region, shard),
             router_pids=tuple(int(p) for p in desc["regions"][region]["router_pids"]),
+            db_dsn=admin_dsn,
         )
         parts = uvloop.run(
             _router_parts(
@@ -299,6 +301,8 @@ class _Context:
     out_dir: Path
     groups: cpu.Groups
     router_pids: tuple[int, ...]
+    # Superuser DSN (database txr) of the loaded shard's primary: its work per transfer.
+    db_dsn: str
 
 
 async def _wrk_measured(
@@ -317,6 +321,7 @@ async def _wrk_measured(
     spy: asyncio.subprocess.Process | None = None
     if profile_to is not None:
         spy = await _start_pyspy(ctx.router_pids[0], duration_s, profile_to)
+    db_before = await asyncio.to_thread(dbwork.snapshot, ctx.db_dsn)
     before = cpu.snapshot(ctx.groups)
     res = await asyncio.to_thread(
         wrk.run,
@@ -328,7 +333,11 @@ async def _wrk_measured(
         batch=batch,
     )
     after = cpu.snapshot(ctx.groups)
-    out = res.to_json() | {"cpu_us_per_transfer": cpu.per_transfer_us(before, after, res.acked)}
+    db_after = await asyncio.to_thread(dbwork.snapshot, ctx.db_dsn)
+    out = res.to_json() | {
+        "cpu_us_per_transfer": cpu.per_transfer_us(before, after, res.acked),
+        "db_per_transfer": dbwork.per_transfer(db_before, db_after, res.acked),
+    }
     if spy is not None:
         try:
             await asyncio.wait_for(spy.wait(), PYSPY_GRACE_S)

@@ -175,6 +175,9 @@ def _common_conf(port: int) -> str:
             # in time (regionstore/sql/functions/changefeed.sql); commit times are WAL-logged,
             # so a promoted standby answers for its old primary's commits too.
             "track_commit_timestamp = on",
+            # Loaded so that `txr bench` (and an operator) can count the database's work per
+            # transfer; it tracks top-level statements until someone turns nested ones on.
+            "shared_preload_libraries = 'pg_stat_statements'",
             "max_wal_senders = 16",
             "max_replication_slots = 16",
             # A dead region's slot must not fill the disk; past this the standby must rebuild.

@@ -42,6 +42,13 @@ def _check_wrk(run: dict[str, Any]) -> None:
     assert cpu["router"] > 0
     assert cpu["primary"] > 0
     assert cpu["total"] >= cpu["router"] + cpu["primary"]
+    db = run["db_per_transfer"]
+    # Every transfer ran statements and wrote WAL on the primary; the batch procedure's own
+    # statements are counted (nested tracking), so there is more than one per request.
+    assert db["statements_per_transfer"] > 0
+    assert db["wal_bytes_per_transfer"] > 0
+    assert db["top_statements"]
+    assert all(s["calls_per_transfer"] > 0 for s in db["top_statements"])
 
 
 def test_quick_bench_writes_a_complete_report(
