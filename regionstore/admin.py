@@ -67,6 +67,41 @@ def init_shard(admin_dsn: str, *, epoch: int, slots: Sequence[int], slot_epoch: 
         )
 
 
+# Key ids: 1.. (txr.saga_keys); a key shorter than this is refused by the table's CHECK too.
+SAGA_KEY_BYTES_MIN: Final = 32
+
+
+def set_saga_identity(admin_dsn: str, *, shard: str, key_id: int, secret: bytes) -> int:
+    """Name this database's shard and store saga key ``key_id`` (the same secret on every
+    shard; sql/functions/saga.sql), then sign the pending messages written before it had
+    one. Idempotent for the same values; a different secret under an existing id is refused
+    (messages signed with it would stop verifying). Returns how many messages it signed.
+
+    Rotation: store the next id on every shard first (leg 2 checks with the id a message
+    names), then leg 1 signs with the newest; an old key may go once no pending message and
+    no receipt in flight names it.
+    """
+    if key_id < 1 or len(secret) < SAGA_KEY_BYTES_MIN:
+        raise ValueError(f"saga key id must be >= 1 and its secret >= {SAGA_KEY_BYTES_MIN} bytes")
+    with _connect(admin_dsn) as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO txr.shard_identity (singleton, name) VALUES (true, %s)"
+            " ON CONFLICT (singleton) DO UPDATE SET name = excluded.name",
+            (shard,),
+        )
+        row = conn.execute(
+            "SELECT secret FROM txr.saga_keys WHERE key_id = %s FOR UPDATE", (key_id,)
+        ).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO txr.saga_keys (key_id, secret) VALUES (%s, %s)", (key_id, secret)
+            )
+        elif bytes(row[0]) != secret:
+            raise ValueError(f"saga key {key_id} already holds another secret")
+        signed = conn.execute("SELECT txr.sign_unsigned_outbox()").fetchone()
+    return int(signed[0]) if signed else 0
+
+
 def _set_fence_locked(conn: psycopg.Connection[tuple[Any, ...]], epoch: int) -> None:
     row = conn.execute("SELECT epoch FROM txr.fence FOR UPDATE").fetchone()
     if row is not None and row[0] > epoch:

@@ -208,13 +208,28 @@ async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     password = config.db_password_file.read_text().strip()
     stores = StoreRegistry(config, password)
+    # Leg 2 of the inline delivery runs as the relays' role (the application role may not);
+    # its pools open on first use.
+    saga_stores = None
+    if config.relay_password_file is not None:
+        relay_password = config.relay_password_file.read_text().strip()
+        saga_stores = StoreRegistry(config, relay_password, user=config.relay_user)
     app[STORES] = stores
-    app[ROUTER] = ShardRouter(app[TOPOLOGY], stores, app[METRICS], config.region, cache=app[CACHE])
+    app[ROUTER] = ShardRouter(
+        app[TOPOLOGY],
+        stores,
+        app[METRICS],
+        config.region,
+        cache=app[CACHE],
+        saga_stores=saga_stores,
+    )
     await stores.warm(app[TOPOLOGY].current)
     yield
     # Drain batches and inline deliveries before the pools they use close.
     await app[ROUTER].close()
     await stores.close()
+    if saga_stores is not None:
+        await saga_stores.close()
 
 
 async def _rtt_ctx(app: web.Application) -> AsyncIterator[None]:

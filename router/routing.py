@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from psycopg.conninfo import make_conninfo
+
 from consistency import ids
 from consistency.errors import EtcdError, TopologyError
 from consistency.idempotency import transfer_fingerprint
@@ -91,19 +93,25 @@ class Deadline:
 class StoreRegistry:
     """One connection pool per PostgreSQL node this router has routed to, opened lazily."""
 
-    def __init__(self, config: RouterConfig, password: str) -> None:
+    def __init__(self, config: RouterConfig, password: str, *, user: str | None = None) -> None:
         self._config = config
         self._password = password
+        self._user = config.db_user if user is None else user
         self._stores: dict[str, ShardStore] = {}
         self._lock = asyncio.Lock()
 
     def _conninfo(self, node: Node) -> str:
         host, port = self._config.dial_address(node.host, node.port)
-        # Key/value conninfo keeps the password out of any URL that a library might log.
-        return (
-            f"host={host} port={port} dbname={self._config.db_name} user={self._config.db_user} "
-            f"password={self._password} application_name=txr-router-{self._config.region} "
-            "connect_timeout=5"
+        # Key/value conninfo keeps the password out of any URL that a library might log;
+        # make_conninfo quotes every value as libpq needs.
+        return make_conninfo(
+            host=host,
+            port=port,
+            dbname=self._config.db_name,
+            user=self._user,
+            password=self._password,
+            application_name=f"txr-router-{self._config.region}",
+            connect_timeout=5,
         )
 
     async def for_node(self, node: Node) -> ShardStore:
@@ -143,12 +151,17 @@ class ShardRouter:
         region: str,
         *,
         cache: RegionCache | None = None,
+        saga_stores: StoreRegistry | None = None,
     ) -> None:
         self.watcher = watcher
         # The region cache that committed batches are written into before their answers
         # (None in the relay process, which posts no transfers).
         self.cache = cache
         self.stores = stores
+        # Pools of the relays' DB role, the only one that may run leg 2 and the settle: the
+        # outbox relays' store (inline delivery included). None: the router delivers nothing
+        # inline and leaves every cross-shard transfer pending for the relays.
+        self.saga_stores = saga_stores
         self.metrics = metrics
         self.region = region
         self._relays: dict[str, OutboxRelay] = {}
@@ -168,7 +181,8 @@ class ShardRouter:
         return self.topology.shards[shard].epoch
 
     async def store_for_shard(self, shard: str) -> ShardStore:
-        return await self.stores.for_node(self.topology.shards[shard].primary)
+        stores = self.stores if self.saga_stores is None else self.saga_stores
+        return await stores.for_node(self.topology.shards[shard].primary)
 
     async def refresh(self) -> None:
         await self.watcher.refresh(newer_than=self.topology.revision)
@@ -474,7 +488,7 @@ class ShardRouter:
         assert res.transfer_id is not None
         assert res.created_at is not None
         assert posted.destination_shard is not None
-        if len(self._inline) >= INLINE_DELIVERIES_MAX:
+        if len(self._inline) >= INLINE_DELIVERIES_MAX or self.saga_stores is None:
             return "pending"
         msg = OutboxMessage(
             transfer_id=res.transfer_id,
