@@ -92,9 +92,17 @@ def _ensure_role(conn: psycopg.Connection[object], role: str) -> None:
 
 
 def apply_migrations(
-    admin_dsn: str, *, app_role: str = APP_ROLE, relay_role: str = RELAY_ROLE
+    admin_dsn: str,
+    *,
+    app_role: str = APP_ROLE,
+    relay_role: str = RELAY_ROLE,
+    migrations_dir: Path = MIGRATIONS_DIR,
+    functions_dir: Path = FUNCTIONS_DIR,
 ) -> list[str]:
-    """Apply the pending migrations; return their file names (empty when up to date)."""
+    """Apply the pending migrations; return their file names (empty when up to date).
+
+    The directories are parameters so that a test can build a database the way an older
+    release left it, then migrate it with this one."""
     applied: list[str] = []
     roles = Roles(app_role, relay_role)
     with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
@@ -109,7 +117,7 @@ def apply_migrations(
                     " name text NOT NULL,"
                     " applied_at timestamptz NOT NULL DEFAULT now())"
                 )
-            for mig in available_migrations():
+            for mig in available_migrations(migrations_dir):
                 with conn.transaction():
                     conn.execute(
                         sql.SQL("SET LOCAL lock_timeout = {}").format(
@@ -129,7 +137,7 @@ def apply_migrations(
                         (mig.version, mig.name),
                     )
                 applied.append(mig.path.name)
-            applied.extend(_apply_functions(conn, roles))
+            applied.extend(_apply_functions(conn, roles, functions_dir))
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATE_LOCK_KEY,))
     return applied
@@ -139,7 +147,9 @@ def function_files(directory: Path = FUNCTIONS_DIR) -> list[Path]:
     return sorted(directory.glob("*.sql"))
 
 
-def _apply_functions(conn: psycopg.Connection[object], roles: Roles) -> list[str]:
+def _apply_functions(
+    conn: psycopg.Connection[object], roles: Roles, directory: Path = FUNCTIONS_DIR
+) -> list[str]:
     """Apply every function file whose rendered text changed since it was last applied."""
     with conn.transaction():
         conn.execute(
@@ -149,7 +159,7 @@ def _apply_functions(conn: psycopg.Connection[object], roles: Roles) -> list[str
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
     applied: list[str] = []
-    for path in function_files():
+    for path in function_files(directory):
         text = _render(path.read_text(), conn, roles)
         digest = hashlib.sha256(text.encode()).hexdigest()
         with conn.transaction():
