@@ -23,7 +23,7 @@ from psycopg.conninfo import make_conninfo
 
 from consistency import ids
 from consistency.errors import EtcdError, TopologyError
-from consistency.idempotency import transfer_fingerprint
+from consistency.idempotency import account_open_fingerprint, key_home, transfer_fingerprint
 from consistency.topology import Node, Shard, Topology, TopologyWatcher
 from regionstore.errors import StoreInvariantViolation, StoreOutcomeUnknown, StoreUnavailable
 from regionstore.store import (
@@ -42,6 +42,7 @@ from router.config import RouterConfig
 from router.errors import (
     ApiError,
     BusinessRefusal,
+    Conflict,
     NotFound,
     OutcomeUnknown,
     RateLimited,
@@ -618,13 +619,29 @@ class ShardRouter:
         overdraft_limit: int,
         metadata: Mapping[str, Any],
         deadline: Deadline,
-    ) -> tuple[AccountRow, Shard]:
+        idempotency_key: str | None = None,
+    ) -> tuple[AccountRow, Shard, bool]:
+        """Open an account on a shard homed in ``region``: ``(row, shard, replayed)``. With an
+        idempotency key the shard is the key's (consistency.idempotency.key_home), whose key
+        row makes the open happen once; a replay returns the original account."""
+        fingerprint = None
+        if idempotency_key is not None:
+            fingerprint = account_open_fingerprint(
+                currency=currency,
+                home_region=region,
+                overdraft_limit=overdraft_limit,
+                metadata=metadata,
+            )
         for _attempt in range(STALE_RETRIES_MAX + 1):
             topo = self.topology
             homed = topo.shards_homed_in(region)
             if not homed:
                 raise Unprocessable(f"no shard is homed in region {region!r}")
-            shard = random.choice(homed)
+            if idempotency_key is None:
+                shard = random.choice(homed)
+            else:
+                ordered = sorted(homed, key=lambda s: s.name)
+                shard = ordered[key_home(tenant, idempotency_key, len(ordered))]
             slots = topo.slots.slots_of(shard.name)
             if not slots:
                 raise RegionUnavailable(
@@ -644,10 +661,14 @@ class ShardRouter:
                     overdraft_limit,
                     metadata,
                     deadline,
+                    idempotency_key,
+                    fingerprint,
                 )
-                if code is CreateAccountCode.OK:
+                if code in (CreateAccountCode.OK, CreateAccountCode.REPLAYED):
                     assert row is not None
-                    return row, shard
+                    return row, shard, code is CreateAccountCode.REPLAYED
+                if code is CreateAccountCode.KEY_REUSED:
+                    raise Conflict("this Idempotency-Key was used for a different request")
                 if code is not CreateAccountCode.ID_TAKEN:
                     self.metrics.fence_rejections.labels(self.region, shard.name, code.value).inc()
                     refused = True
@@ -668,6 +689,8 @@ class ShardRouter:
         overdraft_limit: int,
         metadata: Mapping[str, Any],
         deadline: Deadline,
+        idempotency_key: str | None = None,
+        fingerprint: bytes | None = None,
     ) -> tuple[CreateAccountCode, AccountRow | None]:
         if deadline.expired():
             # Earlier attempts were refused (id taken, fence): nothing was created.
@@ -689,6 +712,8 @@ class ShardRouter:
                     overdraft_limit=overdraft_limit,
                     metadata=metadata,
                     timeout_s=deadline.remaining(),
+                    idempotency_key=idempotency_key,
+                    fingerprint=fingerprint,
                 ),
             )
         except StoreUnavailable as exc:
@@ -697,8 +722,12 @@ class ShardRouter:
                 retry_after_s=RETRY_AFTER_S,
             ) from exc
         except StoreOutcomeUnknown as exc:
-            # Account creation carries no idempotency key: the client may find a stray empty
-            # account if it retries, never a wrong balance.
+            if idempotency_key is not None:
+                raise OutcomeUnknown(
+                    "the account may or may not have been created; retry with the same "
+                    "Idempotency-Key to learn which"
+                ) from exc
+            # Without a key a retry may leave a stray empty account, never a wrong balance.
             raise OutcomeUnknown("the account may or may not have been created") from exc
         except StoreInvariantViolation as exc:
             log.error("shard %s refused an account: %s", shard.name, exc)
