@@ -148,6 +148,9 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             resp = problem_response(err)
         except web.HTTPException as exc:
             resp = problem_response(_map_http_exception(exc))
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                # RFC 9110 section 15.5.6: a 405 names the methods the resource supports.
+                resp.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         except Exception:
             log.exception("unhandled error", extra={"fields": {"route": route}})
             unexpected: ApiError
@@ -320,7 +323,10 @@ def create_app(config: RouterConfig, *, worker: int = 0) -> web.Application:
     app.router.add_get("/v1/accounts/{id}/entries", accounts.list_entries, allow_head=False)
     app.router.add_post("/v1/transfers", transfers.create_transfer)
     app.router.add_post("/v1/transfers/batch", transfers.create_transfer_batch)
-    app.router.add_get("/v1/transfers/{id}", transfers.get_transfer, allow_head=False)
+    # Only a transfer-shaped id: /v1/transfers/batch then names one resource (POST), so its 405
+    # answers say "Allow: POST" and not the GET of a transfer called "batch". Other ids are
+    # a 404 either way.
+    app.router.add_get("/v1/transfers/{id:tr_[^/]*}", transfers.get_transfer, allow_head=False)
     app.router.add_get("/healthz", ops.healthz, allow_head=False)
     app.router.add_get("/readyz", ops.readyz, allow_head=False)
     app.router.add_get("/openapi.json", ops.openapi, allow_head=False)
