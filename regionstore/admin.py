@@ -343,7 +343,8 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
             in_legs = conn.execute(_IN_LEGS_SQL).fetchall()
             owned = conn.execute("SELECT slot FROM txr.owned_slots ORDER BY slot").fetchall()
             account_slots = conn.execute(
-                "SELECT DISTINCT id >> 48 FROM txr.accounts WHERE kind = 'customer' ORDER BY 1"
+                "SELECT DISTINCT txr.slot_of(id) FROM txr.accounts"
+                " WHERE kind = 'customer' ORDER BY 1"
             ).fetchall()
             moves = conn.execute(
                 "SELECT move_id, direction, slot, epoch, peer_shard, amounts FROM txr.slot_moves"
@@ -487,15 +488,15 @@ def fence_and_flush_lsn(admin_dsn: str) -> int:
 # lives with the destination account it credited. Transit accounts (and their entries) never
 # move: they belong to the shard, and the move posting (0003) accounts for what changed hands.
 _SLOT_ROWS: Final = (
-    ("accounts", "kind = 'customer' AND id >> 48 = %(slot)s"),
-    ("ledger_entries", "account_id >= 0 AND account_id >> 48 = %(slot)s"),
-    ("transfers", "source >> 48 = %(slot)s"),
-    ("idempotency_keys", "source >> 48 = %(slot)s"),
-    ("outbox", "source >> 48 = %(slot)s"),
-    ("inbox", "destination >> 48 = %(slot)s"),
+    ("accounts", "kind = 'customer' AND txr.slot_of(id) = %(slot)s"),
+    ("ledger_entries", "account_id >= 0 AND txr.slot_of(account_id) = %(slot)s"),
+    ("transfers", "txr.slot_of(source) = %(slot)s"),
+    ("idempotency_keys", "txr.slot_of(source) = %(slot)s"),
+    ("outbox", "txr.slot_of(source) = %(slot)s"),
+    ("inbox", "txr.slot_of(destination) = %(slot)s"),
 )
 _PENDING_OUT_SQL: Final = (
-    "SELECT count(*) FROM txr.outbox WHERE state = 'pending' AND source >> 48 = %(slot)s"
+    "SELECT count(*) FROM txr.outbox WHERE state = 'pending' AND txr.slot_of(source) = %(slot)s"
 )
 
 
@@ -513,7 +514,8 @@ def slot_outbound_pending(admin_dsn: str, slot: int, *, nudge: bool = False) -> 
         if nudge:
             conn.execute(
                 "UPDATE txr.outbox SET next_attempt_at = now()"
-                " WHERE state = 'pending' AND source >> 48 = %(slot)s AND next_attempt_at > now()",
+                " WHERE state = 'pending' AND txr.slot_of(source) = %(slot)s"
+                " AND next_attempt_at > now()",
                 params,
             )
             conn.execute("SELECT pg_notify('txr_outbox', '')")

@@ -669,7 +669,7 @@ class ShardStore:
             created_at=row[1],
         )
 
-    # -- cross-shard saga (regionstore/migrations/0002_saga.sql) ---------------------------
+    # -- cross-shard saga (regionstore/sql/functions/saga.sql) -----------------------------
 
     async def apply_inbound(
         self,

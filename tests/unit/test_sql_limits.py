@@ -87,3 +87,18 @@ def test_retention_literals_match_the_python_limits() -> None:
     assert inbox == [str(limits.INBOX_RETENTION_S)]
     assert f"p_batch > {limits.RETENTION_BATCH_MAX}" in body
     assert limits.INBOX_RETENTION_S > limits.SAGA_DELIVERY_WINDOW_S + limits.CLOCK_SKEW_MARGIN_S
+
+
+def test_regionstore_sql_uses_slot_of() -> None:
+    # The Python side's SQL (admin, audit, store) asks txr.slot_of too: one slot computation.
+    for path in sorted(migrate.FUNCTIONS_DIR.parent.parent.glob("*.py")):
+        assert ">> 48" not in path.read_text(), path.name
+
+
+def test_migration_literals_match_the_python_limits() -> None:
+    # Released migrations are never edited; their CHECK literals must still be the limits.
+    text = "\n".join(m.path.read_text() for m in migrate.available_migrations())
+    assert f"BETWEEN 0 AND {limits.OVERDRAFT_LIMIT_MAX}" in text
+    assert f"balance <= {limits.BALANCE_ABS_MAX}" in text
+    assert f"balance >= -{limits.BALANCE_ABS_MAX}" in text
+    assert f"slot BETWEEN 0 AND {limits.SLOT_COUNT - 1}" in text
