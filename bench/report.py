@@ -208,6 +208,21 @@ def summary(report: dict[str, Any]) -> str:
             f"{run['rate']:8.1f}/s  p50 {lat['p50']:7.1f}  p90 {lat['p90']:7.1f}  "
             f"p99 {lat['p99']:7.1f}  p99.9 {lat['p99.9']:7.1f}  errors {run['errors']}"
         )
+    over = r.get("overload")
+    if over:
+        lines += [
+            "",
+            f"overload (goals: goodput >= {over['goodput_min']:.0%} of saturation "
+            f"{over['saturation_rate']:.1f}/s, admitted p99 <= {over['p99_ratio_max']:g}x the "
+            f"p99 at 50% = {over['p99_at_50pct_ms']:.1f} ms):",
+        ]
+        for name, o in over["runs"].items():
+            lines.append(
+                f"  {name:4s}: target {o['target_rate']:8.1f}/s goodput {o['goodput_rate']:8.1f}/s"
+                f" ({o['goodput_fraction']:.0%} {'ok' if o['goodput_ok'] else 'MISSED'}), "
+                f"admitted p99 {o['p99_admitted_ms']:7.1f} ms ({o['p99_ratio']:.1f}x "
+                f"{'ok' if o['p99_ok'] else 'MISSED'}), shed {o['shed']}, failed {o['failed']}"
+            )
     reads = report["reads"]
     lines += [
         "",

@@ -58,6 +58,15 @@ HOT_SHARE: Final = 0.8
 HOT_ACCOUNTS: Final = 5
 # Open-loop rates as fractions of the measured saturation rate.
 OPEN_LOOP_FRACTIONS: Final = (("50%", 0.5), ("80%", 0.8))
+# Overload (issue 16): open loop past saturation. The router must shed (429/503 with
+# Retry-After) rather than queue: goodput (201s per second) stays at least
+# OVERLOAD_GOODPUT_MIN of the saturation rate, and the p99 of the admitted requests within
+# OVERLOAD_P99_RATIO_MAX of the p99 at 50 %.
+OVERLOAD_FRACTIONS: Final = (("150%", 1.5), ("200%", 2.0))
+OVERLOAD_GOODPUT_MIN: Final = 0.8
+OVERLOAD_P99_RATIO_MAX: Final = 3.0
+# The answers that count as shed (refused at once, nothing written) rather than failed.
+SHED_STATUSES: Final = frozenset({"429", "503"})
 OK_WRITE: Final = frozenset({201})
 OK_READ: Final = frozenset({200})
 # The saturation sweep stops at the knee: once a run errs or falls below this share of the best
@@ -232,6 +241,39 @@ async def transfer(s: aiohttp.ClientSession, url: str, src: str, dst: str, amoun
     ) as r:
         await r.read()
         return r.status
+
+
+def overload_summary(saturation_rate: float, open_runs: dict[str, Any]) -> dict[str, Any]:
+    """Goodput and admitted p99 of each overload run against the goals (OVERLOAD_*)."""
+    base = open_runs.get("50%")
+    base_p99 = base["latency_ms"]["p99"] if base else 0.0
+    out: dict[str, Any] = {
+        "saturation_rate": saturation_rate,
+        "p99_at_50pct_ms": base_p99,
+        "goodput_min": OVERLOAD_GOODPUT_MIN,
+        "p99_ratio_max": OVERLOAD_P99_RATIO_MAX,
+        "runs": {},
+    }
+    for name, _frac in OVERLOAD_FRACTIONS:
+        run = open_runs.get(name)
+        if run is None:
+            continue
+        goodput = run["rate"] / saturation_rate if saturation_rate > 0 else 0.0
+        p99 = run["latency_ms"]["p99"]
+        ratio = p99 / base_p99 if base_p99 > 0 else float("inf")
+        statuses = run["statuses"]
+        out["runs"][name] = {
+            "target_rate": run["target_rate"],
+            "goodput_rate": run["rate"],
+            "goodput_fraction": round(goodput, 3),
+            "p99_admitted_ms": p99,
+            "p99_ratio": round(ratio, 2),
+            "shed": sum(n for s, n in statuses.items() if s in SHED_STATUSES),
+            "failed": sum(n for s, n in statuses.items() if s not in SHED_STATUSES and s != "201"),
+            "goodput_ok": goodput >= OVERLOAD_GOODPUT_MIN,
+            "p99_ok": ratio <= OVERLOAD_P99_RATIO_MAX,
+        }
+    return out
 
 
 async def setup_accounts(url: str, token: str, region: str, n: int) -> tuple[str, list[str]]:
@@ -451,7 +493,7 @@ async def _router_parts(
         )
 
         open_runs = {}
-        for name, frac in OPEN_LOOP_FRACTIONS:
+        for name, frac in OPEN_LOOP_FRACTIONS + OVERLOAD_FRACTIONS:
             await asyncio.sleep(SETTLE_S)
             rate = max(1.0, best["rate"] * frac)
             gen_cpu = time.process_time()
@@ -528,6 +570,7 @@ async def _router_parts(
             "batch": batch_run | {"batch_size": BATCH_SIZE},
             "flame_graph": FLAME_GRAPH_FILE if flame.exists() else None,
             "open_loop": open_runs,
+            "overload": overload_summary(best["rate"], open_runs),
         },
         "reads": reads,
         "skewed": skew,

@@ -36,3 +36,28 @@ def transfer_fingerprint(
         option=orjson.OPT_SORT_KEYS,
     )
     return hashlib.sha256(canonical).digest()
+
+
+def account_open_fingerprint(
+    *, currency: str, home_region: str, overdraft_limit: int, metadata: object
+) -> bytes:
+    """An account open's fingerprint: every field of the body, with the region it opens in."""
+    canonical = orjson.dumps(
+        {
+            "currency": currency,
+            "home_region": home_region,
+            "metadata": metadata,
+            "overdraft_limit": overdraft_limit,
+        },
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.sha256(canonical).digest()
+
+
+def key_home(tenant: str, key: str, choices: int) -> int:
+    """Which of ``choices`` (sorted) shards keeps an account-open key: the same for every
+    router, so two opens with one key meet on one shard, whose key row arbitrates them."""
+    if choices < 1:
+        raise ValueError("no shard to choose from")
+    digest = hashlib.sha256(orjson.dumps([tenant, key])).digest()
+    return int.from_bytes(digest[:8], "big") % choices

@@ -114,3 +114,30 @@ TOPOLOGY_CONFIRM_DRIFT_S: Final = 0.1 * TOPOLOGY_CONFIRM_S
 # What a failover or switchover waits between its epoch CAS and the new primary's first accepted
 # write: every router that still believes the old epoch has stopped reading the old primary.
 FAILOVER_LEASE_WAIT_S: Final = TOPOLOGY_CONFIRM_S + TOPOLOGY_CONFIRM_DRIFT_S
+
+# -- retention (regionstore/sql/functions/retention.sql, saga.sql) -----------------------------
+# An idempotency key (transfers and account opens) is kept as long as a retry with it can
+# arrive. txclient retries within one call's deadline (10 s by default), but an
+# ``outcome_unknown`` tells the application to retry later with the same key: after its own
+# outage, a deploy, or the next run of a daily reconciliation job. A week covers a job that
+# missed a weekend; Stripe keeps keys 24 h. A retry after this creates a new transfer.
+IDEMPOTENCY_KEY_RETENTION_S: Final = 7 * 86_400
+# A settled or reversed outbox row is never delivered again; it is kept as long as the keys, so
+# an operator tracing a recent transfer finds its saga history.
+OUTBOX_RETENTION_S: Final = 7 * 86_400
+# Leg 2 accepts a message only within this long after leg 1 (the MAC covers leg 1's time). A
+# message pending that long has paged an operator many times over (the outbox age gauge); it
+# stays pending (money in flight, visible to `txr reconcile`) for a human to resolve.
+SAGA_DELIVERY_WINDOW_S: Final = 7 * 86_400
+# How far two shards' clocks may disagree (NTP keeps them within milliseconds; a day is the
+# margin for a badly broken clock, which other alarms catch first).
+CLOCK_SKEW_MARGIN_S: Final = 86_400
+# An inbox row is kept past the last moment its message can still be delivered: a row pruned
+# earlier would let a late re-delivery apply leg 2 twice.
+INBOX_RETENTION_S: Final = 10 * 86_400
+# Rows of each kind one prune deletes (one short transaction; a full batch runs again on the
+# next round), and how often a relay runs one on its outbox loop.
+RETENTION_BATCH_MAX: Final = 10_000
+RETENTION_INTERVAL_S: Final = 60.0
+
+assert INBOX_RETENTION_S > SAGA_DELIVERY_WINDOW_S + CLOCK_SKEW_MARGIN_S

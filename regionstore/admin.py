@@ -67,6 +67,41 @@ def init_shard(admin_dsn: str, *, epoch: int, slots: Sequence[int], slot_epoch: 
         )
 
 
+# Key ids: 1.. (txr.saga_keys); a key shorter than this is refused by the table's CHECK too.
+SAGA_KEY_BYTES_MIN: Final = 32
+
+
+def set_saga_identity(admin_dsn: str, *, shard: str, key_id: int, secret: bytes) -> int:
+    """Name this database's shard and store saga key ``key_id`` (the same secret on every
+    shard; sql/functions/saga.sql), then sign the pending messages written before it had
+    one. Idempotent for the same values; a different secret under an existing id is refused
+    (messages signed with it would stop verifying). Returns how many messages it signed.
+
+    Rotation: store the next id on every shard first (leg 2 checks with the id a message
+    names), then leg 1 signs with the newest; an old key may go once no pending message and
+    no receipt in flight names it.
+    """
+    if key_id < 1 or len(secret) < SAGA_KEY_BYTES_MIN:
+        raise ValueError(f"saga key id must be >= 1 and its secret >= {SAGA_KEY_BYTES_MIN} bytes")
+    with _connect(admin_dsn) as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO txr.shard_identity (singleton, name) VALUES (true, %s)"
+            " ON CONFLICT (singleton) DO UPDATE SET name = excluded.name",
+            (shard,),
+        )
+        row = conn.execute(
+            "SELECT secret FROM txr.saga_keys WHERE key_id = %s FOR UPDATE", (key_id,)
+        ).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO txr.saga_keys (key_id, secret) VALUES (%s, %s)", (key_id, secret)
+            )
+        elif bytes(row[0]) != secret:
+            raise ValueError(f"saga key {key_id} already holds another secret")
+        signed = conn.execute("SELECT txr.sign_unsigned_outbox()").fetchone()
+    return int(signed[0]) if signed else 0
+
+
 def _set_fence_locked(conn: psycopg.Connection[tuple[Any, ...]], epoch: int) -> None:
     row = conn.execute("SELECT epoch FROM txr.fence FOR UPDATE").fetchone()
     if row is not None and row[0] > epoch:
@@ -308,7 +343,8 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
             in_legs = conn.execute(_IN_LEGS_SQL).fetchall()
             owned = conn.execute("SELECT slot FROM txr.owned_slots ORDER BY slot").fetchall()
             account_slots = conn.execute(
-                "SELECT DISTINCT id >> 48 FROM txr.accounts WHERE kind = 'customer' ORDER BY 1"
+                "SELECT DISTINCT txr.slot_of(id) FROM txr.accounts"
+                " WHERE kind = 'customer' ORDER BY 1"
             ).fetchall()
             moves = conn.execute(
                 "SELECT move_id, direction, slot, epoch, peer_shard, amounts FROM txr.slot_moves"
@@ -452,15 +488,15 @@ def fence_and_flush_lsn(admin_dsn: str) -> int:
 # lives with the destination account it credited. Transit accounts (and their entries) never
 # move: they belong to the shard, and the move posting (0003) accounts for what changed hands.
 _SLOT_ROWS: Final = (
-    ("accounts", "kind = 'customer' AND id >> 48 = %(slot)s"),
-    ("ledger_entries", "account_id >= 0 AND account_id >> 48 = %(slot)s"),
-    ("transfers", "source >> 48 = %(slot)s"),
-    ("idempotency_keys", "source >> 48 = %(slot)s"),
-    ("outbox", "source >> 48 = %(slot)s"),
-    ("inbox", "destination >> 48 = %(slot)s"),
+    ("accounts", "kind = 'customer' AND txr.slot_of(id) = %(slot)s"),
+    ("ledger_entries", "account_id >= 0 AND txr.slot_of(account_id) = %(slot)s"),
+    ("transfers", "txr.slot_of(source) = %(slot)s"),
+    ("idempotency_keys", "txr.slot_of(source) = %(slot)s"),
+    ("outbox", "txr.slot_of(source) = %(slot)s"),
+    ("inbox", "txr.slot_of(destination) = %(slot)s"),
 )
 _PENDING_OUT_SQL: Final = (
-    "SELECT count(*) FROM txr.outbox WHERE state = 'pending' AND source >> 48 = %(slot)s"
+    "SELECT count(*) FROM txr.outbox WHERE state = 'pending' AND txr.slot_of(source) = %(slot)s"
 )
 
 
@@ -478,7 +514,8 @@ def slot_outbound_pending(admin_dsn: str, slot: int, *, nudge: bool = False) -> 
         if nudge:
             conn.execute(
                 "UPDATE txr.outbox SET next_attempt_at = now()"
-                " WHERE state = 'pending' AND source >> 48 = %(slot)s AND next_attempt_at > now()",
+                " WHERE state = 'pending' AND txr.slot_of(source) = %(slot)s"
+                " AND next_attempt_at > now()",
                 params,
             )
             conn.execute("SELECT pg_notify('txr_outbox', '')")

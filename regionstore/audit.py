@@ -62,7 +62,7 @@ def tenant_audit(admin_dsn: str, shard: str, tenant: str) -> TenantAudit:
                 ).fetchall()
             foreign = conn.execute(
                 "SELECT count(*) FROM txr.transfers t WHERE t.tenant = %s AND NOT EXISTS"
-                " (SELECT 1 FROM txr.owned_slots s WHERE s.slot = (t.source >> 48))",
+                " (SELECT 1 FROM txr.owned_slots s WHERE s.slot = txr.slot_of(t.source))",
                 (tenant,),
             ).fetchone()
     out = [

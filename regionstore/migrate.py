@@ -5,8 +5,11 @@ Files are ``regionstore/migrations/NNNN_name.sql``. A migration is recorded in
 whole migration and its record or neither; applying again is a no-op. Migrations are forward
 only: a released file is never edited, a fix is a new file.
 
-Migration text may name the application role as ``__APP_ROLE__``; it is replaced by the quoted
-role name, so the role's privileges (USAGE, SELECT, EXECUTE, never UPDATE) live with the schema.
+Migration text may name the application role as ``__APP_ROLE__`` and the relays' role as
+``__RELAY_ROLE__``; each is replaced by the quoted role name, so the roles' privileges (USAGE,
+SELECT, EXECUTE, never UPDATE) live with the schema. The relay role is created (NOLOGIN) when
+it does not exist yet, so a database migrated before it existed still migrates; the launcher
+gives it its login.
 
 Functions (issue 17): numbered migrations are for schema; a function lives once, in a file under
 ``regionstore/sql/functions/``, written as ``CREATE OR REPLACE``. Every migrate applies each file
@@ -29,11 +32,15 @@ from psycopg import sql
 # The login role routers use. Defined here (not imported from infra: regionstore must not import
 # it); the launcher creates the role under the same name.
 APP_ROLE: Final = "txr_app"
+# The relays' login role: a member of the application role, and the only one that may run the
+# saga steps (sql/functions/saga.sql).
+RELAY_ROLE: Final = "txr_relay"
 
 MIGRATIONS_DIR: Final = Path(__file__).with_name("migrations")
 FUNCTIONS_DIR: Final = Path(__file__).parent / "sql" / "functions"
 _FILE_RE: Final = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _ROLE_PLACEHOLDER: Final = "__APP_ROLE__"
+_RELAY_PLACEHOLDER: Final = "__RELAY_ROLE__"
 
 # Session advisory lock held while migrating, so two launchers never apply the same file twice.
 _MIGRATE_LOCK_KEY: Final = 7478706500002
@@ -65,18 +72,44 @@ def available_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-def _render(text: str, conn: psycopg.Connection[object], app_role: str) -> str:
-    quoted = sql.Identifier(app_role).as_string(conn)
-    return text.replace(_ROLE_PLACEHOLDER, quoted)
+@dataclass(frozen=True, slots=True)
+class Roles:
+    app: str = APP_ROLE
+    relay: str = RELAY_ROLE
 
 
-def apply_migrations(admin_dsn: str, *, app_role: str = APP_ROLE) -> list[str]:
-    """Apply the pending migrations; return their file names (empty when up to date)."""
+def _render(text: str, conn: psycopg.Connection[object], roles: Roles) -> str:
+    return text.replace(_ROLE_PLACEHOLDER, sql.Identifier(roles.app).as_string(conn)).replace(
+        _RELAY_PLACEHOLDER, sql.Identifier(roles.relay).as_string(conn)
+    )
+
+
+def _ensure_role(conn: psycopg.Connection[object], role: str) -> None:
+    # Roles are per cluster, not per database: the first database migrated creates it, and a
+    # concurrent creator (another database of the cluster) is the only way this can race.
+    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+
+
+def apply_migrations(
+    admin_dsn: str,
+    *,
+    app_role: str = APP_ROLE,
+    relay_role: str = RELAY_ROLE,
+    migrations_dir: Path = MIGRATIONS_DIR,
+    functions_dir: Path = FUNCTIONS_DIR,
+) -> list[str]:
+    """Apply the pending migrations; return their file names (empty when up to date).
+
+    The directories are parameters so that a test can build a database the way an older
+    release left it, then migrate it with this one."""
     applied: list[str] = []
+    roles = Roles(app_role, relay_role)
     with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATE_LOCK_KEY,))
         try:
             with conn.transaction():
+                _ensure_role(conn, relay_role)
                 conn.execute("CREATE SCHEMA IF NOT EXISTS txr")
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS txr.schema_migrations ("
@@ -84,7 +117,7 @@ def apply_migrations(admin_dsn: str, *, app_role: str = APP_ROLE) -> list[str]:
                     " name text NOT NULL,"
                     " applied_at timestamptz NOT NULL DEFAULT now())"
                 )
-            for mig in available_migrations():
+            for mig in available_migrations(migrations_dir):
                 with conn.transaction():
                     conn.execute(
                         sql.SQL("SET LOCAL lock_timeout = {}").format(
@@ -98,13 +131,13 @@ def apply_migrations(admin_dsn: str, *, app_role: str = APP_ROLE) -> list[str]:
                         continue
                     # No parameters: psycopg sends the file with the simple query protocol, which
                     # accepts many statements (and dollar-quoted function bodies).
-                    conn.execute(_render(mig.path.read_text(), conn, app_role).encode())
+                    conn.execute(_render(mig.path.read_text(), conn, roles).encode())
                     conn.execute(
                         "INSERT INTO txr.schema_migrations (version, name) VALUES (%s, %s)",
                         (mig.version, mig.name),
                     )
                 applied.append(mig.path.name)
-            applied.extend(_apply_functions(conn, app_role))
+            applied.extend(_apply_functions(conn, roles, functions_dir))
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATE_LOCK_KEY,))
     return applied
@@ -114,7 +147,9 @@ def function_files(directory: Path = FUNCTIONS_DIR) -> list[Path]:
     return sorted(directory.glob("*.sql"))
 
 
-def _apply_functions(conn: psycopg.Connection[object], app_role: str) -> list[str]:
+def _apply_functions(
+    conn: psycopg.Connection[object], roles: Roles, directory: Path = FUNCTIONS_DIR
+) -> list[str]:
     """Apply every function file whose rendered text changed since it was last applied."""
     with conn.transaction():
         conn.execute(
@@ -124,8 +159,8 @@ def _apply_functions(conn: psycopg.Connection[object], app_role: str) -> list[st
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
     applied: list[str] = []
-    for path in function_files():
-        text = _render(path.read_text(), conn, app_role)
+    for path in function_files(directory):
+        text = _render(path.read_text(), conn, roles)
         digest = hashlib.sha256(text.encode()).hexdigest()
         with conn.transaction():
             conn.execute(

@@ -119,6 +119,10 @@ class CreateAccountCode(StrEnum):
     STALE_EPOCH = "stale_epoch"
     WRONG_SHARD = "wrong_shard"
     ID_TAKEN = "id_taken"
+    # Idempotent opens (sql/functions/accounts.sql): the key was used before with the same
+    # body (the original account is returned) or with another one (nothing written).
+    REPLAYED = "replayed"
+    KEY_REUSED = "key_reused"
 
 
 class TransferItem(msgspec.Struct, frozen=True, gc=False):
@@ -193,6 +197,12 @@ class InboundCode(StrEnum):
     BALANCE_LIMIT = "balance_limit"
     STALE_EPOCH = "stale_epoch"
     WRONG_SHARD = "wrong_shard"
+    # The message's MAC does not check (forged, altered, or signed with a key this shard
+    # lacks): nothing recorded, the relay keeps it pending and shouts.
+    UNAUTHENTICATED = "unauthenticated"
+    # Leg 1 is older than the delivery window (consistency.limits.SAGA_DELIVERY_WINDOW_S):
+    # nothing recorded, the money stays in flight for an operator.
+    EXPIRED = "expired"
 
 
 INBOUND_REFUSALS: Final = frozenset(
@@ -205,6 +215,8 @@ class SettleCode(StrEnum):
     REVERSED = "reversed"
     ALREADY = "already"  # settled or reversed before: ``status`` says which
     STALE_EPOCH = "stale_epoch"
+    # The receipt does not check: not leg 2's answer. Nothing changed.
+    UNAUTHENTICATED = "unauthenticated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +231,11 @@ class OutboxMessage:
     currency: str
     destination_shard: str  # as resolved at leg 1: names the transit account it credited
     attempts: int  # claims so far, this one included
-    created_at: datetime
+    created_at: datetime  # leg 1's commit time (signed)
+    # Leg 1's signature (sql/functions/saga.sql); None on a message written before the shard
+    # had a saga key, which leg 2 refuses until the admin signs it.
+    key_id: int | None = None
+    mac: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +247,9 @@ class InboundResult:
     # The shard whose transit account this leg 2 debited, when not the one answering: a replay
     # of an inbox row that arrived with a slot move (0003). The relay passes it to the settle.
     debit_shard: str | None = None
+    # The destination's signed answer, which settle_outbound checks; None when nothing was
+    # recorded (stale_epoch, wrong_shard, unauthenticated, expired).
+    receipt: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,19 +284,23 @@ _POST_TRANSFERS_SQL: Final = (
     " FROM txr.post_transfers_json(%s::bigint, %s::jsonb, %s::double precision)"
 )
 _APPLY_INBOUND_SQL: Final = (
-    "SELECT code, replayed, destination_balance, destination_version, debit_shard"
+    "SELECT code, replayed, destination_balance, destination_version, debit_shard, receipt"
     " FROM txr.apply_inbound(%s::bigint, %s::uuid, %s::text, %s::text, %s::bigint, %s::bigint,"
-    " %s::bigint, %s::text, %s::bigint)"
+    " %s::bigint, %s::text, %s::bigint, %s::timestamptz, %s::int, %s::bytea)"
 )
 _SETTLE_OUTBOUND_SQL: Final = (
     "SELECT code, status, source_balance, source_version"
-    " FROM txr.settle_outbound(%s::bigint, %s::uuid, %s::text, %s::text)"
+    " FROM txr.settle_outbound(%s::bigint, %s::uuid, %s::text, %s::text, %s::bytea)"
 )
 _CLAIM_OUTBOX_SQL: Final = (
     "SELECT transfer_id, tenant, source, destination, amount, currency, destination_shard,"
-    " attempts, created_at FROM txr.claim_outbox(%s::int, %s::float8)"
+    " attempts, created_at, key_id, mac FROM txr.claim_outbox(%s::int, %s::float8)"
 )
 _DEFER_OUTBOX_SQL: Final = "SELECT txr.defer_outbox(%s::uuid, %s::float8)"
+_OUTBOX_SIGNATURE_SQL: Final = "SELECT key_id, mac FROM txr.outbox WHERE transfer_id = %s::uuid"
+_PRUNE_SQL: Final = (
+    "SELECT idempotency_keys, account_open_keys, outbox, inbox FROM txr.prune_retained(%s::int)"
+)
 _OUTBOX_STATS_SQL: Final = (
     "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
     " FROM txr.outbox WHERE state = 'pending'"
@@ -292,8 +315,9 @@ OUTBOX_CHANNEL: Final = "txr_outbox"
 # does not turn the relay's wait into a connect loop (polling covers the gap).
 LISTEN_RETRY_MIN_S: Final = 1.0
 _CREATE_ACCOUNT_SQL: Final = (
-    "SELECT code, created_at FROM txr.create_account("
-    "%s::bigint, %s::bigint, %s::bigint, %s::text, %s::text, %s::bigint, %s::jsonb)"
+    "SELECT code, created_at, account_id, currency, overdraft_limit, metadata"
+    " FROM txr.create_account(%s::bigint, %s::bigint, %s::bigint, %s::text, %s::text,"
+    " %s::bigint, %s::jsonb, %s::text, %s::bytea)"
 )
 _GET_ACCOUNT_SQL: Final = (
     "SELECT id, tenant, currency, balance, overdraft_limit, version, metadata, created_at"
@@ -604,8 +628,13 @@ class ShardStore:
         overdraft_limit: int,
         metadata: Mapping[str, Any],
         timeout_s: float,
+        idempotency_key: str | None = None,
+        fingerprint: bytes | None = None,
     ) -> tuple[CreateAccountCode, AccountRow | None]:
-        """Create a customer account with balance 0 and version 1; the row only when ``ok``."""
+        """Create a customer account with balance 0 and version 1; the row when ``ok``, and
+        for ``replayed`` the original account as it was opened (balance 0, version 1: the
+        original answer). With ``idempotency_key`` (and the request's ``fingerprint``) the
+        open happens at most once per (tenant, key)."""
         meta = dict(metadata)
         params = (
             shard_epoch,
@@ -615,6 +644,8 @@ class ShardStore:
             currency,
             overdraft_limit,
             Jsonb(meta),
+            idempotency_key,
+            fingerprint,
         )
 
         async def op(conn: Conn) -> tuple[Any, ...] | None:
@@ -625,20 +656,20 @@ class ShardStore:
         if row is None:
             raise StoreOutcomeUnknown(f"shard {self.name}: create_account returned no row")
         code = CreateAccountCode(row[0])
-        if code is not CreateAccountCode.OK:
+        if code not in (CreateAccountCode.OK, CreateAccountCode.REPLAYED):
             return code, None
         return code, AccountRow(
-            id=account_id,
+            id=int(row[2]),
             tenant=tenant,
-            currency=currency,
+            currency=str(row[3]),
             balance=0,
-            overdraft_limit=overdraft_limit,
+            overdraft_limit=int(row[4]),
             version=1,
-            metadata=meta,
+            metadata=row[5],
             created_at=row[1],
         )
 
-    # -- cross-shard saga (regionstore/migrations/0002_saga.sql) ---------------------------
+    # -- cross-shard saga (regionstore/sql/functions/saga.sql) -----------------------------
 
     async def apply_inbound(
         self,
@@ -652,13 +683,18 @@ class ShardStore:
         amount: int,
         currency: str,
         destination_slot_epoch: int,
+        created_at: datetime,
+        key_id: int | None,
+        mac: bytes | None,
         timeout_s: float,
     ) -> InboundResult:
         """Leg 2 on this (destination) shard, exactly once per ``transfer_id``.
 
         A first call applies or refuses and records the answer in the inbox; any later call
         returns the recorded answer with ``replayed=True``. stale_epoch / wrong_shard record
-        nothing (deliver again after re-resolving the destination's shard).
+        nothing (deliver again after re-resolving the destination's shard). ``created_at``,
+        ``key_id`` and ``mac`` are leg 1's signature: a message whose MAC does not check is
+        answered ``unauthenticated`` and changes nothing.
         """
         params = (
             shard_epoch,
@@ -670,6 +706,9 @@ class ShardStore:
             amount,
             currency,
             destination_slot_epoch,
+            created_at,
+            key_id,
+            mac,
         )
 
         async def op(conn: Conn) -> tuple[Any, ...] | None:
@@ -685,6 +724,7 @@ class ShardStore:
             destination_balance=row[2],
             destination_version=row[3],
             debit_shard=row[4],
+            receipt=None if row[5] is None else bytes(row[5]),
         )
 
     async def settle_outbound(
@@ -695,14 +735,17 @@ class ShardStore:
         refusal_code: str | None,
         timeout_s: float,
         leg2_shard: str | None = None,
+        receipt: bytes | None = None,
     ) -> SettleResult:
         """Record leg 2's answer on this (source) shard: settled (refusal_code None), or post
         the reversal with that code. Idempotent: a second call answers ``already``.
 
         ``leg2_shard``: the shard whose transit account leg 2 debited. When it is not the shard
         leg 1 named (the destination's slot moved), the settle moves leg 1's transit credit to
-        the transit account toward it (0003), so every pair of shards still nets to zero."""
-        params = (shard_epoch, transfer_id, refusal_code, leg2_shard)
+        the transit account toward it (0003), so every pair of shards still nets to zero.
+        ``receipt``: leg 2's signed answer (InboundResult.receipt); without one that checks the
+        call answers ``unauthenticated`` and changes nothing."""
+        params = (shard_epoch, transfer_id, refusal_code, leg2_shard, receipt)
 
         async def op(conn: Conn) -> tuple[Any, ...] | None:
             cur = await conn.execute(_SETTLE_OUTBOUND_SQL, params)
@@ -737,9 +780,39 @@ class ShardStore:
                 destination_shard=r[6],
                 attempts=r[7],
                 created_at=r[8],
+                key_id=r[9],
+                mac=None if r[10] is None else bytes(r[10]),
             )
             for r in rows
         ]
+
+    async def outbox_signature(
+        self, transfer_id: uuid.UUID, *, timeout_s: float
+    ) -> tuple[int | None, bytes | None]:
+        """Leg 1's (key id, MAC) of an outbox message, for a delivery that did not claim it
+        (the router's inline one); (None, None) when there is no such row or it is unsigned."""
+
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(_OUTBOX_SIGNATURE_SQL, (transfer_id,))
+            return await cur.fetchone()
+
+        row = await self._call(op, timeout_s=timeout_s, write=False, what="outbox_signature")
+        if row is None:
+            return None, None
+        return row[0], None if row[1] is None else bytes(row[1])
+
+    async def prune_retained(self, *, batch: int, timeout_s: float) -> dict[str, int]:
+        """Delete at most ``batch`` expired rows of each kind (sql/functions/retention.sql):
+        idempotency keys, account-open keys, final outbox rows, inbox rows. Returns the counts
+        per kind; a count equal to ``batch`` means more is due."""
+
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(_PRUNE_SQL, (batch,))
+            return await cur.fetchone()
+
+        row = await self._call(op, timeout_s=timeout_s, write=True, what="prune_retained")
+        names = ("idempotency_keys", "account_open_keys", "outbox", "inbox")
+        return dict(zip(names, (int(x) for x in row), strict=True)) if row else {}
 
     async def defer_outbox(
         self, transfer_id: uuid.UUID, *, delay_s: float, timeout_s: float

@@ -148,6 +148,9 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             resp = problem_response(err)
         except web.HTTPException as exc:
             resp = problem_response(_map_http_exception(exc))
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                # RFC 9110 section 15.5.6: a 405 names the methods the resource supports.
+                resp.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         except Exception:
             log.exception("unhandled error", extra={"fields": {"route": route}})
             unexpected: ApiError
@@ -208,13 +211,28 @@ async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     password = config.db_password_file.read_text().strip()
     stores = StoreRegistry(config, password)
+    # Leg 2 of the inline delivery runs as the relays' role (the application role may not);
+    # its pools open on first use.
+    saga_stores = None
+    if config.relay_password_file is not None:
+        relay_password = config.relay_password_file.read_text().strip()
+        saga_stores = StoreRegistry(config, relay_password, user=config.relay_user)
     app[STORES] = stores
-    app[ROUTER] = ShardRouter(app[TOPOLOGY], stores, app[METRICS], config.region, cache=app[CACHE])
+    app[ROUTER] = ShardRouter(
+        app[TOPOLOGY],
+        stores,
+        app[METRICS],
+        config.region,
+        cache=app[CACHE],
+        saga_stores=saga_stores,
+    )
     await stores.warm(app[TOPOLOGY].current)
     yield
     # Drain batches and inline deliveries before the pools they use close.
     await app[ROUTER].close()
     await stores.close()
+    if saga_stores is not None:
+        await saga_stores.close()
 
 
 async def _rtt_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -305,7 +323,10 @@ def create_app(config: RouterConfig, *, worker: int = 0) -> web.Application:
     app.router.add_get("/v1/accounts/{id}/entries", accounts.list_entries, allow_head=False)
     app.router.add_post("/v1/transfers", transfers.create_transfer)
     app.router.add_post("/v1/transfers/batch", transfers.create_transfer_batch)
-    app.router.add_get("/v1/transfers/{id}", transfers.get_transfer, allow_head=False)
+    # Only a transfer-shaped id: /v1/transfers/batch then names one resource (POST), so its 405
+    # answers say "Allow: POST" and not the GET of a transfer called "batch". Other ids are
+    # a 404 either way.
+    app.router.add_get("/v1/transfers/{id:tr_[^/]*}", transfers.get_transfer, allow_head=False)
     app.router.add_get("/healthz", ops.healthz, allow_head=False)
     app.router.add_get("/readyz", ops.readyz, allow_head=False)
     app.router.add_get("/openapi.json", ops.openapi, allow_head=False)

@@ -56,6 +56,11 @@ class RouterConfig:
     feed_redis: Mapping[str, str] = field(default_factory=dict)
     # The relay process (python -m router.relays) serves its metrics here; None: not served.
     relay_metrics_port: int | None = None
+    # The relays' DB role: the only one that may run leg 2 and the settle (sql/functions/
+    # saga.sql). The relay process connects as it; a router uses it only for its inline leg 2
+    # delivery (without the file it leaves every transfer to the relays).
+    relay_user: str = "txr_relay"
+    relay_password_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= ROUTER_WORKERS_MAX:
@@ -93,6 +98,10 @@ class RouterConfig:
             "admin_port": self.admin_port,
             "feed_redis": dict(self.feed_redis),
             "relay_metrics_port": self.relay_metrics_port,
+            "relay_user": self.relay_user,
+            "relay_password_file": (
+                str(self.relay_password_file) if self.relay_password_file is not None else None
+            ),
         }
 
     @classmethod
@@ -122,6 +131,10 @@ class RouterConfig:
             feed_redis={str(k): str(v) for k, v in d.get("feed_redis", {}).items()},
             relay_metrics_port=(
                 int(d["relay_metrics_port"]) if d.get("relay_metrics_port") is not None else None
+            ),
+            relay_user=str(d.get("relay_user", "txr_relay")),
+            relay_password_file=(
+                Path(d["relay_password_file"]) if d.get("relay_password_file") else None
             ),
         )
 

@@ -131,6 +131,12 @@ BODY_RECEIVE_TIMEOUT_S: Final = 5.0
 # aiohttp's keep-alive timer: a connection is closed when no complete request arrived for this
 # long since it opened or since its last answer, which also bounds the time to send headers.
 HEADER_RECEIVE_TIMEOUT_S: Final = 10.0
+# Connections one router process holds at once (router.serve); past it a new one gets 503 and
+# is closed. A connection costs a socket, a parser and buffers (tens of KiB): 2,048 is a few
+# tens of MiB per process, well under the file limit, and far above what the load generators
+# and the client pools open (hundreds); slow clients are bounded by the two timeouts above,
+# so at the cap they free a slot within HEADER_RECEIVE_TIMEOUT_S.
+CONNECTIONS_MAX: Final = 2048
 
 # -- POST /v1/transfers/batch (API.md "Batches of transfers") ----------------------------------
 # Items per batch request, the contract's bound.

@@ -21,10 +21,11 @@ middleware so its refusals are rendered as problem+json like every other error):
    admitted; its 429 says so (split it).
 3. An account open takes one unit of the tenant's account count in this process's own view
    (``AccountCounts``): the total last read from etcd plus this process's opens not yet
-   flushed. At the cap: 403 ``account_limit_reached``. A refused open (4xx) gives its unit
-   back; an open whose outcome is unknown keeps it (it may exist). No etcd call on the request
-   path: the poll loop adds each tenant's delta to its counter in etcd (one compare-and-swap
-   per tenant with opens per interval) and reads every total back.
+   flushed. At the cap: 403 ``account_limit_reached``. A refused open (4xx) and a replayed
+   keyed open (``Idempotent-Replayed``) give their unit back; an open whose outcome is unknown
+   keeps it (it may exist). No etcd call on the request path: the poll loop adds each tenant's
+   delta to its counter in etcd (one compare-and-swap per tenant with opens per interval) and
+   reads every total back.
 
    Overshoot bound (``ACCOUNT_CAP_OVERSHOOT_POLL_INTERVALS``, a deliberate trade: the cap
    bounds resources, not money): each router process decides against a total at most about
@@ -468,7 +469,8 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
         if reserved and 400 <= _status_of(exc) < 500:
             limiter.release_account(principal.tenant)
         raise
-    if reserved and 400 <= resp.status < 500:
+    # A refusal created nothing; a replay of a keyed open returned an account already counted.
+    if reserved and (400 <= resp.status < 500 or "Idempotent-Replayed" in resp.headers):
         limiter.release_account(principal.tenant)
     if decision is not None:
         resp.headers.update(decision.headers())

@@ -19,9 +19,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from psycopg.conninfo import make_conninfo
+
 from consistency import ids
 from consistency.errors import EtcdError, TopologyError
-from consistency.idempotency import transfer_fingerprint
+from consistency.idempotency import account_open_fingerprint, key_home, transfer_fingerprint
 from consistency.topology import Node, Shard, Topology, TopologyWatcher
 from regionstore.errors import StoreInvariantViolation, StoreOutcomeUnknown, StoreUnavailable
 from regionstore.store import (
@@ -40,6 +42,7 @@ from router.config import RouterConfig
 from router.errors import (
     ApiError,
     BusinessRefusal,
+    Conflict,
     NotFound,
     OutcomeUnknown,
     RateLimited,
@@ -91,19 +94,25 @@ class Deadline:
 class StoreRegistry:
     """One connection pool per PostgreSQL node this router has routed to, opened lazily."""
 
-    def __init__(self, config: RouterConfig, password: str) -> None:
+    def __init__(self, config: RouterConfig, password: str, *, user: str | None = None) -> None:
         self._config = config
         self._password = password
+        self._user = config.db_user if user is None else user
         self._stores: dict[str, ShardStore] = {}
         self._lock = asyncio.Lock()
 
     def _conninfo(self, node: Node) -> str:
         host, port = self._config.dial_address(node.host, node.port)
-        # Key/value conninfo keeps the password out of any URL that a library might log.
-        return (
-            f"host={host} port={port} dbname={self._config.db_name} user={self._config.db_user} "
-            f"password={self._password} application_name=txr-router-{self._config.region} "
-            "connect_timeout=5"
+        # Key/value conninfo keeps the password out of any URL that a library might log;
+        # make_conninfo quotes every value as libpq needs.
+        return make_conninfo(
+            host=host,
+            port=port,
+            dbname=self._config.db_name,
+            user=self._user,
+            password=self._password,
+            application_name=f"txr-router-{self._config.region}",
+            connect_timeout=5,
         )
 
     async def for_node(self, node: Node) -> ShardStore:
@@ -143,12 +152,17 @@ class ShardRouter:
         region: str,
         *,
         cache: RegionCache | None = None,
+        saga_stores: StoreRegistry | None = None,
     ) -> None:
         self.watcher = watcher
         # The region cache that committed batches are written into before their answers
         # (None in the relay process, which posts no transfers).
         self.cache = cache
         self.stores = stores
+        # Pools of the relays' DB role, the only one that may run leg 2 and the settle: the
+        # outbox relays' store (inline delivery included). None: the router delivers nothing
+        # inline and leaves every cross-shard transfer pending for the relays.
+        self.saga_stores = saga_stores
         self.metrics = metrics
         self.region = region
         self._relays: dict[str, OutboxRelay] = {}
@@ -168,7 +182,8 @@ class ShardRouter:
         return self.topology.shards[shard].epoch
 
     async def store_for_shard(self, shard: str) -> ShardStore:
-        return await self.stores.for_node(self.topology.shards[shard].primary)
+        stores = self.stores if self.saga_stores is None else self.saga_stores
+        return await stores.for_node(self.topology.shards[shard].primary)
 
     async def refresh(self) -> None:
         await self.watcher.refresh(newer_than=self.topology.revision)
@@ -474,7 +489,7 @@ class ShardRouter:
         assert res.transfer_id is not None
         assert res.created_at is not None
         assert posted.destination_shard is not None
-        if len(self._inline) >= INLINE_DELIVERIES_MAX:
+        if len(self._inline) >= INLINE_DELIVERIES_MAX or self.saga_stores is None:
             return "pending"
         msg = OutboxMessage(
             transfer_id=res.transfer_id,
@@ -604,13 +619,29 @@ class ShardRouter:
         overdraft_limit: int,
         metadata: Mapping[str, Any],
         deadline: Deadline,
-    ) -> tuple[AccountRow, Shard]:
+        idempotency_key: str | None = None,
+    ) -> tuple[AccountRow, Shard, bool]:
+        """Open an account on a shard homed in ``region``: ``(row, shard, replayed)``. With an
+        idempotency key the shard is the key's (consistency.idempotency.key_home), whose key
+        row makes the open happen once; a replay returns the original account."""
+        fingerprint = None
+        if idempotency_key is not None:
+            fingerprint = account_open_fingerprint(
+                currency=currency,
+                home_region=region,
+                overdraft_limit=overdraft_limit,
+                metadata=metadata,
+            )
         for _attempt in range(STALE_RETRIES_MAX + 1):
             topo = self.topology
             homed = topo.shards_homed_in(region)
             if not homed:
                 raise Unprocessable(f"no shard is homed in region {region!r}")
-            shard = random.choice(homed)
+            if idempotency_key is None:
+                shard = random.choice(homed)
+            else:
+                ordered = sorted(homed, key=lambda s: s.name)
+                shard = ordered[key_home(tenant, idempotency_key, len(ordered))]
             slots = topo.slots.slots_of(shard.name)
             if not slots:
                 raise RegionUnavailable(
@@ -630,10 +661,14 @@ class ShardRouter:
                     overdraft_limit,
                     metadata,
                     deadline,
+                    idempotency_key,
+                    fingerprint,
                 )
-                if code is CreateAccountCode.OK:
+                if code in (CreateAccountCode.OK, CreateAccountCode.REPLAYED):
                     assert row is not None
-                    return row, shard
+                    return row, shard, code is CreateAccountCode.REPLAYED
+                if code is CreateAccountCode.KEY_REUSED:
+                    raise Conflict("this Idempotency-Key was used for a different request")
                 if code is not CreateAccountCode.ID_TAKEN:
                     self.metrics.fence_rejections.labels(self.region, shard.name, code.value).inc()
                     refused = True
@@ -654,6 +689,8 @@ class ShardRouter:
         overdraft_limit: int,
         metadata: Mapping[str, Any],
         deadline: Deadline,
+        idempotency_key: str | None = None,
+        fingerprint: bytes | None = None,
     ) -> tuple[CreateAccountCode, AccountRow | None]:
         if deadline.expired():
             # Earlier attempts were refused (id taken, fence): nothing was created.
@@ -675,6 +712,8 @@ class ShardRouter:
                     overdraft_limit=overdraft_limit,
                     metadata=metadata,
                     timeout_s=deadline.remaining(),
+                    idempotency_key=idempotency_key,
+                    fingerprint=fingerprint,
                 ),
             )
         except StoreUnavailable as exc:
@@ -683,8 +722,12 @@ class ShardRouter:
                 retry_after_s=RETRY_AFTER_S,
             ) from exc
         except StoreOutcomeUnknown as exc:
-            # Account creation carries no idempotency key: the client may find a stray empty
-            # account if it retries, never a wrong balance.
+            if idempotency_key is not None:
+                raise OutcomeUnknown(
+                    "the account may or may not have been created; retry with the same "
+                    "Idempotency-Key to learn which"
+                ) from exc
+            # Without a key a retry may leave a stray empty account, never a wrong balance.
             raise OutcomeUnknown("the account may or may not have been created") from exc
         except StoreInvariantViolation as exc:
             log.error("shard %s refused an account: %s", shard.name, exc)

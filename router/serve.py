@@ -6,12 +6,19 @@ error of the API is ``application/problem+json`` with a stable code (API.md), so
 handler is replaced by one that renders the same answer as a problem. aiohttp has no public
 hook for the handler class; the two subclasses below override only what they must, and the
 version range in pyproject.toml pins the aiohttp 3 API they rely on.
+
+The same handler caps the connections one router process holds (``CONNECTIONS_MAX``): past it a
+new connection is answered at once with 503 ``region_unavailable`` and ``Retry-After`` and
+closed, before it can hold a parser, a task or a handler. Slow clients are bounded by time
+elsewhere (the keep-alive timer bounds the headers, ``read_body`` the body); the cap bounds
+how many of them one router process carries at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -19,6 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from router.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
+from router.limits import CONNECTIONS_MAX, OVERLOAD_RETRY_AFTER_S
 
 
 def problem_for(status: int) -> web.Response:
@@ -39,7 +47,46 @@ def problem_for(status: int) -> web.Response:
     return resp
 
 
+def _over_capacity_bytes() -> bytes:
+    body = orjson.dumps(
+        {
+            "type": PROBLEM_TYPE_BASE + "region_unavailable",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": "this router holds as many connections as it may; retry shortly",
+            "code": "region_unavailable",
+        }
+    )
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        f"Content-Type: {PROBLEM_CONTENT_TYPE}\r\n"
+        f"Retry-After: {max(1, round(OVERLOAD_RETRY_AFTER_S))}\r\n"
+        "Connection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_OVER_CAPACITY: bytes = _over_capacity_bytes()
+
+
 class _ProblemRequestHandler(RequestHandler):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._manager
+        cap = getattr(server, "connections_max", CONNECTIONS_MAX)
+        if server is not None and len(server.connections) >= cap:
+            # Never registered with the server nor given a task: refused in one write.
+            tcp = cast(asyncio.Transport, transport)
+            tcp.write(_OVER_CAPACITY)
+            tcp.close()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.transport is None:
+            return  # refused in connection_made: nothing was set up
+        super().connection_lost(exc)
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -53,15 +100,27 @@ class _ProblemRequestHandler(RequestHandler):
 
 
 class _ProblemServer(web.Server):
+    connections_max: int = CONNECTIONS_MAX
+
     def __call__(self) -> RequestHandler:
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class ProblemAppRunner(web.AppRunner):
+    def __init__(
+        self, app: web.Application, *, connections_max: int = CONNECTIONS_MAX, **kwargs: Any
+    ) -> None:
+        if connections_max < 1:
+            raise ValueError("connections_max must be at least 1")
+        super().__init__(app, **kwargs)
+        self._connections_max = connections_max
+
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         # Same server, same settings; only the protocol handler it builds differs.
         server.__class__ = _ProblemServer
+        assert isinstance(server, _ProblemServer)
+        server.connections_max = self._connections_max
         return server
 
 

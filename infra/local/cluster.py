@@ -76,6 +76,9 @@ DEV_TOKEN_TTL_S: Final = 86400
 JWT_RING_DIR: Final = "jwt"
 # 32 hex chars = 128 random bits per database password.
 PG_PASSWORD_BYTES: Final = 16
+# The saga key (leg 2's HMAC, regionstore/sql/functions/saga.sql): 256 bits, as SHA-256's block
+# needs at most.
+SAGA_KEY_BYTES: Final = 32
 
 # Readiness bounds. The WAN and Redis bind at once; etcd needs an election (2 s timeout under
 # --wan realistic, plus a pre-vote round); routers load the topology and connect their pools
@@ -398,6 +401,8 @@ class Launcher:
             admin_password=secrets.token_hex(PG_PASSWORD_BYTES),
             app_password=secrets.token_hex(PG_PASSWORD_BYTES),
             repl_password=secrets.token_hex(PG_PASSWORD_BYTES),
+            relay_password=secrets.token_hex(PG_PASSWORD_BYTES),
+            saga_key=secrets.token_hex(SAGA_KEY_BYTES),
         )
         _write_secret(
             self.secrets_dir / "pg.json",
@@ -409,12 +414,15 @@ class Launcher:
                     "app_password": self.creds.app_password,
                     "repl_role": postgres.REPL_ROLE,
                     "repl_password": self.creds.repl_password,
+                    "relay_role": postgres.RELAY_ROLE,
+                    "relay_password": self.creds.relay_password,
                 }
             ),
         )
         _write_secret(self.secrets_dir / "db_app.password", self.creds.app_password)
         # The relays' change feed decodes the commit log as the replication role.
         _write_secret(self.secrets_dir / "db_repl.password", self.creds.repl_password)
+        _write_secret(self.secrets_dir / "db_relay.password", self.creds.relay_password)
         self.passfile = postgres.write_passfile(self.pg_root, self.creds)
 
     def _python_env(self) -> dict[str, str]:
@@ -612,12 +620,18 @@ class Launcher:
             conn.execute(f"CREATE DATABASE {DB_NAME} OWNER {postgres.ADMIN_ROLE}".encode())
         if self.opts.init_schema:
             try:
-                from regionstore.admin import init_shard
+                from regionstore.admin import init_shard, set_saga_identity
                 from regionstore.migrate import apply_migrations
             except ImportError as exc:
                 raise ClusterError(f"regionstore is not usable: {exc}") from exc
             apply_migrations(self.admin_dsn(port))
             init_shard(self.admin_dsn(port), epoch=1, slots=slotmap.slots_of(shard), slot_epoch=1)
+            set_saga_identity(
+                self.admin_dsn(port),
+                shard=shard,
+                key_id=1,
+                secret=bytes.fromhex(self.creds.saga_key),
+            )
         self.state.data["shards"][shard] = {
             "home_region": region,
             "primary_region": region,
@@ -776,6 +790,8 @@ class Launcher:
             peer_routers=peer_routers,
             repl_user=postgres.REPL_ROLE,
             repl_password_file=self.secrets_dir / "db_repl.password",
+            relay_user=postgres.RELAY_ROLE,
+            relay_password_file=self.secrets_dir / "db_relay.password",
             workers=ROUTER_WORKERS if self.opts.workers is None else self.opts.workers,
             admin_port=self.plan.region[region].router_admin,
             feed_redis=self.feed_redis(region),

@@ -37,6 +37,7 @@ CRASHED_POSTMASTER_REAP_S: Final = 10.0
 
 ADMIN_ROLE: Final = "txr_admin"
 APP_ROLE: Final = "txr_app"
+RELAY_ROLE: Final = "txr_relay"
 REPL_ROLE: Final = "txr_repl"
 
 
@@ -149,6 +150,11 @@ class Credentials:
     admin_password: str
     app_password: str
     repl_password: str
+    # The relays' role (RELAY_ROLE); hex like the others.
+    relay_password: str
+    # The saga key every shard signs and checks leg 2 with (regionstore.admin.set_saga_identity):
+    # hex, at least 32 bytes.
+    saga_key: str
 
 
 def write_passfile(root: Path, creds: Credentials) -> Path:
@@ -249,13 +255,15 @@ def init_primary(datadir: Path, port: int, creds: Credentials) -> None:
 
 
 def create_roles_sql(creds: Credentials) -> list[tuple[str, tuple[str, ...]]]:
-    """Statements (run as the admin role) that create the app and replication roles."""
+    """Statements (run as the admin role) that create the app, relay and replication roles."""
     # CREATE ROLE cannot take bind parameters; the passwords are generated hex strings, which
     # we check here so that quoting can never be broken.
-    for pw in (creds.app_password, creds.repl_password):
+    for pw in (creds.app_password, creds.repl_password, creds.relay_password):
         assert re.fullmatch(r"[0-9a-f]{16,128}", pw), "generated passwords are hex"
     return [
         (f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{creds.app_password}'", ()),
+        # The relays: the saga steps (leg 2, settle) and the app role's reads (migration 0006).
+        (f"CREATE ROLE {RELAY_ROLE} LOGIN PASSWORD '{creds.relay_password}'", ()),
         (f"CREATE ROLE {REPL_ROLE} LOGIN REPLICATION PASSWORD '{creds.repl_password}'", ()),
         # The change feed decodes only what the synchronous standby has flushed
         # (regionstore/changefeed.py); pg_stat_replication shows that position only to

@@ -1,5 +1,5 @@
 -- 0001: the shard ledger: fencing rows, accounts, transfers, double-entry postings, idempotency
--- keys, and the two write procedures. Applied by regionstore.migrate as the admin role inside one
+-- keys (the procedures: sql/functions/). Applied by regionstore.migrate as the admin role inside one
 -- transaction; __APP_ROLE__ is replaced by the (quoted) application role name.
 --
 -- Least privilege: the application role can read the tables and EXECUTE the procedures, nothing
@@ -86,74 +86,9 @@ CREATE TABLE txr.idempotency_keys (
     PRIMARY KEY (tenant, source, key)
 );
 
--- The advisory lock key that orders writes against fencing and slot changes: writers take it
--- shared, admin changes exclusive (so a fence waits for in-flight writes, and every later write
--- reads the new rows). One definition, used by the procedures and regionstore.admin.
-CREATE FUNCTION txr.fence_lock_key() RETURNS bigint
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT 7478706500001::bigint $$;
-
--- txr.post_transfers, the batch procedure, lives in regionstore/sql/functions/ledger.sql.
-
-CREATE FUNCTION txr.create_account(
-    p_shard_epoch bigint,
-    p_slot_epoch bigint,
-    p_id bigint,
-    p_tenant text,
-    p_currency text,
-    p_overdraft_limit bigint,
-    p_metadata jsonb
-)
-RETURNS TABLE (code text, created_at timestamptz)
-LANGUAGE plpgsql
-VOLATILE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_fence record;
-    v_slot_epoch bigint;
-BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'create_account must run in READ COMMITTED';
-    END IF;
-    PERFORM pg_advisory_xact_lock_shared(txr.fence_lock_key());
-    SELECT f.epoch, f.fenced INTO v_fence FROM txr.fence f;
-    IF NOT FOUND OR v_fence.fenced OR v_fence.epoch <> p_shard_epoch THEN
-        code := 'stale_epoch';
-        RETURN NEXT;
-        RETURN;
-    END IF;
-    SELECT s.epoch INTO v_slot_epoch FROM txr.owned_slots s WHERE s.slot = (p_id >> 48);
-    IF NOT FOUND OR v_slot_epoch IS DISTINCT FROM p_slot_epoch THEN
-        code := 'wrong_shard';
-        RETURN NEXT;
-        RETURN;
-    END IF;
-    -- A clash of the 48 random bits is an outcome, not an error: the router retries a new id.
-    INSERT INTO txr.accounts AS a (id, tenant, currency, overdraft_limit, metadata, kind)
-    VALUES (p_id, p_tenant, p_currency, p_overdraft_limit, coalesce(p_metadata, '{}'::jsonb),
-            'customer')
-    ON CONFLICT (id) DO NOTHING
-    RETURNING a.created_at INTO created_at;
-    IF NOT FOUND THEN
-        code := 'id_taken';
-        created_at := NULL;
-    ELSE
-        code := 'ok';
-    END IF;
-    RETURN NEXT;
-END;
-$$;
-
--- Functions are executable by PUBLIC by default: a SECURITY DEFINER one must not be.
-REVOKE ALL ON FUNCTION txr.create_account(bigint, bigint, bigint, text, text, bigint, jsonb)
-    FROM PUBLIC;
+-- The procedures (post_transfers, create_account, the fence helpers) live once each in
+-- regionstore/sql/functions/, applied with CREATE OR REPLACE on every migrate.
 
 GRANT USAGE ON SCHEMA txr TO __APP_ROLE__;
 GRANT SELECT ON txr.fence, txr.owned_slots, txr.accounts, txr.transfers, txr.ledger_entries,
     txr.idempotency_keys TO __APP_ROLE__;
-GRANT EXECUTE ON FUNCTION txr.fence_lock_key() TO __APP_ROLE__;
-GRANT EXECUTE ON FUNCTION txr.create_account(bigint, bigint, bigint, text, text, bigint, jsonb)
-    TO __APP_ROLE__;

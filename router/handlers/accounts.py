@@ -25,11 +25,15 @@ from router.validation import (
     page_limit,
     read_json_object,
     validate_account_create,
+    validate_idempotency_key,
 )
 
 
 async def create_account(request: web.Request) -> web.Response:
     principal = authorize(request, "accounts:write")
+    raw_key = request.headers.get("Idempotency-Key")
+    # Optional here (API.md requires it for transfers only): with it, the open happens once.
+    key = None if raw_key is None else validate_idempotency_key(raw_key)
     client_token(request)
     router = request.app[ROUTER]
     doc = await read_json_object(request)
@@ -37,21 +41,25 @@ async def create_account(request: web.Request) -> web.Response:
     if spec.overdraft_limit > 0 and "accounts:overdraft" not in principal.scopes:
         # Credit is a privilege of its own, not a default of accounts:write (API.md).
         raise Forbidden("overdraft_limit above 0 needs the 'accounts:overdraft' scope")
-    row, shard = await router.create_account(
+    row, shard, replayed = await router.create_account(
         tenant=principal.tenant,
         region=spec.home_region or request.app[CONFIG].region,
         currency=spec.currency,
         overdraft_limit=spec.overdraft_limit,
         metadata=spec.metadata,
         deadline=request_deadline(request, WRITE_DEADLINE_S),
+        idempotency_key=key,
     )
+    headers = {"Location": f"/v1/accounts/{ids.format_account_id(row.id)}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
     return json_response(
         request,
         render.account(row, shard),
         status=201,
         versions=[(row.id, row.version)],
         served_by="primary",
-        headers={"Location": f"/v1/accounts/{ids.format_account_id(row.id)}"},
+        headers=headers,
     )
 
 

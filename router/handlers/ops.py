@@ -52,9 +52,31 @@ async def metrics_response(app: web.Application) -> web.Response:
     return resp
 
 
+# The served document names the cluster's regions (home_region's enum): rendered once per
+# topology revision, so the endpoint stays as cheap as the static bytes.
+_rendered: dict[int, bytes] = {}
+
+
+def _openapi_for(static: bytes, regions: list[str], revision: int) -> bytes:
+    body = _rendered.get(revision)
+    if body is None:
+        doc = orjson.loads(static)
+        create = doc["components"]["schemas"]["AccountCreate"]["properties"]
+        create["home_region"] = {**create["home_region"], "enum": sorted(regions)}
+        body = orjson.dumps(doc)
+        _rendered.clear()  # only the current revision is ever asked for
+        _rendered[revision] = body
+    return body
+
+
 async def openapi(request: web.Request) -> web.Response:
     request[SERVED_BY_KEY] = f"{request.app[CONFIG].region}/router"
-    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+    watcher = request.app[TOPOLOGY]
+    body = request.app[OPENAPI]
+    if watcher.loaded and watcher.current.regions:
+        topo = watcher.current
+        body = _openapi_for(body, list(topo.regions), topo.revision)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def admin_status(request: web.Request) -> web.Response:

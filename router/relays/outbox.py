@@ -17,6 +17,13 @@ no query runs on a timer while nothing is pending. A LISTEN connection that was 
 the relay look at once (notifications sent while it was down are lost).
 Failures never drop a message (money is in flight): they are retried with exponential backoff
 and full jitter, forever, with a warning once a message has failed many times.
+
+Authentication: leg 2 applies only a message leg 1 signed, and the settle only leg 2's signed
+receipt (regionstore/sql/functions/saga.sql); the relay passes both through and never holds the
+key. A message refused as ``unauthenticated`` or ``expired`` is kept pending and logged at error.
+
+Retention: the same loop prunes the source shard's expired idempotency keys and final saga rows
+every ``RETENTION_INTERVAL_S`` (consistency.limits), in bounded batches.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
 
+from consistency.limits import RETENTION_BATCH_MAX, RETENTION_INTERVAL_S
 from regionstore.errors import StoreError, StoreInvariantViolation
 from regionstore.store import (
     INBOUND_REFUSALS,
@@ -80,6 +88,11 @@ DUE_WAIT_S_MIN: Final = 0.01
 STATS_INTERVAL_S: Final = 5.0
 # After an unexpected error in a round (the source primary down): pause before the next one.
 ROUND_ERROR_PAUSE_S: Final = 1.0
+# One prune call (bounded deletes of RETENTION_BATCH_MAX rows per kind).
+PRUNE_TIMEOUT_S: Final = 10.0
+# Leg 2 answers that record nothing and will not change by retrying soon: a forged or altered
+# message, or one signed with a key the destination lacks; a leg 1 older than the window.
+_UNDELIVERABLE: Final = frozenset({InboundCode.UNAUTHENTICATED, InboundCode.EXPIRED})
 
 Outcome = Literal["settled", "reversed", "already", "retry"]
 
@@ -175,6 +188,14 @@ class OutboxRelay:
         return delivery
 
     async def _deliver(self, msg: OutboxMessage) -> Delivery:
+        key_id, mac = msg.key_id, msg.mac
+        if mac is None:
+            # Not claimed from the outbox (the router's inline delivery right after leg 1):
+            # leg 1's signature is in the row.
+            source = await self.resolver.store_for_shard(self.source_shard)
+            key_id, mac = await source.outbox_signature(msg.transfer_id, timeout_s=CLAIM_TIMEOUT_S)
+            if mac is None:
+                return Delivery("retry", "unsigned")
         dest_shard, dest_epoch, slot_epoch = self.resolver.route_account(msg.destination)
         dest = await self.resolver.store_for_shard(dest_shard)
         started = time.perf_counter()
@@ -188,12 +209,24 @@ class OutboxRelay:
             amount=msg.amount,
             currency=msg.currency,
             destination_slot_epoch=slot_epoch,
+            created_at=msg.created_at,
+            key_id=key_id,
+            mac=mac,
             timeout_s=APPLY_TIMEOUT_S,
         )
         self._observe_call(dest_shard, "apply_inbound", started)
         if inbound.code in (InboundCode.STALE_EPOCH, InboundCode.WRONG_SHARD):
             # Our map is behind (failover or a slot move): nothing was recorded there.
             await self._refresh()
+            return Delivery("retry", inbound.code.value)
+        if inbound.code in _UNDELIVERABLE:
+            log.error(
+                "outbox %s: %s refused transfer %s as %s; it stays pending",
+                self.source_shard,
+                dest_shard,
+                msg.transfer_id,
+                inbound.code.value,
+            )
             return Delivery("retry", inbound.code.value)
         refusal = inbound.code.value if inbound.code in INBOUND_REFUSALS else None
         # Where leg 2's transit debit happened: the shard that answered, unless it replayed an
@@ -209,10 +242,19 @@ class OutboxRelay:
             refusal_code=refusal,
             timeout_s=SETTLE_TIMEOUT_S,
             leg2_shard=leg2_shard,
+            receipt=inbound.receipt,
         )
         self._observe_call(self.source_shard, "settle_outbound", started)
         if settle.code is SettleCode.STALE_EPOCH:
             await self._refresh()
+            return Delivery("retry", settle.code.value)
+        if settle.code is SettleCode.UNAUTHENTICATED:
+            log.error(
+                "outbox %s: settle of %s refused %s's receipt",
+                self.source_shard,
+                msg.transfer_id,
+                dest_shard,
+            )
             return Delivery("retry", settle.code.value)
         if settle.code is SettleCode.ALREADY:
             return Delivery("already", settle.status)
@@ -288,6 +330,7 @@ class OutboxRelay:
         """Deliver until ``stop`` is set: rounds back to back while work is due, else wait for a
         NOTIFY (at most the poll interval)."""
         next_stats = 0.0
+        next_prune = 0.0
         stop_wait = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
@@ -296,6 +339,9 @@ class OutboxRelay:
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + STATS_INTERVAL_S
                         await self._update_gauges()
+                    if time.monotonic() >= next_prune:
+                        next_prune = time.monotonic() + RETENTION_INTERVAL_S
+                        await self.prune()
                     await self.run_once()
                 except StoreError as exc:
                     log.warning("outbox %s: round failed: %s", self.source_shard, exc)
@@ -322,6 +368,14 @@ class OutboxRelay:
                 await _wait_either(stop_wait, source.wait_for_outbox(wait_s))
         finally:
             stop_wait.cancel()
+
+    async def prune(self) -> dict[str, int]:
+        """One bounded retention pass on the source shard (sql/functions/retention.sql)."""
+        source = await self.resolver.store_for_shard(self.source_shard)
+        pruned = await source.prune_retained(batch=RETENTION_BATCH_MAX, timeout_s=PRUNE_TIMEOUT_S)
+        if any(pruned.values()):
+            log.info("outbox %s: retention pruned %s", self.source_shard, pruned)
+        return pruned
 
     async def _update_gauges(self) -> None:
         if self.metrics is None:

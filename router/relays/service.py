@@ -81,7 +81,16 @@ class RelayService:
         self._etcd = EtcdClient(config.etcd_endpoints)
         self._watcher = TopologyWatcher(self._etcd)
         await self._watcher.start(initial_timeout_s=TOPOLOGY_INITIAL_TIMEOUT_S)
-        self._stores = StoreRegistry(config, config.db_password_file.read_text().strip())
+        # The relays' own role (leg 2, settle, the outbox queue; and the application role's
+        # reads, of which it is a member). Without its password file (a config written before
+        # it existed) the application role, which the saga steps now refuse.
+        if config.relay_password_file is not None:
+            self._stores = StoreRegistry(
+                config, config.relay_password_file.read_text().strip(), user=config.relay_user
+            )
+        else:
+            log.error("no relay credentials: the saga steps will be refused")
+            self._stores = StoreRegistry(config, config.db_password_file.read_text().strip())
         # The router's resolver (topology + pools) serves the outbox relays as it serves the
         # router's inline deliveries; this one never sees a request.
         self._resolver = ShardRouter(self._watcher, self._stores, self.metrics, config.region)

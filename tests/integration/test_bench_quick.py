@@ -86,7 +86,16 @@ def test_quick_bench_writes_a_complete_report(
     if router["flame_graph"] is not None:
         assert (out / router["flame_graph"]).read_bytes().lstrip().startswith(b"<?xml")
     assert len(on_disk["load_average"]["before"]) == 3
-    assert set(router["open_loop"]) == {"50%", "80%"}
+    assert set(router["open_loop"]) == {"50%", "80%", "150%", "200%"}
+    over = router["overload"]
+    assert set(over["runs"]) == {"150%", "200%"}
+    assert over["saturation_rate"] == router["saturation"]["best"]["rate"]
+    for name, o in over["runs"].items():
+        run = router["open_loop"][name]
+        assert o["goodput_rate"] == run["rate"]
+        # Every request is accounted for: admitted, shed, or failed.
+        assert run["ok"] + o["shed"] + o["failed"] == sum(run["statuses"].values())
+        assert o["goodput_ok"] == (o["goodput_fraction"] >= over["goodput_min"])
     for run in router["open_loop"].values():
         _check_run(run)
         assert run["target_rate"] > 0
@@ -100,3 +109,4 @@ def test_quick_bench_writes_a_complete_report(
 
     text = report.summary(rep)
     assert "ratio router/pgbench" in text
+    assert "overload (goals:" in text

@@ -279,6 +279,12 @@ async def test_in_flight_into_the_moved_slot_lands_on_the_new_owner(
     near_src = await _funded(c, "eu-west", 100)
     near = await _leg1_held(d, c, near_src, dst_id, 11, "ap-south-1")
     # Leg 2 of `early` on ap-south-1, as a relay that dies before the settle would leave it.
+    ((key_id, mac, leg1_at),) = _q(
+        d,
+        "us-east-1",
+        "SELECT key_id, mac, created_at FROM txr.outbox WHERE transfer_id = %s",
+        (early,),
+    )
     ap = ShardStore(_dsn(d, "ap-south-1"), name="ap-south-1", pool_min=1, pool_max=2)
     await ap.open(timeout_s=STORE_TIMEOUT_S)
     try:
@@ -293,6 +299,9 @@ async def test_in_flight_into_the_moved_slot_lands_on_the_new_owner(
             amount=7,
             currency="EUR",
             destination_slot_epoch=slot_epoch,
+            created_at=leg1_at,
+            key_id=key_id,
+            mac=bytes(mac),
             timeout_s=STORE_TIMEOUT_S,
         )
     finally:

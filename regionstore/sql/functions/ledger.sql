@@ -45,7 +45,6 @@ AS $$
 #variable_conflict use_column
 DECLARE
     v_n int := coalesce(cardinality(p_ids), 0);
-    v_fence record;
     v_src record;
     v_dst record;
     v_src_slot_epoch bigint;
@@ -63,15 +62,11 @@ DECLARE
     v_lock bigint[];
     v_tb bigint;
     v_notify boolean := false;
+    v_sig record;
     v_pair record;
     v_now timestamptz := now();
 BEGIN
     -- Caller bugs, not business outcomes: they abort the call (StoreInvariantViolation).
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        -- Each statement below must see rows committed while we waited for a lock (the fence
-        -- after the advisory lock, balances after the row locks); only READ COMMITTED does.
-        RAISE EXCEPTION 'post_transfers must run in READ COMMITTED';
-    END IF;
     -- 256 = consistency.limits.BATCH_ITEMS_MAX: bounds the row locks one transaction holds.
     IF v_n > 256 THEN
         RAISE EXCEPTION 'post_transfers: % items exceed the batch bound 256', v_n;
@@ -91,9 +86,7 @@ BEGIN
 
     -- 1. Fence (G5). Shared: writers do not block each other; an admin fence (exclusive) waits
     -- for us to commit, and any write queued behind it reads the new fence row.
-    PERFORM pg_advisory_xact_lock_shared(txr.fence_lock_key());
-    SELECT f.epoch, f.fenced INTO v_fence FROM txr.fence f;
-    IF NOT FOUND OR v_fence.fenced OR v_fence.epoch <> p_shard_epoch THEN
+    IF NOT txr.fence_ok(p_shard_epoch) THEN
         FOR i IN 1 .. v_n LOOP
             idx := i - 1;
             code := 'stale_epoch';
@@ -146,10 +139,10 @@ BEGIN
     -- changes take the fence lock exclusive, and we hold it shared.
     SELECT array_agg(s.epoch ORDER BY u.o) INTO v_src_slot_epochs
       FROM unnest(p_sources) WITH ORDINALITY AS u (id, o)
-      LEFT JOIN txr.owned_slots s ON s.slot = (u.id >> 48);
+      LEFT JOIN txr.owned_slots s ON s.slot = txr.slot_of(u.id);
     SELECT array_agg(s.epoch ORDER BY u.o) INTO v_dst_slot_epochs
       FROM unnest(p_destinations) WITH ORDINALITY AS u (id, o)
-      LEFT JOIN txr.owned_slots s ON s.slot = (u.id >> 48);
+      LEFT JOIN txr.owned_slots s ON s.slot = txr.slot_of(u.id);
 
     -- 4. Items in order; later items see earlier items' effects (same transaction).
     FOR i IN 1 .. v_n LOOP
@@ -287,14 +280,17 @@ BEGIN
                 (account_id, seq, transfer_id, counterparty, amount, balance_after, created_at)
             VALUES (p_sources[i], v_sv, p_ids[i], p_destinations[i], -v_amount, v_sb, v_now),
                    (v_transit[i], v_dv, p_ids[i], p_sources[i], v_amount, v_db, v_now);
+            -- Signed (saga.sql): leg 2 applies only what this leg wrote.
+            SELECT * INTO v_sig FROM txr.saga_sign(p_ids[i], p_tenants[i], p_sources[i],
+                p_destinations[i], v_amount, p_currencies[i], v_now);
             INSERT INTO txr.outbox
                 (transfer_id, tenant, source, destination, amount, currency, destination_shard,
-                 state, attempts, next_attempt_at, created_at)
+                 state, attempts, next_attempt_at, created_at, key_id, mac)
             VALUES (p_ids[i], p_tenants[i], p_sources[i], p_destinations[i], v_amount,
                     p_currencies[i], p_destination_shards[i], 'pending', 0,
                     v_now + make_interval(secs => least(greatest(coalesce(p_relay_grace_s, 0),
                                                                  0), 60)),
-                    v_now);
+                    v_now, v_sig.key_id, v_sig.mac);
             INSERT INTO txr.idempotency_keys
                 (tenant, source, key, fingerprint, transfer_id, status_code, created_at)
             VALUES (p_tenants[i], p_sources[i], p_keys[i], p_fingerprints[i], p_ids[i], 201,
