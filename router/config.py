@@ -56,6 +56,11 @@ class RouterConfig:
     feed_redis: Mapping[str, str] = field(default_factory=dict)
     # The relay process (python -m router.relays) serves its metrics here; None: not served.
     relay_metrics_port: int | None = None
+    # NATS servers (JetStream) of the ledger events, this region's first. Empty: no events
+    # (the decoder then holds no publisher position, the events API answers 503).
+    nats_urls: tuple[str, ...] = ()
+    # Webhook URLs may resolve to loopback addresses: a local cluster only (API.md).
+    webhooks_allow_loopback: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= ROUTER_WORKERS_MAX:
@@ -93,6 +98,8 @@ class RouterConfig:
             "admin_port": self.admin_port,
             "feed_redis": dict(self.feed_redis),
             "relay_metrics_port": self.relay_metrics_port,
+            "nats_urls": list(self.nats_urls),
+            "webhooks_allow_loopback": self.webhooks_allow_loopback,
         }
 
     @classmethod
@@ -123,6 +130,8 @@ class RouterConfig:
             relay_metrics_port=(
                 int(d["relay_metrics_port"]) if d.get("relay_metrics_port") is not None else None
             ),
+            nats_urls=tuple(str(u) for u in d.get("nats_urls", ())),
+            webhooks_allow_loopback=bool(d.get("webhooks_allow_loopback", False)),
         )
 
     @classmethod

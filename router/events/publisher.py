@@ -1,0 +1,217 @@
+"""Publishing events: a small interface, its JetStream implementation, and the decoder's sink.
+
+``Publisher`` is what the decoder needs of an event log: store these events in this order, or
+fail. ``JetStreamPublisher`` is the NATS one; a Kafka publisher (idempotent producer, one
+partition per tenant) would implement the same two methods.
+
+``EventSink`` runs inside one shard's decoder (``router.relays.feed.ShardFeed``) beside the
+region sinks: it receives every durable batch in commit order, derives its events
+(``router.events.model``), publishes them and records the batch's end as its acknowledged
+position. The decoder confirms to the replication slot the minimum of every region's position
+and this one, so a publisher that dies, or loses NATS, leaves the slot holding everything it had
+not acknowledged: the decoder reopens the stream there and publishes again (ids are stable, the
+stream drops the duplicates). Events of one shard go out in its commit order: a window is
+published in order on one connection and the next waits for its acknowledgements; a failure
+ends the session, and the next starts at the first unacknowledged transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+
+from regionstore.changefeed import FeedBatch
+from router.events import model, stream
+from router.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Events published before their acknowledgements are awaited (one pipelined window): the
+# stream's acknowledgement needs a quorum round trip across the WAN, so one-at-a-time would cap
+# a shard at one event per RTT. Below the client's outstanding-publish bound (4,000).
+PUBLISH_WINDOW_MAX: Final = 1024
+# The acknowledgements of one window, all of them, within this.
+PUBLISH_ACK_TIMEOUT_S: Final = 10.0
+# Feed batches queued for the publisher; past it the publisher is behind and the decoder
+# resumes it from the slot (the WAL holds the rest, not memory).
+EVENT_QUEUE_BATCHES_MAX: Final = 1024
+# After a failure, the decoder reopens the stream after this, doubling up to the max (jitter).
+RETRY_BACKOFF_S_MIN: Final = 0.2
+RETRY_BACKOFF_S_MAX: Final = 5.0
+
+
+class PublishError(Exception):
+    """Some event of the call was not stored; what follows it must not be published."""
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    stored: int
+    duplicates: int
+
+
+class Publisher(Protocol):
+    async def publish(self, events: Sequence[model.Event]) -> Published:
+        """Store ``events`` in this order (a duplicate id counts as stored), or raise
+        PublishError."""
+        ...
+
+    async def healthy(self) -> bool:
+        """The log answers (the decoder resumes a failed publisher only then)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class JetStreamPublisher:
+    """Publishes into ``TXR_EVENTS`` with ``Nats-Msg-Id`` = event id. Connects on first use
+    (and again after ``close``), so a relay starts while NATS is still down."""
+
+    def __init__(self, servers: Sequence[str], *, name: str) -> None:
+        self._servers = list(servers)
+        self._name = name
+        self._nc: NATS | None = None
+        self._lock = asyncio.Lock()
+
+    async def _client(self) -> NATS:
+        async with self._lock:
+            if self._nc is None or self._nc.is_closed:
+                self._nc = await stream.connect(self._servers, name=self._name)
+            return self._nc
+
+    async def healthy(self) -> bool:
+        try:
+            nc = await self._client()
+            js = nc.jetstream(timeout=stream.JS_API_TIMEOUT_S)
+            await js.stream_info(stream.STREAM)
+        except (stream.StreamUnavailable, nats.errors.Error, OSError, TimeoutError):
+            return False
+        return True
+
+    async def publish(self, events: Sequence[model.Event]) -> Published:
+        try:
+            nc = await self._client()
+        except stream.StreamUnavailable as exc:
+            raise PublishError(str(exc)) from exc
+        self._js = nc.jetstream(timeout=stream.JS_API_TIMEOUT_S)
+        stored = dups = 0
+        for start in range(0, len(events), PUBLISH_WINDOW_MAX):
+            window = events[start : start + PUBLISH_WINDOW_MAX]
+            try:
+                async with asyncio.timeout(PUBLISH_ACK_TIMEOUT_S):
+                    futures = [
+                        await self._js.publish_async(
+                            ev.subject,
+                            ev.body(),
+                            stream=stream.STREAM,
+                            headers={"Nats-Msg-Id": ev.id, "Txr-Tenant": ev.tenant},
+                        )
+                        for ev in window
+                    ]
+                    acks = await asyncio.gather(*futures)
+            except (nats.errors.Error, OSError, TimeoutError) as exc:
+                raise PublishError(f"{type(exc).__name__}: {exc}") from exc
+            for ack in acks:
+                stored += 1
+                dups += bool(ack.duplicate)
+        return Published(stored, dups)
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await nc.close()
+            except (nats.errors.Error, OSError, TimeoutError) as exc:
+                log.warning("events: closing the NATS client: %r", exc)
+
+
+class EventSink:
+    """One shard decoder's publisher (module docstring). ``applied`` is the acknowledged
+    position of the current stream session, None until the session starts."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        *,
+        shard: str,
+        region: str,
+        home_region: str,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.shard = shard
+        self.region = region
+        self.home_region = home_region
+        self.metrics = metrics
+        self.queue: asyncio.Queue[FeedBatch] = asyncio.Queue(EVENT_QUEUE_BATCHES_MAX)
+        self.applied: int | None = None
+        self.failed = False
+        self.published = 0
+        if metrics is not None:
+            metrics.events_queue_batches.labels(region, shard).set_function(self.queue.qsize)
+
+    def begin(self, start_lsn: int) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.applied = start_lsn
+        self.failed = False
+
+    def offer(self, batch: FeedBatch) -> None:
+        if self.failed:
+            return
+        try:
+            self.queue.put_nowait(batch)
+        except asyncio.QueueFull:
+            self._fail(f"{EVENT_QUEUE_BATCHES_MAX} batches queued")
+
+    def _fail(self, why: str) -> None:
+        if not self.failed:
+            log.warning("events %s: publisher behind (%s); resuming from the slot", self.shard, why)
+            if self.metrics is not None:
+                self.metrics.events_publish_failures.labels(self.region, self.shard).inc()
+        self.failed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+    async def run_once(self) -> bool:
+        """Publish the next queued batch. False once the publisher failed (the decoder then
+        reopens its stream from the slot)."""
+        batch = await self.queue.get()
+        if self.failed:
+            return False
+        events: list[model.Event] = []
+        try:
+            for txn in batch.txns:
+                events += model.events_of(txn, shard=self.shard, home_region=self.home_region)
+        except (ValueError, KeyError, TypeError) as exc:
+            # Never skipped: the slot keeps the transaction, and the operator sees this.
+            log.error("events %s: cannot derive events at %X: %r", self.shard, batch.to_lsn, exc)
+            self._fail("derivation failed")
+            return False
+        if events:
+            try:
+                result = await self.publisher.publish(events)
+            except PublishError as exc:
+                self._fail(str(exc))
+                return False
+            self.published += result.stored
+            if self.metrics is not None:
+                self.metrics.events_published.labels(self.region, self.shard).inc(result.stored)
+                if result.duplicates:
+                    self.metrics.events_duplicates.labels(self.region, self.shard).inc(
+                        result.duplicates
+                    )
+                now = time.time()
+                hist = self.metrics.events_commit_to_ack.labels(self.region, self.shard)
+                for txn in batch.txns:
+                    hist.observe(max(0.0, now - txn.commit_time.timestamp()))
+        self.applied = batch.to_lsn
+        return True
