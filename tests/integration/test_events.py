@@ -104,7 +104,8 @@ async def test_events_come_from_commits_in_order_and_once(api: Api) -> None:
     settled = next(
         e for e in evs if e["type"] == "transfer.settled" and e["data"]["id"] == same.body["id"]
     )
-    assert settled["data"]["amount"] == 100 and settled["data"]["status"] == "settled"
+    assert settled["data"]["amount"] == 100
+    assert settled["data"]["status"] == "settled"
     created = next(e for e in evs if e["data"]["id"] == remote)
     assert created["data"]["home_region"] == "ap-south"
     assert created["data"]["shard"] == "ap-south-1"
@@ -156,9 +157,11 @@ async def test_events_need_their_scope(api: Api) -> None:
     tenant = new_tenant()
     token = api.token(tenant, ("accounts:read",))
     r = await api.call("GET", "us-east", "/v1/events", token=token)
-    assert r.status == 403 and r.body["code"] == "forbidden"
+    assert r.status == 403
+    assert r.body["code"] == "forbidden"
     r = await api.call("GET", "us-east", "/v1/webhooks", token=token)
-    assert r.status == 403 and r.body["code"] == "forbidden"
+    assert r.status == 403
+    assert r.body["code"] == "forbidden"
     r = await api.call("GET", "us-east", "/v1/events")
     assert r.status == 401
 
@@ -178,7 +181,8 @@ async def test_stream_deduplicates_by_event_id(local_cluster: Any) -> None:
         subject = stream.subject("dedup-" + uuid.uuid4().hex[:8], "account.created")
         first = await js.publish(subject, b"{}", headers={"Nats-Msg-Id": eid})
         again = await js.publish(subject, b"{}", headers={"Nats-Msg-Id": eid})
-        assert not first.duplicate and again.duplicate
+        assert not first.duplicate
+        assert again.duplicate
         assert again.seq == first.seq
     finally:
         await nc.close()

@@ -88,7 +88,8 @@ async def test_delivery_is_signed_filtered_and_the_registry_is_per_tenant(api: A
     tenant = new_tenant()
     async with receiver(RECEIVER_PORT_BASE, []) as rec:
         wh = await register(api, tenant, rec.url, ["transfer.settled"])
-        assert wh["secret"].startswith("whsec_") and wh["status"] == "active"
+        assert wh["secret"].startswith("whsec_")
+        assert wh["status"] == "active"
         src = await api.funded(tenant, "us-east", 500)
         dst = await api.open_account(tenant, "eu-west")
         t = await api.transfer(tenant, "eu-west", src, dst, 7)
@@ -105,7 +106,8 @@ async def test_delivery_is_signed_filtered_and_the_registry_is_per_tenant(api: A
         ts = int(headers["Txr-Signature"].split(",")[0].removeprefix("t="))
         assert abs(ts - time.time()) < 600
         doc = orjson.loads(body)
-        assert doc["id"] == eid and doc["type"] == "transfer.settled"
+        assert doc["id"] == eid
+        assert doc["type"] == "transfer.settled"
         assert doc["data"]["amount"] == 7
         # Only the subscribed type: account.created and the pending leg are not sent.
         assert {orjson.loads(h[2])["type"] for h in rec.hits} == {"transfer.settled"}
@@ -120,7 +122,8 @@ async def test_delivery_is_signed_filtered_and_the_registry_is_per_tenant(api: A
     other = new_tenant()
     assert (await api.call("GET", "us-east", "/v1/webhooks", tenant=other)).body["data"] == []
     r = await api.call("DELETE", "us-east", f"/v1/webhooks/{wh['id']}", tenant=other)
-    assert r.status == 404 and r.body["code"] == "not_found"
+    assert r.status == 404
+    assert r.body["code"] == "not_found"
     r = await api.call("DELETE", "us-east", f"/v1/webhooks/{wh['id']}", tenant=tenant)
     assert r.status == 204
     r = await api.call("DELETE", "us-east", f"/v1/webhooks/{wh['id']}", tenant=tenant)
