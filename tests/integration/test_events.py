@@ -8,17 +8,22 @@ killed and after its NATS server was, and de-duplication by event id.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Any, Final
 
+import aiohttp
 import nats
+import orjson
 import pytest
 
+from infra import cli
 from router.events import model, stream
 from router.events.pull import encode_cursor
 from tests.fixtures.api import Api, new_tenant
 from tests.fixtures.cluster import kill_process, respawn
+from txclient import Client, errors
 
 pytestmark = pytest.mark.integration
 
@@ -235,3 +240,58 @@ async def test_publisher_resumes_after_its_nats_server_died(api: Api, local_clus
         respawn(local_cluster.dir, "nats-us-east")
     evs = await wait_events(api, tenant, {("transfer.settled", t) for t in during})
     assert len(_ids(evs)) == len(set(_ids(evs)))
+
+
+async def test_txclient_lists_events_and_manages_webhooks(api: Api, local_cluster: Any) -> None:
+    tenant = new_tenant()
+    acc = await api.open_account(tenant, "eu-west")
+    await wait_events(api, tenant, {("account.created", acc)})
+    client = api.client(tenant, "eu-west")
+    evs = [e async for e in client.events(page_size=1)]
+    assert [(e.type, e.data["id"]) for e in evs] == [("account.created", acc)]
+    first = await client.events_page()
+    assert first.data[0].id == evs[0].id
+    assert not first.has_more
+    later = await client.events_page(first.next_cursor)
+    assert later.data == []
+    assert later.next_cursor == first.next_cursor
+    wh = await client.create_webhook("http://127.0.0.1:1/x", ["transfer.settled"])
+    assert wh.secret is not None
+    assert wh.status == "active"
+    assert [w.id for w in await client.webhooks()] == [wh.id]
+    assert (await client.webhooks())[0].secret is None
+    await client.delete_webhook(wh.id)
+    assert await client.webhooks() == []
+    with pytest.raises(errors.NotFound):
+        await client.delete_webhook(wh.id)
+    with pytest.raises(errors.InvalidRequest):
+        await client.create_webhook("http://10.0.0.1/x", ["transfer.settled"])
+    # The synchronous client has the same calls.
+    with Client(dict(local_cluster.routers), api.token(tenant), prefer="us-east", probe=False) as c:
+        assert [e.id for e in c.events()] == [e.id for e in evs]
+
+
+def test_cli_tail_and_status_show_the_stream(
+    local_cluster: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def make() -> tuple[str, str]:
+        async with aiohttp.ClientSession() as session:
+            a = Api(session, dict(local_cluster.routers), local_cluster)
+            tenant = new_tenant()
+            acc = await a.open_account(tenant, "us-east")
+            await wait_events(a, tenant, {("account.created", acc)})
+            await a.aclose()
+            return tenant, acc
+
+    tenant, acc = asyncio.run(make())
+    capsys.readouterr()
+    args = ["events", "tail", "--dir", str(local_cluster.dir), "--tenant", tenant]
+    assert cli.main([*args, "--from-start", "--count", "1"]) == 0
+    lines = [orjson.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 1
+    assert lines[0]["event"]["data"]["id"] == acc
+    assert lines[0]["subject"] == stream.subject(tenant, "account.created")
+    assert cli.main(["status", "--dir", str(local_cluster.dir), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["events"]["stream"]["messages"] >= 1
+    assert sum(r.get("published", 0) for r in st["events"]["regions"].values()) >= 1
