@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -154,4 +155,92 @@ def events_of(txn: CommittedTxn, *, shard: str, home_region: str | None) -> list
         ev = _transfer_event(t, created_at, txn.end_lsn)
         if ev is not None:
             out.append(ev)
+    return out
+
+
+def events_of_rows(
+    accounts: Sequence[tuple[Any, ...]],
+    transfers: Sequence[tuple[Any, ...]],
+    *,
+    shard: str,
+    home_region: str | None,
+    since: dt.datetime | None,
+) -> list[Event]:
+    """The events of the rows ``regionstore`` read after a new replication slot
+    (sql/functions/events.sql), each as the commit-time derivation would have made it:
+    account.created for an account opened at or after ``since``; for a transfer, pending if a
+    saga's leg 1 was at or after ``since``, and its final state (settled or reversed) if its
+    current row is. Every id is the one ``events_of`` gives, so what was already published
+    is a duplicate. ``end_lsn`` is 0: these precede the new slot's first commit."""
+    out: list[Event] = []
+    for acc_id, tenant, currency, metadata, created_at in accounts:
+        if tenant == TRANSIT_TENANT:
+            continue
+        data: dict[str, Any] = {
+            "id": ids.format_account_id(int(acc_id)),
+            "currency": str(currency),
+            # As opened: an account starts at zero, version 1 (the event records the opening).
+            "balance": 0,
+            "overdraft_limit": 0,
+            "home_region": home_region,
+            "shard": shard,
+            "version": 1,
+            "metadata": dict(metadata),
+            "created_at": render.timestamp(created_at),
+        }
+        out.append(
+            Event(
+                event_id(ACCOUNT_CREATED, data["id"]),
+                ACCOUNT_CREATED,
+                str(tenant),
+                render.timestamp(created_at),
+                data,
+                0,
+            )
+        )
+    for (
+        tid,
+        tenant,
+        source,
+        destination,
+        amount,
+        currency,
+        reference,
+        status,
+        created_at,
+        refusal_code,
+        cross_shard,
+        committed_at,
+    ) in transfers:
+        tdata: dict[str, Any] = {
+            "id": ids.format_transfer_id(ids.account_slot(int(source)), tid),
+            "source": ids.format_account_id(int(source)),
+            "destination": ids.format_account_id(int(destination)),
+            "amount": int(amount),
+            "currency": str(currency),
+            "reference": reference,
+            "status": str(status),
+            "refusal_code": refusal_code,
+            "created_at": render.timestamp(created_at),
+        }
+        when = render.timestamp(committed_at or created_at)
+        inserted_since = since is None or created_at >= since
+        if cross_shard and inserted_since:
+            pending = {**tdata, "status": "pending", "refusal_code": None}
+            out.append(
+                Event(
+                    event_id(TRANSFER_PENDING, tdata["id"]),
+                    TRANSFER_PENDING,
+                    str(tenant),
+                    render.timestamp(created_at),
+                    pending,
+                    0,
+                )
+            )
+        final = _TRANSFER_TYPES.get(str(status))
+        changed_since = (
+            since is None or inserted_since or (committed_at is not None and committed_at >= since)
+        )
+        if final is not None and final != TRANSFER_PENDING and changed_since:
+            out.append(Event(event_id(final, tdata["id"]), final, str(tenant), when, tdata, 0))
     return out

@@ -13,22 +13,37 @@ not acknowledged: the decoder reopens the stream there and publishes again (ids 
 stream drops the duplicates). Events of one shard go out in its commit order: a window is
 published in order on one connection and the next waits for its acknowledgements; a failure
 ends the session, and the next starts at the first unacknowledged transaction.
+
+A new replication slot (after a failover: PostgreSQL 15 slots do not follow a promotion; or
+the first start) begins at the new primary's current position: the commits between the last
+published one and that position never come through the stream. The publisher keeps its
+``Position`` (the slot it follows, the commit time of the last transaction it published; saved
+at most every ``POSITION_SAVE_S``) in the log's own store, and when a session's slot is not the
+one recorded it first publishes the events of every row committed since that time minus
+``COMMIT_TIME_MARGIN_S`` (``regionstore``'s ``event_rows_since``; everything when no position
+was ever saved), then records the new slot. What it publishes twice is within the duplicate
+window, so the stream keeps one copy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
 
 from regionstore.changefeed import FeedBatch
+from regionstore.errors import StoreError
+from regionstore.store import ShardStore
 from router.events import model, stream
 from router.metrics import Metrics
 
@@ -46,6 +61,33 @@ EVENT_QUEUE_BATCHES_MAX: Final = 1024
 # After a failure, the decoder reopens the stream after this, doubling up to the max (jitter).
 RETRY_BACKOFF_S_MIN: Final = 0.2
 RETRY_BACKOFF_S_MAX: Final = 5.0
+# The position is saved at most this often: what a failover re-derives (and republishes as
+# duplicates) is at most this much older than what was published last.
+POSITION_SAVE_S: Final = 1.0
+# Commit times can be out of WAL order by a transaction's commit path, and a promoted standby's
+# clock is another host's (router.relays.feed.COMMIT_TIME_MARGIN_S says the same for caches).
+COMMIT_TIME_MARGIN_S: Final = 1.0
+# The scan of a shard after a new slot (two full scans, once per failover).
+RECOVERY_QUERY_TIMEOUT_S: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    repl_slot: str
+    epoch: int
+    # Commit time (µs since the epoch) of the last transaction whose events were published.
+    commit_ts_us: int | None
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {"repl_slot": self.repl_slot, "epoch": self.epoch, "commit_ts_us": self.commit_ts_us}
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Position:
+        d = orjson.loads(raw)
+        ts = d.get("commit_ts_us")
+        return cls(str(d["repl_slot"]), int(d["epoch"]), None if ts is None else int(ts))
 
 
 class PublishError(Exception):
@@ -66,6 +108,14 @@ class Publisher(Protocol):
 
     async def healthy(self) -> bool:
         """The log answers (the decoder resumes a failed publisher only then)."""
+        ...
+
+    async def load_position(self, shard: str) -> Position | None:
+        """The shard's saved position (None: never saved); PublishError if unreadable."""
+        ...
+
+    async def save_position(self, shard: str, position: Position) -> None:
+        """Record it (PublishError on failure)."""
         ...
 
     async def close(self) -> None: ...
@@ -95,6 +145,29 @@ class JetStreamPublisher:
         except (stream.StreamUnavailable, nats.errors.Error, OSError, TimeoutError):
             return False
         return True
+
+    async def _positions(self) -> KeyValue:
+        nc = await self._client()
+        return await nc.jetstream(timeout=stream.JS_API_TIMEOUT_S).key_value(
+            stream.POSITIONS_BUCKET
+        )
+
+    async def load_position(self, shard: str) -> Position | None:
+        try:
+            kv = await self._positions()
+            entry = await kv.get(shard)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except (stream.StreamUnavailable, nats.errors.Error, OSError, TimeoutError) as exc:
+            raise PublishError(f"position of {shard}: {exc!r}") from exc
+        return Position.from_json(entry.value) if entry.value else None
+
+    async def save_position(self, shard: str, position: Position) -> None:
+        try:
+            kv = await self._positions()
+            await kv.put(shard, position.to_json())
+        except (stream.StreamUnavailable, nats.errors.Error, OSError, TimeoutError) as exc:
+            raise PublishError(f"position of {shard}: {exc!r}") from exc
 
     async def publish(self, events: Sequence[model.Event]) -> Published:
         try:
@@ -145,8 +218,14 @@ class EventSink:
         region: str,
         home_region: str,
         metrics: Metrics | None = None,
+        store: Callable[[], Awaitable[ShardStore]] | None = None,
     ) -> None:
         self.publisher = publisher
+        self.store = store
+        self._session: tuple[str, int] | None = None
+        self._recover = False
+        self._saved_at = 0.0
+        self.recoveries = 0
         self.shard = shard
         self.region = region
         self.home_region = home_region
@@ -158,11 +237,50 @@ class EventSink:
         if metrics is not None:
             metrics.events_queue_batches.labels(region, shard).set_function(self.queue.qsize)
 
-    def begin(self, start_lsn: int) -> None:
+    def begin(self, start_lsn: int, repl_slot: str, epoch: int) -> None:
         while not self.queue.empty():
             self.queue.get_nowait()
         self.applied = start_lsn
         self.failed = False
+        self._session = (repl_slot, epoch)
+        self._recover = True
+
+    async def _recover_gap(self) -> None:
+        """Before the session's first batch: publish what a new slot cannot show (module
+        docstring). Raises PublishError (or StoreError) to fail the session."""
+        assert self._session is not None
+        repl_slot, epoch = self._session
+        pos = await self.publisher.load_position(self.shard)
+        if pos is not None and (pos.repl_slot == repl_slot or pos.epoch > epoch):
+            # Ours already (a restart on the same slot), or a newer epoch's decoder owns it.
+            return
+        if self.store is None:
+            raise PublishError("no store to read the rows a new slot skipped")
+        since = None
+        if pos is not None and pos.commit_ts_us is not None:
+            since = dt.datetime.fromtimestamp(pos.commit_ts_us / 1e6, dt.UTC) - dt.timedelta(
+                seconds=COMMIT_TIME_MARGIN_S
+            )
+        store = await self.store()
+        accounts, transfers = await store.event_rows_since(
+            since, timeout_s=RECOVERY_QUERY_TIMEOUT_S
+        )
+        events = model.events_of_rows(
+            accounts, transfers, shard=self.shard, home_region=self.home_region, since=since
+        )
+        log.warning(
+            "events %s: new replication slot %s; publishing %d events of rows committed since %s",
+            self.shard,
+            repl_slot,
+            len(events),
+            since,
+        )
+        if events:
+            await self.publisher.publish(events)
+        self.recoveries += 1
+        await self.publisher.save_position(
+            self.shard, Position(repl_slot, epoch, None if pos is None else pos.commit_ts_us)
+        )
 
     def offer(self, batch: FeedBatch) -> None:
         if self.failed:
@@ -184,6 +302,13 @@ class EventSink:
     async def run_once(self) -> bool:
         """Publish the next queued batch. False once the publisher failed (the decoder then
         reopens its stream from the slot)."""
+        if self._recover:
+            try:
+                await self._recover_gap()
+            except (PublishError, StoreError, LookupError) as exc:
+                self._fail(f"recovery after a new slot: {exc}")
+                return False
+            self._recover = False
         batch = await self.queue.get()
         if self.failed:
             return False
@@ -214,4 +339,16 @@ class EventSink:
                 for txn in batch.txns:
                     hist.observe(max(0.0, now - txn.commit_time.timestamp()))
         self.applied = batch.to_lsn
+        if batch.txns and self._session is not None:
+            now = time.monotonic()
+            if now - self._saved_at >= POSITION_SAVE_S:
+                self._saved_at = now
+                ts = int(batch.txns[-1].commit_time.timestamp() * 1_000_000)
+                try:
+                    await self.publisher.save_position(
+                        self.shard, Position(self._session[0], self._session[1], ts)
+                    )
+                except PublishError as exc:
+                    # Not a loss: a later failover re-derives from an older time (duplicates).
+                    log.warning("events %s: position not saved: %s", self.shard, exc)
         return True

@@ -29,6 +29,9 @@ STREAM: Final = "TXR_EVENTS"
 SUBJECT_PREFIX: Final = "txr.events"
 # Webhook endpoints (router.events.webhooks): one key per endpoint, replicated like the stream.
 WEBHOOKS_BUCKET: Final = "TXR_WEBHOOKS"
+# The publisher's position per shard (router.events.publisher.Position): which replication slot
+# it follows and the commit time of the last event it published.
+POSITIONS_BUCKET: Final = "TXR_EVENTS_POS"
 # The duplicate window: a republish of an event already stored inside it is dropped by the
 # server. A republish comes from a decoder that restarts from the replication slot's confirmed
 # position, which trails what the publisher had acknowledged by at most what a region holds the
@@ -113,11 +116,12 @@ async def ensure(js: JetStreamContext, *, replicas: int) -> None:
         except nats.js.errors.BadRequestError:
             # Exists with another configuration (an older bound): make it this one.
             await js.update_stream(config)
-        try:
-            await js.key_value(WEBHOOKS_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            await js.create_key_value(
-                KeyValueConfig(bucket=WEBHOOKS_BUCKET, history=1, replicas=replicas)
-            )
+        for bucket in (WEBHOOKS_BUCKET, POSITIONS_BUCKET):
+            try:
+                await js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                await js.create_key_value(
+                    KeyValueConfig(bucket=bucket, history=1, replicas=replicas)
+                )
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         raise StreamUnavailable(f"cannot set up {STREAM}: {exc!r}") from exc

@@ -250,7 +250,7 @@ class ShardFeed:
                 for r in self.regions.values()
             ]
             if self.events is not None:
-                self.events.begin(self.start.start_lsn)
+                self.events.begin(self.start.start_lsn, self.start.repl_slot, shard.epoch)
                 workers.append(
                     asyncio.create_task(self._events_worker(), name=f"events-{self.shard}")
                 )

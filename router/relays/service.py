@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from types import TracebackType
@@ -193,6 +194,7 @@ class RelayService:
                             region=self.config.region,
                             home_region=shard.home_region,
                             metrics=self.metrics,
+                            store=functools.partial(self._resolver.store_for_shard, name),
                         )
                         if self.publisher is not None
                         else None

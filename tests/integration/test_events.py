@@ -16,9 +16,11 @@ from typing import Any, Final
 import aiohttp
 import nats
 import orjson
+import psycopg
 import pytest
 
 from infra import cli
+from regionstore.changefeed import repl_slot_prefix
 from router.events import model, stream
 from router.events.pull import encode_cursor
 from tests.fixtures.api import Api, new_tenant
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.integration
 # The publisher follows the commits within a heartbeat or two; on a loaded two-core machine
 # (and after a relay restart) give it far more.
 EVENTS_WAIT_S: Final = 60.0
+SLOT_RELEASE_WAIT_S: Final = 20.0
 
 
 class Unavailable(Exception):
@@ -295,3 +298,48 @@ def test_cli_tail_and_status_show_the_stream(
     st = json.loads(capsys.readouterr().out)
     assert st["events"]["stream"]["messages"] >= 1
     assert sum(r.get("published", 0) for r in st["events"]["regions"].values()) >= 1
+
+
+async def test_new_replication_slot_publishes_the_commits_it_skipped(
+    api: Api, local_cluster: Any
+) -> None:
+    """What a failover does to the stream (a promoted standby has no slot, the new one starts
+    at its current position), made deterministic: the decoder is down while transfers commit,
+    then its slot is dropped, so the new slot never shows them; the publisher derives their
+    events from the rows (pending and settled of a saga too)."""
+    tenant = new_tenant()
+    src = await api.funded(tenant, "us-east", 1_000)
+    dst = await api.open_account(tenant, "us-east")
+    far = await api.open_account(tenant, "eu-west")
+    await wait_events(api, tenant, {("account.created", far)})
+    kill_process(local_cluster.dir, "relays-us-east")
+    try:
+        gap = await _commit_while(api, tenant, src, dst, 3)
+        saga = await api.transfer(tenant, "us-east", src, far, 5)
+        assert saga.status == 201, saga.body
+        opened = await api.open_account(tenant, "us-east")
+        dropped: list[Any] = []
+        deadline = time.monotonic() + SLOT_RELEASE_WAIT_S
+        # The killed decoder's walsender ends when it sees the connection gone: soon.
+        while not dropped and time.monotonic() < deadline:
+            with psycopg.connect(
+                local_cluster.primary_admin_dsn["us-east-1"], autocommit=True
+            ) as c:
+                dropped = c.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                    " WHERE starts_with(slot_name, %s) AND NOT active",
+                    (repl_slot_prefix("us-east-1"),),
+                ).fetchall()
+            if not dropped:
+                await asyncio.sleep(0.2)
+        assert dropped, "the decoder's slot was not released to drop"
+    finally:
+        respawn(local_cluster.dir, "relays-us-east")
+    want = {("transfer.settled", t) for t in gap}
+    want |= {("transfer.pending", saga.body["id"]), ("transfer.settled", saga.body["id"])}
+    want.add(("account.created", opened))
+    evs = await wait_events(api, tenant, want)
+    assert len(_ids(evs)) == len(set(_ids(evs))), "an event id repeated in the stream"
+    # Afterwards the new slot's stream carries on.
+    later = await _commit_while(api, tenant, src, dst, 1)
+    await wait_events(api, tenant, {("transfer.settled", later[0])})
