@@ -12,6 +12,8 @@ t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``; a 2xx acknowledges; an
 timeout (``ATTEMPT_TIMEOUT_S``) or a refused address is retried with jittered exponential
 back-off (``backoff_s``) by a delayed NAK, for ``RETRY_WINDOW_S`` from the event's storage; the
 first failure past it marks the endpoint ``failing`` (GET shows it) and its deliveries stop.
+At least once and not in order: a retried event may arrive after later ones, and an event may
+arrive twice (an acknowledgement lost); receivers dedupe by ``Txr-Event-Id``.
 
 SSRF: every connection resolves through ``GuardedResolver``: a name that resolves to any
 private, loopback, link-local, multicast, reserved or unspecified address (cloud metadata
@@ -70,8 +72,10 @@ ENDPOINT_IN_FLIGHT_MAX: Final = 64
 FETCH_BATCH_MAX: Final = 32
 # A fetch waits at the server this long for events (a long poll, not a timer).
 FETCH_WAIT_S: Final = 2.0
-# The worker re-reads the registry this often (new, deleted or failing endpoints).
-REGISTRY_REFRESH_S: Final = 2.0
+# The worker follows the registry by a watch; after losing it, it tries again after this.
+REGISTRY_RETRY_S: Final = 1.0
+# The queue-depth gauges (consumer info per endpoint) are refreshed this often at most.
+DEPTH_REFRESH_S: Final = 5.0
 # Endpoints per tenant; URL length.
 WEBHOOKS_PER_TENANT_MAX: Final = 16
 URL_LEN_MAX: Final = 2048
@@ -252,11 +256,12 @@ class Endpoint:
 
 
 class Registry:
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, bucket: str = stream.WEBHOOKS_BUCKET) -> None:
         self.js = js
+        self.bucket = bucket
 
     async def _kv(self) -> Any:
-        return await self.js.key_value(stream.WEBHOOKS_BUCKET)
+        return await self.js.key_value(self.bucket)
 
     async def list(self, tenant: str | None = None) -> list[Endpoint]:
         kv = await self._kv()
@@ -346,8 +351,10 @@ class DeliveryWorker:
         clock: Callable[[], float] = time.time,
         backoff: Callable[[int, random.Random], float] = backoff_s,
         retry_window_s: float = RETRY_WINDOW_S,
+        bucket: str = stream.WEBHOOKS_BUCKET,
     ) -> None:
         self.config = config
+        self.bucket = bucket
         self.metrics = metrics
         self.clock = clock
         self.backoff = backoff
@@ -374,11 +381,10 @@ class DeliveryWorker:
                         nc = await stream.connect(
                             self.config.nats_urls, name=f"txr-webhooks-{self.config.region}"
                         )
-                    js = nc.jetstream(timeout=stream.JS_API_TIMEOUT_S)
-                    await self._refresh(js, session)
+                    await self._follow(nc.jetstream(timeout=stream.JS_API_TIMEOUT_S), session)
                 except (stream.StreamUnavailable, nats.errors.Error, OSError, TimeoutError) as e:
                     log.warning("webhooks: registry unavailable: %r", e)
-                await asyncio.sleep(REGISTRY_REFRESH_S)
+                await asyncio.sleep(REGISTRY_RETRY_S)
         finally:
             for t in self._tasks.values():
                 t.cancel()
@@ -387,23 +393,70 @@ class DeliveryWorker:
             if nc is not None and not nc.is_closed:
                 await nc.close()
 
-    async def _refresh(self, js: JetStreamContext, session: aiohttp.ClientSession) -> None:
-        active = {ep.id: ep for ep in await Registry(js).list() if ep.status == "active"}
-        for wid in list(self._tasks):
-            if wid not in active or self._tasks[wid].done():
-                self._tasks.pop(wid).cancel()
-        for wid, ep in active.items():
-            if wid not in self._tasks:
-                self._tasks[wid] = asyncio.create_task(
-                    self._endpoint(js, session, ep), name=f"webhook-{wid}"
-                )
-            if self.metrics is not None:
+    async def _follow(self, js: JetStreamContext, session: aiohttp.ClientSession) -> None:
+        """Follow the registry (a KV watch: every endpoint now, then each change as it is
+        made); between changes, refresh the queue-depth gauges every ``DEPTH_REFRESH_S``."""
+        kv = await js.key_value(self.bucket)
+        watcher = await kv.watchall()
+        active: dict[str, Endpoint] = {}
+        try:
+            while True:
                 try:
-                    info = await js.consumer_info(stream.STREAM, consumer_name(wid))
-                    depth = (info.num_pending or 0) + (info.num_ack_pending or 0)
-                    self.metrics.webhook_pending.labels(self.config.region, wid).set(depth)
-                except (nats.errors.Error, TimeoutError):
-                    pass
+                    # nats-py leaves these two untyped.
+                    entry = await watcher.updates(timeout=DEPTH_REFRESH_S)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:
+                    self._restart_ended(js, session, active)
+                    await self._depths(js, active)
+                    continue
+                if entry is None:
+                    continue  # the end of the initial values
+                wid = entry.key.rsplit(".", 1)[-1]
+                ep = (
+                    Endpoint.from_json(orjson.loads(entry.value))
+                    if entry.value and entry.operation not in ("DEL", "PURGE")
+                    else None
+                )
+                if ep is not None and ep.status == "active":
+                    active[wid] = ep
+                    if wid not in self._tasks:
+                        self._start(js, session, ep)
+                else:
+                    active.pop(wid, None)
+                    task = self._tasks.pop(wid, None)
+                    if task is not None:
+                        task.cancel()
+        finally:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _start(self, js: JetStreamContext, session: aiohttp.ClientSession, ep: Endpoint) -> None:
+        self._tasks[ep.id] = asyncio.create_task(
+            self._endpoint(js, session, ep), name=f"webhook-{ep.id}"
+        )
+
+    def _restart_ended(
+        self, js: JetStreamContext, session: aiohttp.ClientSession, active: dict[str, Endpoint]
+    ) -> None:
+        for wid, task in list(self._tasks.items()):
+            if not task.done():
+                continue
+            self._tasks.pop(wid)
+            if not task.cancelled() and task.exception() is not None:
+                # Started again while the endpoint is active: its position is durable.
+                log.warning("webhooks: %s delivery stopped: %r", wid, task.exception())
+            if wid in active:
+                self._start(js, session, active[wid])
+
+    async def _depths(self, js: JetStreamContext, active: dict[str, Endpoint]) -> None:
+        if self.metrics is None:
+            return
+        for wid in active:
+            try:
+                info = await js.consumer_info(stream.STREAM, consumer_name(wid))
+            except (nats.errors.Error, TimeoutError):
+                continue
+            depth = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            self.metrics.webhook_pending.labels(self.config.region, wid).set(depth)
 
     async def _endpoint(
         self, js: JetStreamContext, session: aiohttp.ClientSession, ep: Endpoint
@@ -419,7 +472,7 @@ class DeliveryWorker:
                     return  # deleted meanwhile
                 results = await asyncio.gather(*(self._deliver(session, ep, m) for m in msgs))
                 if any(r == "failing" for r in results):
-                    await Registry(js).mark_failing(ep, self.clock())
+                    await Registry(js, self.bucket).mark_failing(ep, self.clock())
                     log.warning("webhooks: endpoint %s marked failing", ep.id)
                     return
         finally:
@@ -442,7 +495,8 @@ class DeliveryWorker:
             async with session.post(
                 ep.url, data=msg.data, headers=headers, allow_redirects=False
             ) as resp:
-                await resp.read()
+                # The status is the answer; the body is never read (an endpoint cannot make the
+                # worker buffer it), and the connection is released on exit.
                 ok = 200 <= resp.status < 300
         except (aiohttp.ClientError, OSError, TimeoutError, UrlRefused) as exc:
             log.info("webhooks: %s attempt failed: %s", ep.id, type(exc).__name__)

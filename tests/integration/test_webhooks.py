@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import nats
 import orjson
 import pytest
 from aiohttp import web
+from nats.js.api import KeyValueConfig
 
 from router.config import RouterConfig
 from router.events import model, webhooks
@@ -157,29 +160,62 @@ async def test_failed_attempts_are_retried_with_backoff_and_redirects_not_follow
 
 
 async def test_endpoint_marked_failing_after_the_retry_window(api: Api, local_cluster: Any) -> None:
-    """A fake clock 25 h ahead: the first failed attempt is past the window."""
+    """A worker whose clock is 25 h ahead marks an endpoint failing at its first failed
+    attempt. It follows a registry of its own (the relays' workers, on the real clock, would
+    otherwise share the endpoint's deliveries and only retry); the endpoint's consumer is on
+    the real stream."""
     tenant = new_tenant()
     dead = f"http://127.0.0.1:{RECEIVER_PORT_BASE + 9}/nobody-listens"
-    wh = await register(api, tenant, dead, ["account.created"])
+    bucket = "TXR_WEBHOOKS_TEST_" + uuid.uuid4().hex[:8].upper()
+    nc = await nats.connect(local_cluster.refresh_status()["regions"]["us-east"]["nats"])
+    js = nc.jetstream()
+    await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=1))
+    registry = webhooks.Registry(js, bucket)
+    ep = await registry.create(tenant, dead, ("account.created",))
     config = RouterConfig.load(local_cluster.dir / "run" / "router-us-east.json")
     worker = webhooks.DeliveryWorker(
-        config, clock=lambda: time.time() + webhooks.RETRY_WINDOW_S + 3600
+        config, clock=lambda: time.time() + webhooks.RETRY_WINDOW_S + 3600, bucket=bucket
     )
     task = asyncio.create_task(worker.run())
     try:
         await api.open_account(tenant, "us-east")
 
         async def failing() -> bool:
-            r = await api.call("GET", "us-east", "/v1/webhooks", tenant=tenant)
-            return bool(r.body["data"] and r.body["data"][0]["status"] == "failing")
+            (now,) = await registry.list(tenant)
+            return now.status == "failing"
 
         await wait_until("the endpoint marked failing", failing)
+        (now,) = await registry.list(tenant)
+        assert now.failing_since is not None
+        assert worker.attempts == 1
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    r = await api.call("GET", "us-east", "/v1/webhooks", tenant=tenant)
-    assert r.body["data"][0]["failing_since"] is not None
-    await api.call("DELETE", "us-east", f"/v1/webhooks/{wh['id']}", tenant=tenant)
+        await registry.delete(tenant, ep.id)
+        await js.delete_key_value(bucket)
+        await nc.close()
+
+
+async def test_a_failing_endpoint_shows_on_get_and_gets_nothing(api: Api) -> None:
+    tenant = new_tenant()
+    async with receiver(RECEIVER_PORT_BASE + 2, []) as rec:
+        wh = await register(api, tenant, rec.url, ["account.created"])
+        nc = await nats.connect(api.cluster.refresh_status()["regions"]["eu-west"]["nats"])
+        try:
+            registry = webhooks.Registry(nc.jetstream())
+            (ep,) = await registry.list(tenant)
+            await registry.mark_failing(ep, time.time())
+        finally:
+            await nc.close()
+        r = await api.call("GET", "eu-west", "/v1/webhooks", tenant=tenant)
+        assert r.body["data"][0]["status"] == "failing"
+        assert r.body["data"][0]["failing_since"] is not None
+        # The workers follow the registry: once they stopped, nothing more is delivered.
+        await asyncio.sleep(2.0)
+        await api.open_account(tenant, "us-east")
+        await asyncio.sleep(5.0)
+        assert rec.hits == []
+        await api.call("DELETE", "us-east", f"/v1/webhooks/{wh['id']}", tenant=tenant)
 
 
 @pytest.mark.parametrize(
