@@ -33,6 +33,8 @@ class Receiver:
         self.url = f"http://127.0.0.1:{port}/chaos-hook"
         self.secret: str | None = None
         self.delivered: set[str] = set()
+        # Event id -> wall-clock time of its first valid delivery (bench.events' latency).
+        self.first_seen: dict[str, float] = {}
         self.deliveries = 0
         self.bad_signatures = 0
         self._runner: web.AppRunner | None = None
@@ -44,7 +46,9 @@ class Receiver:
         if self.secret is None or not webhooks.verify(self.secret, body, sig):
             self.bad_signatures += 1
             return web.Response(status=400)
-        self.delivered.add(request.headers.get("Txr-Event-Id", ""))
+        eid = request.headers.get("Txr-Event-Id", "")
+        self.delivered.add(eid)
+        self.first_seen.setdefault(eid, time.time())
         return web.Response(status=200)
 
     async def start(self) -> None:
