@@ -58,6 +58,9 @@ PUBLISH_ACK_TIMEOUT_S: Final = 10.0
 # Feed batches queued for the publisher; past it the publisher is behind and the decoder
 # resumes it from the slot (the WAL holds the rest, not memory).
 EVENT_QUEUE_BATCHES_MAX: Final = 1024
+# Queued feed batches published together in one call (their events in one pipelined window
+# sequence); bounds one call's memory at this many batches of the feed's own bound.
+COALESCE_BATCHES_MAX: Final = 64
 # After a failure, the decoder reopens the stream after this, doubling up to the max (jitter).
 RETRY_BACKOFF_S_MIN: Final = 0.2
 RETRY_BACKOFF_S_MAX: Final = 5.0
@@ -309,16 +312,23 @@ class EventSink:
                 self._fail(f"recovery after a new slot: {exc}")
                 return False
             self._recover = False
-        batch = await self.queue.get()
+        batches = [await self.queue.get()]
+        # Everything queued behind it goes in the same pipelined publish: one acknowledgement
+        # round trip (a quorum across the WAN) per call, not per feed batch, or a shard's
+        # publisher would be capped at one batch per RTT.
+        while len(batches) < COALESCE_BATCHES_MAX and not self.queue.empty():
+            batches.append(self.queue.get_nowait())
         if self.failed:
             return False
+        txns = [t for b in batches for t in b.txns]
+        last = batches[-1]
         events: list[model.Event] = []
         try:
-            for txn in batch.txns:
+            for txn in txns:
                 events += model.events_of(txn, shard=self.shard, home_region=self.home_region)
         except (ValueError, KeyError, TypeError) as exc:
             # Never skipped: the slot keeps the transaction, and the operator sees this.
-            log.error("events %s: cannot derive events at %X: %r", self.shard, batch.to_lsn, exc)
+            log.error("events %s: cannot derive events before %X: %r", self.shard, last.to_lsn, exc)
             self._fail("derivation failed")
             return False
         if events:
@@ -336,14 +346,14 @@ class EventSink:
                     )
                 now = time.time()
                 hist = self.metrics.events_commit_to_ack.labels(self.region, self.shard)
-                for txn in batch.txns:
+                for txn in txns:
                     hist.observe(max(0.0, now - txn.commit_time.timestamp()))
-        self.applied = batch.to_lsn
-        if batch.txns and self._session is not None:
+        self.applied = last.to_lsn
+        if txns and self._session is not None:
             now = time.monotonic()
             if now - self._saved_at >= POSITION_SAVE_S:
                 self._saved_at = now
-                ts = int(batch.txns[-1].commit_time.timestamp() * 1_000_000)
+                ts = int(txns[-1].commit_time.timestamp() * 1_000_000)
                 try:
                     await self.publisher.save_position(
                         self.shard, Position(self._session[0], self._session[1], ts)

@@ -96,7 +96,7 @@ async def read_page(js: JetStreamContext, tenant: str, after: int, limit: int) -
         while len(out) < want:
             try:
                 msgs = await sub.fetch(want - len(out), timeout=FETCH_TIMEOUT_S)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own subclass or the builtin
                 break
             for m in msgs:
                 consumed += 1

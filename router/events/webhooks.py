@@ -72,6 +72,8 @@ ENDPOINT_IN_FLIGHT_MAX: Final = 64
 FETCH_BATCH_MAX: Final = 32
 # A fetch waits at the server this long for events (a long poll, not a timer).
 FETCH_WAIT_S: Final = 2.0
+# After the first event of a round, the rest of the batch is taken from what arrives within this.
+FETCH_MORE_S: Final = 0.02
 # The worker follows the registry by a watch; after losing it, it tries again after this.
 REGISTRY_RETRY_S: Final = 1.0
 # The queue-depth gauges (consumer info per endpoint) are refreshed this often at most.
@@ -404,7 +406,7 @@ class DeliveryWorker:
                 try:
                     # nats-py leaves these two untyped.
                     entry = await watcher.updates(timeout=DEPTH_REFRESH_S)  # type: ignore[no-untyped-call]
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises its own subclass or the builtin
                     self._restart_ended(js, session, active)
                     await self._depths(js, active)
                     continue
@@ -464,12 +466,17 @@ class DeliveryWorker:
         sub = await js.pull_subscribe_bind(durable=consumer_name(ep.id), stream=stream.STREAM)
         try:
             while True:
+                # A long poll for the first event (it returns as soon as one is there), then
+                # what else is ready within a short linger: a fetch of a whole batch would wait
+                # for the batch to fill.
                 try:
-                    msgs = await sub.fetch(FETCH_BATCH_MAX, timeout=FETCH_WAIT_S)
-                except nats.errors.TimeoutError:
+                    msgs = await sub.fetch(1, timeout=FETCH_WAIT_S)
+                except TimeoutError:  # nats-py raises its own subclass or the builtin
                     continue
                 except nats.js.errors.NotFoundError:
                     return  # deleted meanwhile
+                with contextlib.suppress(TimeoutError):
+                    msgs += await sub.fetch(FETCH_BATCH_MAX - 1, timeout=FETCH_MORE_S)
                 results = await asyncio.gather(*(self._deliver(session, ep, m) for m in msgs))
                 if any(r == "failing" for r in results):
                     await Registry(js, self.bucket).mark_failing(ep, self.clock())
