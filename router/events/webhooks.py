@@ -82,6 +82,8 @@ DEPTH_REFRESH_S: Final = 5.0
 WEBHOOKS_PER_TENANT_MAX: Final = 16
 URL_LEN_MAX: Final = 2048
 SECRET_BYTES: Final = 32
+# A name's resolution (at registration: in the request; at delivery: within the attempt).
+RESOLVE_TIMEOUT_S: Final = 2.0
 USER_AGENT: Final = "txrouter-webhooks/1"
 
 _METADATA_ADDRESSES: Final = frozenset(
@@ -137,11 +139,12 @@ class GuardedResolver(AbstractResolver):
     ) -> list[ResolveResult]:
         loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, family=socket.AF_UNSPEC
-            )
-        except OSError as exc:
-            raise OSError(f"cannot resolve {host}: {exc}") from exc
+            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                infos = await loop.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, family=socket.AF_UNSPEC
+                )
+        except (OSError, TimeoutError) as exc:
+            raise OSError(f"cannot resolve {host}: {exc!r}") from exc
         out: list[ResolveResult] = []
         for fam, _, proto, _, sockaddr in infos:
             addr = str(sockaddr[0])
