@@ -29,7 +29,7 @@ import bisect
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from chaos.history import History, ReadOp, TransferOp
 
@@ -70,6 +70,10 @@ class FinalState:
     in_flight: int = 0
     reconcile_problems: list[str] = field(default_factory=list)
     foreign_slot_transfers: int = 0
+    # The tenant's events as the pull API returned them from the start (None: not read), and
+    # the event ids the test webhook receiver got (at least once: repeats are fine there).
+    events: list[dict[str, Any]] | None = None
+    delivered: set[str] | None = None
 
 
 @dataclass
@@ -95,6 +99,14 @@ class CheckResult:
     stale_reads: int = 0
     stale_reads_by_level: dict[str, int] = field(default_factory=dict)
     stale_epoch_writes: int = 0
+    # Events (router.events): a stored transfer whose final state has no event, an event of a
+    # transfer no shard holds (refused or never committed), an id twice in the stream, and an
+    # event of the stream the webhook receiver never got.
+    events: int = 0
+    events_missing: int = 0
+    events_phantom: int = 0
+    events_repeated: int = 0
+    webhook_undelivered: int = 0
     anomalies: list[str] = field(default_factory=list)
 
     @property
@@ -111,6 +123,10 @@ class CheckResult:
             and not self.below_floor
             and not self.stale_reads
             and not self.stale_epoch_writes
+            and not self.events_missing
+            and not self.events_phantom
+            and not self.events_repeated
+            and not self.webhook_undelivered
         )
 
     def note(self, text: str) -> None:
@@ -123,10 +139,49 @@ def check(history: History, final: FinalState, *, cached_bound_s: float) -> Chec
     _check_transfers(history, final, r)
     _check_balances(history, final, r)
     _check_reads(history, cached_bound_s, r)
+    if final.events is not None:
+        check_events(final, r)
     r.stale_epoch_writes = final.foreign_slot_transfers
     if final.foreign_slot_transfers:
         r.note(f"{final.foreign_slot_transfers} transfers stored on a shard not owning the slot")
     return r
+
+
+_FINAL_EVENT: dict[str, str] = {
+    "settled": "transfer.settled",
+    "reversed": "transfer.reversed",
+    "pending": "transfer.pending",
+}
+
+
+def check_events(final: FinalState, r: CheckResult) -> None:
+    """The event stream against the stored transfers (and the receiver against the stream)."""
+    events = final.events or []
+    r.events = len(events)
+    seen: set[str] = set()
+    by_transfer: dict[str, set[str]] = defaultdict(set)
+    for e in events:
+        if e["id"] in seen:
+            r.events_repeated += 1
+            r.note(f"event repeated in the stream: {e['id']} ({e['type']})")
+        seen.add(e["id"])
+        if str(e["type"]).startswith("transfer."):
+            by_transfer[str(e["data"]["id"])].add(str(e["type"]))
+    stored = {t.id: t for t in final.transfers}
+    for t in final.transfers:
+        want = _FINAL_EVENT.get(t.status)
+        if want is not None and want not in by_transfer.get(t.id, set()):
+            r.events_missing += 1
+            r.note(f"no {want} event for stored transfer {t.id}")
+    for tid, types in by_transfer.items():
+        if tid not in stored:
+            r.events_phantom += len(types)
+            r.note(f"events {sorted(types)} for transfer {tid}, which no shard holds")
+    if final.delivered is not None:
+        missing = seen - final.delivered
+        r.webhook_undelivered = len(missing)
+        if missing:
+            r.note(f"{len(missing)} events never delivered to the webhook, e.g. {min(missing)}")
 
 
 def _check_transfers(history: History, final: FinalState, r: CheckResult) -> None:

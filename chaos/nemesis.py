@@ -460,6 +460,17 @@ class PartitionFeed(_Base):
         return _touches_shard(op, history, self.target)
 
 
+@dataclass
+class KillPublisher(KillDecoder):
+    """kill -9 the process that publishes a shard's events: the relay process of its primary's
+    region, where the decoder's event sink runs (router.events.publisher), while events are in
+    flight; restart at heal. The new publisher resumes from the slot's position: no event may
+    be skipped, and what it publishes again the stream de-duplicates. (The same process as
+    kill-decoder's: this one is judged by the events checks, in a run of its own.)"""
+
+    name: str = "kill-publisher"
+
+
 def _kill(kind: str) -> Callable[[str], Fault]:
     return lambda region: KillProcess(region, kind=kind, name=f"kill-{kind}")
 
@@ -477,6 +488,10 @@ FAULTS: Final[dict[str, tuple[str, Callable[[str], Fault]]]] = {
     "flaky-primary": ("shard", lambda shard: FlakyPrimary(shard)),
     "kill-decoder": ("shard", lambda shard: KillDecoder(shard)),
     "partition-feed": ("shard", lambda shard: PartitionFeed(shard)),
+    # One region's NATS server (kill -9, restarted at heal): the stream keeps a quorum of two;
+    # that region's publisher and routers lose their server until it is back.
+    "kill-nats": ("region", _kill("nats")),
+    "kill-publisher": ("shard", lambda shard: KillPublisher(shard)),
 }
 SCENARIOS: Final = (*FAULTS, "mixed")
 

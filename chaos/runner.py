@@ -30,12 +30,14 @@ from typing import Any, Final
 
 import aiohttp
 
+from chaos import events as chaos_events
 from chaos import nemesis
 from chaos.checker import FinalAccount, FinalState, check
 from chaos.history import History
 from chaos.workload import SETUP_RETRY_FOR_S, Bank, WorkloadConfig
 from consistency import reconcile
 from infra.local import cluster
+from infra.local.ports import PORT_SPAN_MAX
 from infra.wan import WanControl
 from regionstore import admin, audit
 from router.auth import TENANT_SCOPES
@@ -188,29 +190,48 @@ async def _exercise(
     # Only for /readyz (operational, not the API: the API goes through txclient).
     timeout = aiohttp.ClientTimeout(total=READY_PROBE_TIMEOUT_S)
     wan_url = cluster.load_state(d).data["wan_control"]
-    async with aiohttp.ClientSession(timeout=timeout) as session, WanControl(wan_url) as wan:
-        bank = Bank(routers, bearer, tenant, WorkloadConfig(), rng, clock, history)
-        await bank.setup()
-        ctx = nemesis.Ctx(d, sorted(routers), sorted(desc["shards"]), wan, progress)
-        steps = nemesis.schedule(name, duration_s, ctx, rng)
-        epochs0 = await asyncio.to_thread(_epochs, d)
-        stop = asyncio.Event()
-        t0 = time.monotonic()
-        load = asyncio.create_task(bank.run(duration_s, stop))
-        try:
-            res["faults"] = await nemesis.run_schedule(steps, ctx, t0, stop)
-        finally:
-            # A fault whose inject or heal raised is healed again (heal is idempotent), and the
-            # workload always finishes within its own bound.
-            for step in steps:
-                with contextlib.suppress(Exception):
-                    await step.fault.heal(ctx)
-            await load
-        _recovery(steps, bank.history, t_run0, t0, res)
-        progress(f"scenario {name}: healed; settling and reading back")
-        await _wait_ready(session, routers)
-        final = await _final_state(d, bank.history, routers, bearer, tenant)
-        epochs1 = await asyncio.to_thread(_epochs, d)
+    # The webhook receiver listens just past the cluster's ports (API.md: at most 100).
+    receiver = chaos_events.Receiver(
+        int(cluster.load_state(d).data["ports"]["base"]) + PORT_SPAN_MAX
+    )
+    await receiver.start()
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            WanControl(wan_url) as wan,
+            AsyncClient(routers, bearer, timeout=SETUP_RETRY_FOR_S) as api,
+        ):
+            await receiver.register(api)
+            bank = Bank(routers, bearer, tenant, WorkloadConfig(), rng, clock, history)
+            await bank.setup()
+            ctx = nemesis.Ctx(d, sorted(routers), sorted(desc["shards"]), wan, progress)
+            steps = nemesis.schedule(name, duration_s, ctx, rng)
+            epochs0 = await asyncio.to_thread(_epochs, d)
+            stop = asyncio.Event()
+            t0 = time.monotonic()
+            load = asyncio.create_task(bank.run(duration_s, stop))
+            try:
+                res["faults"] = await nemesis.run_schedule(steps, ctx, t0, stop)
+            finally:
+                # A fault whose inject or heal raised is healed again (heal is idempotent), and the
+                # workload always finishes within its own bound.
+                for step in steps:
+                    with contextlib.suppress(Exception):
+                        await step.fault.heal(ctx)
+                await load
+            _recovery(steps, bank.history, t_run0, t0, res)
+            progress(f"scenario {name}: healed; settling and reading back")
+            await _wait_ready(session, routers)
+            final = await _final_state(d, bank.history, routers, bearer, tenant)
+            progress(f"scenario {name}: reading the event stream and the webhook's deliveries")
+            final.events, final.delivered = await chaos_events.collect(
+                api, receiver, [(t.id, t.status) for t in final.transfers]
+            )
+            res["webhook_deliveries"] = receiver.deliveries
+            res["webhook_bad_signatures"] = receiver.bad_signatures
+            epochs1 = await asyncio.to_thread(_epochs, d)
+    finally:
+        await receiver.stop()
     result = check(bank.history, final, cached_bound_s=CACHED_LAG_BOUND_S + CACHED_SLACK_S)
     # Nothing in a chaos run but the failover controllers bumps a shard epoch (the nemeses
     # only rejoin, which keeps it), so the bumps are the automatic failovers.

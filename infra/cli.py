@@ -613,12 +613,50 @@ def _cmd_rehome(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from infra import events
+
     try:
         st = real_ops.cluster_status(args.dir)
     except _OP_ERRORS as exc:
         _err(f"status failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
-    print(json.dumps(st, indent=2) if args.json else real_ops.format_status(st))
+    st["events"] = events.events_status(args.dir)
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print("\n".join([real_ops.format_status(st), *events.format_events(st["events"])]))
+    return EXIT_OK
+
+
+def _cmd_events_tail(args: argparse.Namespace) -> int:
+    from infra import events
+
+    if args.tenant is not None and not TENANT_RE.fullmatch(args.tenant):
+        _err("tenant must be 1-64 of A-Z a-z 0-9 _ . - and start alphanumeric")
+        return EXIT_USAGE
+    try:
+        desc = cluster.status(args.dir)
+        url = next(
+            (r["nats"] for r in desc["regions"].values() if r.get("nats") and r.get("nats_pid")),
+            None,
+        )
+        if url is None:
+            _err(f"no NATS server of the cluster in {args.dir} is running")
+            return EXIT_FAILED
+
+        def emit(line: str) -> None:
+            print(line, flush=True)
+
+        asyncio.run(
+            events.tail(
+                url, tenant=args.tenant, from_start=args.from_start, count=args.count, emit=emit
+            )
+        )
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - any failure is exit 1 with its reason
+        _err(f"events tail: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -799,6 +837,15 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"default {tenant_limits.TENANT_ACCOUNTS_MAX_DEFAULT}",
             )
         p.set_defaults(handler=_cmd_limits)
+
+    ev = sub.add_parser("events", help="the ledger event stream (NATS JetStream)")
+    ev_sub = ev.add_subparsers(dest="events_command", required=True, metavar="ACTION")
+    p = ev_sub.add_parser("tail", help="print events as they are published (JSON lines)")
+    _add_dir(p)
+    p.add_argument("--tenant", default=None, help="only this tenant's events")
+    p.add_argument("--from-start", action="store_true", help="from the oldest stored event")
+    p.add_argument("--count", type=_positive, default=None, help="exit after N events")
+    p.set_defaults(handler=_cmd_events_tail)
 
     p = sub.add_parser("reconcile", help="check G4 across every shard; exit 1 on a discrepancy")
     _add_dir(p)

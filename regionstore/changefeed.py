@@ -23,7 +23,10 @@ event loop (``add_reader`` on the socket). Chosen over the two other candidates:
 
 Publication ``txr_feed`` (migration 0005) publishes ``txr.accounts`` with a column list
 (PostgreSQL 15), so the walsender decodes every table's WAL once but sends only the account
-columns the caches hold; ``txr.ledger_entries`` and the rest never leave the server.
+columns the caches hold; migration 0006 adds ``txr.transfers`` (the public transfer columns)
+and ``txr.slot_moves`` (its key) for the ledger events (``router.events``): a transaction's
+transfer changes are in ``CommittedTxn.transfers``, and ``slot_move`` marks a slot move's copy.
+``txr.ledger_entries`` and the rest never leave the server.
 
 Durability (G1 before G6). The walsender sends a commit once the *primary* flushed it, before
 the synchronous standby did; a failover could undo such a commit. ``next()`` therefore returns a
@@ -76,6 +79,21 @@ log = logging.getLogger(__name__)
 
 PUBLICATION: Final = "txr_feed"
 ACCOUNTS_RELATION: Final = ("txr", "accounts")
+TRANSFERS_RELATION: Final = ("txr", "transfers")
+SLOT_MOVES_RELATION: Final = ("txr", "slot_moves")
+# The transfer columns migration 0006 publishes (all of them arrive as text).
+TRANSFER_FIELDS: Final = (
+    "id",
+    "tenant",
+    "source",
+    "destination",
+    "amount",
+    "currency",
+    "reference",
+    "status",
+    "created_at",
+    "refusal_code",
+)
 # pgoutput protocol 1 is what PostgreSQL 15 needs for column lists and non-streamed
 # transactions; 2 (streaming of in-progress transactions) would hand us uncommitted changes.
 PROTO_VERSION: Final = 1
@@ -146,6 +164,17 @@ class AccountChange:
     version: int
     row: dict[str, Any] | None
     deleted: bool = False
+    # The row was inserted in this transaction (an account opened, or copied by a slot move).
+    inserted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TransferChange:
+    """One transfer row as committed (insert or update; deletes are slot moves: not sent).
+    ``row`` maps TRANSFER_FIELDS to their text (None for SQL NULL)."""
+
+    row: dict[str, str | None]
+    inserted: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +183,10 @@ class CommittedTxn:
     end_lsn: int
     commit_time: dt.datetime
     changes: tuple[AccountChange, ...]
+    # Transfer rows in change order (the events' source); empty for most cache-only tests.
+    transfers: tuple[TransferChange, ...] = ()
+    # The transaction wrote a txr.slot_moves row: its inserts are a slot move's copies.
+    slot_move: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +231,8 @@ class PgOutputParser:
 
     relations: dict[int, _Relation] = field(default_factory=dict)
     _changes: dict[int, AccountChange] = field(default_factory=dict)
+    _transfers: list[TransferChange] = field(default_factory=list)
+    _slot_move: bool = False
     _in_txn: bool = False
 
     def feed(self, data: bytes | memoryview) -> CommittedTxn | None:
@@ -206,6 +241,8 @@ class PgOutputParser:
         if kind == b"B":
             self._in_txn = True
             self._changes = {}
+            self._transfers = []
+            self._slot_move = False
             return None
         if kind == b"C":
             # flags(1) commit lsn(8) end lsn(8) commit time(8)
@@ -215,9 +252,13 @@ class PgOutputParser:
                 end_lsn,
                 _PG_EPOCH + ts * _USEC,
                 tuple(self._changes.values()),
+                tuple(self._transfers),
+                self._slot_move,
             )
             self._in_txn = False
             self._changes = {}
+            self._transfers = []
+            self._slot_move = False
             return txn
         if kind == b"R":
             self._relation(buf)
@@ -226,6 +267,10 @@ class PgOutputParser:
             change = self._row(kind, buf)
             if change is not None:
                 prev = self._changes.get(change.account_id)
+                if prev is not None and prev.inserted and not change.inserted:
+                    change = AccountChange(
+                        change.account_id, change.version, change.row, change.deleted, True
+                    )
                 if prev is None or change.version >= prev.version:
                     self._changes[change.account_id] = change
             return None
@@ -258,7 +303,15 @@ class PgOutputParser:
         rel = self.relations.get(relid)
         if rel is None:
             raise FeedError(f"change of relation {relid} before its Relation message")
-        if (rel.namespace, rel.name) != ACCOUNTS_RELATION:
+        relation = (rel.namespace, rel.name)
+        if relation == SLOT_MOVES_RELATION:
+            self._slot_move = True
+            return None
+        if relation == TRANSFERS_RELATION:
+            if kind != b"D":
+                self._transfer(kind, buf, rel)
+            return None
+        if relation != ACCOUNTS_RELATION:
             return None
         pos = 5
         marker = buf[pos : pos + 1]
@@ -282,8 +335,9 @@ class PgOutputParser:
         if not isinstance(raw_version, str):
             raise FeedError(f"account {account_id}: change without a version")
         version = int(raw_version)
+        inserted = kind == b"I"
         if any(not isinstance(named.get(f), str) for f in coherence.ACCOUNT_FIELDS):
-            return AccountChange(account_id, version, None)
+            return AccountChange(account_id, version, None, inserted=inserted)
         row = coherence.account_payload(
             id=account_id,
             tenant=str(named["tenant"]),
@@ -294,7 +348,26 @@ class PgOutputParser:
             metadata=orjson.loads(str(named["metadata"])),
             created_at=_parse_timestamptz(str(named["created_at"])),
         )
-        return AccountChange(account_id, version, row)
+        return AccountChange(account_id, version, row, inserted=inserted)
+
+    def _transfer(self, kind: bytes, buf: bytes, rel: _Relation) -> None:
+        pos = 5
+        marker = buf[pos : pos + 1]
+        if kind == b"U" and marker in (b"K", b"O"):
+            _, pos = _tuple(buf, pos + 1)
+        values, _ = _tuple(buf, pos + 1)
+        named = dict(zip(rel.columns, values, strict=False))
+        row: dict[str, str | None] = {}
+        for f in TRANSFER_FIELDS:
+            v = named.get(f)
+            if isinstance(v, _Unchanged):
+                # Only a value over the TOAST threshold is left out, and no published transfer
+                # column can be that long (reference is bounded far below it).
+                raise FeedError(f"transfer change without its {f}")
+            row[f] = v
+        if row["id"] is None or row["status"] is None:
+            raise FeedError("a transfer change without its id or status")
+        self._transfers.append(TransferChange(row, kind == b"I"))
 
 
 class _Unchanged:

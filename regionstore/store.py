@@ -863,6 +863,21 @@ class ShardStore:
         )
         return [int(r[0]) for r in rows]
 
+    async def event_rows_since(
+        self, since: datetime | None, *, timeout_s: float
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Accounts opened and transfers written at or after ``since`` (None: all), as rows of
+        sql/functions/events.sql: the event publisher's step after a new replication slot."""
+
+        async def op(conn: Conn) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            cur = await conn.execute("SELECT * FROM txr.event_accounts_since(%s)", (since,))
+            accounts = await cur.fetchall()
+            cur = await conn.execute("SELECT * FROM txr.event_transfers_since(%s)", (since,))
+            transfers = await cur.fetchall()
+            return list(accounts), list(transfers)
+
+        return await self._call(op, timeout_s=timeout_s, write=False, what="event_rows_since")
+
     async def wait_for_outbox(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a leg-1 commit's notification: True when one came.
 

@@ -39,8 +39,9 @@ from router.errors import (
     RegionUnavailable,
     problem_response,
 )
+from router.events.client import EventsClient
 from router.freshness import RelayLag
-from router.handlers import accounts, ops, transfers
+from router.handlers import accounts, events, ops, transfers
 from router.handlers.common import SERVED_BY_KEY
 from router.limits import (
     ACCESS_LOG_LINES_PER_S_MAX,
@@ -55,6 +56,7 @@ from router.metrics import Metrics
 from router.resources import (
     CACHE,
     CONFIG,
+    EVENTS,
     METRICS,
     OPENAPI,
     RELAY_LAG,
@@ -284,6 +286,14 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     await cache.close()
 
 
+async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    client = EventsClient(config.nats_urls, name=f"txr-router-{config.region}")
+    app[EVENTS] = client
+    yield
+    await client.close()
+
+
 async def _freeze_gc(app: web.Application) -> None:
     """After start-up: move everything alive now out of the collector's reach, and collect
     generation 0 far less often (router.limits.GC_GEN0_THRESHOLD says why)."""
@@ -313,7 +323,7 @@ def create_app(config: RouterConfig, *, worker: int = 0) -> web.Application:
     )
     app[OPENAPI] = _load_openapi()
     app[RTT] = rtt.RttTable(config.region, app[METRICS])
-    app.cleanup_ctx.extend([_topology_ctx, _cache_ctx, _stores_ctx, _rtt_ctx])
+    app.cleanup_ctx.extend([_topology_ctx, _cache_ctx, _stores_ctx, _rtt_ctx, _events_ctx])
     ratelimit.install(app)  # per-tenant limits on the write routes (router.ratelimit)
     adminsite.install(app)  # GET /metrics on the admin port, not the public one
     # on_startup runs after the cleanup contexts' start halves: the pools and caches exist.
@@ -327,6 +337,10 @@ def create_app(config: RouterConfig, *, worker: int = 0) -> web.Application:
     # answers say "Allow: POST" and not the GET of a transfer called "batch". Other ids are
     # a 404 either way.
     app.router.add_get("/v1/transfers/{id:tr_[^/]*}", transfers.get_transfer, allow_head=False)
+    app.router.add_get("/v1/events", events.list_events, allow_head=False)
+    app.router.add_post("/v1/webhooks", events.create_webhook)
+    app.router.add_get("/v1/webhooks", events.list_webhooks, allow_head=False)
+    app.router.add_delete("/v1/webhooks/{id}", events.delete_webhook)
     app.router.add_get("/healthz", ops.healthz, allow_head=False)
     app.router.add_get("/readyz", ops.readyz, allow_head=False)
     app.router.add_get("/openapi.json", ops.openapi, allow_head=False)

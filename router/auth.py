@@ -41,7 +41,14 @@ ALGORITHM: Final = "EdDSA"
 # What a tenant token may carry. ``accounts:overdraft`` is needed to open an account whose
 # overdraft_limit is above 0 (credit is a privilege, not a default of ``accounts:write``).
 TENANT_SCOPES: Final = frozenset(
-    {"accounts:read", "accounts:write", "accounts:overdraft", "transfers:write"}
+    {
+        "accounts:read",
+        "accounts:write",
+        "accounts:overdraft",
+        "transfers:write",
+        "events:read",
+        "webhooks:write",
+    }
 )
 # What an operator token carries (and nothing else).
 ADMIN_SCOPES: Final = frozenset({"admin"})

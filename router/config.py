@@ -61,6 +61,11 @@ class RouterConfig:
     # delivery (without the file it leaves every transfer to the relays).
     relay_user: str = "txr_relay"
     relay_password_file: Path | None = None
+    # NATS servers (JetStream) of the ledger events, this region's first. Empty: no events
+    # (the decoder then holds no publisher position, the events API answers 503).
+    nats_urls: tuple[str, ...] = ()
+    # Webhook URLs may resolve to loopback addresses: a local cluster only (API.md).
+    webhooks_allow_loopback: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= ROUTER_WORKERS_MAX:
@@ -102,6 +107,8 @@ class RouterConfig:
             "relay_password_file": (
                 str(self.relay_password_file) if self.relay_password_file is not None else None
             ),
+            "nats_urls": list(self.nats_urls),
+            "webhooks_allow_loopback": self.webhooks_allow_loopback,
         }
 
     @classmethod
@@ -136,6 +143,8 @@ class RouterConfig:
             relay_password_file=(
                 Path(d["relay_password_file"]) if d.get("relay_password_file") else None
             ),
+            nats_urls=tuple(str(u) for u in d.get("nats_urls", ())),
+            webhooks_allow_loopback=bool(d.get("webhooks_allow_loopback", False)),
         )
 
     @classmethod

@@ -166,6 +166,58 @@ class Metrics:
             ["region", "shard", "target"],
             registry=self.registry,
         )
+        # Ledger events (router.events): the publisher in the shard's decoder, the webhooks'
+        # delivery worker in every relay process.
+        self.events_published = Counter(
+            "txr_events_published_total",
+            "Events the publisher had acknowledged by the stream (duplicates included).",
+            ["region", "shard"],
+            registry=self.registry,
+        )
+        self.events_duplicates = Counter(
+            "txr_events_duplicates_total",
+            "Publishes the stream dropped as duplicates of a stored event id.",
+            ["region", "shard"],
+            registry=self.registry,
+        )
+        self.events_publish_failures = Counter(
+            "txr_events_publish_failures_total",
+            "Publisher failures (the decoder then resumes from the slot's position).",
+            ["region", "shard"],
+            registry=self.registry,
+        )
+        self.events_commit_to_ack = Histogram(
+            "txr_events_commit_to_ack_seconds",
+            "From a transaction's commit time to the stream's acknowledgement of its events.",
+            ["region", "shard"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.events_queue_batches = Gauge(
+            "txr_events_queue_batches",
+            "Feed batches waiting for the publisher.",
+            ["region", "shard"],
+            registry=self.registry,
+        )
+        self.webhook_deliveries = Counter(
+            "txr_webhook_deliveries_total",
+            "Webhook delivery attempts by outcome (ok, failed, failing_marked).",
+            ["region", "outcome"],
+            registry=self.registry,
+        )
+        self.webhook_lag = Histogram(
+            "txr_webhook_delivery_lag_seconds",
+            "From an event's commit time to its successful delivery.",
+            ["region"],
+            buckets=(*LATENCY_BUCKETS_S, 10.0, 60.0, 600.0, 3600.0),
+            registry=self.registry,
+        )
+        self.webhook_pending = Gauge(
+            "txr_webhook_queue_depth",
+            "Events not yet delivered (pending plus in flight) per endpoint.",
+            ["region", "endpoint"],
+            registry=self.registry,
+        )
         self.feed_restarts = Counter(
             "txr_feed_restarts_total",
             "Times a shard's decoder (re)opened its stream, by reason.",

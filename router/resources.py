@@ -8,6 +8,7 @@ from consistency.topology import TopologyWatcher
 from router.auth import Verifier
 from router.cache import RegionCache
 from router.config import RouterConfig
+from router.events.client import EventsClient
 from router.freshness import RelayLag
 from router.metrics import Metrics
 from router.routing import ShardRouter, StoreRegistry
@@ -24,3 +25,5 @@ OPENAPI = web.AppKey("openapi", bytes)
 RTT = web.AppKey("rtt", RttTable)
 # The relay process's heartbeats as this router sees them (router.freshness).
 RELAY_LAG = web.AppKey("relay_lag", RelayLag)
+# Ledger events (router.events): this region's NATS client, connected on first use.
+EVENTS = web.AppKey("events", EventsClient)

@@ -51,7 +51,7 @@ from consistency.topology import (
     load_topology,
 )
 from infra.keys import KeyRing, KeyRingError
-from infra.local import postgres, procs
+from infra.local import nats, postgres, procs
 from infra.local.ports import PortPlan, plan_ports
 from infra.wan import ListenerSpec, WanConfig, profile_latencies
 from router.auth import TENANT_SCOPES
@@ -269,6 +269,9 @@ def _plan_json(plan: PortPlan) -> dict[str, Any]:
                 "pg_standby": p.pg_standby,
                 "router_admin": p.router_admin,
                 "relay_metrics": p.relay_metrics,
+                "nats_client": p.nats_client,
+                "nats_route": p.nats_route,
+                "nats_monitor": p.nats_monitor,
             }
             for r, p in plan.region.items()
         },
@@ -332,6 +335,7 @@ class Launcher:
         self._start_standbys()
         self._sync_standbys()
         self._start_redis()
+        self._start_nats()
         self._bootstrap_topology()
         self._write_router_configs()
         if self.opts.start_routers:
@@ -729,6 +733,17 @@ class Launcher:
                 log_path=self.logs / f"redis-{r}.log",
             )
 
+    def _start_nats(self) -> None:
+        self.progress(f"NATS JetStream x{len(self.regions)}")
+        nats.start(
+            self.plan,
+            self.dir,
+            self.logs,
+            lambda name, kind, region, argv, marker: self._spawn(name, kind, region, argv, marker),
+            self._alive,
+            regions=self.regions,
+        )
+
     # -- topology and routers -----------------------------------------------------------------
 
     def topology(self) -> Topology:
@@ -796,6 +811,8 @@ class Launcher:
             admin_port=self.plan.region[region].router_admin,
             feed_redis=self.feed_redis(region),
             relay_metrics_port=self.plan.region[region].relay_metrics,
+            nats_urls=(nats.client_url(self.plan, region),),
+            webhooks_allow_loopback=True,
         )
 
     def feed_redis(self, region: str) -> dict[str, str]:
@@ -906,7 +923,7 @@ def up(opts: UpOptions, progress: Callable[[str], None] | None = None) -> dict[s
 # -- down -------------------------------------------------------------------------------------
 
 # Controllers first: a cluster being stopped must not look to them like one losing primaries.
-_STOP_ORDER: Final = ("controller", "router", "relays", "wan", "redis")
+_STOP_ORDER: Final = ("controller", "router", "relays", "nats", "wan", "redis")
 
 
 def _live_pids(state: State) -> list[int]:
@@ -1105,6 +1122,10 @@ def status(cluster_dir: Path) -> dict[str, Any]:
             "redis_pid": pid_of(f"redis-{r}"),
             "etcd": f"http://{HOST}:{ports[r]['etcd_client']}",
             "etcd_pid": pid_of(f"etcd-{r}"),
+            "nats": (
+                f"nats://{HOST}:{ports[r]['nats_client']}" if "nats_client" in ports[r] else None
+            ),
+            "nats_pid": pid_of(nats.proc_name(r)),
             "nodes": nodes,
         }
     shards: dict[str, Any] = {}

@@ -87,6 +87,8 @@ def _ready_probe(cluster_dir: Path, entry: dict[str, Any]) -> Callable[[], bool]
         )
     if kind == "redis":
         return functools.partial(procs.port_open, int(ports["redis"]))
+    if kind == "nats":
+        return functools.partial(procs.port_open, int(ports["nats_client"]))
     # Relays, controllers and the WAN emulator: alive is ready (they retry their own connections).
     return lambda: True
 

@@ -9,7 +9,10 @@ Layout (API.md promises at most 100 consecutive ports):
 - ``P + 60 ..``: the WAN emulator: the control port first, then one etcd peer front per member
   (the member's advertised peer URL), then one listener per (source region, remote service),
   then one per (source region, remote Redis): the change feed writes every region's Redis from
-  the region of a shard's primary (added after the others so that their ports did not move).
+  the region of a shard's primary (added after the others so that their ports did not move);
+  then one per (source region, remote NATS route port): the NATS cluster's routes cross the WAN
+  like every other cross-region link (infra.local.nats).
+- NATS per region: client (8), route (9), HTTP monitor (10), inside the region's block.
 """
 
 from __future__ import annotations
@@ -32,12 +35,17 @@ OFF_PG_PRIMARY: Final = 4
 OFF_PG_STANDBY: Final = 5
 OFF_ROUTER_ADMIN: Final = 6
 OFF_RELAY_METRICS: Final = 7
+OFF_NATS_CLIENT: Final = 8
+OFF_NATS_ROUTE: Final = 9
+OFF_NATS_MONITOR: Final = 10
 
 # Remote services a region reaches through its side of the WAN: the two PostgreSQL servers of
 # every other region (its primary and the standby it hosts), its etcd member and its router.
 REMOTE_SERVICES: Final = ("pg-primary", "pg-standby", "etcd", "router")
 # Remote services only the relay process dials: every other region's Redis (the change feed).
 FEED_SERVICES: Final = ("redis",)
+# Remote services only the NATS servers dial: every other region's route port.
+NATS_SERVICES: Final = ("nats-route",)
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,9 @@ class RegionPorts:
     pg_standby: int
     router_admin: int
     relay_metrics: int
+    nats_client: int
+    nats_route: int
+    nats_monitor: int
 
     def service(self, name: str) -> int:
         return {
@@ -58,6 +69,7 @@ class RegionPorts:
             "etcd": self.etcd_client,
             "router": self.router,
             "redis": self.redis,
+            "nats-route": self.nats_route,
         }[name]
 
 
@@ -84,6 +96,9 @@ class PortPlan:
                 rp.pg_standby,
                 rp.router_admin,
                 rp.relay_metrics,
+                rp.nats_client,
+                rp.nats_route,
+                rp.nats_monitor,
             ]
         ports.append(self.wan_control)
         ports += self.etcd_peer_front.values()
@@ -115,6 +130,9 @@ def plan_ports(base: int, regions: tuple[str, ...] | list[str]) -> PortPlan:
             pg_standby=b + OFF_PG_STANDBY,
             router_admin=b + OFF_ROUTER_ADMIN,
             relay_metrics=b + OFF_RELAY_METRICS,
+            nats_client=b + OFF_NATS_CLIENT,
+            nats_route=b + OFF_NATS_ROUTE,
+            nats_monitor=b + OFF_NATS_MONITOR,
         )
     nxt = base + WAN_OFFSET
     wan_control = nxt
@@ -131,7 +149,7 @@ def plan_ports(base: int, regions: tuple[str, ...] | list[str]) -> PortPlan:
             for svc in REMOTE_SERVICES:
                 wan[(src, dst, svc)] = nxt
                 nxt += 1
-    for svc in FEED_SERVICES:
+    for svc in (*FEED_SERVICES, *NATS_SERVICES):
         for src in names:
             for dst in names:
                 if src != dst:

@@ -33,6 +33,11 @@ the last applied transaction, on the same clock (the old primary's). A column wr
 ``now()`` would carry the transaction's *start*, which can precede an earlier commit by the
 transaction's whole length.
 
+Events: an ``EventSink`` (``router.events.publisher``) gets every batch too and publishes its
+events; the slot's confirmed position is the minimum of every region's and the publisher's
+acknowledged position, so a publisher that failed resumes, after a jittered back-off, from a
+reopened stream, and nothing is skipped (no hold limit here: events are never given up).
+
 Freshness: each region's heartbeat (``through``) is the newest proof instant whose position that
 region has applied, written in the same script as the batch. A behind region's heartbeat stops.
 """
@@ -60,6 +65,9 @@ from regionstore.changefeed import (
 from regionstore.errors import StoreError
 from regionstore.store import ShardStore
 from router.cache import CacheUnavailable
+from router.events.publisher import RETRY_BACKOFF_S_MAX as EVENTS_BACKOFF_S_MAX
+from router.events.publisher import RETRY_BACKOFF_S_MIN as EVENTS_BACKOFF_S_MIN
+from router.events.publisher import EventSink
 from router.feedsink import Marker, RegionSink
 from router.metrics import Metrics
 
@@ -143,8 +151,11 @@ class ShardFeed:
         store_for: StoreFor | None,
         metrics: Metrics | None = None,
         hold_s: float = REGION_HOLD_S,
+        events: EventSink | None = None,
     ) -> None:
         self.shard = shard
+        self.events = events
+        self._events_backoff = EVENTS_BACKOFF_S_MIN
         self.region = region
         self.topology = topology
         self.conninfo = conninfo
@@ -238,6 +249,11 @@ class ShardFeed:
                 )
                 for r in self.regions.values()
             ]
+            if self.events is not None:
+                self.events.begin(self.start.start_lsn, self.start.repl_slot, shard.epoch)
+                workers.append(
+                    asyncio.create_task(self._events_worker(), name=f"events-{self.shard}")
+                )
             while True:
                 self._check_topology(shard)
                 batch = await self.feed.next()
@@ -282,8 +298,29 @@ class ShardFeed:
                 r.queue.put_nowait(batch)
             except asyncio.QueueFull:
                 self._behind(r, f"{REGION_QUEUE_BATCHES_MAX} batches queued")
+        if self.events is not None:
+            self.events.offer(batch)
         if self.metrics is not None:
             self.metrics.feed_batch_txns.labels(self.region, self.shard).observe(len(batch.txns))
+
+    async def _events_worker(self) -> None:
+        """Publish batches in order; after a failure, back off and reopen the stream."""
+        assert self.events is not None
+        while not self._stopping:
+            if await self.events.run_once():
+                self._events_backoff = EVENTS_BACKOFF_S_MIN
+                continue
+            # Reopen only once the log answers: each reopen re-reads everything since the
+            # slot's position, so a long NATS outage must not turn into a replay loop.
+            while not self._stopping:
+                await asyncio.sleep(
+                    self._rng.uniform(self._events_backoff / 2, self._events_backoff)
+                )
+                self._events_backoff = min(self._events_backoff * 2, EVENTS_BACKOFF_S_MAX)
+                if await self.events.publisher.healthy():
+                    break
+            self._restart_wanted = True
+            return
 
     # -- one region ----------------------------------------------------------------------------
 
@@ -475,6 +512,10 @@ class ShardFeed:
             if r.applied is None:
                 return  # a region not attached yet (and not excluded) holds everything
             held.append(r.applied)
+        if self.events is not None:
+            if self.events.applied is None:
+                return
+            held.append(self.events.applied)
         if held:
             self.feed.confirm(min(held))
 

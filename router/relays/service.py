@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from types import TracebackType
@@ -27,6 +28,7 @@ from psycopg.conninfo import make_conninfo
 from consistency.etcd import EtcdClient
 from consistency.topology import Shard, TopologyWatcher
 from router.config import RouterConfig
+from router.events.publisher import EventSink, JetStreamPublisher, Publisher
 from router.feedsink import RegionSink
 from router.limits import TOPOLOGY_INITIAL_TIMEOUT_S
 from router.metrics import Metrics
@@ -75,6 +77,9 @@ class RelayService:
         self._repl_password: str | None = None
         # Set when a shard's feed or outbox task ends: the supervisor restarts or retires it.
         self._kick = asyncio.Event()
+        # Ledger events: one publisher (one NATS connection) for every shard decoder here.
+        self.publisher: Publisher | None = None
+        self._webhooks: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -102,6 +107,15 @@ class RelayService:
             self._sinks = {region: RegionSink(region, url) for region, url in urls.items()}
         else:
             log.warning("no replication credentials: change feed off, reads use primaries")
+        if config.nats_urls:
+            self.publisher = JetStreamPublisher(
+                config.nats_urls, name=f"txr-events-{config.region}"
+            )
+            # Imported here: the delivery worker's HTTP client is only needed with NATS.
+            from router.events.webhooks import DeliveryWorker
+
+            worker = DeliveryWorker(config, self.metrics)
+            self._webhooks = asyncio.create_task(worker.run(), name="webhooks")
         if config.relay_metrics_port is not None:
             await self._serve_metrics(config.relay_metrics_port)
         self._supervise_once()
@@ -182,6 +196,18 @@ class RelayService:
                     conninfo=self.conninfo,
                     store_for=self._resolver.store_for_shard,
                     metrics=self.metrics,
+                    events=(
+                        EventSink(
+                            self.publisher,
+                            shard=name,
+                            region=self.config.region,
+                            home_region=shard.home_region,
+                            metrics=self.metrics,
+                            store=functools.partial(self._resolver.store_for_shard, name),
+                        )
+                        if self.publisher is not None
+                        else None
+                    ),
                 )
                 feed_task = asyncio.create_task(feed.run(), name=f"feed-{name}")
                 feed_task.add_done_callback(self._ended)
@@ -222,7 +248,12 @@ class RelayService:
                 run.feed_task.cancel()
                 tasks.append(run.feed_task)
             tasks.append(run.outbox_task)
+        if self._webhooks is not None:
+            self._webhooks.cancel()
+            tasks.append(self._webhooks)
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.publisher is not None:
+            await self.publisher.close()
         self._running.clear()
         self.feeds.clear()
         if self._metrics_runner is not None:

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, Final
 import psycopg
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from consistency import ids
 from consistency.failover import RehomeOps
@@ -473,3 +475,49 @@ async def test_interrupted_rehome_is_finished_by_a_rerun(
     assert await c.acked("eu-west", peer, acc, 3)
     assert await _balance(c, acc) == 500 - 20 + 3
     await _reconcile_clean(d)
+
+
+def _relay_sum(d: Path, region: str, metric: str, shard: str) -> float:
+    url = lc.status(d)["regions"][region]["relays_metrics"]
+    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+        text = resp.read().decode()
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == metric and s.labels.get("shard") == shard
+    )
+
+
+async def test_a_moved_slot_publishes_no_event_again(cluster_dir: Path, client: Client) -> None:
+    """A slot move copies accounts and transfers into the target in one transaction with its
+    slot_moves row: the target's decoder derives no event from it (the events came from the
+    source when they were committed), so its publisher sends nothing, not even duplicates."""
+    d, c = cluster_dir, client
+    src = await _funded(c, "us-east", 500)
+    dst = await c.open("us-east")
+    tid = await c.acked("us-east", src, dst, 5)
+    assert tid is not None
+    events = c.clients["us-east"]
+    deadline = time.monotonic() + 60
+    want = {("account.created", src), ("account.created", dst), ("transfer.settled", tid)}
+    while True:
+        before = [e async for e in events.events()]
+        if want <= {(e.type, e.data["id"]) for e in before}:
+            break
+        assert time.monotonic() < deadline, "events not published"
+        await asyncio.sleep(0.3)
+    target_region = lc.status(d)["shards"]["eu-west-1"]["primary_region"]
+    published = _relay_sum(d, target_region, "txr_events_published_total", "eu-west-1")
+    applied = _relay_sum(d, target_region, "txr_feed_applied_total", "eu-west-1")
+    assert (
+        await _cli("rehome", "--slot", str(_slot(src)), "--to", "eu-west-1", "--dir", str(d)) == 0
+    )
+    # The target's decoder has handed the copy out once its regions applied the moved rows.
+    while _relay_sum(d, target_region, "txr_feed_applied_total", "eu-west-1") <= applied:
+        assert time.monotonic() < deadline + 60, "the copy never reached the target's feed"
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(SHORT_DRAIN_S)
+    assert _relay_sum(d, target_region, "txr_events_published_total", "eu-west-1") == published
+    after = [e async for e in events.events()]
+    assert [e.id for e in after] == [e.id for e in before]

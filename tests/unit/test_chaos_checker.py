@@ -15,6 +15,7 @@ import pytest
 from chaos.checker import CheckResult, FinalAccount, FinalState, check
 from chaos.history import Account, History, ReadOp, TransferOp
 from regionstore.audit import StoredTransfer
+from router.events.model import event_id
 
 BOUND_S = 1.0
 FUND, A, B = "acc_000000000000001", "acc_001000000000002", "acc_002000000000003"
@@ -282,3 +283,65 @@ def test_session_read_from_the_cache_is_bounded_by_the_lag_bound(
     )
     r = _run(h, f)
     assert r.stale_reads == (1 if stale else 0), r.anomalies
+
+
+# -- events (router.events): the stream and the webhook receiver against the stored transfers
+
+
+def _ev(etype: str, obj: str) -> dict[str, object]:
+
+    return {"id": event_id(etype, obj), "type": etype, "created_at": "t", "data": {"id": obj}}
+
+
+def _with_events() -> tuple[History, FinalState]:
+    h, f = _world()
+    f.events = [
+        _ev("account.created", FUND),
+        _ev("transfer.settled", "tr_1"),
+        _ev("transfer.pending", "tr_2"),
+        _ev("transfer.settled", "tr_2"),
+    ]
+    f.delivered = {str(e["id"]) for e in f.events}
+    return h, f
+
+
+def test_events_consistent_with_the_shards_pass() -> None:
+    r = _run(*_with_events())
+    assert r.ok, r.anomalies
+    assert r.events == 4
+
+
+def test_a_committed_transfer_without_its_final_event_is_caught() -> None:
+    h, f = _with_events()
+    assert f.events is not None
+    f.events = [e for e in f.events if e["id"] != _ev("transfer.settled", "tr_2")["id"]]
+    r = _run(h, f)
+    assert not r.ok
+    assert r.events_missing == 1
+
+
+def test_an_event_of_a_transfer_no_shard_holds_is_caught() -> None:
+    h, f = _with_events()
+    assert f.events is not None
+    assert f.delivered is not None
+    f.events.append(_ev("transfer.settled", "tr_refused"))
+    f.delivered.add(str(f.events[-1]["id"]))
+    r = _run(h, f)
+    assert not r.ok
+    assert r.events_phantom == 1
+
+
+def test_a_repeated_event_id_and_an_undelivered_event_are_caught() -> None:
+    h, f = _with_events()
+    assert f.events is not None
+    assert f.delivered is not None
+    f.events.append(dict(f.events[1]))
+    r = _run(h, f)
+    assert r.events_repeated == 1
+    assert not r.ok
+    h, f = _with_events()
+    assert f.delivered is not None
+    f.delivered.discard(str(_ev("account.created", FUND)["id"]))
+    r = _run(h, f)
+    assert r.webhook_undelivered == 1
+    assert not r.ok

@@ -230,3 +230,59 @@ def test_status_update_and_slot_names() -> None:
     assert a.startswith("txr_feed_us_east_1_")
     long = repl_slot_prefix("x" * 200)
     assert len(long) + 8 <= 63
+
+
+TRANSFERS_RELID = 16600
+SLOT_MOVES_RELID = 16700
+TRANSFER_COLUMNS = (
+    "id",
+    "tenant",
+    "source",
+    "destination",
+    "amount",
+    "currency",
+    "reference",
+    "status",
+    "created_at",
+    "refusal_code",
+)
+
+
+def transfer_row(tid: str, status: str) -> list[str | bytes | None]:
+    return [tid, "tenant-1", "11", "12", "250", "EUR", None, status, "2026-12-01 07:00:00+00", None]
+
+
+def test_transfer_rows_and_slot_moves_for_the_events() -> None:
+    """Migration 0006's tables: transfer inserts and updates in change order (deletes, a slot
+    move's source half, are not events), and a slot_moves row marks the transaction."""
+    tid = "0b7f0e4e-3d59-4c8e-9d41-2f1f6c0d0a01"
+    p = PgOutputParser()
+    txns = feed_all(
+        p,
+        [
+            relation(ACCOUNTS_RELID, "txr", "accounts", COLUMNS),
+            relation(TRANSFERS_RELID, "txr", "transfers", TRANSFER_COLUMNS),
+            relation(SLOT_MOVES_RELID, "txr", "slot_moves", ("move_id", "direction")),
+            begin(),
+            insert(ACCOUNTS_RELID, row(11, 2)),
+            insert(TRANSFERS_RELID, transfer_row(tid, "pending")),
+            commit(0x1000, 0x1040, WHEN),
+            begin(),
+            update(TRANSFERS_RELID, transfer_row(tid, "settled")),
+            b"D" + struct.pack("!I", TRANSFERS_RELID) + b"K" + tuple_data([tid] + [None] * 9),
+            commit(0x2000, 0x2040, WHEN),
+            begin(),
+            insert(ACCOUNTS_RELID, row(13, 1)),
+            insert(SLOT_MOVES_RELID, ["5c1e2a7e-0000-4000-8000-000000000001", "in"]),
+            commit(0x3000, 0x3040, WHEN),
+        ],
+    )
+    first, second, moved = txns
+    assert [(t.row["status"], t.inserted) for t in first.transfers] == [("pending", True)]
+    assert first.changes[0].inserted
+    assert not first.slot_move
+    assert [(t.row["status"], t.inserted) for t in second.transfers] == [("settled", False)]
+    assert second.transfers[0].row["reference"] is None
+    assert not second.slot_move
+    assert moved.slot_move
+    assert moved.transfers == ()

@@ -23,7 +23,7 @@ from txclient import errors
 from txclient._async import AsyncClient
 from txclient._core import BatchResult, Consistency
 from txclient._sync import Client
-from txclient.models import Account, Entry, Meta, Transfer
+from txclient.models import Account, Entry, Event, EventsPage, Meta, Transfer, Webhook
 from txclient.retry import Backoff, RetryBudget
 from txclient.session import Session
 
@@ -35,9 +35,12 @@ __all__ = [
     "Client",
     "Consistency",
     "Entry",
+    "Event",
+    "EventsPage",
     "Meta",
     "RetryBudget",
     "Session",
     "Transfer",
+    "Webhook",
     "errors",
 ]

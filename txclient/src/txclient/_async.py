@@ -27,13 +27,17 @@ from txclient._core import (
     batch_items,
     batch_plan,
     entries_op,
+    events_op,
     parse_transfer,
     ssl_context,
     transfer_body,
     transfer_get_op,
     transfer_op,
+    webhook_create_op,
+    webhook_delete_op,
+    webhooks_list_op,
 )
-from txclient.models import Account, EntriesPage, Entry, Transfer
+from txclient.models import Account, EntriesPage, Entry, Event, EventsPage, Transfer, Webhook
 from txclient.retry import Backoff, RetryBudget
 from txclient.session import Session
 
@@ -185,6 +189,55 @@ class AsyncClient:
 
     async def get_transfer(self, transfer_id: str, *, timeout: float | None = None) -> Transfer:
         return parse_transfer(await self._send(transfer_get_op(self._core, transfer_id, timeout)))
+
+    # -- events and webhooks (API.md "Events and webhooks") ----------------------------------
+
+    async def events_page(
+        self,
+        after: str | None = None,
+        *,
+        limit: int = limits.EVENTS_PAGE_DEFAULT,
+        timeout: float | None = None,
+    ) -> EventsPage:
+        """One page of the tenant's events after the cursor ``after`` (None: from the start)."""
+        return EventsPage.from_json(
+            (await self._send(events_op(self._core, after, limit, timeout))).body
+        )
+
+    async def events(
+        self,
+        after: str | None = None,
+        *,
+        page_size: int = limits.EVENTS_PAGE_DEFAULT,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Event]:
+        """Every event after ``after`` stored so far, in stream order, each once."""
+        cursor = after
+        for _ in range(limits.ENTRIES_PAGES_MAX):
+            page = await self.events_page(cursor, limit=page_size, timeout=timeout)
+            for ev in page.data:
+                yield ev
+            cursor = page.next_cursor
+            if not page.has_more:
+                return
+
+    async def create_webhook(
+        self, url: str, events: Sequence[str], *, timeout: float | None = None
+    ) -> Webhook:
+        """Register an endpoint; the answer carries its signing secret (shown only here)."""
+        return Webhook.from_json(
+            (await self._send(webhook_create_op(self._core, url, events, timeout))).body
+        )
+
+    async def webhooks(self, *, timeout: float | None = None) -> list[Webhook]:
+        body = (await self._send(webhooks_list_op(self._core, timeout))).body
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise errors.UnexpectedResponse("field 'data' is not a list")
+        return [Webhook.from_json(w) for w in data]
+
+    async def delete_webhook(self, webhook_id: str, *, timeout: float | None = None) -> None:
+        await self._send(webhook_delete_op(self._core, webhook_id, timeout))
 
     # -- lifecycle ------------------------------------------------------------------------------
 

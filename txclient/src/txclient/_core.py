@@ -451,6 +451,34 @@ def entries_op(
     )
 
 
+def events_op(core: Core, after: str | None, limit: int, timeout: float | None) -> Op:
+    if not 1 <= limit <= limits.EVENTS_PAGE_MAX:
+        raise ValueError(f"limit must be 1 to {limits.EVENTS_PAGE_MAX}")
+    params = {"limit": str(limit)}
+    if after is not None:
+        params["after"] = after
+    return Op("GET", "/v1/events", "read", core.call_timeout(timeout), params=params)
+
+
+def webhook_create_op(core: Core, url: str, events: Sequence[str], timeout: float | None) -> Op:
+    # "open": no idempotency key, so an unknown outcome is not retried (no duplicate endpoint).
+    return Op(
+        "POST",
+        "/v1/webhooks",
+        "open",
+        core.call_timeout(timeout),
+        json={"url": url, "events": list(events)},
+    )
+
+
+def webhooks_list_op(core: Core, timeout: float | None) -> Op:
+    return Op("GET", "/v1/webhooks", "read", core.call_timeout(timeout))
+
+
+def webhook_delete_op(core: Core, webhook_id: str, timeout: float | None) -> Op:
+    return Op("DELETE", f"/v1/webhooks/{_segment(webhook_id)}", "open", core.call_timeout(timeout))
+
+
 def transfer_body(
     source: str, destination: str, amount: int, currency: str, reference: str | None
 ) -> dict[str, Any]:

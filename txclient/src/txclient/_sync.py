@@ -26,13 +26,17 @@ from txclient._core import (
     batch_items,
     batch_plan,
     entries_op,
+    events_op,
     parse_transfer,
     ssl_context,
     transfer_body,
     transfer_get_op,
     transfer_op,
+    webhook_create_op,
+    webhook_delete_op,
+    webhooks_list_op,
 )
-from txclient.models import Account, EntriesPage, Entry, Transfer
+from txclient.models import Account, EntriesPage, Entry, Event, EventsPage, Transfer, Webhook
 from txclient.retry import Backoff, RetryBudget
 from txclient.session import Session
 
@@ -194,6 +198,52 @@ class Client:
 
     def get_transfer(self, transfer_id: str, *, timeout: float | None = None) -> Transfer:
         return parse_transfer(self._send(transfer_get_op(self._core, transfer_id, timeout)))
+
+    # -- events and webhooks (API.md "Events and webhooks") ----------------------------------
+
+    def events_page(
+        self,
+        after: str | None = None,
+        *,
+        limit: int = limits.EVENTS_PAGE_DEFAULT,
+        timeout: float | None = None,
+    ) -> EventsPage:
+        """One page of the tenant's events after the cursor ``after`` (None: from the start)."""
+        return EventsPage.from_json((self._send(events_op(self._core, after, limit, timeout))).body)
+
+    def events(
+        self,
+        after: str | None = None,
+        *,
+        page_size: int = limits.EVENTS_PAGE_DEFAULT,
+        timeout: float | None = None,
+    ) -> Iterator[Event]:
+        """Every event after ``after`` stored so far, in stream order, each once."""
+        cursor = after
+        for _ in range(limits.ENTRIES_PAGES_MAX):
+            page = self.events_page(cursor, limit=page_size, timeout=timeout)
+            yield from page.data
+            cursor = page.next_cursor
+            if not page.has_more:
+                return
+
+    def create_webhook(
+        self, url: str, events: Sequence[str], *, timeout: float | None = None
+    ) -> Webhook:
+        """Register an endpoint; the answer carries its signing secret (shown only here)."""
+        return Webhook.from_json(
+            (self._send(webhook_create_op(self._core, url, events, timeout))).body
+        )
+
+    def webhooks(self, *, timeout: float | None = None) -> list[Webhook]:
+        body = (self._send(webhooks_list_op(self._core, timeout))).body
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise errors.UnexpectedResponse("field 'data' is not a list")
+        return [Webhook.from_json(w) for w in data]
+
+    def delete_webhook(self, webhook_id: str, *, timeout: float | None = None) -> None:
+        self._send(webhook_delete_op(self._core, webhook_id, timeout))
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -70,6 +70,12 @@ class InvalidRequest(TxError):
     code_default = "invalid_request"
 
 
+class UrlNotAllowed(InvalidRequest):
+    """A webhook URL the router may not call (private, loopback, link-local, metadata...)."""
+
+    code_default = "url_not_allowed"
+
+
 class Unauthorized(TxError):
     code_default = "unauthorized"
 
@@ -134,6 +140,7 @@ BY_CODE: dict[str, type[TxError]] = {
     cls.code_default: cls
     for cls in (
         InvalidRequest,
+        UrlNotAllowed,
         Unauthorized,
         Forbidden,
         NotFound,

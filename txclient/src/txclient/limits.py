@@ -66,6 +66,9 @@ HEDGE_THREADS_MAX: Final = 8
 # Entries are read in pages of this many by default (the server allows 1-500).
 ENTRIES_PAGE_DEFAULT: Final = 100
 ENTRIES_PAGE_MAX: Final = 500
+# GET /v1/events pages (API.md: limit 1-500).
+EVENTS_PAGE_DEFAULT: Final = 100
+EVENTS_PAGE_MAX: Final = 500
 # An iterator stops after this many pages: a bound on a loop driven by the server's cursors.
 ENTRIES_PAGES_MAX: Final = 1_000_000
 

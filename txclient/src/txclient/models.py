@@ -158,3 +158,75 @@ class EntriesPage:
         if not isinstance(data, list):
             raise UnexpectedResponse("field 'data' is not a list")
         return cls([Entry.from_json(e) for e in data], _field(d, "next_cursor", str, nullable=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A ledger event: ``data`` is the account or transfer object as JSON."""
+
+    id: str
+    type: str
+    created_at: str
+    data: dict[str, Any]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Event:
+        d = _object(doc, "event")
+        return cls(
+            id=_field(d, "id", str),
+            type=_field(d, "type", str),
+            created_at=_field(d, "created_at", str),
+            data=dict(_object(d.get("data"), "event data")),
+            raw=dict(d),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPage:
+    data: list[Event]
+    # Where the next read starts (always set: poll it for newer events).
+    next_cursor: str
+    has_more: bool
+
+    @classmethod
+    def from_json(cls, doc: Any) -> EventsPage:
+        d = _object(doc, "events page")
+        data = d.get("data")
+        if not isinstance(data, list):
+            raise UnexpectedResponse("field 'data' is not a list")
+        return cls(
+            [Event.from_json(e) for e in data],
+            _field(d, "next_cursor", str),
+            _field(d, "has_more", bool),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    id: str
+    url: str
+    events: tuple[str, ...]
+    status: str  # active | failing
+    created_at: str
+    failing_since: str | None = None
+    # Only in the answer to create_webhook: the signing secret is shown once.
+    secret: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Webhook:
+        d = _object(doc, "webhook")
+        events = d.get("events")
+        if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+            raise UnexpectedResponse("field 'events' is not a list of strings")
+        return cls(
+            id=_field(d, "id", str),
+            url=_field(d, "url", str),
+            events=tuple(events),
+            status=_field(d, "status", str),
+            created_at=_field(d, "created_at", str),
+            failing_since=_field(d, "failing_since", str, nullable=True),
+            secret=_field(d, "secret", str, nullable=True),
+            raw=dict(d),
+        )

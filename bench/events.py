@@ -1,0 +1,171 @@
+"""Ledger-event figures on a running local cluster: commit-to-webhook latency, relay CPU per
+event, and the publish rate seen on the relays' /metrics.
+
+``python -m bench.events latency --dir D [--transfers N]``: a signed-webhook receiver on
+loopback (just past the cluster's ports), N same-shard transfers through txclient at a bounded
+concurrency, and for every delivered ``transfer.settled`` the time from the event's
+``created_at`` (the commit time, PostgreSQL's clock: the same host) to its arrival. Also the CPU
+the relay processes (decoder fan-out, publisher, webhook worker) spent per published event.
+
+``python -m bench.events rate --base-port P --seconds S``: scrape every region's relay metrics
+of the cluster at P once a second for S seconds (say, while ``txr bench --quick`` runs there)
+and report the highest and mean rate of published events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Final
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from chaos.events import Receiver
+from infra.local import cluster
+from infra.local.ports import PORT_SPAN_MAX, REGION_STRIDE
+from router.auth import TENANT_SCOPES
+from txclient import AsyncClient
+
+CONCURRENCY: Final = 4
+DELIVERY_WAIT_S: Final = 120.0
+SCRAPE_TIMEOUT_S: Final = 2.0
+TOKEN_TTL_S: Final = 3600
+
+
+def _published(url: str) -> float:
+    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as resp:  # noqa: S310 - loopback
+        text = resp.read().decode()
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "txr_events_published_total"
+    )
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def latency(d: Path, transfers: int) -> dict[str, Any]:
+    desc = cluster.status(d)
+    routers = {r: v["router"] for r, v in desc["regions"].items()}
+    relays = {r: (v["relays_pid"], v["relays_metrics"]) for r, v in desc["regions"].items()}
+    tenant = "bench-events-" + os.urandom(4).hex()
+    token = cluster.token(d, tenant, sorted(TENANT_SCOPES), TOKEN_TTL_S)
+    base = int(cluster.load_state(d).data["ports"]["base"])
+    receiver = Receiver(base + PORT_SPAN_MAX)
+    arrivals = receiver.first_seen
+    await receiver.start()
+    try:
+        async with AsyncClient(routers, token, prefer="us-east", probe=False) as c:
+            await receiver.register(c)
+            funding = await c.create_account("EUR", home_region="us-east", overdraft_limit=10**12)
+            dst = await c.create_account("EUR", home_region="us-east")
+            cpu0 = {r: _cpu_s(pid) for r, (pid, _) in relays.items()}
+            pub0 = sum(_published(url) for _, url in relays.values())
+            t0 = time.monotonic()
+            sem = asyncio.Semaphore(CONCURRENCY)
+
+            async def one() -> None:
+                async with sem:
+                    await c.transfer(
+                        source=funding.id, destination=dst.id, amount=1, currency="EUR"
+                    )
+
+            await asyncio.gather(*(one() for _ in range(transfers)))
+            load_s = time.monotonic() - t0
+            deadline = time.monotonic() + DELIVERY_WAIT_S
+            settled: list[dict[str, Any]] = []
+            while time.monotonic() < deadline:
+                evs = [e.raw async for e in c.events(page_size=500)]
+                settled = [e for e in evs if e["type"] == "transfer.settled"]
+                if len(settled) >= transfers and all(e["id"] in arrivals for e in settled):
+                    break
+                await asyncio.sleep(0.5)
+            cpu1 = {r: _cpu_s(pid) for r, (pid, _) in relays.items()}
+            pub1 = sum(_published(url) for _, url in relays.values())
+    finally:
+        await receiver.stop()
+    lat = sorted(
+        arrivals[e["id"]]
+        - dt.datetime.fromisoformat(e["created_at"].replace("Z", "+00:00")).timestamp()
+        for e in settled
+        if e["id"] in arrivals
+    )
+    published = pub1 - pub0
+    cpu = sum(cpu1.values()) - sum(cpu0.values())
+
+    def pct(p: float) -> float | None:
+        return None if not lat else lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
+
+    return {
+        "transfers": transfers,
+        "delivered": len(lat),
+        "load_s": round(load_s, 2),
+        "commit_to_webhook_ms": {
+            "p50": pct(0.5),
+            "p99": pct(0.99),
+            "mean": statistics.fmean(lat) * 1000 if lat else None,
+        },
+        "events_published": published,
+        "relay_cpu_ms_per_event": cpu * 1000 / published if published else None,
+        "wan": cluster.load_state(d).data.get("wan"),
+        "loadavg": os.getloadavg(),
+    }
+
+
+def rate(base_port: int, seconds: float, regions: int = 3) -> dict[str, Any]:
+    urls = [f"http://127.0.0.1:{base_port + REGION_STRIDE * i + 7}/metrics" for i in range(regions)]
+    samples: list[tuple[float, float]] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        total = 0.0
+        try:
+            for u in urls:
+                total += _published(u)
+            samples.append((time.monotonic(), total))
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(1.0)
+    rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in itertools.pairwise(samples)]
+    busy = [r for r in rates if r > 0]
+    return {
+        "samples": len(samples),
+        "events_total": samples[-1][1] - samples[0][1] if len(samples) > 1 else 0,
+        "max_events_per_s": max(rates, default=0.0),
+        "mean_busy_events_per_s": statistics.fmean(busy) if busy else 0.0,
+        "loadavg": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.events")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    lat = sub.add_parser("latency")
+    lat.add_argument("--dir", type=Path, required=True)
+    lat.add_argument("--transfers", type=int, default=300)
+    r = sub.add_parser("rate")
+    r.add_argument("--base-port", type=int, required=True)
+    r.add_argument("--seconds", type=float, default=300.0)
+    args = p.parse_args()
+    if args.cmd == "latency":
+        out = asyncio.run(latency(args.dir, args.transfers))
+    else:
+        out = rate(args.base_port, args.seconds)
+    sys.stdout.write(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

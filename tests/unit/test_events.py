@@ -1,0 +1,201 @@
+"""Pure parts of router.events: event derivation and ids, subjects, cursors, signatures, the
+SSRF address rules and the retry schedule."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import uuid
+
+import pytest
+
+from consistency import coherence, ids
+from regionstore.changefeed import AccountChange, CommittedTxn, TransferChange
+from router.events import model, pull, stream, webhooks
+
+T0 = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
+
+
+def _account(account_id: int, tenant: str = "acme", *, inserted: bool = True) -> AccountChange:
+    row = coherence.account_payload(
+        id=account_id,
+        tenant=tenant,
+        currency="EUR",
+        balance=0,
+        overdraft_limit=0,
+        version=1,
+        metadata={},
+        created_at=T0,
+    )
+    return AccountChange(account_id, 1, row, inserted=inserted)
+
+
+def _transfer(status: str, *, inserted: bool, tid: uuid.UUID | None = None) -> TransferChange:
+    return TransferChange(
+        {
+            "id": str(tid or uuid.uuid4()),
+            "tenant": "acme",
+            "source": str(5 << 48 | 7),
+            "destination": str(9 << 48 | 1),
+            "amount": "250",
+            "currency": "EUR",
+            "reference": None,
+            "status": status,
+            "created_at": "2026-01-02 03:04:05.678901+00",
+            "refusal_code": None,
+        },
+        inserted,
+    )
+
+
+def _txn(*, accounts=(), transfers=(), slot_move: bool = False) -> CommittedTxn:  # type: ignore[no-untyped-def]
+    return CommittedTxn(100, 200, T0, tuple(accounts), tuple(transfers), slot_move)
+
+
+def _events(txn: CommittedTxn) -> list[model.Event]:
+    return model.events_of(txn, shard="eu-west-1", home_region="eu-west")
+
+
+def test_transfer_states_map_to_event_types() -> None:
+    tid = uuid.uuid4()
+    assert [e.type for e in _events(_txn(transfers=[_transfer("settled", inserted=True)]))] == [
+        "transfer.settled"
+    ]
+    pending = _events(_txn(transfers=[_transfer("pending", inserted=True, tid=tid)]))
+    settled = _events(_txn(transfers=[_transfer("settled", inserted=False, tid=tid)]))
+    reversed_ = _events(_txn(transfers=[_transfer("reversed", inserted=False, tid=tid)]))
+    assert [e.type for e in pending + settled + reversed_] == [
+        "transfer.pending",
+        "transfer.settled",
+        "transfer.reversed",
+    ]
+    # One object: the same public id in every event, a different event id per type.
+    public = ids.format_transfer_id(5, tid)
+    assert {e.data["id"] for e in pending + settled} == {public}
+    assert pending[0].id != settled[0].id
+    # An update that leaves it pending is no event.
+    assert _events(_txn(transfers=[_transfer("pending", inserted=False)])) == []
+
+
+def test_event_ids_are_stable_and_bodies_deterministic() -> None:
+    tid = uuid.uuid4()
+    a = _events(_txn(transfers=[_transfer("settled", inserted=True, tid=tid)]))[0]
+    b = _events(_txn(transfers=[_transfer("settled", inserted=True, tid=tid)]))[0]
+    assert a.id == b.id == model.event_id("transfer.settled", a.data["id"])
+    assert a.body() == b.body()
+    assert a.id.startswith("evt_")
+    assert len(a.id) == 4 + model.EVENT_ID_HEX
+    assert a.created_at == "2026-01-02T03:04:05.678901Z"
+    assert a.subject == "txr.events.acme.transfer.settled"
+
+
+def test_accounts_opened_are_events_but_not_transit_updates_or_slot_moves() -> None:
+    acc = 3 << 48 | 42
+    evs = _events(_txn(accounts=[_account(acc)]))
+    assert [(e.type, e.data["id"], e.data["shard"], e.data["home_region"]) for e in evs] == [
+        ("account.created", ids.format_account_id(acc), "eu-west-1", "eu-west")
+    ]
+    assert _events(_txn(accounts=[_account(acc, inserted=False)])) == []
+    assert _events(_txn(accounts=[_account(-1, model.TRANSIT_TENANT)])) == []
+    # A slot move's copies (same transaction as its slot_moves row) are not new events.
+    moved = _txn(
+        accounts=[_account(acc)], transfers=[_transfer("settled", inserted=True)], slot_move=True
+    )
+    assert _events(moved) == []
+
+
+def test_tenant_subject_tokens_are_one_to_one() -> None:
+    assert stream.tenant_token("a.b") == "a~b"
+    assert stream.tenant_of_token(stream.tenant_token("a.b-c_d")) == "a.b-c_d"
+    # "a" and "a.b" cannot share a subject, nor can a filter of one match the other.
+    assert stream.subject("a.b", "account.created").split(".")[2] == "a~b"
+    assert stream.tenant_filter("a") == "txr.events.a.>"
+    for bad in ("", "a b", "a*", "a>", "x" * 65):
+        with pytest.raises(ValueError, match="not a tenant"):
+            stream.tenant_token(bad)
+
+
+def test_cursor_round_trip_and_refusals() -> None:
+    for seq in (0, 1, 2**40, pull.SEQ_MAX):
+        assert pull.decode_cursor(pull.encode_cursor(seq)) == seq
+    for raw in ("", "!!", "czE", "ZQ", "ZS0x", "A" * 65, "ZTE4NDQ2NzQ0MDczNzA5NTUxNjE2"):
+        with pytest.raises(pull.CursorInvalid):
+            pull.decode_cursor(raw)
+
+
+def test_signature_is_stripes_scheme() -> None:
+    import hashlib
+    import hmac
+
+    body = b'{"id":"evt_1"}'
+    header = webhooks.sign("whsec_x", body, 1700000000)
+    expected = hmac.new(b"whsec_x", b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert header == f"t=1700000000,v1={expected}"
+    assert webhooks.verify("whsec_x", body, header)
+    assert not webhooks.verify("whsec_x", body + b" ", header)
+    assert not webhooks.verify("whsec_y", body, header)
+    assert not webhooks.verify("whsec_x", body, "v1=" + expected)
+
+
+@pytest.mark.parametrize(
+    ("addr", "allowed"),
+    [
+        ("93.184.216.34", True),
+        ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("10.0.0.1", False),
+        ("172.31.255.255", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("169.254.1.1", False),
+        ("fe80::1", False),
+        ("fd00:ec2::254", False),
+        ("fc00::1", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("::ffff:127.0.0.1", False),
+        ("240.0.0.1", False),
+    ],
+)
+def test_address_rules(addr: str, allowed: bool) -> None:
+    assert webhooks.address_allowed(addr, allow_loopback=False) is allowed
+
+
+def test_loopback_only_when_allowed_and_never_metadata() -> None:
+    assert webhooks.address_allowed("127.0.0.1", allow_loopback=True)
+    assert webhooks.address_allowed("::1", allow_loopback=True)
+    assert not webhooks.address_allowed("10.0.0.1", allow_loopback=True)
+    assert not webhooks.address_allowed("169.254.169.254", allow_loopback=True)
+
+
+def test_resolver_refuses_a_name_with_any_refused_address() -> None:
+    async def run() -> None:
+        with pytest.raises(webhooks.UrlRefused):
+            await webhooks.GuardedResolver(allow_loopback=False).resolve("localhost", 80)
+        ok = await webhooks.GuardedResolver(allow_loopback=True).resolve("127.0.0.1", 80)
+        assert ok[0]["host"] == "127.0.0.1"
+        with pytest.raises(webhooks.UrlRefused):
+            await webhooks.check_url("http://localhost:8080/x", allow_loopback=False)
+
+    asyncio.run(run())
+
+
+def test_backoff_is_jittered_capped_and_retries_span_the_window() -> None:
+    rng = random.Random(7)
+    for attempt in range(1, 80):
+        base = min(webhooks.BACKOFF_S_MAX, webhooks.BACKOFF_S_MIN * 2 ** (attempt - 1))
+        d = webhooks.backoff_s(attempt, rng)
+        assert base / 2 <= d <= base
+    # The window, not an attempt count, ends the retries: with capped delays there are attempts
+    # all through 24 h (the longest gap is the cap).
+    t, attempt = 0.0, 1
+    while t < webhooks.RETRY_WINDOW_S:
+        t += webhooks.backoff_s(attempt, rng)
+        attempt += 1
+    assert webhooks.RETRY_WINDOW_S >= 24 * 3600
+    assert webhooks.BACKOFF_S_MAX < webhooks.RETRY_WINDOW_S / 10
+    assert attempt > 20
