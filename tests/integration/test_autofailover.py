@@ -34,11 +34,11 @@ from infra import failover as real_ops
 from infra.local import cluster as lc
 from infra.local import control
 from infra.wan import WanControl
-from tests.fixtures import PORT_OFFSET
+from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 from tests.fixtures.api import ALL_SCOPES, FUNDING_OVERDRAFT
 from txclient import AsyncClient, errors
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
 log = logging.getLogger(__name__)
 
 BASE_PORT: Final = 7200 + PORT_OFFSET

@@ -38,11 +38,11 @@ from infra.local import postgres
 from router.app import create_app
 from router.config import RouterConfig
 from router.resources import TOPOLOGY
-from tests.fixtures import PORT_OFFSET
+from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 from tests.fixtures.api import ALL_SCOPES, FUNDING_OVERDRAFT
 from txclient import AsyncClient, RetryBudget, Session, errors
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
 log = logging.getLogger(__name__)
 
 BASE_PORT: Final = 7300 + PORT_OFFSET

@@ -29,10 +29,10 @@ from infra.local.ports import plan_ports
 from infra.wan import WanControl
 from regionstore.replication import standbys
 from router.config import RouterConfig
-from tests.fixtures import PORT_OFFSET
+from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 from tests.fixtures.cluster import TEST_ROUTER_WORKERS, LocalCluster, kill_process, respawn
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
 
 OWN_BASE_PORT: Final = 7500 + PORT_OFFSET
 # A standby applies a synchronously committed row within one replay cycle; allow for load.

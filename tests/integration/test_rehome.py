@@ -30,7 +30,7 @@ from infra import failover as real_ops
 from infra.local import cluster as lc
 from regionstore import admin
 from regionstore.store import InboundCode, ShardStore, TransferCode, TransferItem
-from tests.fixtures import PORT_OFFSET
+from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 from tests.integration.test_failover import (
     RECONCILE_TRIES,
     Ack,
@@ -43,7 +43,7 @@ from tests.integration.test_failover import (
     _stale_router,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
 log = logging.getLogger(__name__)
 
 BASE_PORT: Final = 7100 + PORT_OFFSET
