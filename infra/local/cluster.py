@@ -55,6 +55,7 @@ from infra.local import postgres, procs
 from infra.local.ports import PortPlan, plan_ports
 from infra.wan import ListenerSpec, WanConfig, profile_latencies
 from router.auth import TENANT_SCOPES
+from router.cache import REDIS_ERRORS
 from router.config import RouterConfig
 from router.limits import ROUTER_WORKERS
 
@@ -166,7 +167,7 @@ def _relay_heartbeats(redis_url: str, shards: Sequence[str]) -> bool:
     client = redis.Redis.from_url(redis_url, socket_timeout=PROBE_TIMEOUT_S)
     try:
         return all(client.hget(coherence.heartbeat_key(s), "through") for s in shards)
-    except (redis.RedisError, OSError):
+    except REDIS_ERRORS:
         return False
     finally:
         client.close()
