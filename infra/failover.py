@@ -1,4 +1,5 @@
-"""The real operations behind ``consistency.failover`` for a local cluster.
+"""The real operations behind ``consistency.failover_plan`` and ``consistency.slot_moves`` for a
+local cluster.
 
 PostgreSQL through ``regionstore.admin`` / ``regionstore.replication`` and the server commands of
 ``infra.local.postgres``; etcd through ``consistency.etcd``; the launcher's ``cluster.json``
@@ -23,10 +24,15 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from consistency import autofailover as af
-from consistency import failover as procedures
+from consistency import slot_moves
 from consistency.errors import CasConflict, ConsistencyError
 from consistency.etcd import EtcdClient
-from consistency.failover import FailoverError, FailoverRefused, Progress, ShardRecord, StandbyLsn
+from consistency.failover_plan import (
+    FailoverError,
+    Progress,
+    ShardRecord,
+    StandbyLsn,
+)
 from consistency.limits import SLOT_COUNT
 from consistency.topology import SHARD_PREFIX, SLOTMAP_KEY, Node, SlotMap
 from infra.local import cluster, postgres
@@ -44,7 +50,7 @@ ETCD_HEALTH_TIMEOUT_S: Final = 2.0
 
 
 class LocalShardOps:
-    """``consistency.failover.ShardOps`` for the local cluster at ``cluster_dir``."""
+    """``consistency.failover_plan.ShardOps`` for the local cluster at ``cluster_dir``."""
 
     def __init__(self, cluster_dir: Path, *, via_region: str | None = None) -> None:
         """``via_region``: dial every server the way that region does (through the WAN
@@ -510,7 +516,7 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 class LocalRehomeOps:
-    """``consistency.failover.RehomeOps`` for the local cluster."""
+    """``consistency.slot_moves.RehomeOps`` for the local cluster."""
 
     def __init__(self, cluster_dir: Path) -> None:
         self.ops = LocalShardOps(cluster_dir)
@@ -526,7 +532,7 @@ class LocalRehomeOps:
 
         got = cluster._run_async(run)
         if got is None:
-            raise FailoverError("no slot map in etcd")
+            raise slot_moves.RehomeError("no slot map in etcd")
         return SlotMap.from_json(orjson.loads(got[0])), got[1]
 
     def slot_owner(self, slot: int) -> tuple[str, int, int]:
@@ -595,14 +601,14 @@ def rehome(
     to_shard: str,
     *,
     progress: Progress,
-    drain_timeout_s: float = procedures.REHOME_DRAIN_TIMEOUT_S,
-    ops: procedures.RehomeOps | None = None,
+    drain_timeout_s: float = slot_moves.REHOME_DRAIN_TIMEOUT_S,
+    ops: slot_moves.RehomeOps | None = None,
 ) -> dict[str, Any]:
-    """``consistency.failover.rehome`` on the local cluster; ``ops`` replaces the real
+    """``consistency.slot_moves.rehome`` on the local cluster; ``ops`` replaces the real
     operations (tests wrap them to stop a move part way)."""
     if not 0 <= slot < SLOT_COUNT:
-        raise FailoverRefused(f"slot {slot} outside 0..{SLOT_COUNT - 1}")
-    return procedures.rehome(
+        raise slot_moves.RehomeRefused(f"slot {slot} outside 0..{SLOT_COUNT - 1}")
+    return slot_moves.rehome(
         ops or LocalRehomeOps(cluster_dir),
         slot,
         to_shard,

@@ -13,6 +13,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from consistency import ids
+from consistency.saga import STATUS_OF, TransferStatus
 
 CONNECT_TIMEOUT_S: Final = 5
 # A chaos run writes thousands of transfers per tenant, not millions: one read is enough.
@@ -28,7 +29,7 @@ class StoredTransfer:
     source: str
     destination: str
     amount: int
-    status: str
+    status: TransferStatus
     shard: str
 
 
@@ -62,8 +63,9 @@ def tenant_audit(admin_dsn: str, shard: str, tenant: str) -> TenantAudit:
                 ).fetchall()
             foreign = conn.execute(
                 "SELECT count(*) FROM txr.transfers t WHERE t.tenant = %s AND NOT EXISTS"
-                " (SELECT 1 FROM txr.owned_slots s WHERE s.slot = (t.source >> 48))",
-                (tenant,),
+                " (SELECT 1 FROM txr.owned_slots s"
+                "  WHERE t.source >= s.slot * %s::bigint AND t.source < (s.slot + 1) * %s::bigint)",
+                (tenant, ids.IDS_PER_SLOT, ids.IDS_PER_SLOT),
             ).fetchone()
     out = [
         StoredTransfer(
@@ -72,7 +74,7 @@ def tenant_audit(admin_dsn: str, shard: str, tenant: str) -> TenantAudit:
             source=ids.format_account_id(r.source),
             destination=ids.format_account_id(r.destination),
             amount=int(r.amount),
-            status=r.status,
+            status=STATUS_OF[r.status],
             shard=shard,
         )
         for r in rows

@@ -22,6 +22,7 @@ from typing import Any
 from consistency import ids
 from consistency.errors import EtcdError, TopologyError
 from consistency.idempotency import transfer_fingerprint
+from consistency.saga import FINAL_STATUSES, STATUS_OF, TransferStatus
 from consistency.topology import Node, Shard, Topology, TopologyWatcher
 from regionstore.errors import StoreInvariantViolation, StoreOutcomeUnknown, StoreUnavailable
 from regionstore.store import (
@@ -464,7 +465,9 @@ class ShardRouter:
                 "source, destination and transfer currencies must match", code="currency_mismatch"
             )
 
-    async def settle_inline(self, tenant: str, posted: PostedTransfer, req: TransferRequest) -> str:
+    async def settle_inline(
+        self, tenant: str, posted: PostedTransfer, req: TransferRequest
+    ) -> TransferStatus:
         """Deliver leg 2 and mark the source right away, waiting at most a short bound.
 
         Returns the status to answer with. Past the bound the delivery goes on in the
@@ -475,7 +478,7 @@ class ShardRouter:
         assert res.created_at is not None
         assert posted.destination_shard is not None
         if len(self._inline) >= INLINE_DELIVERIES_MAX:
-            return "pending"
+            return TransferStatus.PENDING
         msg = OutboxMessage(
             transfer_id=res.transfer_id,
             tenant=tenant,
@@ -489,23 +492,23 @@ class ShardRouter:
         )
         return await self._deliver_bounded(posted.shard.name, msg)
 
-    async def _deliver_bounded(self, source_shard: str, msg: OutboxMessage) -> str:
+    async def _deliver_bounded(self, source_shard: str, msg: OutboxMessage) -> TransferStatus:
         task = asyncio.create_task(self.relay_for(source_shard).deliver(msg))
         self._inline.add(task)
         task.add_done_callback(self._inline.discard)
         try:
             delivery = await asyncio.wait_for(asyncio.shield(task), INLINE_SETTLE_WAIT_S)
         except TimeoutError:
-            return "pending"
+            return TransferStatus.PENDING
         except Exception as exc:  # noqa: BLE001 - the relay retries; the client sees pending
             log.warning("inline delivery failed, the relay will retry: %s", type(exc).__name__)
-            return "pending"
-        if delivery.outcome in ("settled", "reversed"):
-            return delivery.outcome
-        if delivery.outcome == "already" and delivery.code in ("settled", "reversed"):
+            return TransferStatus.PENDING
+        if delivery.outcome in FINAL_STATUSES:
+            return STATUS_OF[delivery.outcome]
+        if delivery.outcome == "already" and delivery.code in FINAL_STATUSES:
             # A relay got there first; its mark is the answer.
-            return delivery.code
-        return "pending"
+            return STATUS_OF[delivery.code]
+        return TransferStatus.PENDING
 
     async def _post_one(
         self, shard: Shard, item: TransferItem, deadline: Deadline

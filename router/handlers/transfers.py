@@ -9,6 +9,7 @@ from aiohttp import web
 
 from consistency import ids
 from consistency.idempotency import is_valid_key
+from consistency.saga import TransferStatus
 from regionstore.store import ShardStore, TransferCode, TransferRow
 from router import render
 from router.errors import ApiError, BusinessRefusal, Conflict, NotFound, Unprocessable
@@ -96,7 +97,7 @@ async def _answer(
         status=status,
         created_at=res.created_at,
     )
-    if status == "reversed":
+    if status is TransferStatus.REVERSED:
         # Rare: the destination refused. The stored row carries the refusal code.
         row = await _stored_transfer(router, tenant, row)
     # A cross-shard leg 1 reports only the source; leg 2 runs on another shard. The batch's

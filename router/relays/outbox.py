@@ -81,7 +81,7 @@ STATS_INTERVAL_S: Final = 5.0
 # After an unexpected error in a round (the source primary down): pause before the next one.
 ROUND_ERROR_PAUSE_S: Final = 1.0
 
-Outcome = Literal["settled", "reversed", "already", "retry"]
+DeliveryOutcome = Literal["settled", "reversed", "already", "retry"]
 
 
 class ShardResolver(Protocol):
@@ -107,7 +107,7 @@ class Delivery:
     """What one delivery achieved. ``code``: the refusal code for ``reversed``, the transfer's
     status for ``already``, the reason for ``retry`` (a store code or an error kind)."""
 
-    outcome: Outcome
+    outcome: DeliveryOutcome
     code: str | None
 
 

@@ -1,4 +1,4 @@
-"""The contract of ``consistency.failover.ShardOps`` that the failover procedures rely on,
+"""The contract of ``consistency.failover_plan.ShardOps`` that the failover procedures rely on,
 checked without changing who is primary: the record and its revision, compare-and-swap on the
 revision, nodes by region, and unreachable or non-standby nodes reported as values (None).
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from consistency.errors import CasConflict
-from consistency.failover import ShardOps
+from consistency.failover_plan import ShardOps
 from consistency.topology import Node
 
 

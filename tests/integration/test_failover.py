@@ -31,8 +31,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from consistency import coherence, ids
-from infra import cli
-from infra import failover as real_ops
+from infra import cli, failover
 from infra.local import cluster as lc
 from infra.local import postgres
 from router.app import create_app
@@ -317,7 +316,7 @@ async def test_switchover_under_load(cluster_dir: Path) -> None:
         )
         assert load.unknown == 0
         await _check_acked(c, load, _admin(d, "eu-west-1"))
-        st = real_ops.cluster_status(d)["shards"]["eu-west-1"]
+        st = failover.cluster_status(d)["shards"]["eu-west-1"]
         assert st["primary_region"] == "us-east"
         assert st["epoch"] == 2
         assert st["region_survival_now"], st
@@ -361,7 +360,7 @@ async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
         assert load.unknown == 0
         new_dsn = _admin(d, shard)
         await _check_acked(c, load, new_dsn)
-        st = real_ops.cluster_status(d)["shards"][shard]
+        st = failover.cluster_status(d)["shards"][shard]
         assert st["epoch"] == 2
         assert not st["region_survival"]
         assert not st["region_survival_now"]
@@ -391,7 +390,7 @@ async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
             assert await c.acked("eu-west", src, dst, 7) is not None
 
         assert await _cli("rejoin", shard, "--node", "us-east", "--dir", str(d)) == 0
-        st = real_ops.cluster_status(d)["shards"][shard]
+        st = failover.cluster_status(d)["shards"][shard]
         assert st["region_survival_now"], st
         assert st["standbys"][0]["node"] == old_node
         assert st["standbys"][0]["state"] == "streaming"

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from consistency import ids
 from consistency.ids import new_account_id, new_transfer_id
 from consistency.reconcile import reconcile
 from regionstore import admin
@@ -119,8 +120,8 @@ async def new_account(
 def item(
     tenant: str, src: int, dst: int, amount: int, *, currency: str = "EUR", key: str | None = None
 ) -> TransferItem:
-    dst_shard = shard_of_slot(dst >> 48)
-    cross = dst_shard != shard_of_slot(src >> 48)
+    dst_shard = shard_of_slot(ids.account_slot(dst))
+    cross = dst_shard != shard_of_slot(ids.account_slot(src))
     key = key or uuid.uuid4().hex
     return TransferItem(
         transfer_id=new_transfer_id(),
@@ -567,7 +568,9 @@ async def test_random_workload_conserves_money(
     assert any(it.destination == missing for it in cross)
     for it in cross:
         want = "reversed" if it.destination == missing else "settled"
-        assert await status(stores[shard_of_slot(it.source >> 48)], it.transfer_id, tenant) == (
+        assert await status(
+            stores[shard_of_slot(ids.account_slot(it.source))], it.transfer_id, tenant
+        ) == (
             want,
             "not_found" if want == "reversed" else None,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from consistency import failover as fo
+from consistency import failover_plan as fo
 from consistency.errors import CasConflict
 from consistency.limits import FAILOVER_LEASE_WAIT_S, TOPOLOGY_CONFIRM_S
 from consistency.topology import Node, Shard
