@@ -85,7 +85,7 @@ DeliveryOutcome = Literal["settled", "reversed", "already", "retry"]
 
 
 class ShardResolver(Protocol):
-    """The relay's view of the topology (the router's ShardRouter; a static map in tests)."""
+    """The relay's view of the topology (router.resolver.Resolver; a static map in tests)."""
 
     def route_account(self, account_id: int) -> tuple[str, int, int]:
         """(shard name, shard epoch, slot epoch) of the account's home, as currently known."""

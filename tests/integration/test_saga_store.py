@@ -37,6 +37,7 @@ from regionstore.store import (
     TransferResult,
 )
 from router.relays.outbox import OutboxRelay
+from tests.contracts.shard_resolver import check_shard_resolver
 from tests.fixtures.pg import (
     SHARD_A,
     SHARD_B,
@@ -225,6 +226,14 @@ async def drain(stores: dict[str, ShardStore]) -> None:
 
 
 # -- happy path -----------------------------------------------------------------------------
+
+
+async def test_static_resolver_keeps_the_resolver_contract(
+    stores: dict[str, ShardStore],
+) -> None:
+    tenant = new_tenant()
+    homes = {await new_account(stores[name], tenant): name for name in (SHARD_A, SHARD_B)}
+    await check_shard_resolver(StaticResolver(stores), homes)
 
 
 async def test_leg1_then_relay_settles_once(
