@@ -187,7 +187,7 @@ async def _exercise(
 
     # Only for /readyz (operational, not the API: the API goes through txclient).
     timeout = aiohttp.ClientTimeout(total=READY_PROBE_TIMEOUT_S)
-    wan_url = cluster.load_state(d).data["wan_control"]
+    wan_url = cluster.load_state(d).wan_control
     async with aiohttp.ClientSession(timeout=timeout) as session, WanControl(wan_url) as wan:
         bank = Bank(routers, bearer, tenant, WorkloadConfig(), rng, clock, history)
         await bank.setup()

@@ -141,15 +141,11 @@ def _cmd_local_up(args: argparse.Namespace) -> int:
 
 def _dead_children(cluster_dir: Path) -> list[tuple[str, int]]:
     state = cluster.load_state(cluster_dir)
-    dead = [
-        (p["name"], int(p["pid"]))
-        for p in state.data.get("procs", [])
-        if not procs.is_alive(int(p["pid"]), p.get("marker"))
-    ]
+    dead = [(p.name, p.pid) for p in state.procs if not procs.is_alive(p.pid, p.marker)]
     dead += [
-        (f"postgres {e['node']}", int(e["pid"]))
-        for e in state.data.get("pg", [])
-        if e.get("pid") and not procs.is_alive(int(e["pid"]), e["datadir"])
+        (f"postgres {e.node}", e.pid)
+        for e in state.pg_nodes
+        if e.pid is not None and not procs.is_alive(e.pid, str(e.datadir))
     ]
     return dead
 
@@ -519,7 +515,7 @@ def _cmd_region(args: argparse.Namespace) -> int:
     name = "switchover" if args.region_command == "evacuate" else "failover"
     try:
         ops = failover.LocalShardOps(args.dir)
-        shards = sorted({e["shard"] for e in ops.state.data.get("pg", [])})
+        shards = ops.state.shards
         records = {sh: ops.load(sh)[0] for sh in shards}
     except _OP_ERRORS as exc:
         _err(f"region {args.region_command} failed: {type(exc).__name__}: {exc}")

@@ -63,23 +63,6 @@ def holder_id(what: str) -> bytes:
     )
 
 
-def etcd_endpoints(state: dict[str, Any], region: str | None) -> list[str]:
-    """``region``'s own member first, then the others as that region reaches them (the WAN);
-    None: every member directly (an operator's command)."""
-    ports = state["ports"]
-    own = [] if region is None else [region]
-    rest = [r for r in state["regions"] if r != region]
-    out = [f"http://{cluster.HOST}:{ports['regions'][r]['etcd_client']}" for r in own]
-    for r in rest:
-        if region is None:
-            out.append(f"http://{cluster.HOST}:{ports['regions'][r]['etcd_client']}")
-            continue
-        for w in ports["wan"]:
-            if w["src"] == region and w["dst"] == r and w["service"] == "etcd":
-                out.append(f"http://{cluster.HOST}:{w['port']}")
-    return out
-
-
 async def _renew(client: EtcdClient, lease: int, ttl_s: int, lost: asyncio.Event) -> None:
     while True:
         await asyncio.sleep(ttl_s / LOCK_RENEWALS_PER_TTL)
@@ -131,8 +114,7 @@ def shard_lock(
 ) -> Iterator[None]:
     """The per-shard lock for a synchronous operator command (`txr failover`, ...): held in a
     background thread's event loop for the duration of the ``with`` block."""
-    state = cluster.load_state(cluster_dir).data
-    endpoints = etcd_endpoints(state, None)
+    endpoints = cluster.load_state(cluster_dir).etcd_endpoints()
     loop = asyncio.new_event_loop()
     release = asyncio.Event()
     errors: list[BaseException] = []
@@ -167,9 +149,9 @@ class LocalControllerIO:
     def __init__(self, cluster_dir: Path, region: str) -> None:
         self.dir = cluster_dir.resolve()
         self.region = region
-        state = cluster.load_state(self.dir).data
-        self.regions: list[str] = list(state["regions"])
-        self.etcd = EtcdClient(etcd_endpoints(state, region), timeout_s=CONTROLLER_ETCD_TIMEOUT_S)
+        state = cluster.load_state(self.dir)
+        self.regions: list[str] = state.regions
+        self.etcd = EtcdClient(state.etcd_endpoints(region), timeout_s=CONTROLLER_ETCD_TIMEOUT_S)
         self._ops = failover.LocalShardOps(self.dir, via_region=region)
         self._nodes: dict[str, Node] = {}
         self._records: dict[str, ShardRecord] = {}

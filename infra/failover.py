@@ -36,6 +36,7 @@ from consistency.failover_plan import (
 from consistency.limits import SLOT_COUNT
 from consistency.topology import SHARD_PREFIX, SLOTMAP_KEY, Node, SlotMap
 from infra.local import cluster, postgres
+from infra.local.state import PgNode
 from regionstore import admin, replication
 
 # pg_rewind copies the changed blocks and the WAL since the fork; a few seconds locally.
@@ -60,40 +61,39 @@ class LocalShardOps:
         self.via_region = via_region
         self.state = cluster.load_state(self.dir)
         self.pw = cluster.pg_passwords(self.dir)
-        ports = self.state.data["ports"]["regions"]
-        self.etcd = [f"http://{cluster.HOST}:{ports[r]['etcd_client']}" for r in self.regions]
+        self.etcd = self.state.etcd_endpoints()
 
     @property
     def regions(self) -> list[str]:
-        return list(self.state.data["regions"])
+        return self.state.regions
 
     # -- nodes ----------------------------------------------------------------------------------
 
-    def _entry(self, node_name: str) -> dict[str, Any]:
-        for e in self.state.data.get("pg", []):
-            if e["node"] == node_name:
-                return dict(e)
-        raise FailoverError(f"node {node_name} is not part of the cluster in {self.dir}")
+    def _entry(self, node_name: str) -> PgNode:
+        entry = self.state.pg_node(node_name)
+        if entry is None:
+            raise FailoverError(f"node {node_name} is not part of the cluster in {self.dir}")
+        return entry
 
     def admin_dsn(self, node: Node, db: str = cluster.DB_NAME) -> str:
         port = node.port if self.via_region is None else self._wan_port(self.via_region, node)
         return postgres.dsn(cluster.HOST, port, postgres.ADMIN_ROLE, self.pw["admin_password"], db)
 
     def node_in(self, shard: str, region: str) -> Node:
-        for e in self.state.data.get("pg", []):
-            if e["shard"] == shard and e["region"] == region:
-                return Node(e["node"], region, cluster.HOST, int(e["port"]))
+        for e in self.state.pg_nodes:
+            if e.shard == shard and e.region == region:
+                return Node(e.node, region, cluster.HOST, e.port)
         raise FailoverError(f"{shard} has no node in {region}")
 
     def _wan_port(self, src_region: str, to: Node) -> int:
         """The port ``src_region`` dials to reach ``to`` (through the WAN emulator)."""
-        ports = self.state.data["ports"]
         if src_region == to.region:
             return to.port
-        svc = "pg-primary" if ports["regions"][to.region]["pg_primary"] == to.port else "pg-standby"
-        for w in ports["wan"]:
-            if w["src"] == src_region and w["dst"] == to.region and w["service"] == svc:
-                return int(w["port"])
+        primary_port = self.state.region_ports(to.region)["pg_primary"]
+        svc = "pg-primary" if primary_port == to.port else "pg-standby"
+        port = self.state.wan_port(src_region, to.region, svc)
+        if port is not None:
+            return port
         raise FailoverError(f"no WAN link {src_region} -> {to.region} ({svc})")
 
     # -- etcd -----------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ class LocalShardOps:
             async with EtcdClient(self.etcd) as client:
                 return await client.get(SHARD_PREFIX + shard)
 
-        got = cluster._run_async(run)
+        got = cluster.run_async(run)
         if got is None:
             raise FailoverError(f"no shard {shard} in etcd")
         return ShardRecord.from_json(orjson.loads(got[0])), got[1]
@@ -119,7 +119,7 @@ class LocalShardOps:
 
         # The txn's header revision is the key's new mod_revision (one put, one revision);
         # CasConflict propagates to the procedure, which names it.
-        return cluster._run_async(run)
+        return cluster.run_async(run)
 
     # -- PostgreSQL -----------------------------------------------------------------------------
 
@@ -141,10 +141,10 @@ class LocalShardOps:
         return StandbyLsn(got.receive, got.replay)
 
     def stop(self, node: Node) -> None:
-        postgres.stop(Path(self._entry(node.name)["datadir"]), "fast")
+        postgres.stop(self._entry(node.name).datadir, "fast")
 
     def promote(self, node: Node) -> None:
-        postgres.promote(Path(self._entry(node.name)["datadir"]))
+        postgres.promote(self._entry(node.name).datadir)
 
     def set_epoch_in_db(self, node: Node, epoch: int) -> None:
         admin.set_fence(self.admin_dsn(node), epoch=epoch)
@@ -171,7 +171,7 @@ class LocalShardOps:
         crashed is recovered by pg_rewind itself (single-user mode, PostgreSQL 13+).
         """
         entry = self._entry(node.name)
-        datadir = Path(entry["datadir"])
+        datadir = entry.datadir
         try:
             postgres.stop(datadir, "fast")
         except postgres.PostgresError:
@@ -186,7 +186,8 @@ class LocalShardOps:
             connect_timeout=math.ceil(LSN_CONNECT_TIMEOUT_S),
         ) as conn:
             conn.execute("CHECKPOINT")
-        pg_root = Path(self.state.data["pg_root"])
+        pg_root = self.state.pg_root
+        assert pg_root is not None, "a cluster with PostgreSQL nodes has a pg_root"
         passfile = pg_root / "pgpass"
         app = postgres.application_name(node.name)
         src_port = self._wan_port(node.region, primary)
@@ -219,13 +220,13 @@ class LocalShardOps:
         replication.ensure_physical_slot(self.admin_dsn(primary, "postgres"), app)
         postgres.configure_as_standby(
             datadir,
-            int(entry["port"]),
+            entry.port,
             primary_host=cluster.HOST,
             primary_port=src_port,
             passfile=passfile,
             app_name=app,
         )
-        pid = postgres.start(datadir, Path(entry["log"]))
+        pid = postgres.start(datadir, entry.log)
         self._update_entry(node.name, pid=pid, role="standby")
 
     # -- the launcher's state -------------------------------------------------------------------
@@ -277,7 +278,7 @@ def cluster_status(cluster_dir: Path) -> dict[str, Any]:
     ops = LocalShardOps(cluster_dir)
     members = [_etcd_health(u) for u in ops.etcd]
     shards: dict[str, Any] = {}
-    names = sorted({e["shard"] for e in ops.state.data.get("pg", [])})
+    names = ops.state.shards
     for name in names:
         try:
             rec, _rev = ops.load(name)
@@ -328,11 +329,11 @@ def cluster_status(cluster_dir: Path) -> dict[str, Any]:
         # The record says what the operator set up; the primary says what holds right now.
         entry["region_survival_now"] = sync_streaming
         detached = [
-            e["node"]
-            for e in ops.state.data.get("pg", [])
-            if e["shard"] == name
-            and e["node"] != sh.primary.name
-            and e["node"] not in {n.name for n in sh.standbys}
+            e.node
+            for e in ops.state.pg_nodes
+            if e.shard == name
+            and e.node != sh.primary.name
+            and e.node not in {n.name for n in sh.standbys}
         ]
         entry["detached"] = detached
         shards[name] = entry
@@ -357,7 +358,7 @@ def autofailover_status(endpoints: list[str]) -> dict[str, Any]:
             return kv
 
     try:
-        kv = cluster._run_async(run)
+        kv = cluster.run_async(run)
     except ConsistencyError as exc:
         return {"error": f"etcd: {type(exc).__name__}", "mode": af.Mode().to_json(), "shards": {}}
     raw_mode = kv.get(af.MODE_KEY)
@@ -409,7 +410,7 @@ def set_autofailover(cluster_dir: Path, on: bool, shard: str | None) -> af.Mode:
                     continue
                 return new
 
-    return cluster._run_async(run)
+    return cluster.run_async(run)
 
 
 def _router_views(cluster_dir: Path) -> dict[str, Any]:
@@ -530,7 +531,7 @@ class LocalRehomeOps:
             async with EtcdClient(self.ops.etcd) as client:
                 return await client.get(SLOTMAP_KEY)
 
-        got = cluster._run_async(run)
+        got = cluster.run_async(run)
         if got is None:
             raise slot_moves.RehomeError("no slot map in etcd")
         return SlotMap.from_json(orjson.loads(got[0])), got[1]
@@ -553,7 +554,7 @@ class LocalRehomeOps:
         return admin.incoming_move(self._primary_dsn(shard), slot, epoch)
 
     def shards(self) -> list[str]:
-        return sorted({e["shard"] for e in self.ops.state.data.get("pg", [])})
+        return self.ops.state.shards
 
     def copy_in(
         self, source: str, target: str, slot: int, new_epoch: int, move_id: str
@@ -592,7 +593,7 @@ class LocalRehomeOps:
                     SLOTMAP_KEY, expected_revision, {SLOTMAP_KEY: orjson.dumps(new.to_json())}
                 )
 
-        cluster._run_async(run)
+        cluster.run_async(run)
 
 
 def rehome(

@@ -182,8 +182,9 @@ def _admin(d: Path, shard: str) -> str:
 
 def _node_dsn(d: Path, node: str) -> str:
     pw = lc.pg_passwords(d)
-    e = next(e for e in lc.load_state(d).data["pg"] if e["node"] == node)
-    return postgres.dsn(lc.HOST, e["port"], postgres.ADMIN_ROLE, pw["admin_password"], lc.DB_NAME)
+    e = lc.load_state(d).pg_node(node)
+    assert e is not None, node
+    return postgres.dsn(lc.HOST, e.port, postgres.ADMIN_ROLE, pw["admin_password"], lc.DB_NAME)
 
 
 def _entries_per_transfer(dsn: str, public_ids: list[str]) -> dict[str, int]:
@@ -340,8 +341,10 @@ async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(_run_load(c, pairs, ["eu-west", "ap-south"], stop))
         await asyncio.sleep(LOAD_S)
-        entry = next(e for e in lc.load_state(d).data["pg"] if e["node"] == old_node)
-        os.kill(int(entry["pid"]), signal.SIGKILL)
+        entry = lc.load_state(d).pg_node(old_node)
+        assert entry is not None, old_node
+        assert entry.pid is not None, old_node
+        os.kill(entry.pid, signal.SIGKILL)
         killed = time.monotonic()
         await asyncio.sleep(0.5)
         t0 = time.monotonic()
@@ -374,7 +377,7 @@ async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
         # The old primary comes back as it was (not fenced: it was dead) and a router with the
         # old map writes to it: it cannot be acknowledged (its synchronous standby was
         # promoted), so the client never counts it.
-        postgres.start(Path(entry["datadir"]), Path(entry["log"]))
+        postgres.start(entry.datadir, entry.log)
         src, dst = pairs[1]
         key = uuid.uuid4().hex
         body = {"source": src, "destination": dst, "amount": 7, "currency": "EUR"}

@@ -327,11 +327,7 @@ async def test_read_your_writes_across_regions(local_cluster: LocalCluster) -> N
 
 
 def _router_procs(d: Any, region: str) -> list[str]:
-    return [
-        p["name"]
-        for p in lc.load_state(d).data["procs"]
-        if p["kind"] == "router" and p["region"] == region
-    ]
+    return [p.name for p in lc.load_state(d).procs if p.kind == "router" and p.region == region]
 
 
 async def test_failover_when_the_preferred_region_dies_and_the_drift_back(
