@@ -24,15 +24,7 @@ from typing import Any, ClassVar
 import orjson
 from aiohttp import web
 
-from router.outcomes import (
-    Invalid,
-    Missing,
-    NothingWritten,
-    Refused,
-    RouteOutcome,
-    TenantOverloaded,
-    UnknownOutcome,
-)
+from router import outcomes
 
 PROBLEM_TYPE_BASE = "https://txrouter.dev/problems/"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -160,20 +152,20 @@ class OutcomeUnknown(ApiError):
     title = "Outcome unknown"
 
 
-def from_outcome(out: RouteOutcome) -> ApiError:
+def from_outcome(out: outcomes.RouteOutcome) -> ApiError:
     """The problem a request path's outcome (router.outcomes) answers: the one place where
     those become statuses and codes."""
-    if isinstance(out, TenantOverloaded):
+    if isinstance(out, outcomes.TenantOverloaded):
         return RateLimited(out.detail, retry_after_s=out.retry_after_s)
-    if isinstance(out, NothingWritten):
+    if isinstance(out, outcomes.NothingWritten):
         return RegionUnavailable(out.detail, retry_after_s=out.retry_after_s)
-    if isinstance(out, UnknownOutcome):
+    if isinstance(out, outcomes.UnknownOutcome):
         return OutcomeUnknown(out.detail)
-    if isinstance(out, Missing):
+    if isinstance(out, outcomes.Missing):
         return NotFound(out.detail)
-    if isinstance(out, Refused):
+    if isinstance(out, outcomes.Refused):
         return BusinessRefusal(out.detail, code=out.code)
-    assert isinstance(out, Invalid), type(out)
+    assert isinstance(out, outcomes.Invalid), type(out)
     return Unprocessable(out.detail)
 
 
