@@ -29,6 +29,15 @@ typecheck: setup
 test: lint typecheck
 	$(VENV)/bin/pytest -q
 
+# The pure tests alone (seconds, no servers), and the tests that start real PostgreSQL, Redis,
+# etcd and local clusters (the chaos scenarios included: `-m "integration and not chaos"` to
+# leave them out).
+unit: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: setup
+	$(VENV)/bin/pytest -q -m integration tests/integration
+
 clean:
 	-$(VENV)/bin/txr local down
 	rm -rf .txr

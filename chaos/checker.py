@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from chaos.history import History, ReadOp, TransferOp
+from consistency.saga import TransferStatus
 
 # Examples of each anomaly kept in the report: enough to debug, bounded for a long run.
 EXAMPLES_MAX: Final = 20
@@ -216,10 +217,10 @@ def _check_transfers(history: History, final: FinalState, r: CheckResult) -> Non
             r.duplicated += len(rows) - 1
             r.note(f"duplicated: key {key} stored {len(rows)} times: {[t.id for t in rows]}")
         for t in rows:
-            if t.status == "pending":
+            if t.status == TransferStatus.PENDING:
                 r.unsettled += 1
                 r.note(f"unsettled: {t.id} still pending after the drain")
-            elif t.status == "reversed":
+            elif t.status == TransferStatus.REVERSED:
                 # Every destination of the workload exists and takes the currency: a
                 # reversal means leg 2 was refused for no reason.
                 r.unexpected_reversals += 1
@@ -232,12 +233,12 @@ def _check_balances(history: History, final: FinalState, r: CheckResult) -> None
     balance: dict[str, int] = defaultdict(int)
     version: dict[str, int] = defaultdict(lambda: 1)
     for t in final.transfers:
-        if t.status == "reversed":
+        if t.status == TransferStatus.REVERSED:
             version[t.source] += 2
             continue
         balance[t.source] -= t.amount
         version[t.source] += 1
-        if t.status == "settled":
+        if t.status == TransferStatus.SETTLED:
             balance[t.destination] += t.amount
             version[t.destination] += 1
 

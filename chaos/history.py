@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Outcome = Literal["ok", "fail", "info"]
+OpOutcome = Literal["ok", "fail", "info"]
 ReadLevel = Literal["strong", "session", "cached"]
 
 
@@ -28,7 +28,7 @@ class TransferOp:
     amount: int
     invoke_t: float
     complete_t: float = 0.0
-    outcome: Outcome = "info"
+    outcome: OpOutcome = "info"
     # Set when ok: the transfer's id and status in the acknowledgement.
     transfer_id: str | None = None
     status: str | None = None
@@ -50,7 +50,7 @@ class ReadOp:
     # The version of this account in the token the client sent (0: none).
     token_version: int = 0
     complete_t: float = 0.0
-    outcome: Outcome = "info"
+    outcome: OpOutcome = "info"
     version: int | None = None
     balance: int | None = None
     served_by: str | None = None

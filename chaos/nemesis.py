@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from chaos.history import History, TransferOp
-from consistency import failover as procedures
+from consistency import failover_plan
 from consistency.limits import FAILOVER_DETECTION_S
-from infra import controller
-from infra import failover as real_ops
+from infra import controller, failover
 from infra.local import cluster, control
 from infra.wan import WanControl
 
@@ -87,7 +86,7 @@ def _shards_now(ctx: Ctx) -> dict[str, dict[str, Any]]:
     """Each shard's primary, its region and its standbys' regions, from etcd alone: a fault
     must strike right after it is scheduled (``txr status`` would first spend seconds asking
     every server and router), so that its window and figures mean what they say."""
-    ops = real_ops.LocalShardOps(ctx.cluster_dir)
+    ops = failover.LocalShardOps(ctx.cluster_dir)
     out: dict[str, dict[str, Any]] = {}
     for name in ctx.shards:
         sh = ops.load(name)[0].shard
@@ -100,7 +99,7 @@ def _shards_now(ctx: Ctx) -> dict[str, dict[str, Any]]:
 
 
 def _primary_region(ctx: Ctx, shard: str) -> str:
-    rec, _rev = real_ops.LocalShardOps(ctx.cluster_dir).load(shard)
+    rec, _rev = failover.LocalShardOps(ctx.cluster_dir).load(shard)
     return rec.shard.primary.region
 
 
@@ -113,7 +112,7 @@ def _rejoin_when_moved(
     deadline = time.monotonic() + wait_s
     while _primary_region(ctx, shard) == old_region:
         if time.monotonic() > deadline:
-            ops = real_ops.LocalShardOps(ctx.cluster_dir)
+            ops = failover.LocalShardOps(ctx.cluster_dir)
             node = ops.node_in(shard, old_region).name
             if not control.pg_alive(ctx.cluster_dir, node):
                 control.restart_pg(ctx.cluster_dir, node)
@@ -121,8 +120,8 @@ def _rejoin_when_moved(
             return
         time.sleep(AUTO_FAILOVER_POLL_S)
     with controller.shard_lock(ctx.cluster_dir, shard, "chaos heal"):
-        ops = real_ops.LocalShardOps(ctx.cluster_dir)
-        procedures.rejoin(ops, shard, old_region, progress=ctx.progress)
+        ops = failover.LocalShardOps(ctx.cluster_dir)
+        failover_plan.rejoin(ops, shard, old_region, progress=ctx.progress)
     ctx.progress(f"rejoined {shard}@{old_region} as a standby")
 
 
@@ -212,7 +211,7 @@ class KillRegion(_Base):
         late = [n for n in killed if n not in early]
         for name in early:
             await asyncio.to_thread(control.restart, ctx.cluster_dir, name)
-        ops = real_ops.LocalShardOps(ctx.cluster_dir)
+        ops = failover.LocalShardOps(ctx.cluster_dir)
         primaries = {ops.node_in(sh, self.target).name: sh for sh in self._primaries}
         for node in self._nodes:
             if node not in primaries:
@@ -406,7 +405,7 @@ class KillDecoder(_Base):
     _killed: list[str] = field(default_factory=list, init=False)
 
     async def inject(self, ctx: Ctx) -> None:
-        st = await asyncio.to_thread(real_ops.cluster_status, ctx.cluster_dir)
+        st = await asyncio.to_thread(failover.cluster_status, ctx.cluster_dir)
         region = str(st["shards"][self.target]["primary_region"])
         self._killed = await asyncio.to_thread(control.kill, ctx.cluster_dir, "relays", region)
         ctx.progress(f"kill -9 the decoder of {self.target}: {', '.join(self._killed)}")
@@ -435,7 +434,7 @@ class PartitionFeed(_Base):
     _cut: tuple[str, str] | None = field(default=None, init=False)
 
     async def inject(self, ctx: Ctx) -> None:
-        st = await asyncio.to_thread(real_ops.cluster_status, ctx.cluster_dir)
+        st = await asyncio.to_thread(failover.cluster_status, ctx.cluster_dir)
         shard = st["shards"][self.target]
         decoder = str(shard["primary_region"])
         standbys = {str(sb["region"]) for sb in shard["standbys"]}

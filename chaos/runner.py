@@ -189,7 +189,7 @@ async def _exercise(
 
     # Only for /readyz (operational, not the API: the API goes through txclient).
     timeout = aiohttp.ClientTimeout(total=READY_PROBE_TIMEOUT_S)
-    wan_url = cluster.load_state(d).data["wan_control"]
+    wan_url = cluster.load_state(d).wan_control
     # The webhook receiver listens just past the cluster's ports (API.md: at most 100).
     receiver = chaos_events.Receiver(
         int(cluster.load_state(d).data["ports"]["base"]) + PORT_SPAN_MAX

@@ -1,6 +1,16 @@
-"""Pure rules and the control plane of txrouter.
+"""Rules and the control plane of txrouter.
 
 Owns slots and ids, epochs (fencing tokens), the topology kept in etcd, consistency tokens,
-idempotency rules, money rules and the limits shared by every package.
+idempotency and money rules, the transfer states (``saga``), the cache-coherence protocol and
+its Redis scripts, the limits shared by every package, and the operator procedures: failover,
+switchover and rejoin (``failover_plan``), slot moves (``slot_moves``), automatic failover
+(``autofailover``).
+
+Most modules are pure. These do I/O: ``etcd`` (the etcd client), ``topology`` (loads and
+watches the topology in etcd), ``tenant_limits`` (reads and writes limits in etcd). The
+procedures in ``failover_plan``, ``slot_moves`` and ``autofailover`` act only through the
+operations their caller hands in (``ShardOps``, ``RehomeOps``, ``ControllerIO``), and sleep
+between polls.
+
 Must never import ``regionstore``, ``router``, ``infra``, ``bench`` or ``chaos``.
 """

@@ -21,7 +21,7 @@ Why these rules keep G1 (no acknowledged write lost) and "never two primaries ac
 - **One actor.** The action runs under an etcd lock per shard (the same lock operator commands
   take), and re-reads the shard after taking it: if the epoch or primary changed meanwhile (an
   operator, or another controller, already acted), it does nothing (:func:`still_valid`).
-- **The same proofs as an operator.** The action is ``consistency.failover.failover`` itself:
+- **The same proofs as an operator.** The action is ``consistency.failover_plan.failover`` itself:
   fence the old primary if it answers, else rely on synchronous replication (the target must be
   the synchronous standby of a shard whose record says region survival was on), epoch CAS,
   promote. Without that proof it refuses, and the decision says so loudly (``refused``).

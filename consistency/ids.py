@@ -22,6 +22,8 @@ from consistency.limits import SLOT_COUNT
 _ACCOUNT_RE: Final = re.compile(r"acc_([0-9a-f]{15})")
 _TRANSFER_RE: Final = re.compile(r"tr_([0-9a-f]{3})([0-9a-f]{32})")
 _RANDOM_BITS: Final = 48
+# Account ids per slot: SQL that groups ids by slot divides by this (customer ids are >= 0).
+IDS_PER_SLOT: Final = 1 << _RANDOM_BITS
 
 assert SLOT_COUNT == 1 << 12, "ids reserve exactly 12 bits for the slot"
 
@@ -35,6 +37,14 @@ def new_account_id(slot: int) -> int:
 
 def account_slot(account_id: int) -> int:
     return account_id >> _RANDOM_BITS
+
+
+def slot_id_range(slot: int) -> tuple[int, int]:
+    """``[low, high)``: the account ids of ``slot``. SQL selects a slot's rows with this range
+    (``id >= low AND id < high``), so the bit layout is written here only; a negative id (a
+    transit account) is in no slot's range, as it has no slot."""
+    assert 0 <= slot < SLOT_COUNT
+    return slot << _RANDOM_BITS, (slot + 1) << _RANDOM_BITS
 
 
 def format_account_id(account_id: int) -> str:

@@ -88,7 +88,7 @@ SHARD_LOCK_WAIT_S: Final = 30.0
 # out) still probes on time and its verdicts expire rather than lag.
 CONTROLLER_ETCD_TIMEOUT_S: Final = 1.0
 
-# -- topology leases (consistency/topology.py EpochConfirmations, consistency/failover.py) -----
+# -- topology leases (consistency/topology.py EpochConfirmations, consistency/failover_plan.py) --
 # A router serves a read from a shard's primary or standby only within this long of the *send*
 # time of a linearizable etcd read that showed the shard's epoch it holds. A router cut off from
 # etcd's majority therefore stops reading from a deposed primary within it. 1 s: well above a

@@ -57,10 +57,12 @@ from collections.abc import Mapping
 from itertools import combinations
 from typing import Any, Final
 
+from consistency.saga import TransferStatus
+
 APPLIED: Final = "applied"
-PENDING: Final = "pending"
-SETTLED: Final = "settled"
-REVERSED: Final = "reversed"
+PENDING: Final = TransferStatus.PENDING
+SETTLED: Final = TransferStatus.SETTLED
+REVERSED: Final = TransferStatus.REVERSED
 
 _LOCAL_LISTS: Final = (
     ("balance_mismatches", "account balance != sum of its entries"),

@@ -10,7 +10,7 @@ Reads are another matter: a deposed primary cut off with its router still answer
 nothing in the store refuses them. So a router's view of each shard's epoch is a lease
 (:class:`EpochConfirmations`): it is good for ``TOPOLOGY_CONFIRM_S`` from the send time of a
 linearizable etcd read that showed it, and the failover procedure waits that long (plus drift)
-between its epoch CAS and the new primary's first write (``consistency.failover``).
+between its epoch CAS and the new primary's first write (``consistency.failover_plan``).
 """
 
 from __future__ import annotations

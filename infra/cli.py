@@ -22,12 +22,10 @@ from typing import Any, Final
 
 import psycopg
 
-from consistency import failover as procedures
-from consistency import reconcile, tenant_limits
+from consistency import failover_plan, reconcile, slot_moves, tenant_limits
 from consistency.errors import ConsistencyError
 from consistency.etcd import EtcdClient
-from infra import controller
-from infra import failover as real_ops
+from infra import controller, failover
 from infra.keys import KeyRingError
 from infra.local import cluster, postgres, procs
 from infra.local.ports import plan_ports
@@ -143,15 +141,11 @@ def _cmd_local_up(args: argparse.Namespace) -> int:
 
 def _dead_children(cluster_dir: Path) -> list[tuple[str, int]]:
     state = cluster.load_state(cluster_dir)
-    dead = [
-        (p["name"], int(p["pid"]))
-        for p in state.data.get("procs", [])
-        if not procs.is_alive(int(p["pid"]), p.get("marker"))
-    ]
+    dead = [(p.name, p.pid) for p in state.procs if not procs.is_alive(p.pid, p.marker)]
     dead += [
-        (f"postgres {e['node']}", int(e["pid"]))
-        for e in state.data.get("pg", [])
-        if e.get("pid") and not procs.is_alive(int(e["pid"]), e["datadir"])
+        (f"postgres {e.node}", e.pid)
+        for e in state.pg_nodes
+        if e.pid is not None and not procs.is_alive(e.pid, str(e.datadir))
     ]
     return dead
 
@@ -393,7 +387,7 @@ def _step(msg: str) -> None:
 def _run_procedure(args: argparse.Namespace, name: str, fn: Callable[[], Any]) -> int:
     try:
         outcome = fn()
-    except procedures.FailoverRefused as exc:
+    except failover_plan.FailoverRefused as exc:
         _err(f"{name} refused: {exc}")
         return EXIT_FAILED
     except (*_OP_ERRORS, TimeoutError) as exc:
@@ -416,15 +410,15 @@ def _run_procedure(args: argparse.Namespace, name: str, fn: Callable[[], Any]) -
 
 
 def _locked(
-    args: argparse.Namespace, name: str, fn: Callable[[], procedures.Outcome]
-) -> Callable[[], procedures.Outcome | _Already]:
+    args: argparse.Namespace, name: str, fn: Callable[[], failover_plan.FailoverResult]
+) -> Callable[[], failover_plan.FailoverResult | _Already]:
     """``fn`` under the shard's lock (the one the failover controllers take), after checking
     whether there is anything left to do once the lock is held."""
 
-    def run() -> procedures.Outcome | _Already:
+    def run() -> failover_plan.FailoverResult | _Already:
         with controller.shard_lock(args.dir, args.shard, f"txr {name}"):
             if name in ("failover", "switchover"):
-                rec, _rev = real_ops.LocalShardOps(args.dir).load(args.shard)
+                rec, _rev = failover.LocalShardOps(args.dir).load(args.shard)
                 if rec.shard.primary.region == args.to:
                     return _Already(args.shard, rec.shard.primary.name, rec.shard.epoch, args.to)
             return fn()
@@ -462,8 +456,8 @@ def _cmd_failover(args: argparse.Namespace) -> int:
         _locked(
             args,
             "failover",
-            lambda: procedures.failover(
-                real_ops.LocalShardOps(args.dir),
+            lambda: failover_plan.failover(
+                failover.LocalShardOps(args.dir),
                 args.shard,
                 args.to,
                 accept_data_loss=args.accept_data_loss,
@@ -480,8 +474,8 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
         _locked(
             args,
             "switchover",
-            lambda: procedures.switchover(
-                real_ops.LocalShardOps(args.dir), args.shard, args.to, progress=_step
+            lambda: failover_plan.switchover(
+                failover.LocalShardOps(args.dir), args.shard, args.to, progress=_step
             ),
         ),
     )
@@ -494,8 +488,8 @@ def _cmd_rejoin(args: argparse.Namespace) -> int:
         _locked(
             args,
             "rejoin",
-            lambda: procedures.rejoin(
-                real_ops.LocalShardOps(args.dir), args.shard, args.node, progress=_step
+            lambda: failover_plan.rejoin(
+                failover.LocalShardOps(args.dir), args.shard, args.node, progress=_step
             ),
         ),
     )
@@ -503,7 +497,7 @@ def _cmd_rejoin(args: argparse.Namespace) -> int:
 
 def _cmd_autofailover(args: argparse.Namespace) -> int:
     try:
-        mode = real_ops.set_autofailover(args.dir, args.state == "on", args.shard)
+        mode = failover.set_autofailover(args.dir, args.state == "on", args.shard)
     except _OP_ERRORS as exc:
         _err(f"autofailover failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
@@ -520,8 +514,8 @@ def _cmd_region(args: argparse.Namespace) -> int:
     is in R to its first standby outside R, one shard at a time, each under its lock."""
     name = "switchover" if args.region_command == "evacuate" else "failover"
     try:
-        ops = real_ops.LocalShardOps(args.dir)
-        shards = sorted({e["shard"] for e in ops.state.data.get("pg", [])})
+        ops = failover.LocalShardOps(args.dir)
+        shards = ops.state.shards
         records = {sh: ops.load(sh)[0] for sh in shards}
     except _OP_ERRORS as exc:
         _err(f"region {args.region_command} failed: {type(exc).__name__}: {exc}")
@@ -544,15 +538,15 @@ def _cmd_region(args: argparse.Namespace) -> int:
         _step(f"{sh}: {name} {rec.shard.primary.name} -> {targets[0]}")
         ns = argparse.Namespace(dir=args.dir, shard=sh, to=targets[0])
 
-        def fn(sh: str = sh, to: str = targets[0]) -> procedures.Outcome:
-            o = real_ops.LocalShardOps(args.dir)
+        def fn(sh: str = sh, to: str = targets[0]) -> failover_plan.FailoverResult:
+            o = failover.LocalShardOps(args.dir)
             if name == "switchover":
-                return procedures.switchover(o, sh, to, progress=_step)
-            return procedures.failover(o, sh, to, progress=_step)
+                return failover_plan.switchover(o, sh, to, progress=_step)
+            return failover_plan.failover(o, sh, to, progress=_step)
 
         try:
             out = _locked(ns, name, fn)()
-        except procedures.FailoverRefused as exc:
+        except failover_plan.FailoverRefused as exc:
             row["error"] = f"refused: {exc}"
         except _OP_ERRORS as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -592,10 +586,10 @@ def _drain_timeout(text: str) -> float:
 
 def _cmd_rehome(args: argparse.Namespace) -> int:
     try:
-        result = real_ops.rehome(
+        result = failover.rehome(
             args.dir, args.slot, args.to, progress=_step, drain_timeout_s=args.drain_timeout
         )
-    except procedures.FailoverRefused as exc:
+    except slot_moves.RehomeRefused as exc:
         _err(f"rehome refused: {exc}")
         return EXIT_FAILED
     except (*_OP_ERRORS, admin.SlotMoveError) as exc:
@@ -616,7 +610,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from infra import events
 
     try:
-        st = real_ops.cluster_status(args.dir)
+        st = failover.cluster_status(args.dir)
     except _OP_ERRORS as exc:
         _err(f"status failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
@@ -624,7 +618,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
     else:
-        print("\n".join([real_ops.format_status(st), *events.format_events(st["events"])]))
+        print("\n".join([failover.format_status(st), *events.format_events(st["events"])]))
     return EXIT_OK
 
 
@@ -907,7 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drain-timeout",
         type=_drain_timeout,
-        default=procedures.REHOME_DRAIN_TIMEOUT_S,
+        default=slot_moves.REHOME_DRAIN_TIMEOUT_S,
         metavar="S",
         help="seconds to wait for the slot's outbound transfers in flight before rolling back",
     )

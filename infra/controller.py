@@ -5,7 +5,7 @@ local cluster: probes are real queries over one kept connection per server, dial
 region through the WAN emulator (so a partition hides a server from it as from the region's
 routers); verdicts, the mode, decisions and the anti-flap record live in etcd
 (``consistency.autofailover.CONTROL_PREFIX``, outside the topology prefix the routers watch);
-actions run ``consistency.failover`` with ``infra.failover.LocalShardOps`` dialling from this
+actions run ``consistency.failover_plan`` with ``infra.failover.LocalShardOps`` dialling from this
 region, under the per-shard lock (``consistency.autofailover.lock_key``) that the operator
 commands take too (``shard_lock`` below).
 """
@@ -29,10 +29,10 @@ import orjson
 import psycopg
 
 from consistency import autofailover as af
-from consistency import failover as procedures
+from consistency import failover_plan
 from consistency.errors import ConsistencyError, EtcdError, LeaseExpired
 from consistency.etcd import EtcdClient, PrefixMirror
-from consistency.failover import ShardRecord
+from consistency.failover_plan import ShardRecord
 from consistency.limits import (
     CONTROLLER_ETCD_TIMEOUT_S,
     PROBE_INTERVAL_S,
@@ -42,7 +42,7 @@ from consistency.limits import (
     VERDICT_LEASE_TTL_S,
 )
 from consistency.topology import SHARD_PREFIX, Node
-from infra import failover as real_ops
+from infra import failover
 from infra.local import cluster, postgres
 
 log = logging.getLogger("txr.controller")
@@ -61,23 +61,6 @@ def holder_id(what: str) -> bytes:
     return orjson.dumps(
         {"by": what, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
     )
-
-
-def etcd_endpoints(state: dict[str, Any], region: str | None) -> list[str]:
-    """``region``'s own member first, then the others as that region reaches them (the WAN);
-    None: every member directly (an operator's command)."""
-    ports = state["ports"]
-    own = [] if region is None else [region]
-    rest = [r for r in state["regions"] if r != region]
-    out = [f"http://{cluster.HOST}:{ports['regions'][r]['etcd_client']}" for r in own]
-    for r in rest:
-        if region is None:
-            out.append(f"http://{cluster.HOST}:{ports['regions'][r]['etcd_client']}")
-            continue
-        for w in ports["wan"]:
-            if w["src"] == region and w["dst"] == r and w["service"] == "etcd":
-                out.append(f"http://{cluster.HOST}:{w['port']}")
-    return out
 
 
 async def _renew(client: EtcdClient, lease: int, ttl_s: int, lost: asyncio.Event) -> None:
@@ -131,8 +114,7 @@ def shard_lock(
 ) -> Iterator[None]:
     """The per-shard lock for a synchronous operator command (`txr failover`, ...): held in a
     background thread's event loop for the duration of the ``with`` block."""
-    state = cluster.load_state(cluster_dir).data
-    endpoints = etcd_endpoints(state, None)
+    endpoints = cluster.load_state(cluster_dir).etcd_endpoints()
     loop = asyncio.new_event_loop()
     release = asyncio.Event()
     errors: list[BaseException] = []
@@ -167,10 +149,10 @@ class LocalControllerIO:
     def __init__(self, cluster_dir: Path, region: str) -> None:
         self.dir = cluster_dir.resolve()
         self.region = region
-        state = cluster.load_state(self.dir).data
-        self.regions: list[str] = list(state["regions"])
-        self.etcd = EtcdClient(etcd_endpoints(state, region), timeout_s=CONTROLLER_ETCD_TIMEOUT_S)
-        self._ops = real_ops.LocalShardOps(self.dir, via_region=region)
+        state = cluster.load_state(self.dir)
+        self.regions: list[str] = state.regions
+        self.etcd = EtcdClient(state.etcd_endpoints(region), timeout_s=CONTROLLER_ETCD_TIMEOUT_S)
+        self._ops = failover.LocalShardOps(self.dir, via_region=region)
         self._nodes: dict[str, Node] = {}
         self._records: dict[str, ShardRecord] = {}
         self._conns: dict[tuple[str, int], psycopg.AsyncConnection[Any]] = {}
@@ -331,7 +313,7 @@ class LocalControllerIO:
             return af.Acted(af.Reason.CHANGED, f"another actor holds the lock: {exc}")
 
     def _run(self, decision: af.Decision) -> af.Acted:
-        ops = real_ops.LocalShardOps(self.dir, via_region=self.region)
+        ops = failover.LocalShardOps(self.dir, via_region=self.region)
 
         def progress(msg: str) -> None:
             log.warning("%s: %s", decision.shard, msg)
@@ -339,25 +321,25 @@ class LocalControllerIO:
         try:
             if decision.action is af.Action.FAILOVER:
                 assert decision.target_region is not None
-                out = procedures.failover(
+                out = failover_plan.failover(
                     ops, decision.shard, decision.target_region, progress=progress
                 )
                 detail = f"failed over to {out.new_primary} at epoch {out.epoch}"
                 return af.Acted(af.Reason.DONE, detail + "".join(f"; {n}" for n in out.notes), True)
             if decision.action is af.Action.FINISH:
-                out = procedures.finish_promotion(ops, decision.shard, progress=progress)
+                out = failover_plan.finish_promotion(ops, decision.shard, progress=progress)
                 return af.Acted(
                     af.Reason.DONE,
                     f"finished the promotion of {out.new_primary} at epoch {out.epoch}",
                     True,
                 )
             if decision.action is af.Action.DEGRADE:
-                procedures.degrade(ops, decision.shard, progress=progress)
+                failover_plan.degrade(ops, decision.shard, progress=progress)
                 return af.Acted(af.Reason.DONE, "synchronous standby cleared: NO REGION SURVIVAL")
             if decision.action is af.Action.RESTORE:
-                procedures.restore(ops, decision.shard, progress=progress)
+                failover_plan.restore(ops, decision.shard, progress=progress)
                 return af.Acted(af.Reason.DONE, "synchronous standby restored: region survival on")
-        except procedures.FailoverRefused as exc:
+        except failover_plan.FailoverRefused as exc:
             return af.Acted(af.Reason.REFUSED, f"REFUSED: {exc}")
         except (
             ConsistencyError,

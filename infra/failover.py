@@ -1,4 +1,5 @@
-"""The real operations behind ``consistency.failover`` for a local cluster.
+"""The real operations behind ``consistency.failover_plan`` and ``consistency.slot_moves`` for a
+local cluster.
 
 PostgreSQL through ``regionstore.admin`` / ``regionstore.replication`` and the server commands of
 ``infra.local.postgres``; etcd through ``consistency.etcd``; the launcher's ``cluster.json``
@@ -23,13 +24,19 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from consistency import autofailover as af
-from consistency import failover as procedures
+from consistency import slot_moves
 from consistency.errors import CasConflict, ConsistencyError
 from consistency.etcd import EtcdClient
-from consistency.failover import FailoverError, FailoverRefused, Progress, ShardRecord, StandbyLsn
+from consistency.failover_plan import (
+    FailoverError,
+    Progress,
+    ShardRecord,
+    StandbyLsn,
+)
 from consistency.limits import SLOT_COUNT
 from consistency.topology import SHARD_PREFIX, SLOTMAP_KEY, Node, SlotMap
 from infra.local import cluster, postgres
+from infra.local.state import PgNode
 from regionstore import admin, replication
 
 # pg_rewind copies the changed blocks and the WAL since the fork; a few seconds locally.
@@ -44,7 +51,7 @@ ETCD_HEALTH_TIMEOUT_S: Final = 2.0
 
 
 class LocalShardOps:
-    """``consistency.failover.ShardOps`` for the local cluster at ``cluster_dir``."""
+    """``consistency.failover_plan.ShardOps`` for the local cluster at ``cluster_dir``."""
 
     def __init__(self, cluster_dir: Path, *, via_region: str | None = None) -> None:
         """``via_region``: dial every server the way that region does (through the WAN
@@ -54,40 +61,39 @@ class LocalShardOps:
         self.via_region = via_region
         self.state = cluster.load_state(self.dir)
         self.pw = cluster.pg_passwords(self.dir)
-        ports = self.state.data["ports"]["regions"]
-        self.etcd = [f"http://{cluster.HOST}:{ports[r]['etcd_client']}" for r in self.regions]
+        self.etcd = self.state.etcd_endpoints()
 
     @property
     def regions(self) -> list[str]:
-        return list(self.state.data["regions"])
+        return self.state.regions
 
     # -- nodes ----------------------------------------------------------------------------------
 
-    def _entry(self, node_name: str) -> dict[str, Any]:
-        for e in self.state.data.get("pg", []):
-            if e["node"] == node_name:
-                return dict(e)
-        raise FailoverError(f"node {node_name} is not part of the cluster in {self.dir}")
+    def _entry(self, node_name: str) -> PgNode:
+        entry = self.state.pg_node(node_name)
+        if entry is None:
+            raise FailoverError(f"node {node_name} is not part of the cluster in {self.dir}")
+        return entry
 
     def admin_dsn(self, node: Node, db: str = cluster.DB_NAME) -> str:
         port = node.port if self.via_region is None else self._wan_port(self.via_region, node)
         return postgres.dsn(cluster.HOST, port, postgres.ADMIN_ROLE, self.pw["admin_password"], db)
 
     def node_in(self, shard: str, region: str) -> Node:
-        for e in self.state.data.get("pg", []):
-            if e["shard"] == shard and e["region"] == region:
-                return Node(e["node"], region, cluster.HOST, int(e["port"]))
+        for e in self.state.pg_nodes:
+            if e.shard == shard and e.region == region:
+                return Node(e.node, region, cluster.HOST, e.port)
         raise FailoverError(f"{shard} has no node in {region}")
 
     def _wan_port(self, src_region: str, to: Node) -> int:
         """The port ``src_region`` dials to reach ``to`` (through the WAN emulator)."""
-        ports = self.state.data["ports"]
         if src_region == to.region:
             return to.port
-        svc = "pg-primary" if ports["regions"][to.region]["pg_primary"] == to.port else "pg-standby"
-        for w in ports["wan"]:
-            if w["src"] == src_region and w["dst"] == to.region and w["service"] == svc:
-                return int(w["port"])
+        primary_port = self.state.region_ports(to.region)["pg_primary"]
+        svc = "pg-primary" if primary_port == to.port else "pg-standby"
+        port = self.state.wan_port(src_region, to.region, svc)
+        if port is not None:
+            return port
         raise FailoverError(f"no WAN link {src_region} -> {to.region} ({svc})")
 
     # -- etcd -----------------------------------------------------------------------------------
@@ -97,7 +103,7 @@ class LocalShardOps:
             async with EtcdClient(self.etcd) as client:
                 return await client.get(SHARD_PREFIX + shard)
 
-        got = cluster._run_async(run)
+        got = cluster.run_async(run)
         if got is None:
             raise FailoverError(f"no shard {shard} in etcd")
         return ShardRecord.from_json(orjson.loads(got[0])), got[1]
@@ -113,7 +119,7 @@ class LocalShardOps:
 
         # The txn's header revision is the key's new mod_revision (one put, one revision);
         # CasConflict propagates to the procedure, which names it.
-        return cluster._run_async(run)
+        return cluster.run_async(run)
 
     # -- PostgreSQL -----------------------------------------------------------------------------
 
@@ -135,10 +141,10 @@ class LocalShardOps:
         return StandbyLsn(got.receive, got.replay)
 
     def stop(self, node: Node) -> None:
-        postgres.stop(Path(self._entry(node.name)["datadir"]), "fast")
+        postgres.stop(self._entry(node.name).datadir, "fast")
 
     def promote(self, node: Node) -> None:
-        postgres.promote(Path(self._entry(node.name)["datadir"]))
+        postgres.promote(self._entry(node.name).datadir)
 
     def set_epoch_in_db(self, node: Node, epoch: int) -> None:
         admin.set_fence(self.admin_dsn(node), epoch=epoch)
@@ -165,7 +171,7 @@ class LocalShardOps:
         crashed is recovered by pg_rewind itself (single-user mode, PostgreSQL 13+).
         """
         entry = self._entry(node.name)
-        datadir = Path(entry["datadir"])
+        datadir = entry.datadir
         try:
             postgres.stop(datadir, "fast")
         except postgres.PostgresError:
@@ -180,7 +186,8 @@ class LocalShardOps:
             connect_timeout=math.ceil(LSN_CONNECT_TIMEOUT_S),
         ) as conn:
             conn.execute("CHECKPOINT")
-        pg_root = Path(self.state.data["pg_root"])
+        pg_root = self.state.pg_root
+        assert pg_root is not None, "a cluster with PostgreSQL nodes has a pg_root"
         passfile = pg_root / "pgpass"
         app = postgres.application_name(node.name)
         src_port = self._wan_port(node.region, primary)
@@ -213,13 +220,13 @@ class LocalShardOps:
         replication.ensure_physical_slot(self.admin_dsn(primary, "postgres"), app)
         postgres.configure_as_standby(
             datadir,
-            int(entry["port"]),
+            entry.port,
             primary_host=cluster.HOST,
             primary_port=src_port,
             passfile=passfile,
             app_name=app,
         )
-        pid = postgres.start(datadir, Path(entry["log"]))
+        pid = postgres.start(datadir, entry.log)
         self._update_entry(node.name, pid=pid, role="standby")
 
     # -- the launcher's state -------------------------------------------------------------------
@@ -271,7 +278,7 @@ def cluster_status(cluster_dir: Path) -> dict[str, Any]:
     ops = LocalShardOps(cluster_dir)
     members = [_etcd_health(u) for u in ops.etcd]
     shards: dict[str, Any] = {}
-    names = sorted({e["shard"] for e in ops.state.data.get("pg", [])})
+    names = ops.state.shards
     for name in names:
         try:
             rec, _rev = ops.load(name)
@@ -322,11 +329,11 @@ def cluster_status(cluster_dir: Path) -> dict[str, Any]:
         # The record says what the operator set up; the primary says what holds right now.
         entry["region_survival_now"] = sync_streaming
         detached = [
-            e["node"]
-            for e in ops.state.data.get("pg", [])
-            if e["shard"] == name
-            and e["node"] != sh.primary.name
-            and e["node"] not in {n.name for n in sh.standbys}
+            e.node
+            for e in ops.state.pg_nodes
+            if e.shard == name
+            and e.node != sh.primary.name
+            and e.node not in {n.name for n in sh.standbys}
         ]
         entry["detached"] = detached
         shards[name] = entry
@@ -351,7 +358,7 @@ def autofailover_status(endpoints: list[str]) -> dict[str, Any]:
             return kv
 
     try:
-        kv = cluster._run_async(run)
+        kv = cluster.run_async(run)
     except ConsistencyError as exc:
         return {"error": f"etcd: {type(exc).__name__}", "mode": af.Mode().to_json(), "shards": {}}
     raw_mode = kv.get(af.MODE_KEY)
@@ -403,7 +410,7 @@ def set_autofailover(cluster_dir: Path, on: bool, shard: str | None) -> af.Mode:
                     continue
                 return new
 
-    return cluster._run_async(run)
+    return cluster.run_async(run)
 
 
 def _router_views(cluster_dir: Path) -> dict[str, Any]:
@@ -510,7 +517,7 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 class LocalRehomeOps:
-    """``consistency.failover.RehomeOps`` for the local cluster."""
+    """``consistency.slot_moves.RehomeOps`` for the local cluster."""
 
     def __init__(self, cluster_dir: Path) -> None:
         self.ops = LocalShardOps(cluster_dir)
@@ -524,9 +531,9 @@ class LocalRehomeOps:
             async with EtcdClient(self.ops.etcd) as client:
                 return await client.get(SLOTMAP_KEY)
 
-        got = cluster._run_async(run)
+        got = cluster.run_async(run)
         if got is None:
-            raise FailoverError("no slot map in etcd")
+            raise slot_moves.RehomeError("no slot map in etcd")
         return SlotMap.from_json(orjson.loads(got[0])), got[1]
 
     def slot_owner(self, slot: int) -> tuple[str, int, int]:
@@ -547,7 +554,7 @@ class LocalRehomeOps:
         return admin.incoming_move(self._primary_dsn(shard), slot, epoch)
 
     def shards(self) -> list[str]:
-        return sorted({e["shard"] for e in self.ops.state.data.get("pg", [])})
+        return self.ops.state.shards
 
     def copy_in(
         self, source: str, target: str, slot: int, new_epoch: int, move_id: str
@@ -586,7 +593,7 @@ class LocalRehomeOps:
                     SLOTMAP_KEY, expected_revision, {SLOTMAP_KEY: orjson.dumps(new.to_json())}
                 )
 
-        cluster._run_async(run)
+        cluster.run_async(run)
 
 
 def rehome(
@@ -595,14 +602,14 @@ def rehome(
     to_shard: str,
     *,
     progress: Progress,
-    drain_timeout_s: float = procedures.REHOME_DRAIN_TIMEOUT_S,
-    ops: procedures.RehomeOps | None = None,
+    drain_timeout_s: float = slot_moves.REHOME_DRAIN_TIMEOUT_S,
+    ops: slot_moves.RehomeOps | None = None,
 ) -> dict[str, Any]:
-    """``consistency.failover.rehome`` on the local cluster; ``ops`` replaces the real
+    """``consistency.slot_moves.rehome`` on the local cluster; ``ops`` replaces the real
     operations (tests wrap them to stop a move part way)."""
     if not 0 <= slot < SLOT_COUNT:
-        raise FailoverRefused(f"slot {slot} outside 0..{SLOT_COUNT - 1}")
-    return procedures.rehome(
+        raise slot_moves.RehomeRefused(f"slot {slot} outside 0..{SLOT_COUNT - 1}")
+    return slot_moves.rehome(
         ops or LocalRehomeOps(cluster_dir),
         slot,
         to_shard,

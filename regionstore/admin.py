@@ -13,11 +13,13 @@ again), so these functions refuse to lower one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
 from psycopg import sql
 
+from consistency import ids
 from consistency.limits import SLOT_COUNT
 
 CONNECT_TIMEOUT_S: Final = 10
@@ -162,6 +164,58 @@ def fence_state(admin_dsn: str) -> dict[str, Any]:
     }
 
 
+# Per account whose row disagrees with its entries by any rule of ledger_check or
+# reconcile_snapshot: (id, balance, version, entries' sum, entries, min seq, max seq, the last
+# entry's balance_after). Each caller applies its own rules to these rows.
+_ACCOUNT_MISMATCH_SQL: Final = (
+    "SELECT a.id, a.balance, a.version,"
+    " coalesce(e.total, 0), coalesce(e.n, 0), e.min_seq, e.max_seq, e.last_after"
+    " FROM txr.accounts a"
+    " LEFT JOIN LATERAL ("
+    "   SELECT sum(amount) AS total, count(*) AS n, min(seq) AS min_seq,"
+    "          max(seq) AS max_seq,"
+    "          (array_agg(balance_after ORDER BY seq DESC))[1] AS last_after"
+    "   FROM txr.ledger_entries le WHERE le.account_id = a.id) e ON true"
+    " WHERE a.balance <> coalesce(e.total, 0) OR a.version <> coalesce(e.n, 0) + 1"
+    "   OR (e.n > 0 AND (e.last_after IS DISTINCT FROM a.balance"
+    "                    OR e.min_seq <> 2 OR e.max_seq <> a.version))"
+)
+_UNBALANCED_SQL: Final = (
+    "SELECT transfer_id, sum(amount) FROM txr.ledger_entries"
+    " GROUP BY transfer_id HAVING sum(amount) <> 0"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _LedgerReads:
+    """What both checks read, inside the caller's repeatable-read transaction."""
+
+    accounts: int
+    totals: dict[str, int]  # sum of balances per currency
+    mismatched: list[tuple[Any, ...]]  # _ACCOUNT_MISMATCH_SQL rows
+    unbalanced: list[tuple[Any, Any]]  # (transfer id, sum of its entries here)
+
+
+def _read_ledger(conn: psycopg.Connection[tuple[Any, ...]]) -> _LedgerReads:
+    totals = conn.execute(
+        "SELECT currency, sum(balance) FROM txr.accounts GROUP BY currency"
+    ).fetchall()
+    accounts = (conn.execute("SELECT count(*) FROM txr.accounts").fetchone() or (0,))[0]
+    return _LedgerReads(
+        accounts=int(accounts),
+        totals={cur: int(total) for cur, total in totals},
+        mismatched=conn.execute(_ACCOUNT_MISMATCH_SQL).fetchall(),
+        unbalanced=conn.execute(_UNBALANCED_SQL).fetchall(),
+    )
+
+
+def _snapshot(admin_dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
+    conn = _connect(admin_dsn)
+    conn.read_only = True
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    return conn
+
+
 def ledger_check(admin_dsn: str) -> dict[str, Any]:
     """Check the shard's ledger (G4) on one consistent snapshot.
 
@@ -173,33 +227,16 @@ def ledger_check(admin_dsn: str) -> dict[str, Any]:
 
     Returns ``{"ok", "accounts", "transfers", "total_balance", "balance_mismatches",
     "version_mismatches", "unbalanced_transfers"}``; the lists hold at most
-    LEDGER_CHECK_LIST_MAX items each, the ``*_count`` keys the full counts.
+    LEDGER_CHECK_LIST_MAX items each, the ``*_count`` keys the full counts. The reads are
+    reconcile_snapshot's (``_read_ledger``) plus the transfer count.
     """
-    with _connect(admin_dsn) as conn:
-        conn.read_only = True
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        with conn.transaction():
-            accounts, total = conn.execute(
-                "SELECT count(*), coalesce(sum(balance), 0) FROM txr.accounts"
-            ).fetchone() or (0, 0)
-            transfers = (conn.execute("SELECT count(*) FROM txr.transfers").fetchone() or (0,))[0]
-            per_account = conn.execute(
-                "SELECT a.id, a.balance, a.version,"
-                " coalesce(e.total, 0), coalesce(e.n, 0), e.min_seq, e.max_seq, e.last_after"
-                " FROM txr.accounts a"
-                " LEFT JOIN LATERAL ("
-                "   SELECT sum(amount) AS total, count(*) AS n, min(seq) AS min_seq,"
-                "          max(seq) AS max_seq,"
-                "          (array_agg(balance_after ORDER BY seq DESC))[1] AS last_after"
-                "   FROM txr.ledger_entries le WHERE le.account_id = a.id) e ON true"
-            ).fetchall()
-            unbalanced = conn.execute(
-                "SELECT transfer_id, sum(amount) FROM txr.ledger_entries"
-                " GROUP BY transfer_id HAVING sum(amount) <> 0"
-            ).fetchall()
+    with _snapshot(admin_dsn) as conn, conn.transaction():
+        reads = _read_ledger(conn)
+        transfers = (conn.execute("SELECT count(*) FROM txr.transfers").fetchone() or (0,))[0]
+    total = sum(reads.totals.values())
     balance_bad: list[dict[str, Any]] = []
     version_bad: list[dict[str, Any]] = []
-    for acc_id, balance, version, total_e, n, min_seq, max_seq, last_after in per_account:
+    for acc_id, balance, version, total_e, n, min_seq, max_seq, last_after in reads.mismatched:
         if balance != total_e or (n > 0 and last_after != balance):
             balance_bad.append(
                 {
@@ -219,9 +256,10 @@ def ledger_check(admin_dsn: str) -> dict[str, Any]:
                     "max_seq": max_seq,
                 }
             )
+    unbalanced = reads.unbalanced
     return {
         "ok": total == 0 and not balance_bad and not version_bad and not unbalanced,
-        "accounts": accounts,
+        "accounts": reads.accounts,
         "transfers": transfers,
         "total_balance": int(total),
         "balance_mismatches": balance_bad[:LEDGER_CHECK_LIST_MAX],
@@ -304,51 +342,31 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
     Postings whose entries sit on several shards (a slot move split them) are listed in
     ``unbalanced_postings`` with this shard's part; reconcile sums them over all shards.
     """
-    with _connect(admin_dsn) as conn:
-        conn.read_only = True
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        with conn.transaction():
-            totals = conn.execute(
-                "SELECT currency, sum(balance) FROM txr.accounts GROUP BY currency"
-            ).fetchall()
-            accounts = (conn.execute("SELECT count(*) FROM txr.accounts").fetchone() or (0,))[0]
-            per_account = conn.execute(
-                "SELECT a.id, a.balance, a.version, coalesce(e.total, 0), coalesce(e.n, 0)"
-                " FROM txr.accounts a"
-                " LEFT JOIN (SELECT account_id, sum(amount) AS total, count(*) AS n"
-                "            FROM txr.ledger_entries GROUP BY account_id) e"
-                " ON e.account_id = a.id"
-                " WHERE a.balance <> coalesce(e.total, 0) OR a.version <> coalesce(e.n, 0) + 1"
-            ).fetchall()
-            unbalanced = conn.execute(
-                "SELECT transfer_id, sum(amount) FROM txr.ledger_entries"
-                " GROUP BY transfer_id HAVING sum(amount) <> 0"
-            ).fetchall()
-            transit = conn.execute(
-                "SELECT t.remote_shard, t.currency, a.balance FROM txr.transit_accounts t"
-                " JOIN txr.accounts a ON a.id = t.account_id"
-            ).fetchall()
-            outbox = conn.execute(
-                "SELECT transfer_id, destination_shard, amount, currency, state, credit_shard"
-                " FROM txr.outbox"
-            ).fetchall()
-            inbox = conn.execute(
-                "SELECT transfer_id, source_shard, result, amount, currency, debit_shard"
-                " FROM txr.inbox"
-            ).fetchall()
-            # Per outbound row: (count, sum of debits, sum of credits) on the source, on t1
-            # (leg 1's transit account) and on t2 (the reroute's), and the count of all its
-            # entries here (anything else is an entry on a wrong account).
-            out_legs = conn.execute(_OUT_LEGS_SQL).fetchall()
-            in_legs = conn.execute(_IN_LEGS_SQL).fetchall()
-            owned = conn.execute("SELECT slot FROM txr.owned_slots ORDER BY slot").fetchall()
-            account_slots = conn.execute(
-                "SELECT DISTINCT txr.slot_of(id) FROM txr.accounts"
-                " WHERE kind = 'customer' ORDER BY 1"
-            ).fetchall()
-            moves = conn.execute(
-                "SELECT move_id, direction, slot, epoch, peer_shard, amounts FROM txr.slot_moves"
-            ).fetchall()
+    with _snapshot(admin_dsn) as conn, conn.transaction():
+        reads = _read_ledger(conn)
+        transit = conn.execute(
+            "SELECT t.remote_shard, t.currency, a.balance FROM txr.transit_accounts t"
+            " JOIN txr.accounts a ON a.id = t.account_id"
+        ).fetchall()
+        outbox = conn.execute(
+            "SELECT transfer_id, destination_shard, amount, currency, state, credit_shard"
+            " FROM txr.outbox"
+        ).fetchall()
+        inbox = conn.execute(
+            "SELECT transfer_id, source_shard, result, amount, currency, debit_shard FROM txr.inbox"
+        ).fetchall()
+        # Per outbound row: (count, sum of debits, sum of credits) on the source, on t1
+        # (leg 1's transit account) and on t2 (the reroute's), and the count of all its
+        # entries here (anything else is an entry on a wrong account).
+        out_legs = conn.execute(_OUT_LEGS_SQL).fetchall()
+        in_legs = conn.execute(_IN_LEGS_SQL).fetchall()
+        owned = conn.execute("SELECT slot FROM txr.owned_slots ORDER BY slot").fetchall()
+        account_slots = conn.execute(
+            "SELECT DISTINCT txr.slot_of(id) FROM txr.accounts WHERE kind = 'customer' ORDER BY 1"
+        ).fetchall()
+        moves = conn.execute(
+            "SELECT move_id, direction, slot, epoch, peer_shard, amounts FROM txr.slot_moves"
+        ).fetchall()
     transits: dict[str, dict[str, int]] = {}
     for remote, currency, balance in transit:
         transits.setdefault(remote, {})[currency] = int(balance)
@@ -362,19 +380,21 @@ def reconcile_snapshot(admin_dsn: str) -> dict[str, Any]:
         for t, r in in_legs
     ]
     return {
-        "accounts": int(accounts),
-        "totals": {cur: int(total) for cur, total in totals},
+        "accounts": reads.accounts,
+        "totals": reads.totals,
         "balance_mismatches": [
             {"account_id": a, "balance": b, "entries_sum": int(t)}
-            for a, b, _v, t, _n in per_account
+            for a, b, _v, t, *_ in reads.mismatched
             if b != t
         ],
         "version_mismatches": [
             {"account_id": a, "version": v, "entries": int(n)}
-            for a, _b, v, _t, n in per_account
+            for a, _b, v, _t, n, *_ in reads.mismatched
             if v != n + 1
         ],
-        "unbalanced_postings": [{"transfer_id": str(t), "sum": int(s)} for t, s in unbalanced],
+        "unbalanced_postings": [
+            {"transfer_id": str(t), "sum": int(s)} for t, s in reads.unbalanced
+        ],
         "leg_violations": leg_violations,
         "transit": transits,
         "outbox": [
@@ -487,17 +507,24 @@ def fence_and_flush_lsn(admin_dsn: str) -> int:
 # with the source account (the public transfer id carries the source's slot); an inbox row
 # lives with the destination account it credited. Transit accounts (and their entries) never
 # move: they belong to the shard, and the move posting (0003) accounts for what changed hands.
+# A slot's ids are a range (consistency.ids.slot_id_range): ``%(lo)s`` and ``%(hi)s``.
 _SLOT_ROWS: Final = (
-    ("accounts", "kind = 'customer' AND txr.slot_of(id) = %(slot)s"),
-    ("ledger_entries", "account_id >= 0 AND txr.slot_of(account_id) = %(slot)s"),
-    ("transfers", "txr.slot_of(source) = %(slot)s"),
-    ("idempotency_keys", "txr.slot_of(source) = %(slot)s"),
-    ("outbox", "txr.slot_of(source) = %(slot)s"),
-    ("inbox", "txr.slot_of(destination) = %(slot)s"),
+    ("accounts", "kind = 'customer' AND id >= %(lo)s AND id < %(hi)s"),
+    ("ledger_entries", "account_id >= %(lo)s AND account_id < %(hi)s"),
+    ("transfers", "source >= %(lo)s AND source < %(hi)s"),
+    ("idempotency_keys", "source >= %(lo)s AND source < %(hi)s"),
+    ("outbox", "source >= %(lo)s AND source < %(hi)s"),
+    ("inbox", "destination >= %(lo)s AND destination < %(hi)s"),
 )
 _PENDING_OUT_SQL: Final = (
-    "SELECT count(*) FROM txr.outbox WHERE state = 'pending' AND txr.slot_of(source) = %(slot)s"
+    "SELECT count(*) FROM txr.outbox"
+    " WHERE state = 'pending' AND source >= %(lo)s AND source < %(hi)s"
 )
+
+
+def _slot_params(slot: int) -> dict[str, int]:
+    lo, hi = ids.slot_id_range(slot)
+    return {"slot": slot, "lo": lo, "hi": hi}
 
 
 class SlotMoveError(RuntimeError):
@@ -509,12 +536,12 @@ def slot_outbound_pending(admin_dsn: str, slot: int, *, nudge: bool = False) -> 
     now and wake the relays (a rehome waits for them; their backoff or a router's delivery
     grace would only make it wait longer, and a second delivery is harmless)."""
     _check_slot(slot)
-    params = {"slot": slot}
+    params = _slot_params(slot)
     with _connect(admin_dsn) as conn, conn.transaction():
         if nudge:
             conn.execute(
                 "UPDATE txr.outbox SET next_attempt_at = now()"
-                " WHERE state = 'pending' AND txr.slot_of(source) = %(slot)s"
+                " WHERE state = 'pending' AND source >= %(lo)s AND source < %(hi)s"
                 " AND next_attempt_at > now()",
                 params,
             )
@@ -562,7 +589,7 @@ def copy_slot_in(
     recorded this move is left alone. Returns the rows copied per table.
     """
     _check_slot(slot)
-    params = {"slot": slot}
+    params = _slot_params(slot)
     counts: dict[str, int] = {}
     with _connect(target_dsn) as dst:
         if _move_amounts(dst, move_id, "in") is not None:
@@ -582,7 +609,12 @@ def copy_slot_in(
             for table, where in _SLOT_ROWS:
                 query = sql.SQL("COPY (SELECT * FROM {} WHERE {}) TO STDOUT").format(
                     sql.Identifier("txr", table),
-                    sql.SQL(where.replace("%(slot)s", str(int(slot)))),
+                    # COPY takes no parameters: the range's two integers are written in.
+                    sql.SQL(
+                        where.replace("%(lo)s", str(int(params["lo"]))).replace(
+                            "%(hi)s", str(int(params["hi"]))
+                        )
+                    ),
                 )
                 with src.cursor().copy(query) as cp:
                     data[table] = b"".join(bytes(block) for block in cp)
@@ -627,7 +659,7 @@ def finish_slot_out(
     the move is left alone. Returns the rows deleted per table.
     """
     _check_slot(slot)
-    params = {"slot": slot}
+    params = _slot_params(slot)
     counts: dict[str, int] = {}
     with _connect(target_dsn) as dst:
         arrived = _move_amounts(dst, move_id, "in")

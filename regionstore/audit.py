@@ -13,6 +13,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from consistency import ids
+from consistency.saga import STATUS_OF, TransferStatus
 
 CONNECT_TIMEOUT_S: Final = 5
 # A chaos run writes thousands of transfers per tenant, not millions: one read is enough.
@@ -28,7 +29,7 @@ class StoredTransfer:
     source: str
     destination: str
     amount: int
-    status: str
+    status: TransferStatus
     shard: str
 
 
@@ -72,7 +73,7 @@ def tenant_audit(admin_dsn: str, shard: str, tenant: str) -> TenantAudit:
             source=ids.format_account_id(r.source),
             destination=ids.format_account_id(r.destination),
             amount=int(r.amount),
-            status=r.status,
+            status=STATUS_OF[r.status],
             shard=shard,
         )
         for r in rows

@@ -51,6 +51,7 @@ from psycopg.types.json import Jsonb
 from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
 from consistency.limits import BATCH_ITEMS_MAX, ENTRIES_PAGE_MAX, ENTRIES_PAGE_MIN
+from consistency.saga import STATUS_OF, TransferStatus
 from regionstore.errors import (
     StoreError,
     StoreInvariantViolation,
@@ -152,7 +153,7 @@ class TransferResult(msgspec.Struct, frozen=True, gc=False):
 
     code: TransferCode
     transfer_id: uuid.UUID | None
-    status: str | None
+    status: TransferStatus | None
     created_at: datetime | None
     source_balance: int | None
     source_version: int | None
@@ -181,10 +182,14 @@ class TransferRow:
     amount: int
     currency: str
     reference: str | None
-    status: str
+    status: TransferStatus
     created_at: datetime
     # Why the destination refused a cross-shard transfer (status 'reversed'); else None.
     refusal_code: str | None = None
+
+    def __post_init__(self) -> None:
+        # class_row hands over the stored text: carry it as the enum (an unknown one raises).
+        object.__setattr__(self, "status", STATUS_OF[self.status])
 
 
 class InboundCode(StrEnum):
@@ -255,7 +260,7 @@ class InboundResult:
 @dataclass(frozen=True, slots=True)
 class SettleResult:
     code: SettleCode
-    status: str | None  # the transfer's status after the call; None for stale_epoch
+    status: TransferStatus | None  # after the call; None for stale_epoch
     source_balance: int | None
     source_version: int | None
 
@@ -607,7 +612,7 @@ class ShardStore:
             TransferResult(
                 code=_TRANSFER_CODES[r[1]],
                 transfer_id=r[2],
-                status=r[3],
+                status=None if r[3] is None else STATUS_OF[r[3]],
                 created_at=r[4],
                 source_balance=r[5],
                 source_version=r[6],
@@ -755,7 +760,10 @@ class ShardStore:
         if row is None:
             raise StoreOutcomeUnknown(f"shard {self.name}: settle_outbound returned no row")
         return SettleResult(
-            code=SettleCode(row[0]), status=row[1], source_balance=row[2], source_version=row[3]
+            code=SettleCode(row[0]),
+            status=None if row[1] is None else STATUS_OF[row[1]],
+            source_balance=row[2],
+            source_version=row[3],
         )
 
     async def claim_outbox(

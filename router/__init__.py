@@ -1,7 +1,10 @@
 """The edge router: aiohttp service that authenticates, validates, routes and answers.
 
-Owns the HTTP API, JWT auth, request validation, routing by slot to the home shard's primary,
-the region cache path, metrics, traces and logs. The public client is ``txclient`` (its own
-distribution). May import ``consistency`` and ``regionstore``; must never import ``infra``,
-``bench``, ``chaos`` or ``txclient``.
+Owns the HTTP API, JWT auth, request validation, and the request paths behind it: where an
+account lives (``resolver``, shared with the relay process), the write path (``writes``), the
+read policy (``reads``), the saga's inline leg 2 (``saga_step``), all answering domain values
+and ``outcomes`` that only ``errors``, the handlers and the middleware turn into HTTP; the
+region cache path, metrics, traces and logs; ``router.relays``, the relay process. The public
+client is ``txclient`` (its own distribution). May import ``consistency`` and ``regionstore``;
+must never import ``infra``, ``bench``, ``chaos`` or ``txclient``.
 """

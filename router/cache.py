@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -66,13 +67,43 @@ class CacheUnavailable(Exception):
     """Redis did not answer (down, restarting, timed out); nothing is known to be written."""
 
 
-@contextlib.contextmanager
-def redis_unavailable(what: str) -> Iterator[None]:
-    """The one mapping of Redis client failures: RedisError or OSError -> CacheUnavailable."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise CacheUnavailable(f"{what}: {exc!r}") from exc
+# What a Redis client call raises when Redis did not answer: the client's own errors (its
+# timeouts included) and the socket's (TimeoutError is an OSError). Every caller of Redis maps
+# exactly these, through RedisGuard, and nothing else.
+REDIS_ERRORS: Final = (RedisError, OSError)
+
+
+class RedisGuard:
+    """``with guard:`` turns a Redis failure (REDIS_ERRORS) into CacheUnavailable, after
+    ``on_error`` (a metric) when given. The one mapping of Redis client failures.
+
+    A plain class, not a generator context manager: the request path keeps one guard per
+    operation and re-enters it, so a cache call allocates nothing for its error mapping.
+    """
+
+    __slots__ = ("_on_error", "_what")
+
+    def __init__(self, what: str, on_error: Callable[[], None] | None = None) -> None:
+        self._what = what
+        self._on_error = on_error
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        # Never swallows: anything else propagates as it is.
+        if exc is None or not isinstance(exc, REDIS_ERRORS):
+            return
+        if self._on_error is not None:
+            self._on_error()
+        raise CacheUnavailable(f"{self._what}: {exc!r}") from exc
+
+
+def redis_unavailable(what: str) -> RedisGuard:
+    """A guard for one call site (``with redis_unavailable("redis eu-west"): ...``)."""
+    return RedisGuard(what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +160,11 @@ class RegionCache:
         self._apply = self._redis.register_script(coherence.APPLY_SCRIPT)
         self._apply_many = self._redis.register_script(coherence.APPLY_MANY_SCRIPT)
         self._metrics = metrics
+        # One guard per operation, each counting its own errors (RedisGuard).
+        self._get_guard = self._guard("get")
+        self._put_guard = self._guard("put")
+        self._fill_guard = self._guard("fill")
+        self._invalidate_guard = self._guard("invalidate")
         self._flights: dict[tuple[int, int], asyncio.Task[CacheEntry | None]] = {}
 
     async def close(self) -> None:
@@ -139,9 +175,13 @@ class RegionCache:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._redis.ping())
-        except (RedisError, OSError):
+            with redis_unavailable("redis"):
+                return bool(await self._redis.ping())
+        except CacheUnavailable:
             return False
+
+    def _guard(self, op: str) -> RedisGuard:
+        return RedisGuard("redis", functools.partial(self._count, op, "error"))
 
     def _count(self, op: str, result: str) -> None:
         self._metrics.cache_ops.labels(self._metrics.region, op, result).inc()
@@ -174,10 +214,10 @@ class RegionCache:
                 args += ["inval", version, b""]
         with child_span("cache.put_committed"):
             try:
-                await self._apply_many(keys=keys, args=args)
-            except (RedisError, OSError) as exc:
-                self._count("put", "error")
-                log.warning("cache write after commit failed: %s", type(exc).__name__)
+                with self._put_guard:
+                    await self._apply_many(keys=keys, args=args)
+            except CacheUnavailable as exc:
+                log.warning("cache write after commit failed: %s", type(exc.__cause__).__name__)
                 return
         self._count("put", "ok")
 
@@ -258,26 +298,20 @@ class RegionCache:
         """
         if not coherence.is_full_payload(payload):
             raise ValueError("a fill needs the whole account row (coherence.ACCOUNT_FIELDS)")
-        try:
+        with self._fill_guard:
             res = await self._call_apply(
                 shard_epoch, account_id, "fill", version, payload, generation, client=None
             )
-        except (RedisError, OSError) as exc:
-            self._count("fill", "error")
-            raise CacheUnavailable(f"redis: {exc!r}") from exc
         result = {1: "ok", 0: "stale", -1: "fenced"}.get(int(res), "unknown")
         self._count("fill", result)
         return int(res) == 1
 
     async def invalidate(self, shard_epoch: int, account_id: int, version: int) -> None:
         """Record that ``version`` committed: older entries and fills lose from now on."""
-        try:
+        with self._invalidate_guard:
             await self._call_apply(
                 shard_epoch, account_id, "inval", version, None, None, client=None
             )
-        except (RedisError, OSError) as exc:
-            self._count("invalidate", "error")
-            raise CacheUnavailable(f"redis: {exc!r}") from exc
         self._count("invalidate", "ok")
 
     async def drop_shard(self, slots: Collection[int]) -> int:
@@ -327,14 +361,11 @@ class RegionCache:
     async def _get_with_generation(
         self, shard_epoch: int, account_id: int
     ) -> tuple[CacheEntry | None, str]:
-        try:
+        with self._get_guard:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hmget(entry_key(shard_epoch, account_id), ["v", "t", "d"])
                 pipe.get(coherence.GENERATION_KEY)
                 (v, t, d), gen = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._count("get", "error")
-            raise CacheUnavailable(f"redis: {exc!r}") from exc
         generation = gen.decode() if gen is not None else coherence.GENERATION_ABSENT
         if v is None or d is None or t is not None:
             return None, generation

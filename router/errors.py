@@ -12,7 +12,8 @@
      +-- RegionUnavailable     503 region_unavailable (with Retry-After)
      +-- OutcomeUnknown        504 outcome_unknown  (a write that may or may not have happened)
 
-Handlers raise these; one middleware renders them. Nothing else reaches a client: no stack
+Handlers raise these; one middleware renders them, and the request paths' domain outcomes
+(router.outcomes) through ``from_outcome``. Nothing else reaches a client: no stack
 trace, no SQL, no internal host name.
 """
 
@@ -22,6 +23,8 @@ from typing import Any, ClassVar
 
 import orjson
 from aiohttp import web
+
+from router import outcomes
 
 PROBLEM_TYPE_BASE = "https://txrouter.dev/problems/"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -147,6 +150,25 @@ class OutcomeUnknown(ApiError):
     status = 504
     default_code = "outcome_unknown"
     title = "Outcome unknown"
+
+
+def from_outcome(out: outcomes.RouteOutcome) -> ApiError:
+    """The problem a request path's outcome (router.outcomes) answers: the one place where
+    those become statuses and codes."""
+    if isinstance(out, outcomes.TenantOverloaded):
+        return RateLimited(out.detail, retry_after_s=out.retry_after_s)
+    if isinstance(out, outcomes.NothingWritten):
+        return RegionUnavailable(out.detail, retry_after_s=out.retry_after_s)
+    if isinstance(out, outcomes.UnknownOutcome):
+        return OutcomeUnknown(out.detail)
+    if isinstance(out, outcomes.Missing):
+        return NotFound(out.detail)
+    if isinstance(out, outcomes.Refused):
+        return BusinessRefusal(out.detail, code=out.code)
+    if isinstance(out, outcomes.KeyReused):
+        return Conflict(out.detail)
+    assert isinstance(out, outcomes.Invalid), type(out)
+    return Unprocessable(out.detail)
 
 
 def problem_response(err: ApiError) -> web.Response:

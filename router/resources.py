@@ -11,8 +11,11 @@ from router.config import RouterConfig
 from router.events.client import EventsClient
 from router.freshness import RelayLag
 from router.metrics import Metrics
-from router.routing import ShardRouter, StoreRegistry
+from router.reads import ReadPolicy
+from router.resolver import Resolver, StoreRegistry
 from router.rtt import RttTable
+from router.saga_step import InlineSettler
+from router.writes import WritePath
 
 CONFIG = web.AppKey("config", RouterConfig)
 METRICS = web.AppKey("metrics", Metrics)
@@ -20,7 +23,12 @@ VERIFIER = web.AppKey("verifier", Verifier)
 TOPOLOGY = web.AppKey("topology", TopologyWatcher)
 STORES = web.AppKey("stores", StoreRegistry)
 CACHE = web.AppKey("cache", RegionCache)
-ROUTER = web.AppKey("router", ShardRouter)
+# The request paths: where accounts live, how reads are served, how writes are posted, and
+# the saga's inline leg 2 (router.resolver, router.reads, router.writes, router.saga_step).
+RESOLVER = web.AppKey("resolver", Resolver)
+READS = web.AppKey("reads", ReadPolicy)
+WRITES = web.AppKey("writes", WritePath)
+SAGA = web.AppKey("saga", InlineSettler)
 OPENAPI = web.AppKey("openapi", bytes)
 RTT = web.AppKey("rtt", RttTable)
 # The relay process's heartbeats as this router sees them (router.freshness).

@@ -22,8 +22,7 @@ import uuid
 from pathlib import Path
 
 from consistency.limits import FAILOVER_ANTI_FLAP_S
-from infra import cli
-from infra import failover as real_ops
+from infra import cli, failover
 from infra.local import cluster as lc
 from infra.local import control
 from router.auth import TENANT_SCOPES
@@ -45,7 +44,7 @@ async def one(d: Path, shard: str, home: str) -> float:
     try:
         f = await cs[0].create_account("EUR", home_region=home, overdraft_limit=10**12, timeout=10)
         a = await cs[0].create_account("EUR", home_region=home, timeout=10)
-        node = real_ops.LocalShardOps(d).load(shard)[0].shard.primary.name
+        node = failover.LocalShardOps(d).load(shard)[0].shard.primary.name
         control.pg_signal(d, node, signal.SIGKILL)
         t0 = time.monotonic()
         key, n = uuid.uuid4().hex, 0
@@ -78,11 +77,11 @@ def main() -> int:
             wait = last.get(shard, 0.0) + FAILOVER_ANTI_FLAP_S + 1 - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            rec = real_ops.LocalShardOps(d).load(shard)[0]
+            rec = failover.LocalShardOps(d).load(shard)[0]
             old = rec.shard.primary.region
             took = asyncio.run(one(d, shard, rec.shard.home_region))
             last[shard] = time.monotonic()
-            new = real_ops.LocalShardOps(d).load(shard)[0].shard.primary.region
+            new = failover.LocalShardOps(d).load(shard)[0].shard.primary.region
             samples.append({"round": rnd, "shard": shard, "from": old, "to": new, "s": took})
             print(f"{shard}: {old} -> {new}: kill -9 -> first ack {took:.3f}s", flush=True)
             assert cli.main(["rejoin", shard, "--node", old, "--dir", str(d)]) == 0

@@ -53,8 +53,17 @@ from consistency.topology import (
 from infra.keys import KeyRing, KeyRingError
 from infra.local import nats, postgres, procs
 from infra.local.ports import PortPlan, plan_ports
+
+# The state file is its own module; these names stay importable from here.
+from infra.local.state import HOST as HOST
+from infra.local.state import STATE_FILE as STATE_FILE
+from infra.local.state import STATE_VERSION, PgNode
+from infra.local.state import ClusterError as ClusterError
+from infra.local.state import State as State
+from infra.local.state import load_state as load_state
 from infra.wan import ListenerSpec, WanConfig, profile_latencies
 from router.auth import TENANT_SCOPES
+from router.cache import REDIS_ERRORS
 from router.config import RouterConfig
 from router.limits import ROUTER_WORKERS
 
@@ -63,10 +72,7 @@ log = logging.getLogger("txr.local")
 DEFAULT_REGIONS: Final = ("us-east", "eu-west", "ap-south")
 DEFAULT_BASE_PORT: Final = 7400
 DEFAULT_DIR: Final = Path(".txr/local")
-HOST: Final = "127.0.0.1"
 DB_NAME: Final = "txr"
-STATE_FILE: Final = "cluster.json"
-STATE_VERSION: Final = 1
 JWT_ISSUER: Final = "txr-local"
 JWT_AUDIENCE: Final = "txrouter"
 JWT_ADMIN_AUDIENCE: Final = "txrouter-admin"
@@ -107,10 +113,6 @@ ETCD_ELECTION_FACTOR: Final = 10
 T = TypeVar("T")
 
 
-class ClusterError(RuntimeError):
-    """The local cluster could not be started, described or stopped; the message says why."""
-
-
 @dataclass(frozen=True)
 class UpOptions:
     dir: Path = DEFAULT_DIR
@@ -132,7 +134,7 @@ class UpOptions:
 # -- small helpers ----------------------------------------------------------------------------
 
 
-def _run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to completion on a private loop in a worker thread.
 
     The launcher is synchronous and may be called from inside a running event loop (the pytest
@@ -155,7 +157,7 @@ def _run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return result[0]
 
 
-def _http_ok(url: str, expect: Callable[[bytes], bool] | None = None) -> bool:
+def http_ok(url: str, expect: Callable[[bytes], bool] | None = None) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as resp:  # noqa: S310
             body: bytes = resp.read()
@@ -169,13 +171,13 @@ def _relay_heartbeats(redis_url: str, shards: Sequence[str]) -> bool:
     client = redis.Redis.from_url(redis_url, socket_timeout=PROBE_TIMEOUT_S)
     try:
         return all(client.hget(coherence.heartbeat_key(s), "through") for s in shards)
-    except (redis.RedisError, OSError):
+    except REDIS_ERRORS:
         return False
     finally:
         client.close()
 
 
-def _etcd_healthy(body: bytes) -> bool:
+def etcd_healthy(body: bytes) -> bool:
     try:
         return bool(json.loads(body).get("health") == "true")
     except ValueError:
@@ -216,44 +218,6 @@ def etcd_timing_ms(latency_ms: dict[tuple[str, str], float]) -> tuple[int, int]:
     step = ETCD_HEARTBEAT_STEP_MS
     heartbeat = max(ETCD_HEARTBEAT_MS_MIN, math.ceil(rtt / step) * step)
     return heartbeat, heartbeat * ETCD_ELECTION_FACTOR
-
-
-# -- the state file ---------------------------------------------------------------------------
-
-
-class State:
-    """``cluster.json``: everything ``status`` and ``down`` need, saved after every change."""
-
-    def __init__(self, path: Path, data: dict[str, Any]) -> None:
-        self.path = path
-        self.data = data
-        self._lock = threading.Lock()
-
-    @classmethod
-    def load(cls, cluster_dir: Path) -> State | None:
-        path = cluster_dir / STATE_FILE
-        try:
-            return cls(path, json.loads(path.read_text()))
-        except FileNotFoundError:
-            return None
-        except ValueError as exc:
-            raise ClusterError(f"{path} is not valid JSON: {exc}") from exc
-
-    def save(self) -> None:
-        with self._lock:
-            tmp = self.path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
-            tmp.replace(self.path)
-
-    def add_proc(self, entry: dict[str, Any]) -> None:
-        with self._lock:
-            self.data.setdefault("procs", []).append(entry)
-        self.save()
-
-    def add_pg(self, entry: dict[str, Any]) -> None:
-        with self._lock:
-            self.data.setdefault("pg", []).append(entry)
-        self.save()
 
 
 def _plan_json(plan: PortPlan) -> dict[str, Any]:
@@ -501,7 +465,7 @@ class Launcher:
         url = f"http://{HOST}:{self.plan.wan_control}/links"
         procs.wait_until(
             "WAN emulator",
-            lambda: _http_ok(url),
+            lambda: http_ok(url),
             WAN_READY_TIMEOUT_S,
             alive=self._alive("wan"),
             log_path=self.logs / "wan.log",
@@ -561,7 +525,7 @@ class Launcher:
             url = f"http://{HOST}:{self.plan.region[r].etcd_client}/health"
             procs.wait_until(
                 f"etcd {r}",
-                functools.partial(_http_ok, url, _etcd_healthy),
+                functools.partial(http_ok, url, etcd_healthy),
                 ETCD_READY_TIMEOUT_S,
                 alive=self._alive(f"etcd-{r}"),
                 log_path=self.logs / f"etcd-{r}.log",
@@ -772,7 +736,7 @@ class Launcher:
             async with EtcdClient(endpoints) as client:
                 return await bootstrap_topology(client, topo)
 
-        if not _run_async(run):
+        if not run_async(run):
             raise ClusterError("etcd already holds a topology; the cluster directory is stale")
 
     def router_config(self, region: str) -> RouterConfig:
@@ -896,7 +860,7 @@ class Launcher:
             # so one answer means the region serves; every worker must still be alive.
             procs.wait_until(
                 f"router {r} /readyz",
-                functools.partial(_http_ok, url),
+                functools.partial(http_ok, url),
                 ROUTER_READY_TIMEOUT_S,
                 alive=functools.partial(self._all_alive, workers[r]),
                 log_path=self.logs / f"{workers[r][0]}.log",
@@ -927,22 +891,17 @@ _STOP_ORDER: Final = ("controller", "router", "relays", "nats", "wan", "redis")
 
 
 def _live_pids(state: State) -> list[int]:
-    live = [
-        p["pid"]
-        for p in state.data.get("procs", [])
-        if procs.is_alive(int(p["pid"]), p.get("marker"))
-    ]
-    for pg in state.data.get("pg", []):
-        pid = pg.get("pid")
-        if pid and procs.is_alive(int(pid), pg["datadir"]):
-            live.append(pid)
+    live = [p.pid for p in state.procs if procs.is_alive(p.pid, p.marker)]
+    for pg in state.pg_nodes:
+        if pg.pid and procs.is_alive(pg.pid, str(pg.datadir)):
+            live.append(pg.pid)
     return live
 
 
-def _stop_pg(entry: dict[str, Any]) -> None:
-    datadir = Path(entry["datadir"])
+def _stop_pg(entry: PgNode) -> None:
+    datadir = entry.datadir
     # pg_ctl knows the server even when up crashed before recording its pid.
-    pid: int | None = entry.get("pid")
+    pid = entry.pid
     with contextlib.suppress(OSError, ValueError, IndexError):
         pid = int((datadir / "postmaster.pid").read_text().splitlines()[0])
     for mode in ("fast", "immediate"):
@@ -950,7 +909,7 @@ def _stop_pg(entry: dict[str, Any]) -> None:
             postgres.stop(datadir, mode)
             break
         except postgres.PostgresError as exc:
-            log.warning("pg_ctl stop -m %s of %s failed: %s", mode, entry["node"], exc)
+            log.warning("pg_ctl stop -m %s of %s failed: %s", mode, entry.node, exc)
     if pid and procs.is_alive(pid, str(datadir)):
         # The last resort: the postmaster's children exit when they notice it is gone.
         procs.terminate(pid, str(datadir), group=False)
@@ -962,34 +921,35 @@ def down(cluster_dir: Path, progress: Callable[[str], None] | None = None) -> bo
     state = State.load(cluster_dir.resolve())
     if state is None:
         return False
-    entries = state.data.get("procs", [])
+    entries = state.procs
+    pg_nodes = state.pg_nodes
     errors: list[str] = []
 
     def stop_kind(kind: str) -> None:
         for p in entries:
-            if p["kind"] == kind:
+            if p.kind == kind:
                 try:
-                    procs.terminate(int(p["pid"]), p.get("marker"))
+                    procs.terminate(p.pid, p.marker)
                 except procs.ProcessError as exc:
-                    errors.append(f"{p['name']}: {exc}")
+                    errors.append(f"{p.name}: {exc}")
 
     for kind in _STOP_ORDER:
-        if any(p["kind"] == kind for p in entries):
+        if any(p.kind == kind for p in entries):
             report(f"stopping {kind}")
             stop_kind(kind)
-    if state.data.get("pg"):
+    if pg_nodes:
         report("stopping PostgreSQL")
         # Every process of every server, taken before the stop: pg_ctl returns when the pid
         # file is gone, and a postmaster killed alone leaves its backends behind; `down`
         # returns only once all of them have exited, so the next cluster can start at once.
         trees: list[int] = []
-        for e in state.data["pg"]:
+        for e in pg_nodes:
             with contextlib.suppress(OSError, ValueError, IndexError):
-                pm = int((Path(e["datadir"]) / "postmaster.pid").read_text().splitlines()[0])
-                if procs.is_alive(pm, e["datadir"]):
+                pm = int((e.datadir / "postmaster.pid").read_text().splitlines()[0])
+                if procs.is_alive(pm, str(e.datadir)):
                     trees += [pm, *procs.children_of(pm)]
-        with concurrent.futures.ThreadPoolExecutor(max(1, len(state.data["pg"]))) as pool:
-            futs = [pool.submit(_stop_pg, e) for e in state.data["pg"]]
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(pg_nodes))) as pool:
+            futs = [pool.submit(_stop_pg, e) for e in pg_nodes]
             for f in futs:
                 try:
                     f.result()
@@ -998,7 +958,7 @@ def down(cluster_dir: Path, progress: Callable[[str], None] | None = None) -> bo
         stuck = procs.wait_all_gone(trees, PG_EXIT_TIMEOUT_S)
         if stuck:
             errors.append(f"PostgreSQL processes still running: {stuck}")
-    if any(p["kind"] == "etcd" for p in entries):
+    if any(p.kind == "etcd" for p in entries):
         report("stopping etcd")
         stop_kind("etcd")
     left = _live_pids(state)
@@ -1023,8 +983,8 @@ def purge(cluster_dir: Path) -> None:
         return
     if _live_pids(state):
         raise ClusterError(f"cluster in {cluster_dir} still runs; stop it before purging")
-    pg_root = state.data.get("pg_root")
-    if pg_root:
+    pg_root = state.pg_root
+    if pg_root is not None:
         shutil.rmtree(pg_root, ignore_errors=True)
     for sub in ("etcd", "redis", "pg"):
         shutil.rmtree(cluster_dir / sub, ignore_errors=True)
@@ -1033,20 +993,13 @@ def purge(cluster_dir: Path) -> None:
 # -- status -----------------------------------------------------------------------------------
 
 
-def load_state(cluster_dir: Path) -> State:
-    state = State.load(cluster_dir.resolve())
-    if state is None:
-        raise ClusterError(f"no local cluster in {cluster_dir.resolve()} (no {STATE_FILE})")
-    return state
-
-
 def _live_topology(endpoints: Sequence[str]) -> Topology | None:
     async def run() -> Topology:
         async with EtcdClient(endpoints, timeout_s=STATUS_ETCD_TIMEOUT_S) as client:
             return await load_topology(client)
 
     try:
-        return _run_async(run)
+        return run_async(run)
     except Exception as exc:  # noqa: BLE001 - any failure means "fall back to the state file"
         log.info("etcd not readable for status (%s); using %s", exc, STATE_FILE)
         return None
@@ -1061,39 +1014,37 @@ def status(cluster_dir: Path) -> dict[str, Any]:
     """The cluster description of API.md (``txr local status --json``)."""
     state = load_state(cluster_dir)
     d = state.data
-    ports = d["ports"]["regions"]
+    ports = state.ports["regions"]
     pw = pg_passwords(cluster_dir)
-    procs_by_name = {p["name"]: p for p in d.get("procs", [])}
+    all_procs = state.procs
+    procs_by_name = {p.name: p for p in all_procs}
     topo = None
     if d.get("status") == "up":
-        topo = _live_topology([f"http://{HOST}:{ports[r]['etcd_client']}" for r in d["regions"]])
+        topo = _live_topology(state.etcd_urls)
 
     def pid_of(name: str) -> int | None:
         p = procs_by_name.get(name)
-        return int(p["pid"]) if p and procs.is_alive(int(p["pid"]), p.get("marker")) else None
+        return p.pid if p and procs.is_alive(p.pid, p.marker) else None
 
     regions: dict[str, Any] = {}
-    for r in d["regions"]:
+    for r in state.regions:
         nodes = []
-        for e in d.get("pg", []):
-            if e["region"] != r:
+        for e in state.pg_nodes:
+            if e.region != r:
                 continue
-            role = e["role"]
-            if topo is not None and e["shard"] in topo.shards:
-                role = "primary" if topo.shards[e["shard"]].primary.name == e["node"] else "standby"
-            pid = e.get("pid")
-            alive = bool(pid) and procs.is_alive(int(pid), e["datadir"])
+            role = e.role
+            if topo is not None and e.shard in topo.shards:
+                role = "primary" if topo.shards[e.shard].primary.name == e.node else "standby"
+            alive = e.pid is not None and procs.is_alive(e.pid, str(e.datadir))
             nodes.append(
                 {
-                    "shard": e["shard"],
-                    "node": e["node"],
+                    "shard": e.shard,
+                    "node": e.node,
                     "role": role,
                     "dsn": postgres.redact(
-                        postgres.dsn(
-                            HOST, e["port"], postgres.APP_ROLE, pw["app_password"], DB_NAME
-                        )
+                        postgres.dsn(HOST, e.port, postgres.APP_ROLE, pw["app_password"], DB_NAME)
                     ),
-                    "pid": pid if alive else None,
+                    "pid": e.pid if alive else None,
                 }
             )
         regions[r] = {
@@ -1105,9 +1056,9 @@ def status(cluster_dir: Path) -> dict[str, Any]:
             "router_pid": pid_of(router_proc_name(r, 0)),
             "router_pids": [
                 pid
-                for p in d.get("procs", [])
-                if p["kind"] == "router" and p["region"] == r
-                if (pid := pid_of(p["name"])) is not None
+                for p in all_procs
+                if p.kind == "router" and p.region == r
+                if (pid := pid_of(p.name)) is not None
             ],
             "relays_pid": pid_of(f"relays-{r}"),
             "controller_pid": pid_of(controller_proc_name(r)),
@@ -1120,7 +1071,7 @@ def status(cluster_dir: Path) -> dict[str, Any]:
             ),
             "redis": f"redis://{HOST}:{ports[r]['redis']}",
             "redis_pid": pid_of(f"redis-{r}"),
-            "etcd": f"http://{HOST}:{ports[r]['etcd_client']}",
+            "etcd": state.etcd_url(r),
             "etcd_pid": pid_of(f"etcd-{r}"),
             "nats": (
                 f"nats://{HOST}:{ports[r]['nats_client']}" if "nats_client" in ports[r] else None
@@ -1195,10 +1146,8 @@ def primary_admin_dsns(cluster_dir: Path) -> dict[str, str]:
     the cluster started with.
     """
     state = load_state(cluster_dir)
-    d = state.data
-    ports = d["ports"]["regions"]
     pw = pg_passwords(cluster_dir)
-    topo = _live_topology([f"http://{HOST}:{ports[r]['etcd_client']}" for r in d["regions"]])
+    topo = _live_topology(state.etcd_urls)
     out: dict[str, str] = {}
     if topo is not None:
         for name, shard in topo.shards.items():
@@ -1210,9 +1159,9 @@ def primary_admin_dsns(cluster_dir: Path) -> dict[str, str]:
                 DB_NAME,
             )
         return out
-    for e in d.get("pg", []):
-        if e["role"] == "primary":
-            out[e["shard"]] = postgres.dsn(
-                HOST, e["port"], postgres.ADMIN_ROLE, pw["admin_password"], DB_NAME
+    for e in state.pg_nodes:
+        if e.role == "primary":
+            out[e.shard] = postgres.dsn(
+                HOST, e.port, postgres.ADMIN_ROLE, pw["admin_password"], DB_NAME
             )
     return out

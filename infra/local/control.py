@@ -14,9 +14,10 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from infra.local import cluster, postgres, procs
+from infra.local.state import Proc, State
 
 # Readiness after a restart: a router reloads its topology and reconnects its pools, an etcd
 # member rejoins the raft group; Redis binds at once.
@@ -35,14 +36,10 @@ class ControlError(RuntimeError):
     """The process to act on is not in the cluster, or did not do what was asked."""
 
 
-def procs_of(cluster_dir: Path, kind: str, region: str | None = None) -> list[dict[str, Any]]:
+def procs_of(cluster_dir: Path, kind: str, region: str | None = None) -> list[Proc]:
     """The recorded processes of ``kind`` (in ``region`` when given), in launch order."""
     state = cluster.load_state(cluster_dir)
-    return [
-        p
-        for p in state.data.get("procs", [])
-        if p["kind"] == kind and (region is None or p.get("region") == region)
-    ]
+    return [p for p in state.procs if p.kind == kind and (region is None or p.region == region)]
 
 
 def kill(cluster_dir: Path, kind: str, region: str | None) -> list[str]:
@@ -55,35 +52,32 @@ def kill(cluster_dir: Path, kind: str, region: str | None) -> list[str]:
 
 def kill_named(cluster_dir: Path, name: str) -> None:
     """SIGKILL the recorded process ``name`` alone (one router worker, say) and wait for it."""
-    state = cluster.load_state(cluster_dir)
-    found = [p for p in state.data.get("procs", []) if p["name"] == name]
-    if not found:
+    found = cluster.load_state(cluster_dir).proc(name)
+    if found is None:
         raise ControlError(f"no process named {name} in {cluster_dir}")
-    _kill_entries(found)
+    _kill_entries([found])
 
 
-def _kill_entries(found: list[dict[str, Any]]) -> list[str]:
+def _kill_entries(found: list[Proc]) -> list[str]:
     for p in found:
-        if procs.is_alive(int(p["pid"]), p["marker"]):
+        if procs.is_alive(p.pid, p.marker):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(int(p["pid"]), signal.SIGKILL)
+                os.killpg(p.pid, signal.SIGKILL)
     for p in found:
-        if not procs.wait_gone(int(p["pid"]), KILL_WAIT_S, p["marker"]):
-            raise ControlError(f"{p['name']} (pid {p['pid']}) survived SIGKILL")
-    return [str(p["name"]) for p in found]
+        if not procs.wait_gone(p.pid, KILL_WAIT_S, p.marker):
+            raise ControlError(f"{p.name} (pid {p.pid}) survived SIGKILL")
+    return [p.name for p in found]
 
 
-def _ready_probe(cluster_dir: Path, entry: dict[str, Any]) -> Callable[[], bool]:
-    plan = cluster.load_state(cluster_dir).data["ports"]
-    region = entry.get("region")
-    ports = plan["regions"][region] if region else {}
-    kind = entry["kind"]
+def _ready_probe(state: State, entry: Proc) -> Callable[[], bool]:
+    ports = state.region_ports(entry.region) if entry.region else {}
+    kind = entry.kind
     host = cluster.HOST
     if kind == "router":
-        return functools.partial(cluster._http_ok, f"http://{host}:{ports['router']}/readyz")
+        return functools.partial(cluster.http_ok, f"http://{host}:{ports['router']}/readyz")
     if kind == "etcd":
         return functools.partial(
-            cluster._http_ok, f"http://{host}:{ports['etcd_client']}/health", cluster._etcd_healthy
+            cluster.http_ok, f"http://{host}:{ports['etcd_client']}/health", cluster.etcd_healthy
         )
     if kind == "redis":
         return functools.partial(procs.port_open, int(ports["redis"]))
@@ -97,34 +91,31 @@ def restart(cluster_dir: Path, name: str) -> int:
     """Start the recorded process ``name`` again from its argv (it must not be running) and wait
     until it is ready; the state file gets the new pid. Returns the pid."""
     state = cluster.load_state(cluster_dir)
-    entry = next((p for p in state.data.get("procs", []) if p["name"] == name), None)
+    entry = state.proc(name)
     if entry is None:
         raise ControlError(f"no process named {name} in {cluster_dir}")
-    if procs.is_alive(int(entry["pid"]), entry["marker"]):
-        raise ControlError(f"{name} is still running (pid {entry['pid']})")
-    argv = entry.get("argv")
-    if not argv:
+    if procs.is_alive(entry.pid, entry.marker):
+        raise ControlError(f"{name} is still running (pid {entry.pid})")
+    if not entry.argv:
         raise ControlError(f"{name} was recorded without its argv; restart the cluster")
-    env = cluster.python_env() if entry.get("python_env") else None
-    p = procs.spawn(argv, Path(entry["log"]), env=env, cwd=cluster_dir.resolve())
-    entry["pid"] = p.pid
-    state.save()
+    env = cluster.python_env() if entry.python_env else None
+    p = procs.spawn(list(entry.argv), entry.log, env=env, cwd=cluster_dir.resolve())
+    state.set_proc_pid(name, p.pid)
     procs.wait_until(
         f"{name} after restart",
-        _ready_probe(cluster_dir, entry),
-        RESTART_READY_TIMEOUT_S.get(entry["kind"], 30.0),
+        _ready_probe(state, entry),
+        RESTART_READY_TIMEOUT_S.get(entry.kind, 30.0),
         alive=lambda: p.poll() is None,
-        log_path=Path(entry["log"]),
+        log_path=entry.log,
     )
     return p.pid
 
 
-def pg_entry(cluster_dir: Path, node: str) -> dict[str, Any]:
-    state = cluster.load_state(cluster_dir)
-    entry = next((e for e in state.data.get("pg", []) if e["node"] == node), None)
-    if entry is None or not entry.get("pid"):
+def _running_pid(cluster_dir: Path, node: str) -> int:
+    entry = cluster.load_state(cluster_dir).pg_node(node)
+    if entry is None or entry.pid is None:
         raise ControlError(f"no running PostgreSQL node {node} recorded")
-    return dict(entry)
+    return entry.pid
 
 
 def _pg_tree(postmaster: int) -> list[int]:
@@ -134,7 +125,7 @@ def _pg_tree(postmaster: int) -> list[int]:
 
 def pg_tree(cluster_dir: Path, node: str) -> list[int]:
     """The pids of a running PostgreSQL node's server: the postmaster and its children."""
-    return _pg_tree(int(pg_entry(cluster_dir, node)["pid"]))
+    return _pg_tree(_running_pid(cluster_dir, node))
 
 
 def send(pids: list[int], sig: signal.Signals) -> None:
@@ -149,8 +140,7 @@ def pg_signal(cluster_dir: Path, node: str, sig: signal.Signals) -> list[int]:
     """Send ``sig`` to a PostgreSQL server and every process it forked: SIGSTOP freezes the
     whole server (a postmaster alone stopped would leave its backends answering), SIGKILL is a
     crash. Returns the pids signalled."""
-    entry = pg_entry(cluster_dir, node)
-    pids = _pg_tree(int(entry["pid"]))
+    pids = _pg_tree(_running_pid(cluster_dir, node))
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
@@ -162,14 +152,15 @@ def kill_region(cluster_dir: Path, region: str) -> tuple[list[str], list[str]]:
     relays, controller) and every PostgreSQL server there with all its children, as a region
     lost at once. Returns (process names, PostgreSQL nodes)."""
     state = cluster.load_state(cluster_dir)
-    found = [p for p in state.data.get("procs", []) if p.get("region") == region]
-    nodes = [
-        str(e["node"])
-        for e in state.data.get("pg", [])
-        if e["region"] == region and e.get("pid") and procs.is_alive(int(e["pid"]), e["datadir"])
+    found = [p for p in state.procs if p.region == region]
+    running = [
+        e
+        for e in state.pg_nodes
+        if e.region == region and e.pid is not None and procs.is_alive(e.pid, str(e.datadir))
     ]
+    nodes = [e.node for e in running]
     # The servers and the processes in one sweep, so nothing of the region outlives the rest.
-    pids = [pid for n in nodes for pid in _pg_tree(int(pg_entry(cluster_dir, n)["pid"]))]
+    pids = [pid for e in running if e.pid is not None for pid in _pg_tree(e.pid)]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -183,20 +174,17 @@ def restart_pg(cluster_dir: Path, node: str) -> int:
     """Start a stopped or crashed PostgreSQL node again as it was (a standby stays a standby
     of the primary it streamed from); the state file gets the new pid."""
     state = cluster.load_state(cluster_dir)
-    entry = next((e for e in state.data.get("pg", []) if e["node"] == node), None)
+    entry = state.pg_node(node)
     if entry is None:
         raise ControlError(f"no PostgreSQL node {node} recorded")
-    datadir = Path(entry["datadir"])
     with contextlib.suppress(postgres.PostgresError):
         # A crash leaves postmaster.pid behind; stop() knows it and returns.
-        postgres.stop(datadir, "immediate")
-    pid = postgres.start(datadir, Path(entry["log"]))
-    entry["pid"] = pid
-    state.save()
+        postgres.stop(entry.datadir, "immediate")
+    pid = postgres.start(entry.datadir, entry.log)
+    state.set_pg_pid(node, pid)
     return pid
 
 
 def pg_alive(cluster_dir: Path, node: str) -> bool:
-    state = cluster.load_state(cluster_dir)
-    entry = next((e for e in state.data.get("pg", []) if e["node"] == node), None)
-    return bool(entry and entry.get("pid") and procs.is_alive(int(entry["pid"]), entry["datadir"]))
+    entry = cluster.load_state(cluster_dir).pg_node(node)
+    return bool(entry and entry.pid and procs.is_alive(entry.pid, str(entry.datadir)))

@@ -12,8 +12,8 @@ from consistency import tokens
 from router.auth import ADMIN_SCOPES, AuthError, Principal, WrongAudience
 from router.errors import Forbidden, Unauthorized, Unprocessable
 from router.limits import REQUEST_TIMEOUT_DIGITS_MAX
+from router.resolver import Deadline
 from router.resources import CONFIG, VERIFIER
-from router.routing import Deadline
 
 SERVED_BY_KEY = web.RequestKey("served_by", str)
 

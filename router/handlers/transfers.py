@@ -9,9 +9,17 @@ from aiohttp import web
 
 from consistency import ids
 from consistency.idempotency import is_valid_key
+from consistency.saga import TransferStatus
 from regionstore.store import ShardStore, TransferCode, TransferRow
 from router import render
-from router.errors import ApiError, BusinessRefusal, Conflict, NotFound, Unprocessable
+from router.errors import (
+    ApiError,
+    BusinessRefusal,
+    Conflict,
+    NotFound,
+    Unprocessable,
+    from_outcome,
+)
 from router.handlers.common import authorize, client_token, json_response, request_deadline
 from router.limits import (
     READ_DEADLINE_S,
@@ -20,9 +28,11 @@ from router.limits import (
     WRITE_DEADLINE_S,
 )
 from router.model import PostedTransfer, TransferRequest
+from router.outcomes import RouteOutcome
 from router.ratelimit import charge
-from router.resources import METRICS, ROUTER
-from router.routing import Deadline, ShardRouter
+from router.reads import ReadPolicy
+from router.resolver import Deadline
+from router.resources import METRICS, READS, SAGA, WRITES
 from router.validation import (
     decode_transfer,
     parse_json_object,
@@ -46,9 +56,11 @@ async def create_transfer(request: web.Request) -> web.Response:
     client_token(request)
     deadline = request_deadline(request, WRITE_DEADLINE_S)
     req = decode_transfer(await read_body(request))
-    router = request.app[ROUTER]
-    posted = await router.post_transfer(principal.tenant, req, key, deadline)
-    body, versions, replayed = await _answer(request, router, principal.tenant, req, posted)
+    try:
+        posted = await request.app[WRITES].post_transfer(principal.tenant, req, key, deadline)
+        body, versions, replayed = await _answer(request, principal.tenant, req, posted)
+    except RouteOutcome as out:
+        raise from_outcome(out) from out
     return json_response(
         request,
         body,
@@ -61,7 +73,6 @@ async def create_transfer(request: web.Request) -> web.Response:
 
 async def _answer(
     request: web.Request,
-    router: ShardRouter,
     tenant: str,
     req: TransferRequest,
     posted: PostedTransfer,
@@ -84,7 +95,7 @@ async def _answer(
     assert res.source_balance is not None
     status = res.status
     if res.code is TransferCode.OK and posted.destination_shard is not None:
-        status = await router.settle_inline(tenant, posted, req)
+        status = await request.app[SAGA].settle_inline(tenant, posted, req)
     row = TransferRow(
         id=res.transfer_id,
         tenant=tenant,
@@ -96,11 +107,11 @@ async def _answer(
         status=status,
         created_at=res.created_at,
     )
-    if status == "reversed":
+    if status is TransferStatus.REVERSED:
         # Rare: the destination refused. The stored row carries the refusal code.
-        row = await _stored_transfer(router, tenant, row)
+        row = await _stored_transfer(request.app[READS], tenant, row)
     # A cross-shard leg 1 reports only the source; leg 2 runs on another shard. The batch's
-    # cache write happened before this answer (ShardRouter._cache_committed).
+    # cache write happened before this answer (WritePath._cache_committed).
     versions = [(req.source, res.source_version)]
     if res.destination_version is not None:
         versions.append((req.destination, res.destination_version))
@@ -137,19 +148,23 @@ async def create_transfer_batch(request: web.Request) -> web.Response:
             results[i] = _error(err)
             continue
         valid.append((i, req, key))
-    router = request.app[ROUTER]
     tenant = principal.tenant
-    posted = await router.post_many(tenant, [(req, key) for _, req, key in valid], deadline)
+    posted = await request.app[WRITES].post_many(
+        tenant, [(req, key) for _, req, key in valid], deadline
+    )
     versions: Versions = []
 
-    async def answer(i: int, req: TransferRequest, outcome: PostedTransfer | ApiError) -> None:
-        if isinstance(outcome, ApiError):
-            results[i] = _error(outcome)
+    async def answer(i: int, req: TransferRequest, outcome: PostedTransfer | RouteOutcome) -> None:
+        if isinstance(outcome, RouteOutcome):
+            results[i] = _error(from_outcome(outcome))
             return
         try:
-            body, wrote, replayed = await _answer(request, router, tenant, req, outcome)
+            body, wrote, replayed = await _answer(request, tenant, req, outcome)
         except ApiError as err:
             results[i] = _error(err)
+            return
+        except RouteOutcome as out:
+            results[i] = _error(from_outcome(out))
             return
         versions.extend(wrote)
         results[i] = {"status": 201, "transfer": body, "replayed": replayed}
@@ -189,11 +204,11 @@ def _error(err: ApiError) -> dict[str, Any]:
     return {"status": err.status, "error": err.body()}
 
 
-async def _stored_transfer(router: ShardRouter, tenant: str, row: TransferRow) -> TransferRow:
+async def _stored_transfer(reads: ReadPolicy, tenant: str, row: TransferRow) -> TransferRow:
     async def fetch(store: ShardStore, timeout_s: float) -> TransferRow | None:
         return await store.get_transfer(row.id, tenant, timeout_s=timeout_s)
 
-    stored, _shard = await router.read(
+    stored, _shard = await reads.primary(
         ids.account_slot(row.source), "get_transfer", fetch, Deadline(READ_DEADLINE_S)
     )
     return stored if stored is not None else row
@@ -209,9 +224,12 @@ async def get_transfer(request: web.Request) -> web.Response:
     async def fetch(store: ShardStore, timeout_s: float) -> TransferRow | None:
         return await store.get_transfer(transfer_uuid, principal.tenant, timeout_s=timeout_s)
 
-    row, _shard = await request.app[ROUTER].read(
-        slot, "get_transfer", fetch, request_deadline(request, READ_DEADLINE_S)
-    )
+    try:
+        row, _shard = await request.app[READS].primary(
+            slot, "get_transfer", fetch, request_deadline(request, READ_DEADLINE_S)
+        )
+    except RouteOutcome as out:
+        raise from_outcome(out) from out
     if row is None or ids.account_slot(row.source) != slot:
         raise NotFound("no such transfer")
     return json_response(request, render.transfer(row), versions=[], served_by="primary")

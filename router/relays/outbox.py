@@ -94,11 +94,11 @@ PRUNE_TIMEOUT_S: Final = 10.0
 # message, or one signed with a key the destination lacks; a leg 1 older than the window.
 _UNDELIVERABLE: Final = frozenset({InboundCode.UNAUTHENTICATED, InboundCode.EXPIRED})
 
-Outcome = Literal["settled", "reversed", "already", "retry"]
+DeliveryOutcome = Literal["settled", "reversed", "already", "retry"]
 
 
 class ShardResolver(Protocol):
-    """The relay's view of the topology (the router's ShardRouter; a static map in tests)."""
+    """The relay's view of the topology (router.resolver.Resolver; a static map in tests)."""
 
     def route_account(self, account_id: int) -> tuple[str, int, int]:
         """(shard name, shard epoch, slot epoch) of the account's home, as currently known."""
@@ -120,7 +120,7 @@ class Delivery:
     """What one delivery achieved. ``code``: the refusal code for ``reversed``, the transfer's
     status for ``already``, the reason for ``retry`` (a store code or an error kind)."""
 
-    outcome: Outcome
+    outcome: DeliveryOutcome
     code: str | None
 
 

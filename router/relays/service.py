@@ -33,7 +33,8 @@ from router.feedsink import RegionSink
 from router.limits import TOPOLOGY_INITIAL_TIMEOUT_S
 from router.metrics import Metrics
 from router.relays.feed import ShardFeed
-from router.routing import ShardRouter, StoreRegistry
+from router.relays.outbox import OutboxRelay
+from router.resolver import Resolver, StoreRegistry
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class RelayService:
         self._etcd: EtcdClient | None = None
         self._watcher: TopologyWatcher | None = None
         self._stores: StoreRegistry | None = None
-        self._resolver: ShardRouter | None = None
+        self._resolver: Resolver | None = None
+        self._outbox_relays: dict[str, OutboxRelay] = {}
         self._sinks: dict[str, RegionSink] = {}
         self._running: dict[str, _Running] = {}
         self._supervisor: asyncio.Task[None] | None = None
@@ -97,8 +99,8 @@ class RelayService:
             log.error("no relay credentials: the saga steps will be refused")
             self._stores = StoreRegistry(config, config.db_password_file.read_text().strip())
         # The router's resolver (topology + pools) serves the outbox relays as it serves the
-        # router's inline deliveries; this one never sees a request.
-        self._resolver = ShardRouter(self._watcher, self._stores, self.metrics, config.region)
+        # router's inline deliveries.
+        self._resolver = Resolver(self._watcher, self._stores, self.metrics, config.region)
         await self._stores.warm(self._watcher.current)
         if config.repl_password_file is not None:
             self._repl_password = config.repl_password_file.read_text().strip()
@@ -213,14 +215,23 @@ class RelayService:
                 feed_task.add_done_callback(self._ended)
                 self.feeds[name] = feed
             stop = asyncio.Event()
-            outbox = asyncio.create_task(
-                self._resolver.relay_for(name).run(stop), name=f"outbox-{name}"
-            )
+            outbox = asyncio.create_task(self._outbox_relay(name).run(stop), name=f"outbox-{name}")
             outbox.add_done_callback(self._ended)
             self._running[name] = _Running(
                 feed, feed_task, outbox, stop, shard.primary.name, shard.epoch
             )
             log.info("relays of %s: running feed and outbox of %s", self.config.region, name)
+
+    def _outbox_relay(self, shard: str) -> OutboxRelay:
+        """One per source shard for the process's life (a restarted shard keeps its relay)."""
+        relay = self._outbox_relays.get(shard)
+        if relay is None:
+            assert self._resolver is not None
+            relay = OutboxRelay(
+                shard, self._resolver, region=self.config.region, metrics=self.metrics
+            )
+            self._outbox_relays[shard] = relay
+        return relay
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -260,8 +271,6 @@ class RelayService:
             await self._metrics_runner.cleanup()
         for sink in self._sinks.values():
             await sink.close()
-        if self._resolver is not None:
-            await self._resolver.close()
         if self._stores is not None:
             await self._stores.close()
         if self._watcher is not None:

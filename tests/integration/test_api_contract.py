@@ -9,6 +9,7 @@ from typing import Any
 import jwt
 import pytest
 from jsonschema import Draft202012Validator
+from prometheus_client.parser import text_string_to_metric_families
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
@@ -88,27 +89,70 @@ async def test_responses_match_the_documented_schemas(api: Api) -> None:
     _validator(doc, "Problem").validate(problem.body)
 
 
-async def test_metrics_count_requests_by_route_status_and_region(api: Api) -> None:
-    tenant = new_tenant()
-    await api.open_account(tenant, "eu-west")
-    # /metrics is on the admin port (router.adminsite). Each worker answers for itself, so
-    # scrape over fresh connections until the worker that served the open answers.
-    admin = api.cluster.refresh_status()["regions"]["eu-west"]["router_admin"]
-    wanted = 'route="/v1/accounts",status="201"'
-    text = ""
-    for _ in range(METRICS_SCRAPES_MAX):
+Sample = tuple[str, frozenset[tuple[str, str]]]
+OPENS = (
+    "txr_http_requests_total",
+    {"method": "POST", "region": "eu-west", "route": "/v1/accounts", "status": "201"},
+)
+STORE_CALLS = (
+    "txr_store_call_duration_seconds_count",
+    {"op": "create_account", "region": "eu-west"},
+)
+
+
+async def _scrape_every_worker(
+    api: Api, admin: str, pids: set[str]
+) -> dict[str, dict[Sample, float]]:
+    """Each worker's samples, by pid: /metrics answers for the worker that took the connection
+    (the kernel picks one), so scrape over fresh connections until every worker answered."""
+    seen: dict[str, dict[Sample, float]] = {}
+    for _ in range(METRICS_SCRAPES_MAX * len(pids)):
         r = await api.call_url("GET", admin + "/metrics", headers={"Connection": "close"})
         assert r.status == 200
         text = r.body.decode()
-        if wanted in text:
-            break
-    assert (
-        'txr_http_requests_total{method="POST",region="eu-west",route="/v1/accounts",'
-        'status="201"}' in text
+        for name in ("txr_http_request_duration_seconds_bucket", "txr_fence_rejections_total"):
+            assert name in text
+        samples: dict[Sample, float] = {}
+        pid = None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+                if sample.name == "txr_router_worker_info":
+                    pid = sample.labels["pid"]
+        assert pid in pids, (pid, pids)
+        seen[pid] = samples
+        if set(seen) == pids:
+            return seen
+    raise AssertionError(f"workers {sorted(pids - set(seen))} never answered a scrape")
+
+
+def _total(by_worker: dict[str, dict[Sample, float]], which: tuple[str, dict[str, str]]) -> float:
+    """The sum over workers of every sample named ``which[0]`` carrying its labels."""
+    name, labels = which
+    want = set(labels.items())
+    return sum(
+        value
+        for samples in by_worker.values()
+        for (n, got), value in samples.items()
+        if n == name and want <= got
     )
-    assert "txr_http_request_duration_seconds_bucket" in text
-    assert 'txr_store_call_duration_seconds_count{op="create_account",region="eu-west"' in text
-    assert "txr_fence_rejections_total" in text
+
+
+async def test_metrics_count_requests_by_route_status_and_region(api: Api) -> None:
+    region = api.cluster.refresh_status()["regions"]["eu-west"]
+    # /metrics is on the admin port (router.adminsite), one registry per worker process.
+    admin = region["router_admin"]
+    pids = {str(p) for p in region["router_pids"]}
+    before = await _scrape_every_worker(api, admin, pids)
+    tenant = new_tenant()
+    opened = 3
+    for _ in range(opened):
+        await api.open_account(tenant, "eu-west")
+    after = await _scrape_every_worker(api, admin, pids)
+    # The counters moved by what this test did (the suite's tests run one at a time, and
+    # nothing else opens accounts in eu-west meanwhile).
+    assert _total(after, OPENS) - _total(before, OPENS) == opened
+    assert _total(after, STORE_CALLS) - _total(before, STORE_CALLS) >= opened
 
 
 async def test_health_and_readiness_in_every_region(api: Api) -> None:

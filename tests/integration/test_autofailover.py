@@ -25,20 +25,19 @@ from typing import Any, Final
 import pytest
 
 from consistency import autofailover as af
-from consistency import failover as procedures
+from consistency import failover_plan
 from consistency.etcd import EtcdClient
 from consistency.limits import FAILOVER_DETECTION_S, SHARD_LOCK_TTL_S
 from consistency.topology import Node
-from infra import cli, controller
-from infra import failover as real_ops
+from infra import cli, controller, failover
 from infra.local import cluster as lc
 from infra.local import control
 from infra.wan import WanControl
-from tests.fixtures import PORT_OFFSET
+from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 from tests.fixtures.api import ALL_SCOPES, FUNDING_OVERDRAFT
 from txclient import AsyncClient, errors
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
 log = logging.getLogger(__name__)
 
 BASE_PORT: Final = 7200 + PORT_OFFSET
@@ -115,12 +114,12 @@ def _write(d: Path, accounts: dict[str, tuple[str, str]], shard: str) -> float:
     return asyncio.run(run())
 
 
-def _record(d: Path, shard: str) -> procedures.ShardRecord:
-    return real_ops.LocalShardOps(d).load(shard)[0]
+def _record(d: Path, shard: str) -> failover_plan.ShardRecord:
+    return failover.LocalShardOps(d).load(shard)[0]
 
 
 def _auto(d: Path, shard: str) -> dict[str, Any]:
-    got: dict[str, Any] = real_ops.autofailover_status(real_ops.LocalShardOps(d).etcd)
+    got: dict[str, Any] = failover.autofailover_status(failover.LocalShardOps(d).etcd)
     return dict(got["shards"].get(shard, {}))
 
 
@@ -289,7 +288,7 @@ def test_two_racing_controllers_promote_exactly_once(
 class _DiesAtPromote:
     """The real operations, except that the actor "dies" when it would promote."""
 
-    def __init__(self, ops: real_ops.LocalShardOps) -> None:
+    def __init__(self, ops: failover.LocalShardOps) -> None:
         self._ops = ops
 
     def __getattr__(self, name: str) -> Any:
@@ -305,7 +304,7 @@ def test_a_controller_dying_after_the_epoch_cas_is_finished_by_another(
     d, shard = cluster_dir, "eu-west-1"
     e0 = _record(d, shard).shard.epoch
     assert _txr("autofailover", "off", "--dir", str(d)) == 0
-    endpoints = real_ops.LocalShardOps(d).etcd
+    endpoints = failover.LocalShardOps(d).etcd
 
     async def take_lock_and_abandon() -> None:
         # The dead controller's lock: its lease is never renewed, so it frees after its TTL.
@@ -316,9 +315,9 @@ def test_a_controller_dying_after_the_epoch_cas_is_finished_by_another(
     try:
         control.pg_signal(d, _primary_node(d, shard), signal.SIGKILL)
         asyncio.run(take_lock_and_abandon())
-        ops = _DiesAtPromote(real_ops.LocalShardOps(d))
+        ops = _DiesAtPromote(failover.LocalShardOps(d))
         with pytest.raises(SystemExit):
-            procedures.failover(ops, shard, "us-east")
+            failover_plan.failover(ops, shard, "us-east")
         rec = _record(d, shard)
         assert (rec.shard.epoch, rec.shard.primary.region) == (e0 + 1, "us-east")
     finally:

@@ -13,12 +13,12 @@ import pytest
 
 from bench import report
 from infra import cli
-from tests.fixtures import PORT_OFFSET
+from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 
 # bench.suite's default base port, moved with the rest of the suite's ports.
 BASE_PORT: Final = 7000 + PORT_OFFSET
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
 
 LATENCY_KEYS: Final = ("p50", "p90", "p99", "p99.9", "mean", "max")
 

@@ -31,18 +31,17 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from consistency import coherence, ids
-from infra import cli
-from infra import failover as real_ops
+from infra import cli, failover
 from infra.local import cluster as lc
 from infra.local import postgres
 from router.app import create_app
 from router.config import RouterConfig
 from router.resources import TOPOLOGY
-from tests.fixtures import PORT_OFFSET
+from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 from tests.fixtures.api import ALL_SCOPES, FUNDING_OVERDRAFT
 from txclient import AsyncClient, RetryBudget, Session, errors
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
 log = logging.getLogger(__name__)
 
 BASE_PORT: Final = 7300 + PORT_OFFSET
@@ -183,8 +182,9 @@ def _admin(d: Path, shard: str) -> str:
 
 def _node_dsn(d: Path, node: str) -> str:
     pw = lc.pg_passwords(d)
-    e = next(e for e in lc.load_state(d).data["pg"] if e["node"] == node)
-    return postgres.dsn(lc.HOST, e["port"], postgres.ADMIN_ROLE, pw["admin_password"], lc.DB_NAME)
+    e = lc.load_state(d).pg_node(node)
+    assert e is not None, node
+    return postgres.dsn(lc.HOST, e.port, postgres.ADMIN_ROLE, pw["admin_password"], lc.DB_NAME)
 
 
 def _entries_per_transfer(dsn: str, public_ids: list[str]) -> dict[str, int]:
@@ -317,7 +317,7 @@ async def test_switchover_under_load(cluster_dir: Path) -> None:
         )
         assert load.unknown == 0
         await _check_acked(c, load, _admin(d, "eu-west-1"))
-        st = real_ops.cluster_status(d)["shards"]["eu-west-1"]
+        st = failover.cluster_status(d)["shards"]["eu-west-1"]
         assert st["primary_region"] == "us-east"
         assert st["epoch"] == 2
         assert st["region_survival_now"], st
@@ -341,8 +341,10 @@ async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(_run_load(c, pairs, ["eu-west", "ap-south"], stop))
         await asyncio.sleep(LOAD_S)
-        entry = next(e for e in lc.load_state(d).data["pg"] if e["node"] == old_node)
-        os.kill(int(entry["pid"]), signal.SIGKILL)
+        entry = lc.load_state(d).pg_node(old_node)
+        assert entry is not None, old_node
+        assert entry.pid is not None, old_node
+        os.kill(entry.pid, signal.SIGKILL)
         killed = time.monotonic()
         await asyncio.sleep(0.5)
         t0 = time.monotonic()
@@ -361,7 +363,7 @@ async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
         assert load.unknown == 0
         new_dsn = _admin(d, shard)
         await _check_acked(c, load, new_dsn)
-        st = real_ops.cluster_status(d)["shards"][shard]
+        st = failover.cluster_status(d)["shards"][shard]
         assert st["epoch"] == 2
         assert not st["region_survival"]
         assert not st["region_survival_now"]
@@ -375,7 +377,7 @@ async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
         # The old primary comes back as it was (not fenced: it was dead) and a router with the
         # old map writes to it: it cannot be acknowledged (its synchronous standby was
         # promoted), so the client never counts it.
-        postgres.start(Path(entry["datadir"]), Path(entry["log"]))
+        postgres.start(entry.datadir, entry.log)
         src, dst = pairs[1]
         key = uuid.uuid4().hex
         body = {"source": src, "destination": dst, "amount": 7, "currency": "EUR"}
@@ -391,7 +393,7 @@ async def test_kill_primary_failover_and_rejoin(cluster_dir: Path) -> None:
             assert await c.acked("eu-west", src, dst, 7) is not None
 
         assert await _cli("rejoin", shard, "--node", "us-east", "--dir", str(d)) == 0
-        st = real_ops.cluster_status(d)["shards"][shard]
+        st = failover.cluster_status(d)["shards"][shard]
         assert st["region_survival_now"], st
         assert st["standbys"][0]["node"] == old_node
         assert st["standbys"][0]["state"] == "streaming"

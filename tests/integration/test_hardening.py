@@ -338,7 +338,9 @@ async def test_key_rotation_on_live_routers(api: Api) -> None:
             r = await api.call("GET", region, path, token=tok)
             assert r.status == 200, (region, r.body)
     # Retiring the old key (a leak): its tokens stop verifying within the check interval.
-    assert await _cli("keys", "retire", "--dir", str(api.cluster.dir), "--kid", old_kid) == 0
+    # "--kid=...": a kid is base64url and may start with "-", which argparse would read as an
+    # option (1 run in 64 failed so).
+    assert await _cli("keys", "retire", "--dir", str(api.cluster.dir), f"--kid={old_kid}") == 0
     await asyncio.sleep(JWKS_CHECK_INTERVAL_S + 0.5)
     for region in ("us-east", "eu-west", "ap-south"):
         for _ in range(4):  # over fresh connections, so both workers of the region answer

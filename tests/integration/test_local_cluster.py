@@ -29,10 +29,10 @@ from infra.local.ports import plan_ports
 from infra.wan import WanControl
 from regionstore.replication import standbys
 from router.config import RouterConfig
-from tests.fixtures import PORT_OFFSET
+from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 from tests.fixtures.cluster import TEST_ROUTER_WORKERS, LocalCluster, kill_process, respawn
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
 
 OWN_BASE_PORT: Final = 7500 + PORT_OFFSET
 # A standby applies a synchronously committed row within one replay cycle; allow for load.
@@ -43,25 +43,25 @@ def _with_db(dsn: str, db: str) -> str:
     return dsn.rsplit("/", 1)[0] + "/" + db
 
 
-def _all_pids(cluster_dir: Path) -> list[tuple[int, str]]:
-    state = lc.load_state(cluster_dir).data
-    pids = [(int(p["pid"]), p["marker"]) for p in state["procs"]]
-    pids += [(int(e["pid"]), e["datadir"]) for e in state["pg"] if e.get("pid")]
+def _all_pids(cluster_dir: Path) -> list[tuple[int, str | None]]:
+    state = lc.load_state(cluster_dir)
+    pids: list[tuple[int, str | None]] = [(p.pid, p.marker) for p in state.procs]
+    pids += [(e.pid, str(e.datadir)) for e in state.pg_nodes if e.pid is not None]
     return pids
 
 
 def _assert_nothing_left(cluster_dir: Path) -> None:
-    state = lc.load_state(cluster_dir).data
+    state = lc.load_state(cluster_dir)
     left = [pid for pid, marker in _all_pids(cluster_dir) if procs.is_alive(pid, marker)]
     assert left == [], f"processes left behind: {left}"
-    plan = plan_ports(state["base_port"], state["regions"])
+    plan = plan_ports(state.data["base_port"], state.regions)
     busy = [p for p in plan.all_ports() if not procs.port_free(p)]
     assert busy == [], f"ports still bound: {busy}"
 
 
 async def test_etcd_cluster_formed_through_the_peer_fronts(local_cluster: LocalCluster) -> None:
-    state = lc.load_state(local_cluster.dir).data
-    fronts = {f"http://127.0.0.1:{p}" for p in state["ports"]["etcd_peer_front"].values()}
+    state = lc.load_state(local_cluster.dir)
+    fronts = {f"http://127.0.0.1:{p}" for p in state.ports["etcd_peer_front"].values()}
     for region, url in local_cluster.etcd.items():
         async with aiohttp.ClientSession() as http, http.get(url + "/health") as resp:
             assert json.loads(await resp.read())["health"] == "true", region

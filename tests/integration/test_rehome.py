@@ -27,12 +27,12 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from consistency import ids
-from consistency.failover import RehomeOps
-from infra import failover as real_ops
+from consistency.slot_moves import RehomeOps
+from infra import failover
 from infra.local import cluster as lc
 from regionstore import admin
 from regionstore.store import InboundCode, ShardStore, TransferCode, TransferItem
-from tests.fixtures import PORT_OFFSET
+from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 from tests.integration.test_failover import (
     RECONCILE_TRIES,
     Ack,
@@ -45,7 +45,7 @@ from tests.integration.test_failover import (
     _stale_router,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
 log = logging.getLogger(__name__)
 
 BASE_PORT: Final = 7100 + PORT_OFFSET
@@ -93,7 +93,7 @@ def _q(d: Path, shard: str, query: str, params: Any = ()) -> list[tuple[Any, ...
 
 
 def _owner(d: Path, slot: int) -> tuple[str, int]:
-    shard, epoch, _rev = real_ops.LocalRehomeOps(d).slot_owner(slot)
+    shard, epoch, _rev = failover.LocalRehomeOps(d).slot_owner(slot)
     return shard, epoch
 
 
@@ -220,7 +220,7 @@ async def test_rehome_under_load_with_stale_router(cluster_dir: Path) -> None:
                     steps[word] = time.monotonic()
 
         t0 = time.monotonic()
-        await asyncio.to_thread(real_ops.rehome, d, slot, "eu-west-1", progress=progress)
+        await asyncio.to_thread(failover.rehome, d, slot, "eu-west-1", progress=progress)
         t1 = time.monotonic()
         # The stale router still maps the slot to ap-south-1: refused there, it refreshes.
         key = uuid.uuid4().hex
@@ -237,9 +237,9 @@ async def test_rehome_under_load_with_stale_router(cluster_dir: Path) -> None:
             load.acks.append(extra)
         assert load.unknown == 0
         # The slot's accounts live only on the target now.
-        q = "SELECT count(*) FROM txr.accounts WHERE kind = 'customer' AND id >> 48 = %s"
-        assert _q(d, "ap-south-1", q, (slot,)) == [(0,)]
-        assert _q(d, "eu-west-1", q, (slot,))[0][0] >= 1
+        q = "SELECT count(*) FROM txr.accounts WHERE kind = 'customer' AND id >= %s AND id < %s"
+        assert _q(d, "ap-south-1", q, ids.slot_id_range(slot)) == [(0,)]
+        assert _q(d, "eu-west-1", q, ids.slot_id_range(slot))[0][0] >= 1
         # Acked transfers into the moved account each credited it once.
         want = sum(1 for a in load.acks if a.destination == moving)
         for _ in range(RECONCILE_TRIES):
@@ -413,11 +413,11 @@ def _rows_of_slot(d: Path, slot: int) -> dict[str, tuple[int, int, int]]:
             d,
             shard,
             "SELECT (SELECT count(*) FROM txr.accounts WHERE kind = 'customer'"
-            "         AND id >> 48 = %(s)s),"
-            " (SELECT count(*) FROM txr.ledger_entries WHERE account_id >= 0"
-            "   AND account_id >> 48 = %(s)s),"
-            " (SELECT count(*) FROM txr.transfers WHERE source >> 48 = %(s)s)",
-            {"s": slot},
+            "         AND id >= %(lo)s AND id < %(hi)s),"
+            " (SELECT count(*) FROM txr.ledger_entries"
+            "   WHERE account_id >= %(lo)s AND account_id < %(hi)s),"
+            " (SELECT count(*) FROM txr.transfers WHERE source >= %(lo)s AND source < %(hi)s)",
+            dict(zip(("lo", "hi"), ids.slot_id_range(slot), strict=True)),
         )
         out[shard] = (int(a), int(e), int(t))
     return out
@@ -440,10 +440,10 @@ async def test_interrupted_rehome_is_finished_by_a_rerun(
     shard, epoch = _owner(d, slot)
     assert shard == "ap-south-1"
 
-    ops = _StopAfter(real_ops.LocalRehomeOps(d), after=after, before=before)
+    ops = _StopAfter(failover.LocalRehomeOps(d), after=after, before=before)
     with pytest.raises(RuntimeError, match="killed"):
         await asyncio.to_thread(
-            real_ops.rehome, d, slot, "eu-west-1", progress=lambda _m: None, ops=ops
+            failover.rehome, d, slot, "eu-west-1", progress=lambda _m: None, ops=ops
         )
     # Refused everywhere: the source no longer owns it, the target only under the new epoch.
     assert slot not in admin.fence_state(_dsn(d, "ap-south-1"))["slots"]

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from consistency import ids
 from consistency.ids import new_account_id, new_transfer_id
 from consistency.reconcile import reconcile
 from regionstore import admin
@@ -36,6 +37,7 @@ from regionstore.store import (
     TransferResult,
 )
 from router.relays.outbox import OutboxRelay
+from tests.contracts.shard_resolver import check_shard_resolver
 from tests.fixtures.pg import (
     SHARD_A,
     SHARD_B,
@@ -121,8 +123,8 @@ async def new_account(
 def item(
     tenant: str, src: int, dst: int, amount: int, *, currency: str = "EUR", key: str | None = None
 ) -> TransferItem:
-    dst_shard = shard_of_slot(dst >> 48)
-    cross = dst_shard != shard_of_slot(src >> 48)
+    dst_shard = shard_of_slot(ids.account_slot(dst))
+    cross = dst_shard != shard_of_slot(ids.account_slot(src))
     key = key or uuid.uuid4().hex
     return TransferItem(
         transfer_id=new_transfer_id(),
@@ -226,6 +228,14 @@ async def drain(stores: dict[str, ShardStore]) -> None:
 
 
 # -- happy path -----------------------------------------------------------------------------
+
+
+async def test_static_resolver_keeps_the_resolver_contract(
+    stores: dict[str, ShardStore],
+) -> None:
+    tenant = new_tenant()
+    homes = {await new_account(stores[name], tenant): name for name in (SHARD_A, SHARD_B)}
+    await check_shard_resolver(StaticResolver(stores), homes)
 
 
 async def test_leg1_then_relay_settles_once(
@@ -574,7 +584,9 @@ async def test_random_workload_conserves_money(
     assert any(it.destination == missing for it in cross)
     for it in cross:
         want = "reversed" if it.destination == missing else "settled"
-        assert await status(stores[shard_of_slot(it.source >> 48)], it.transfer_id, tenant) == (
+        assert await status(
+            stores[shard_of_slot(ids.account_slot(it.source))], it.transfer_id, tenant
+        ) == (
             want,
             "not_found" if want == "reversed" else None,
         )

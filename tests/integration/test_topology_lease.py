@@ -16,7 +16,7 @@ from typing import Final
 import pytest
 
 from consistency.limits import TOPOLOGY_CONFIRM_S
-from infra import failover as real_ops
+from infra import failover
 from infra.wan import WanControl
 from tests.fixtures.api import Api, new_tenant
 from tests.fixtures.cluster import LocalCluster
@@ -57,7 +57,7 @@ async def test_a_router_cut_off_from_etcd_stops_reading_its_primary(
     assert status == 200, body
     assert headers["X-Served-By"] == f"{CUT}/primary"
 
-    await asyncio.to_thread(real_ops.set_autofailover, local_cluster.dir, False, None)
+    await asyncio.to_thread(failover.set_autofailover, local_cluster.dir, False, None)
     try:
         t_cut = time.monotonic()
         await _cut(local_cluster, True)
@@ -98,4 +98,4 @@ async def test_a_router_cut_off_from_etcd_stops_reading_its_primary(
             assert time.monotonic() - t_heal < HEAL_WAIT_S, "never served again after the heal"
             await asyncio.sleep(0.1)
     finally:
-        await asyncio.to_thread(real_ops.set_autofailover, local_cluster.dir, True, None)
+        await asyncio.to_thread(failover.set_autofailover, local_cluster.dir, True, None)

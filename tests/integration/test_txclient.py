@@ -22,8 +22,7 @@ import httpx
 import pytest
 
 from consistency import ids
-from infra import cli
-from infra import failover as real_ops
+from infra import cli, failover
 from infra.local import cluster as lc
 from infra.local import control
 from tests.fixtures import PORT_OFFSET
@@ -217,7 +216,7 @@ async def test_a_write_whose_answer_was_lost_is_retried_with_its_key_and_applied
 
 @contextlib.contextmanager
 def _paused_primary(d: Any, shard: str) -> Iterator[str]:
-    node = str(real_ops.cluster_status(d)["shards"][shard]["primary"])
+    node = str(failover.cluster_status(d)["shards"][shard]["primary"])
     control.pg_signal(d, node, signal.SIGSTOP)
     try:
         yield node
@@ -328,11 +327,7 @@ async def test_read_your_writes_across_regions(local_cluster: LocalCluster) -> N
 
 
 def _router_procs(d: Any, region: str) -> list[str]:
-    return [
-        p["name"]
-        for p in lc.load_state(d).data["procs"]
-        if p["kind"] == "router" and p["region"] == region
-    ]
+    return [p.name for p in lc.load_state(d).procs if p.kind == "router" and p.region == region]
 
 
 async def test_failover_when_the_preferred_region_dies_and_the_drift_back(

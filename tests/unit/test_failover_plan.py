@@ -1,16 +1,19 @@
-"""The order of the failover procedures, against a recording fake of our own ShardOps."""
+"""The order of the failover procedures, against a recording fake of our own ShardOps (which
+passes the same contract as the real one: tests/contracts/shard_ops.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from consistency import failover as fo
+from consistency import failover_plan as fo
 from consistency.errors import CasConflict
 from consistency.limits import FAILOVER_LEASE_WAIT_S, TOPOLOGY_CONFIRM_S
 from consistency.topology import Node, Shard
+from tests.contracts.shard_ops import check_shard_ops
 
 OLD = Node("s-1@a", "a", "h", 1)
 SB = Node("s-1@b", "b", "h", 2)
+NODES = (OLD, SB)
 
 
 class Fake:
@@ -29,7 +32,8 @@ class Fake:
         self.lsn = lsn
         self.calls: list[str] = []
         self.conflict = False
-        self.primaries: set[Node] = set()
+        # The nodes out of recovery (a standby_lsn of None); promote() adds one.
+        self.primaries: set[Node] = {OLD}
         self.cas_at: float | None = None
         self.writable_at: float | None = None
 
@@ -55,10 +59,12 @@ class Fake:
 
     def fence_old(self, node: Node) -> int | None:
         self._op(f"fence {node.name}")
+        if node not in NODES:
+            return None
         return 120 if self.old_alive else None
 
     def standby_lsn(self, node: Node) -> fo.StandbyLsn | None:
-        if node in self.primaries:
+        if node not in NODES or node in self.primaries:
             return None
         return fo.StandbyLsn(self.lsn, self.lsn)
 
@@ -67,6 +73,7 @@ class Fake:
 
     def promote(self, node: Node) -> None:
         self._op(f"promote {node.name}")
+        self.primaries.add(node)
 
     def set_epoch_in_db(self, node: Node, epoch: int) -> None:
         self._op(f"epoch {node.name} {epoch}")
@@ -82,10 +89,15 @@ class Fake:
         self._op(f"nosync {primary.name}")
 
     def node_in(self, shard: str, region: str) -> Node:
-        return OLD
+        return next(n for n in NODES if n.region == region)
 
     def node_role_changed(self, shard: str, primary: Node, standbys: tuple[Node, ...]) -> None:
         self._op(f"roles {primary.name}")
+
+
+def test_the_fake_keeps_the_shard_ops_contract() -> None:
+    f = Fake(old_alive=True)
+    check_shard_ops(f, "s-1", Node("s-1@c", "c", "h", 3))
 
 
 def test_failover_dead_primary_sync_standby_order() -> None:

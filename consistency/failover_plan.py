@@ -63,11 +63,11 @@ own fence row holds exactly that epoch and is not fenced.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
 
+from consistency import coherence
 from consistency.errors import CasConflict, ConsistencyError
 from consistency.limits import FAILOVER_LEASE_WAIT_S
 from consistency.topology import Node, Shard
@@ -176,7 +176,7 @@ class ShardOps(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class FailoverResult:
     shard: str
     old_primary: str
     new_primary: str
@@ -207,7 +207,7 @@ class LeaseClock:
     sleep: Callable[[float], None] = time.sleep
 
 
-def _wait_out_leases(lease: LeaseClock, since: float, clock: _Clock) -> None:
+def _wait_out_leases(lease: LeaseClock, since: float, clock: StepClock) -> None:
     """Block until ``FAILOVER_LEASE_WAIT_S`` has passed since ``since`` (the CAS's completion,
     or now when the CAS's time is unknown): no router still reads the old epoch's nodes."""
     left = FAILOVER_LEASE_WAIT_S - (lease.now() - since)
@@ -216,7 +216,9 @@ def _wait_out_leases(lease: LeaseClock, since: float, clock: _Clock) -> None:
     clock.step(f"waited out the routers' epoch leases ({FAILOVER_LEASE_WAIT_S:.2f}s since the CAS)")
 
 
-class _Clock:
+class StepClock:
+    """The steps of one procedure with their times (also rehome's), reported as they happen."""
+
     def __init__(self, progress: Progress) -> None:
         self._t0 = time.monotonic()
         self._last = self._t0
@@ -260,7 +262,7 @@ def _wait_lsn(
 
 
 def fmt_lsn(lsn: int | None) -> str:
-    return "unknown" if lsn is None else f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+    return "unknown" if lsn is None else coherence.format_lsn(lsn)
 
 
 def _cas(ops: ShardOps, rec: ShardRecord, rev: int, new: ShardRecord) -> int:
@@ -281,10 +283,10 @@ def failover(
     accept_data_loss: bool = False,
     progress: Progress = lambda _m: None,
     lease_clock: LeaseClock | None = None,
-) -> Outcome:
+) -> FailoverResult:
     """Promote ``shard``'s standby in ``to_region`` after its primary was lost (see module doc)."""
     lease = lease_clock or LeaseClock()
-    clock = _Clock(progress)
+    clock = StepClock(progress)
     rec, rev = ops.load(shard)
     old = rec.shard.primary
     target = _find_standby(rec, to_region)
@@ -354,10 +356,10 @@ def _after_promotion(
     claimed: ShardRecord,
     rev: int,
     old_name: str,
-    clock: _Clock,
+    clock: StepClock,
     loss: bool,
     notes: list[str],
-) -> Outcome:
+) -> FailoverResult:
     """Steps 5 (bookkeeping) and 6 (a synchronous standby again, or a loud warning)."""
     shard, target, others = claimed.shard.name, claimed.shard.primary, claimed.shard.standbys
     ops.node_role_changed(shard, target, others)
@@ -380,7 +382,7 @@ def _after_promotion(
         )
         notes.append(msg)
         clock.step(msg)
-    return Outcome(
+    return FailoverResult(
         shard,
         old_name,
         target.name,
@@ -398,7 +400,7 @@ def finish_promotion(
     *,
     progress: Progress = lambda _m: None,
     lease_clock: LeaseClock | None = None,
-) -> Outcome:
+) -> FailoverResult:
     """Finish a failover that stopped after its epoch CAS (its actor died): the record already
     names the new primary at the new epoch, but that node is still a standby.
 
@@ -409,7 +411,7 @@ def finish_promotion(
     """
     lease = lease_clock or LeaseClock()
     since = lease.now()
-    clock = _Clock(progress)
+    clock = StepClock(progress)
     rec, rev = ops.load(shard)
     target = rec.shard.primary
     if ops.standby_lsn(target) is None:
@@ -426,7 +428,7 @@ def finish_promotion(
     return _after_promotion(ops, rec, rev, str(old or "the old primary@?"), clock, False, [])
 
 
-def degrade(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) -> Outcome:
+def degrade(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) -> FailoverResult:
     """The synchronous standby is lost and the primary cannot commit: let it commit alone.
 
     The record says ``region_survival: false`` *before* the primary stops waiting: a failover
@@ -434,7 +436,7 @@ def degrade(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) 
     says survival is on, so the record must never claim it while the primary may acknowledge a
     commit the standby has not flushed.
     """
-    clock = _Clock(progress)
+    clock = StepClock(progress)
     rec, rev = ops.load(shard)
     if not rec.region_survival:
         raise FailoverRefused(f"{shard} already runs without region survival")
@@ -447,13 +449,13 @@ def degrade(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) 
     )
     clock.step(msg)
     p = rec.shard.primary.name
-    return Outcome(shard, p, p, rec.shard.epoch, False, tuple(clock.steps), False, (msg,))
+    return FailoverResult(shard, p, p, rec.shard.epoch, False, tuple(clock.steps), False, (msg,))
 
 
-def restore(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) -> Outcome:
+def restore(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) -> FailoverResult:
     """Name the shard's first standby synchronous again, then record region survival (in
     that order: the record claims survival only once it holds)."""
-    clock = _Clock(progress)
+    clock = StepClock(progress)
     rec, rev = ops.load(shard)
     if rec.region_survival or not rec.shard.standbys:
         raise FailoverRefused(f"{shard}: nothing to restore")
@@ -463,7 +465,7 @@ def restore(ops: ShardOps, shard: str, *, progress: Progress = lambda _m: None) 
     _cas(ops, rec, rev, replace(rec, region_survival=True))
     clock.step(f"etcd: {shard} region survival on")
     p = rec.shard.primary.name
-    return Outcome(shard, p, p, rec.shard.epoch, True, tuple(clock.steps))
+    return FailoverResult(shard, p, p, rec.shard.epoch, True, tuple(clock.steps))
 
 
 def switchover(
@@ -473,7 +475,7 @@ def switchover(
     *,
     progress: Progress = lambda _m: None,
     lease_clock: LeaseClock | None = None,
-) -> Outcome:
+) -> FailoverResult:
     """Planned move of ``shard``'s primary to its standby in ``to_region``, zero writes lost.
 
     Fence the old primary, wait until the target has *replayed* its final LSN, stop the old
@@ -484,7 +486,7 @@ def switchover(
     otherwise read the rejoined old primary, now a standby that may not have replayed it yet.
     """
     lease = lease_clock or LeaseClock()
-    clock = _Clock(progress)
+    clock = StepClock(progress)
     rec, rev = ops.load(shard)
     old = rec.shard.primary
     target = _find_standby(rec, to_region)
@@ -532,15 +534,15 @@ def switchover(
     )
     _cas(ops, claimed, rev, final)
     clock.step("etcd: standbys and region survival recorded")
-    return Outcome(shard, old.name, target.name, new_epoch, True, tuple(clock.steps))
+    return FailoverResult(shard, old.name, target.name, new_epoch, True, tuple(clock.steps))
 
 
 def rejoin(
     ops: ShardOps, shard: str, node_region: str, *, progress: Progress = lambda _m: None
-) -> Outcome:
+) -> FailoverResult:
     """Rewind the shard's former primary in ``node_region`` and make it a synchronous standby
     of the current primary; record it in etcd."""
-    clock = _Clock(progress)
+    clock = StepClock(progress)
     rec, rev = ops.load(shard)
     primary = rec.shard.primary
     if primary.region == node_region:
@@ -564,200 +566,6 @@ def rejoin(
     new = ShardRecord(replace(rec.shard, standbys=standbys), survival, rec.extra)
     _cas(ops, rec, rev, new)
     clock.step("etcd: standby recorded")
-    return Outcome(shard, node.name, primary.name, rec.shard.epoch, survival, tuple(clock.steps))
-
-
-# A slot moves once its outbound cross-shard transfers are final (see ``rehome``). Relays
-# deliver within a second on a healthy cluster; past this a destination is down, and the move
-# is rolled back rather than keeping the slot refused for longer.
-REHOME_DRAIN_TIMEOUT_S: Final = 30.0
-REHOME_DRAIN_POLL_S: Final = 0.05
-# Namespace of the deterministic move ids: a re-run of an interrupted move finds its rows.
-_MOVE_ID_NAMESPACE: Final = uuid.UUID("0b3f6f7e-6d1a-4c55-9f38-6a1f3b0b9c51")
-
-
-def slot_move_id(slot: int, epoch: int) -> str:
-    """The id of the move that gives ``slot`` its ``epoch``: the same on every re-run."""
-    return str(uuid.uuid5(_MOVE_ID_NAMESPACE, f"slot-move/{slot}/{epoch}"))
-
-
-class RehomeOps(Protocol):
-    """What moving a slot needs; see :func:`rehome`. Every step is idempotent."""
-
-    def slot_owner(self, slot: int) -> tuple[str, int, int]:
-        """(shard, slot epoch, slot-map mod_revision) as etcd says."""
-        ...
-
-    def unown(self, shard: str, slot: int, epoch: int) -> None:
-        """Stop ``shard`` owning ``slot`` (waits for in-flight writes; later ones refused)."""
-        ...
-
-    def own(self, shard: str, slot: int, epoch: int) -> None:
-        """Own ``slot`` at ``epoch`` on ``shard`` again (rolling a move back)."""
-        ...
-
-    def pending_outbound(self, shard: str, slot: int, *, nudge: bool) -> int:
-        """The slot's pending outbound transfers on ``shard``; ``nudge`` wakes the relays."""
-        ...
-
-    def incoming_move(self, shard: str, slot: int, epoch: int) -> str | None:
-        """The source of the move that gave ``shard`` the slot at ``epoch``, if one did."""
-        ...
-
-    def shards(self) -> list[str]:
-        """Every shard of the deployment."""
-        ...
-
-    def copy_in(
-        self, source: str, target: str, slot: int, new_epoch: int, move_id: str
-    ) -> dict[str, int]:
-        """Copy the slot's rows to ``target``, post its half of the move, own the slot there at
-        ``new_epoch``: one target transaction. Rows copied per table."""
-        ...
-
-    def cas_slot(self, slot: int, shard: str, epoch: int, expected_revision: int) -> None:
-        """Point ``slot`` at ``shard`` with ``epoch`` in the etcd slot map (CAS)."""
-        ...
-
-    def finish_out(
-        self, source: str, target: str, slot: int, new_epoch: int, move_id: str
-    ) -> dict[str, int]:
-        """Post the source's half of the move and delete the slot's rows there: one source
-        transaction. Rows deleted per table."""
-        ...
-
-
-def rehome(
-    ops: RehomeOps,
-    slot: int,
-    to_shard: str,
-    *,
-    progress: Progress = lambda _m: None,
-    drain_timeout_s: float = REHOME_DRAIN_TIMEOUT_S,
-) -> dict[str, Any]:
-    """Move ``slot`` to ``to_shard`` with a slot-epoch bump; finish a move a crash interrupted.
-
-    Order and why: (1) the source stops owning the slot (exclusive fence lock: in-flight writes
-    commit first, later ones answer ``wrong_shard``); from here no shard accepts the slot.
-    (2) Its outbound cross-shard transfers must become final first: a pending one's money sits
-    in the source's transit account, and only the source can post its reversal there. New ones
-    cannot start (the slot is refused), so the relays drain them, nudged; if they do not within
-    ``drain_timeout_s`` (a destination is down) the source owns the slot again and the move is
-    refused, nothing changed. (3) The target receives the rows, posts its half of the move and
-    owns the slot at epoch + 1, in one transaction. (4) etcd's slot map flips (CAS, epoch + 1):
-    routers holding the old map are refused by both stores (the source does not own the slot,
-    the target owns it under another epoch) and refresh. (5) The source posts its half and
-    deletes its copy in one transaction, so the slot's accounts exist in exactly one shard.
-
-    A crash between steps leaves the slot refused everywhere (unavailable, never written twice);
-    running the same command again reads where it stopped (the target's move record, etcd's
-    owner) and does only what is left; moving the slot on from a shard whose incoming move
-    stopped after its flip finishes that move first, and a copy sitting on a third shard makes
-    any other target refused. Transfers into the slot from other shards need nothing here:
-    refused while it moves, their leg 2 lands on the new owner after the flip, and the source's
-    settle moves its transit credit to match (migration 0003).
-    """
-    clock = _Clock(progress)
-    source, epoch, rev = ops.slot_owner(slot)
-    if source == to_shard:
-        origin = ops.incoming_move(to_shard, slot, epoch)
-        if origin is None:
-            raise FailoverRefused(f"slot {slot} already belongs to {to_shard}")
-        # Flipped, then stopped: the source may still hold the rows (finish_out knows).
-        clock.step(f"slot {slot}: resuming the move {origin} -> {to_shard} (epoch {epoch})")
-        deleted = ops.finish_out(origin, to_shard, slot, epoch, slot_move_id(slot, epoch))
-        clock.step(f"{origin}: its half posted and rows deleted: {deleted}")
-        return _rehome_result(slot, origin, to_shard, epoch, {}, deleted, clock, resumed=True)
-
-    new_epoch = epoch + 1
-    move_id = slot_move_id(slot, new_epoch)
-    clock.step(f"slot {slot}: {source} (epoch {epoch}) -> {to_shard}, move {move_id}")
-    # The move that brought the slot to the source may have stopped after its flip: finish it
-    # (a no-op when it finished), or the old shard would keep a copy of rows about to move on.
-    prior = ops.incoming_move(source, slot, epoch)
-    if prior is not None and ops.finish_out(prior, source, slot, epoch, slot_move_id(slot, epoch)):
-        clock.step(f"finished the earlier move {prior} -> {source} of slot {slot}")
-    # A move stopped after its copy must be finished toward the same target: copying to a
-    # second one would leave two shards owning the slot at the same epoch.
-    for other in ops.shards():
-        if other != to_shard and ops.incoming_move(other, slot, new_epoch) is not None:
-            raise FailoverRefused(
-                f"slot {slot} is half-moved to {other} (it holds the copy at epoch "
-                f"{new_epoch}): finish that move first with "
-                f"`txr rehome --slot {slot} --to {other}`"
-            )
-    ops.unown(source, slot, epoch)
-    clock.step(f"{source} no longer owns slot {slot}: writes to it refused")
-
-    origin = ops.incoming_move(to_shard, slot, new_epoch)
-    if origin is not None and origin != source:
-        raise FailoverError(
-            f"{to_shard} received slot {slot} at epoch {new_epoch} from {origin}, but etcd "
-            f"says {source} owns it: inspect both shards before doing anything"
-        )
-    copied: dict[str, int] = {}
-    if origin is None:
-        _drain(ops, source, slot, epoch, drain_timeout_s, clock)
-        copied = ops.copy_in(source, to_shard, slot, new_epoch, move_id)
-        clock.step(f"{to_shard} holds the rows and owns slot {slot} at epoch {new_epoch}: {copied}")
-    else:
-        clock.step(f"{to_shard} already holds the rows (an earlier run copied them)")
-
-    try:
-        ops.cas_slot(slot, to_shard, new_epoch, rev)
-    except CasConflict as exc:
-        raise FailoverError(
-            f"the slot map changed in etcd during the move of slot {slot}; it stays unowned "
-            f"on {source} and owned by {to_shard} at epoch {new_epoch}, refused everywhere: "
-            f"run `txr rehome --slot {slot} --to {to_shard}` again to finish"
-        ) from exc
-    clock.step(f"etcd: slot {slot} -> {to_shard} at epoch {new_epoch}: writes resume")
-    deleted = ops.finish_out(source, to_shard, slot, new_epoch, move_id)
-    clock.step(f"{source}: its half posted and rows deleted: {deleted}")
-    return _rehome_result(
-        slot, source, to_shard, new_epoch, copied, deleted, clock, resumed=origin is not None
+    return FailoverResult(
+        shard, node.name, primary.name, rec.shard.epoch, survival, tuple(clock.steps)
     )
-
-
-def _drain(
-    ops: RehomeOps, source: str, slot: int, epoch: int, timeout_s: float, clock: _Clock
-) -> None:
-    pending = ops.pending_outbound(source, slot, nudge=True)
-    if pending:
-        clock.step(f"waiting for {pending} outbound transfers of slot {slot} to settle")
-    deadline = time.monotonic() + timeout_s
-    while pending:
-        if time.monotonic() > deadline:
-            ops.own(source, slot, epoch)
-            raise FailoverError(
-                f"slot {slot} still has {pending} outbound transfers in flight on {source} "
-                f"after {timeout_s:.0f}s (a destination does not answer?): the move is rolled "
-                f"back, {source} owns the slot again at epoch {epoch}; retry once they settle"
-            )
-        time.sleep(REHOME_DRAIN_POLL_S)
-        pending = ops.pending_outbound(source, slot, nudge=False)
-    clock.step(f"no outbound transfer of slot {slot} in flight")
-
-
-def _rehome_result(
-    slot: int,
-    source: str,
-    target: str,
-    epoch: int,
-    copied: dict[str, int],
-    deleted: dict[str, int],
-    clock: _Clock,
-    *,
-    resumed: bool,
-) -> dict[str, Any]:
-    return {
-        "slot": slot,
-        "from": source,
-        "to": target,
-        "epoch": epoch,
-        "move_id": slot_move_id(slot, epoch),
-        "resumed": resumed,
-        "copied": copied,
-        "deleted": deleted,
-        "steps": [{"step": st, "at_s": round(t, 4)} for st, t in clock.steps],
-    }
