@@ -45,8 +45,20 @@ def _schemathesis() -> str:
     return exe
 
 
+# The stateful phase leaves the events and webhooks operations out: their one inferred link
+# (create a webhook, then delete it) chains nothing else, and with it in the graph the seeded
+# state machine followed no link at all (measured: 0 of 6 covered, against 2 of 5 without).
+# Coverage and fuzzing still send those operations every kind of input.
+STATEFUL_EXCLUDE: Final = ("--exclude-path-regex", "^/v1/(events|webhooks)")
+
+
 def _run(
-    cluster: LocalCluster, tmp_path: Path, phases: str, examples: int, budget_s: int | None
+    cluster: LocalCluster,
+    tmp_path: Path,
+    phases: str,
+    examples: int,
+    budget_s: int | None,
+    extra: tuple[str, ...] = (),
 ) -> str:
     tenant = f"st-{uuid.uuid4().hex[:12]}"
     token = cluster.token(tenant, ALL_SCOPES)
@@ -69,6 +81,7 @@ def _run(
             *(() if budget_s is None else ("--max-time", str(budget_s))),
             "--workers",
             "1",
+            *extra,
         ],
         # Its own working directory: schemathesis looks for a config file upward from here.
         cwd=tmp_path,
@@ -88,7 +101,7 @@ def test_coverage_and_fuzzing_find_nothing(local_cluster: LocalCluster, tmp_path
 
 
 def test_stateful_sequences_find_nothing(local_cluster: LocalCluster, tmp_path: Path) -> None:
-    out = _run(local_cluster, tmp_path, "stateful", STATEFUL_EXAMPLES, None)
+    out = _run(local_cluster, tmp_path, "stateful", STATEFUL_EXAMPLES, None, STATEFUL_EXCLUDE)
     links = re.search(r"API Links:\s+(\d+) covered", out)
     assert links is not None, out[-5000:]
     # The run followed links (an account opened, then read; a transfer made, then read).
