@@ -84,6 +84,18 @@ class Forbidden(TxError):
     code_default = "forbidden"
 
 
+class AccountLimitReached(Forbidden):
+    """The tenant holds as many accounts as its limit allows (``txr limits``)."""
+
+    code_default = "account_limit_reached"
+
+
+class LimitExceeded(InvalidRequest):
+    """A per-tenant count bound of the request's kind is reached (e.g. 16 webhooks)."""
+
+    code_default = "limit_exceeded"
+
+
 class NotFound(TxError):
     code_default = "not_found"
 
@@ -143,6 +155,8 @@ BY_CODE: dict[str, type[TxError]] = {
         UrlNotAllowed,
         Unauthorized,
         Forbidden,
+        AccountLimitReached,
+        LimitExceeded,
         NotFound,
         MethodNotAllowed,
         IdempotencyKeyReused,
