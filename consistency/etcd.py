@@ -341,7 +341,8 @@ class PrefixMirror:
     async def _follow(self) -> None:
         delay = MIRROR_BACKOFF_S_MIN
         while True:
-            try:
+            # A broken stream (EtcdError) and an ended one are handled alike, below.
+            with contextlib.suppress(EtcdError):
                 async for revision, changes in self._client.watch_changes(
                     self._prefix, self._revision + 1
                 ):
@@ -352,8 +353,6 @@ class PrefixMirror:
                         else:
                             self._kv[key] = value
                     self._revision = revision
-            except EtcdError:
-                pass
             # The stream ended or broke: what we hold may miss changes from here on.
             self._synced = False
             await asyncio.sleep(delay * (0.5 + random.random()))

@@ -37,7 +37,7 @@ SEQ_MAX: Final = (1 << 63) - 1
 
 
 class CursorInvalid(ValueError):
-    pass
+    """A cursor that is not one this API handed out (the handler answers 422)."""
 
 
 def encode_cursor(seq: int) -> str:

@@ -36,7 +36,7 @@ SLOT_RELEASE_WAIT_S: Final = 20.0
 
 
 class Unavailable(Exception):
-    pass
+    """The events API answered 503 (its region's NATS server is not reachable yet)."""
 
 
 async def all_events(api: Api, tenant: str, region: str = "us-east", limit: int = 500) -> list[Any]:
