@@ -36,6 +36,8 @@ pytestmark = pytest.mark.integration
 PROXY_PORT: Final = 7980 + PORT_OFFSET
 # Nothing listens here: connections are refused at once.
 DEAD_PORT: Final = 7981 + PORT_OFFSET
+# How long a cross-region saga may take to settle on the test cluster, relay restarts included.
+SETTLE_WAIT_S: Final = 30.0
 
 
 def _client(c: LocalCluster, tenant: str, **kw: Any) -> AsyncClient:
@@ -119,10 +121,18 @@ async def test_sync_client_round_trip(local_cluster: LocalCluster) -> None:
             fund = c.create_account("EUR", home_region="ap-south", overdraft_limit=10**9)
             acc = c.create_account("EUR", home_region="us-east", metadata={"owner": "x"})
             assert acc.metadata == {"owner": "x"}
-            for amount in (1, 2, 3):
-                t = c.transfer(source=fund.id, destination=acc.id, amount=amount, currency="EUR")
-                assert c.get_transfer(t.id).id == t.id
-            got = c.get_account(acc.id)
+            sent = [
+                c.transfer(source=fund.id, destination=acc.id, amount=amount, currency="EUR").id
+                for amount in (1, 2, 3)
+            ]
+            # The two homes differ, so each transfer is a saga acknowledged once its debit
+            # commits: the credit lands when the relay delivers it, and only then may the
+            # destination's balance count it (DESIGN section 6).
+            deadline = time.monotonic() + SETTLE_WAIT_S
+            while [c.get_transfer(i).status for i in sent] != ["settled"] * 3:
+                assert time.monotonic() < deadline, "the sagas settle within the bound"
+                time.sleep(0.05)
+            got = c.get_account(acc.id, consistency="strong")
             return got.balance, [e.amount for e in c.entries(acc.id, page_size=2)], c.region
 
     balance, amounts, region = await asyncio.to_thread(go)
