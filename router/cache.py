@@ -24,15 +24,12 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from consistency import coherence, ids
 from consistency.coherence import Mode
 from router.limits import CACHE_WRITE_TIMEOUT_S
 from router.metrics import Metrics
+from router.redisconn import CacheUnavailable, RedisGuard, pooled_client, redis_unavailable
 from router.tracing import child_span
 
 log = logging.getLogger(__name__)
@@ -54,56 +51,6 @@ BULK_CONNECTIONS_MAX: Final = 16
 # Random bits of a cache generation token (coherence.GENERATION_KEY): collisions must be
 # negligible across restarts, since a repeated token would let a fenced-out fill in.
 GENERATION_BYTES: Final = 16
-
-
-def reconnect_once() -> Retry:
-    # A pooled connection to a Redis that restarted fails once with "connection closed": retry
-    # that on a fresh connection at once. Safe because every write here is forward-only (a
-    # repeat is refused or identical); timeouts are not retried (they bound request latency).
-    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-
-
-class CacheUnavailable(Exception):
-    """Redis did not answer (down, restarting, timed out); nothing is known to be written."""
-
-
-# What a Redis client call raises when Redis did not answer: the client's own errors (its
-# timeouts included) and the socket's (TimeoutError is an OSError). Every caller of Redis maps
-# exactly these, through RedisGuard, and nothing else.
-REDIS_ERRORS: Final = (RedisError, OSError)
-
-
-class RedisGuard:
-    """``with guard:`` turns a Redis failure (REDIS_ERRORS) into CacheUnavailable, after
-    ``on_error`` (a metric) when given. The one mapping of Redis client failures.
-
-    A plain class, not a generator context manager: the request path keeps one guard per
-    operation and re-enters it, so a cache call allocates nothing for its error mapping.
-    """
-
-    __slots__ = ("_on_error", "_what")
-
-    def __init__(self, what: str, on_error: Callable[[], None] | None = None) -> None:
-        self._what = what
-        self._on_error = on_error
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        # Never swallows: anything else propagates as it is.
-        if exc is None or not isinstance(exc, REDIS_ERRORS):
-            return
-        if self._on_error is not None:
-            self._on_error()
-        raise CacheUnavailable(f"{self._what}: {exc!r}") from exc
-
-
-def redis_unavailable(what: str) -> RedisGuard:
-    """A guard for one call site (``with redis_unavailable("redis eu-west"): ...``)."""
-    return RedisGuard(what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,28 +82,12 @@ class RegionCache:
     def __init__(self, url: str, metrics: Metrics) -> None:
         # A blocking pool: a burst of requests waits (briefly) for a connection instead of
         # failing, and the number of connections to Redis stays bounded.
-        self._redis = aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=REDIS_CONNECTIONS_MAX,
-                timeout=CACHE_WRITE_TIMEOUT_S,
-                socket_timeout=CACHE_WRITE_TIMEOUT_S,
-                socket_connect_timeout=CACHE_WRITE_TIMEOUT_S,
-                retry=reconnect_once(),
-            )
+        self._redis = pooled_client(
+            url, connections=REDIS_CONNECTIONS_MAX, timeout_s=CACHE_WRITE_TIMEOUT_S
         )
         # Bulk operations (relay batches, shard drops) use their own connections with a longer
         # timeout, so that a big batch never times out a request-path write or vice versa.
-        self._bulk = aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=BULK_CONNECTIONS_MAX,
-                timeout=BULK_TIMEOUT_S,
-                socket_timeout=BULK_TIMEOUT_S,
-                socket_connect_timeout=BULK_TIMEOUT_S,
-                retry=reconnect_once(),
-            )
-        )
+        self._bulk = pooled_client(url, connections=BULK_CONNECTIONS_MAX, timeout_s=BULK_TIMEOUT_S)
         self._apply = self._redis.register_script(coherence.APPLY_SCRIPT)
         self._apply_many = self._redis.register_script(coherence.APPLY_MANY_SCRIPT)
         self._metrics = metrics

@@ -19,17 +19,11 @@ from dataclasses import dataclass
 from typing import Final
 
 import orjson
-import redis.asyncio as aioredis
 
 from consistency import coherence, ids
 from regionstore.changefeed import AccountChange
-from router.cache import (
-    GENERATION_BYTES,
-    CacheUnavailable,
-    drop_entries,
-    reconnect_once,
-    redis_unavailable,
-)
+from router.cache import GENERATION_BYTES, drop_entries
+from router.redisconn import CacheUnavailable, pooled_client, redis_unavailable
 
 # One call of the feed (a batch of up to changefeed.BATCH_TXNS_MAX transactions, a page of a
 # sweep) must answer within this, or the region counts as unreachable for this batch. Above a
@@ -62,15 +56,8 @@ class Marker:
 class RegionSink:
     def __init__(self, region: str, url: str) -> None:
         self.region = region
-        self._redis = aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=FEED_REDIS_CONNECTIONS_MAX,
-                timeout=FEED_REDIS_TIMEOUT_S,
-                socket_timeout=FEED_REDIS_TIMEOUT_S,
-                socket_connect_timeout=FEED_REDIS_TIMEOUT_S,
-                retry=reconnect_once(),
-            )
+        self._redis = pooled_client(
+            url, connections=FEED_REDIS_CONNECTIONS_MAX, timeout_s=FEED_REDIS_TIMEOUT_S
         )
         self._apply = self._redis.register_script(coherence.FEED_APPLY_SCRIPT)
         self._copy = self._redis.register_script(coherence.COPY_ENTRIES_SCRIPT)

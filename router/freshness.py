@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from consistency.topology import Shard
-from router.cache import CacheUnavailable, RegionCache, RelayState
+from router.cache import RegionCache, RelayState
 from router.limits import RELAY_LAG_REFRESH_S
+from router.redisconn import CacheUnavailable
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,7 @@ from consistency.tenant_limits import (
 )
 from router.auth import AuthError
 from router.errors import ApiError, Forbidden, RateLimited
+from router.redisconn import REDIS_ERRORS, pooled_client
 from router.resources import CONFIG, VERIFIER
 
 log = logging.getLogger("router.ratelimit")
@@ -387,7 +388,7 @@ class Limiter:
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT_S):
                     return await self._redis.admit(tenant, *bucket_params(limits), cost)
-            except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            except REDIS_ERRORS as exc:
                 self._redis_down_until = now + REDIS_RETRY_S
                 log.warning(
                     "rate limit buckets fall back to this process (Redis: %s)",
@@ -491,14 +492,13 @@ async def charge(request: web.Request, tenant: str, cost: int) -> dict[str, str]
 
 async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    client = aioredis.Redis.from_pool(
-        aioredis.BlockingConnectionPool.from_url(
-            config.redis_url,
-            max_connections=REDIS_CONNECTIONS_MAX,
-            timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-        )
+    # No reconnect retry: a GCRA call is not idempotent, so a repeat after a lost answer
+    # could charge the tenant twice; one failed call is a fail-open decision instead.
+    client = pooled_client(
+        config.redis_url,
+        connections=REDIS_CONNECTIONS_MAX,
+        timeout_s=REDIS_TIMEOUT_S,
+        reconnect=False,
     )
     etcd = EtcdClient(config.etcd_endpoints, timeout_s=LIMITS_ETCD_TIMEOUT_S)
     limiter = Limiter(client, etcd, workers=config.workers)
@@ -506,7 +506,7 @@ async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
     # Best effort: load the script and open a connection now, so the first limited request
     # does not pay a connect and a NOSCRIPT round trip inside its bound; and read the limits
     # and the account totals once, so the first requests are not decided on empty ones.
-    with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
+    with contextlib.suppress(*REDIS_ERRORS):
         async with asyncio.timeout(REDIS_TIMEOUT_S):
             await client.script_load(GCRA_SCRIPT)
     with contextlib.suppress(EtcdError, OSError, TimeoutError):

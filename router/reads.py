@@ -21,10 +21,11 @@ from consistency import coherence, ids
 from consistency.topology import Node, Shard
 from regionstore.errors import StoreError, StoreOutcomeUnknown, StoreUnavailable
 from regionstore.store import AccountRow, ShardStore
-from router.cache import CacheEntry, CacheUnavailable, RegionCache
+from router.cache import CacheEntry, RegionCache
 from router.freshness import RelayLag
 from router.limits import CACHED_LAG_BOUND_S, RETRY_AFTER_S
 from router.outcomes import NothingWritten
+from router.redisconn import CacheUnavailable
 from router.resolver import Deadline, Resolver
 from router.rtt import RttTable
 

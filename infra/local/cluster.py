@@ -63,9 +63,9 @@ from infra.local.state import State as State
 from infra.local.state import load_state as load_state
 from infra.wan import ListenerSpec, WanConfig, profile_latencies
 from router.auth import TENANT_SCOPES
-from router.cache import REDIS_ERRORS
 from router.config import RouterConfig
 from router.limits import ROUTER_WORKERS
+from router.redisconn import REDIS_ERRORS
 
 log = logging.getLogger("txr.local")
 

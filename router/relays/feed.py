@@ -64,12 +64,12 @@ from regionstore.changefeed import (
 )
 from regionstore.errors import StoreError
 from regionstore.store import ShardStore
-from router.cache import CacheUnavailable
 from router.events.publisher import RETRY_BACKOFF_S_MAX as EVENTS_BACKOFF_S_MAX
 from router.events.publisher import RETRY_BACKOFF_S_MIN as EVENTS_BACKOFF_S_MIN
 from router.events.publisher import EventSink
 from router.feedsink import Marker, RegionSink
 from router.metrics import Metrics
+from router.redisconn import CacheUnavailable
 
 log = logging.getLogger(__name__)
 

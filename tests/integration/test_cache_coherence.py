@@ -18,8 +18,9 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from consistency import coherence
-from router.cache import CacheEntry, CacheUnavailable, RegionCache
+from router.cache import CacheEntry, RegionCache
 from router.metrics import Metrics
+from router.redisconn import CacheUnavailable
 from tests.fixtures.redis import RedisServer
 
 pytestmark = pytest.mark.integration

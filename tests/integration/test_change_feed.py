@@ -36,10 +36,11 @@ from infra.local import postgres as pg
 from regionstore import replication
 from regionstore.changefeed import repl_slot_prefix
 from regionstore.store import CreateAccountCode, ShardStore, TransferCode, TransferItem
-from router.cache import CacheUnavailable, RegionCache
+from router.cache import RegionCache
 from router.feedsink import FEED_REDIS_TIMEOUT_S, RegionSink
 from router.freshness import RelayLag
 from router.metrics import Metrics
+from router.redisconn import CacheUnavailable
 from router.relays.feed import ShardFeed
 from tests.fixtures.pg import (
     DB_A,

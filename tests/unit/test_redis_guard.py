@@ -8,7 +8,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from router.cache import CacheUnavailable, RedisGuard
+from router.redisconn import CacheUnavailable, RedisGuard
 
 
 @pytest.mark.parametrize(
