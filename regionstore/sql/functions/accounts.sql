@@ -35,21 +35,14 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_slot_epoch bigint;
     v_prior record;
     v_now timestamptz := now();
 BEGIN
     IF (p_key IS NULL) <> (p_fingerprint IS NULL) THEN
         RAISE EXCEPTION 'create_account: a key needs its fingerprint';
     END IF;
-    IF NOT txr.fence_ok(p_shard_epoch) THEN
-        code := 'stale_epoch';
-        RETURN NEXT;
-        RETURN;
-    END IF;
-    SELECT s.epoch INTO v_slot_epoch FROM txr.owned_slots s WHERE s.slot = txr.slot_of(p_id);
-    IF NOT FOUND OR v_slot_epoch IS DISTINCT FROM p_slot_epoch THEN
-        code := 'wrong_shard';
+    code := txr.write_refusal(p_shard_epoch, p_id, p_slot_epoch);
+    IF code IS NOT NULL THEN
         RETURN NEXT;
         RETURN;
     END IF;

@@ -39,6 +39,34 @@ BEGIN
 END;
 $$;
 
+-- Why a write for one account under (p_shard_epoch, p_slot_epoch) must be refused: 'stale_epoch'
+-- (G5: fenced, or another epoch; the fence lock is then held shared, as fence_ok says),
+-- 'wrong_shard' (the account's slot is not owned here, or owned under another slot epoch: a slot
+-- move happened since the router resolved it), or NULL when it may proceed. The one preamble of
+-- the procedures that write a single account's rows.
+CREATE OR REPLACE FUNCTION txr.write_refusal(
+    p_shard_epoch bigint, p_account bigint, p_slot_epoch bigint
+)
+RETURNS text
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_slot_epoch bigint;
+BEGIN
+    IF NOT txr.fence_ok(p_shard_epoch) THEN
+        RETURN 'stale_epoch';
+    END IF;
+    SELECT s.epoch INTO v_slot_epoch FROM txr.owned_slots s WHERE s.slot = txr.slot_of(p_account);
+    IF NOT FOUND OR v_slot_epoch IS DISTINCT FROM p_slot_epoch THEN
+        RETURN 'wrong_shard';
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
 -- The transit account for (remote shard, currency), created on first use. Not locked here: the
 -- caller locks it together with its other rows, in ascending id order.
 CREATE OR REPLACE FUNCTION txr.transit_account(p_remote_shard text, p_currency text)
@@ -75,4 +103,5 @@ $$;
 
 REVOKE ALL ON FUNCTION txr.fence_ok(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION txr.transit_account(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION txr.write_refusal(bigint, bigint, bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION txr.fence_lock_key() TO __APP_ROLE__;

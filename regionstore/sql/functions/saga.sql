@@ -156,7 +156,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_slot_epoch bigint;
     v_prior record;
     v_dst record;
     v_transit bigint;
@@ -193,15 +192,10 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
-    IF NOT txr.fence_ok(p_shard_epoch) THEN
-        code := 'stale_epoch';
-        RETURN NEXT;
-        RETURN;
-    END IF;
-    -- Nothing recorded: the relay re-resolves the destination's shard and delivers there.
-    SELECT s.epoch INTO v_slot_epoch FROM txr.owned_slots s WHERE s.slot = txr.slot_of(p_destination);
-    IF NOT FOUND OR v_slot_epoch IS DISTINCT FROM p_destination_slot_epoch THEN
-        code := 'wrong_shard';
+    -- On wrong_shard nothing is recorded: the relay re-resolves the destination's shard and
+    -- delivers there.
+    code := txr.write_refusal(p_shard_epoch, p_destination, p_destination_slot_epoch);
+    IF code IS NOT NULL THEN
         RETURN NEXT;
         RETURN;
     END IF;
