@@ -294,12 +294,18 @@ class Launcher:
         self._prepare()
         self._secrets()
         self._start_wan()
-        self._start_etcd()
+        # etcd, Redis and NATS only need the WAN emulator: they start while PostgreSQL is being
+        # initialised (most of the start-up), and are waited for once it is up. NATS's cluster
+        # forms and elects its JetStream leader meanwhile.
+        self._spawn_etcd()
+        self._spawn_redis()
+        self._spawn_nats()
         self._start_primaries()
         self._start_standbys()
         self._sync_standbys()
-        self._start_redis()
-        self._start_nats()
+        self._wait_etcd()
+        self._wait_redis()
+        self._wait_nats()
         self._bootstrap_topology()
         self._write_router_configs()
         if self.opts.start_routers:
@@ -475,7 +481,7 @@ class Launcher:
 
     # -- etcd ---------------------------------------------------------------------------------
 
-    def _start_etcd(self) -> None:
+    def _spawn_etcd(self) -> None:
         heartbeat, election = etcd_timing_ms(self.latency)
         self.progress(
             f"etcd x{len(self.regions)} (heartbeat {heartbeat} ms, election {election} ms)"
@@ -521,6 +527,8 @@ class Launcher:
                 "stderr",
             ]
             self._spawn(f"etcd-{r}", "etcd", r, argv, str(data_dir))
+
+    def _wait_etcd(self) -> None:
         for r in self.regions:
             url = f"http://{HOST}:{self.plan.region[r].etcd_client}/health"
             procs.wait_until(
@@ -661,7 +669,7 @@ class Launcher:
 
     # -- Redis --------------------------------------------------------------------------------
 
-    def _start_redis(self) -> None:
+    def _spawn_redis(self) -> None:
         self.progress("Redis")
         for r in self.regions:
             port = self.plan.region[r].redis
@@ -687,6 +695,8 @@ class Launcher:
             ]
             # redis-server rewrites its process title to "redis-server 127.0.0.1:PORT".
             self._spawn(f"redis-{r}", "redis", r, argv, f"{HOST}:{port}")
+
+    def _wait_redis(self) -> None:
         for r in self.regions:
             port = self.plan.region[r].redis
             procs.wait_until(
@@ -697,16 +707,17 @@ class Launcher:
                 log_path=self.logs / f"redis-{r}.log",
             )
 
-    def _start_nats(self) -> None:
+    def _spawn_nats(self) -> None:
         self.progress(f"NATS JetStream x{len(self.regions)}")
-        nats.start(
+        nats.spawn(
             self.plan,
             self.dir,
-            self.logs,
             lambda name, kind, region, argv, marker: self._spawn(name, kind, region, argv, marker),
-            self._alive,
             regions=self.regions,
         )
+
+    def _wait_nats(self) -> None:
+        nats.wait_ready(self.plan, self.logs, self._alive, regions=self.regions)
 
     # -- topology and routers -----------------------------------------------------------------
 

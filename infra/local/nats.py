@@ -101,17 +101,8 @@ def ready(plan: PortPlan, region: str) -> bool:
     return isinstance(meta, dict) and bool(meta.get("leader"))
 
 
-def start(
-    plan: PortPlan,
-    cluster_dir: Path,
-    logs: Path,
-    spawn: Spawn,
-    alive: Callable[[str], Callable[[], bool]],
-    *,
-    regions: Sequence[str],
-) -> dict[str, str]:
-    """Start every region's server, wait until the cluster is ready, create the stream and
-    buckets. Returns region -> client URL."""
+def spawn(plan: PortPlan, cluster_dir: Path, spawn: Spawn, *, regions: Sequence[str]) -> None:
+    """Start every region's server; ``wait_ready`` then waits for the cluster."""
     binary = shutil.which("nats-server") or "nats-server"
     for r in regions:
         data_dir = cluster_dir / "nats" / r
@@ -119,6 +110,17 @@ def start(
         conf = cluster_dir / "run" / f"nats-{r}.conf"
         conf.write_text(config_text(plan, r, data_dir))
         spawn(proc_name(r), "nats", r, [binary, "--config", str(conf)], str(conf))
+
+
+def wait_ready(
+    plan: PortPlan,
+    logs: Path,
+    alive: Callable[[str], Callable[[], bool]],
+    *,
+    regions: Sequence[str],
+) -> dict[str, str]:
+    """Wait until the spawned servers form a cluster with a JetStream leader, then create the
+    stream and buckets. Returns region -> client URL."""
     for r in regions:
         procs.wait_until(
             f"nats {r}",

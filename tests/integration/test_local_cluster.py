@@ -246,12 +246,14 @@ def test_down_cleans_up_after_a_start_that_crashed_half_way(tmp_path: Path) -> N
         launcher._prepare()
         launcher._secrets()
         launcher._start_wan()
-        launcher._start_etcd()
+        launcher._spawn_etcd()
+        launcher._spawn_redis()
         launcher._start_primary(launcher.regions[0], SlotMap.even(["x"]))
     except Exception:
         lc.down(cluster_dir)
         raise
-    assert len([p for p, m in _all_pids(cluster_dir) if procs.is_alive(p, m)]) == 5
+    # WAN, three etcd, three Redis, one PostgreSQL.
+    assert len([p for p, m in _all_pids(cluster_dir) if procs.is_alive(p, m)]) == 8
     assert lc.down(cluster_dir) is True
     _assert_nothing_left(cluster_dir)
     lc.purge(cluster_dir)
