@@ -37,7 +37,7 @@ import secrets
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -65,8 +65,14 @@ RETRY_WINDOW_S: Final = 24 * 3600.0
 # Back-off between attempts: doubling from the min, capped, jittered over [b/2, b].
 BACKOFF_S_MIN: Final = 1.0
 BACKOFF_S_MAX: Final = 3600.0
-# The consumer redelivers an unacknowledged message after this (a worker that died mid-way).
-ACK_WAIT_S: Final = 4 * ATTEMPT_TIMEOUT_S
+# The consumer redelivers an unacknowledged message after this: how long the events a worker
+# held when it died wait before another worker (or its restart) retries them. Short, so a
+# crashed relay delays its endpoints' events by seconds, not by a whole attempt timeout; an
+# attempt that runs longer keeps its message by telling the server it is still working.
+ACK_WAIT_S: Final = 6.0
+# That "still working" signal (+WPI) while an attempt runs, this often: a third of the ack
+# wait, so two signals may be late before the server redelivers a message still in hand.
+IN_PROGRESS_EVERY_S: Final = ACK_WAIT_S / 3
 # Events in flight per endpoint (the consumer's max_ack_pending) and per fetch.
 ENDPOINT_IN_FLIGHT_MAX: Final = 64
 FETCH_BATCH_MAX: Final = 32
@@ -499,17 +505,8 @@ class DeliveryWorker:
             "Txr-Event-Id": str(doc.get("id")),
             "Txr-Signature": sign(ep.secret, msg.data, t),
         }
-        ok = False
         self.attempts += 1
-        try:
-            async with session.post(
-                ep.url, data=msg.data, headers=headers, allow_redirects=False
-            ) as resp:
-                # The status is the answer; the body is never read (an endpoint cannot make the
-                # worker buffer it), and the connection is released on exit.
-                ok = 200 <= resp.status < 300
-        except (aiohttp.ClientError, OSError, TimeoutError, UrlRefused) as exc:
-            log.info("webhooks: %s attempt failed: %s", ep.id, type(exc).__name__)
+        ok = await _keeping(msg, _attempt(session, ep, msg.data, headers))
         if ok:
             await msg.ack()
             if self.metrics is not None:
@@ -532,3 +529,33 @@ class DeliveryWorker:
         if self.metrics is not None:
             self.metrics.webhook_deliveries.labels(self.config.region, "failed").inc()
         return "failed"
+
+
+async def _attempt(
+    session: aiohttp.ClientSession, ep: Endpoint, body: bytes, headers: dict[str, str]
+) -> bool:
+    """One delivery attempt: True when the endpoint answered 2xx."""
+    try:
+        async with session.post(ep.url, data=body, headers=headers, allow_redirects=False) as resp:
+            # The status is the answer; the body is never read (an endpoint cannot make the
+            # worker buffer it), and the connection is released on exit.
+            return 200 <= resp.status < 300
+    except (aiohttp.ClientError, OSError, TimeoutError, UrlRefused) as exc:
+        log.info("webhooks: %s attempt failed: %s", ep.id, type(exc).__name__)
+        return False
+
+
+async def _keeping(msg: Msg, attempt: Coroutine[Any, Any, bool]) -> bool:
+    """Run ``attempt`` while telling the server every IN_PROGRESS_EVERY_S that ``msg`` is still
+    being worked on, so a slow but live attempt is not redelivered past ACK_WAIT_S."""
+    task = asyncio.ensure_future(attempt)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=IN_PROGRESS_EVERY_S)
+            if done:
+                return task.result()
+            # A lost signal only risks a redelivery, which consumers dedupe by event id.
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await msg.in_progress()
+    finally:
+        task.cancel()

@@ -42,14 +42,19 @@ class Receiver:
 
 
 @contextlib.asynccontextmanager
-async def receiver(port: int, answers: list[int]) -> AsyncIterator[Receiver]:
-    """Answers each delivery with the next status of ``answers`` (then 200); a 302 points to
-    /other, which must never be called."""
+async def receiver(
+    port: int, answers: list[int], delays: list[float] | None = None
+) -> AsyncIterator[Receiver]:
+    """Answers each delivery with the next status of ``answers`` (then 200), after the next
+    delay of ``delays`` (then none); a 302 points to /other, which must never be called."""
     rec = Receiver(f"http://127.0.0.1:{port}/hook", list(answers))
+    pauses = list(delays or [])
 
     async def hook(request: web.Request) -> web.Response:
         body = await request.read()
         rec.hits.append((time.monotonic(), dict(request.headers), body))
+        if pauses:
+            await asyncio.sleep(pauses.pop(0))
         status = rec.answers.pop(0) if rec.answers else 200
         if status == 302:
             raise web.HTTPFound(f"http://127.0.0.1:{port}/other")
@@ -156,6 +161,29 @@ async def test_failed_attempts_are_retried_with_backoff_and_redirects_not_follow
         # Each retry waited at least half its back-off (jitter spans [b/2, b]).
         assert hits[1][0] - hits[0][0] >= webhooks.BACKOFF_S_MIN / 2
         assert hits[2][0] - hits[1][0] >= webhooks.BACKOFF_S_MIN
+        await api.call("DELETE", "us-east", f"/v1/webhooks/{wh['id']}", tenant=tenant)
+
+
+async def test_a_slow_live_attempt_keeps_its_event_past_the_ack_wait(api: Api) -> None:
+    """An endpoint that answers after longer than the consumer's ack wait (still within the
+    attempt timeout) gets the event once: the attempt tells the server it is still working, so
+    the short ack wait (which lets a dead worker's events be retried within seconds) does not
+    also double a live delivery."""
+    slow_s = webhooks.ACK_WAIT_S + 3
+    assert slow_s < webhooks.ATTEMPT_TIMEOUT_S
+    tenant = new_tenant()
+    async with receiver(RECEIVER_PORT_BASE + 3, [], delays=[slow_s]) as rec:
+        wh = await register(api, tenant, rec.url, ["account.created"])
+        acc = await api.open_account(tenant, "eu-west")
+        eid = model.event_id("account.created", acc)
+
+        async def first() -> bool:
+            return bool(rec.received(eid))
+
+        await wait_until("the first attempt", first)
+        # The answer comes at slow_s; a redelivery would have arrived from ACK_WAIT_S on.
+        await asyncio.sleep(slow_s + webhooks.IN_PROGRESS_EVERY_S)
+        assert len(rec.received(eid)) == 1
         await api.call("DELETE", "us-east", f"/v1/webhooks/{wh['id']}", tenant=tenant)
 
 
