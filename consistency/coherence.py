@@ -312,12 +312,24 @@ return written
 
 # Many entries at once, no fence (rows straight from a commit): the router's cache write after
 # a committed batch, one round trip per batch instead of one per account.
-# KEYS[1..n] entries; ARGV[1] value ttl, ARGV[2] tombstone ttl, then per key i (from 1):
-# ARGV[3 + 3*(i-1)] mode, ARGV[4 + ...] version, ARGV[5 + ...] payload ('' for 'inval').
+# KEYS[1..n] entries; ARGV[1] value ttl, ARGV[2] tombstone ttl, ARGV[3] one JSON array with,
+# per key i, [mode, version (decimal string), payload ('' for 'inval')]. One argument, not three
+# per key: the client packs each argument on its own, which cost the router more per committed
+# batch than the rest of the write (a 30-account batch: ~150 us packed per argument, ~50 us as
+# one). The version stays a string, read by tonumber as the single-entry script reads it.
 # Returns the number of keys written.
 APPLY_MANY_SCRIPT: Final = (
     _APPLY_FN
     + """
-return apply_from(1, 3, tonumber(ARGV[1]), tonumber(ARGV[2]))
+local items = cjson.decode(ARGV[3])
+if #items ~= #KEYS then
+  return redis.error_reply('apply_many: ' .. #items .. ' entries for ' .. #KEYS .. ' keys')
+end
+local ttl, tomb_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local written = 0
+for i, item in ipairs(items) do
+  written = written + apply(KEYS[i], item[1], tonumber(item[2]), item[3], ttl, tomb_ttl)
+end
+return written
 """
 )

@@ -135,14 +135,15 @@ class RegionCache:
         # One script call for every account (a whole committed batch): one round trip, not one
         # per account. Each key still goes through the forward-only rule (coherence).
         keys: list[str] = []
-        args: list[str | int | bytes] = [coherence.ENTRY_TTL_S, coherence.TOMBSTONE_TTL_S]
+        items: list[tuple[str, str, str]] = []
         for acc, (version, payload) in versions.items():
             _check_version(version)
             keys.append(entry_key(shard_epoch, acc))
             if coherence.is_full_payload(payload):
-                args += ["fill", version, orjson.dumps(dict(payload))]
+                items.append(("fill", str(version), orjson.dumps(dict(payload)).decode()))
             else:
-                args += ["inval", version, b""]
+                items.append(("inval", str(version), ""))
+        args = (coherence.ENTRY_TTL_S, coherence.TOMBSTONE_TTL_S, orjson.dumps(items))
         with child_span("cache.put_committed"):
             try:
                 with self._put_guard:

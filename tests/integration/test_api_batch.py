@@ -124,7 +124,7 @@ async def test_mixed_shards_and_cross_region_items(api: Api) -> None:
     r = await batch(api, tenant, "eu-west", items)
     assert r.status == 200, r.body
     res = r.body["results"]
-    assert [x["status"] for x in res] == [201] * 5
+    assert [x["status"] for x in res] == [201] * 5, [x for x in res if x["status"] != 201]
     assert [x["transfer"]["amount"] for x in res] == [1, 2, 3, 4, 5]
     assert res[0]["transfer"]["status"] == "settled"
     assert res[2]["transfer"]["status"] in ("settled", "pending")

@@ -112,6 +112,27 @@ async def test_put_committed_partial_is_a_tombstone(cache: RegionCache) -> None:
     assert await cache.fill(EPOCH, a, 4, row(a, 4))
 
 
+async def test_put_committed_keeps_payloads_byte_exact_and_versions_per_key(
+    cache: RegionCache,
+) -> None:
+    """The batch write sends its entries as one JSON argument: every row comes back exactly,
+    whatever its metadata holds (quotes, backslashes, non-ASCII, an emoji, control characters
+    escaped, a 64-bit integer), each key gets its own version, and the forward-only rule still
+    refuses an older version within the same call's keys."""
+    tricky = {"q": 'say "hi"\\', "u": "Zoë ₹ 😀", "ctl": "a\tb\nc", "big": 2**63 - 1, "n": None}
+    accs = [account(i, slot=SLOT + 2) for i in range(5)]
+    rows = {acc: dict(row(acc, 3 + i), metadata=tricky) for i, acc in enumerate(accs)}
+    await cache.put_committed(EPOCH, {acc: (3 + i, rows[acc]) for i, acc in enumerate(accs)})
+    for i, acc in enumerate(accs):
+        assert await cache.get(EPOCH, acc) == CacheEntry(3 + i, rows[acc])
+    # An older version of one key and a newer of another in one call: only the newer lands.
+    older = dict(row(accs[0], 1), metadata={})
+    newer = dict(row(accs[1], 9), metadata={})
+    await cache.put_committed(EPOCH, {accs[0]: (1, older), accs[1]: (9, newer)})
+    assert await cache.get(EPOCH, accs[0]) == CacheEntry(3, rows[accs[0]])
+    assert await cache.get(EPOCH, accs[1]) == CacheEntry(9, newer)
+
+
 async def test_model_random_sequences(cache: RegionCache) -> None:
     """Random operation sequences: Redis agrees with the pure rules in consistency.coherence."""
     for seed in range(MODEL_SEEDS):
