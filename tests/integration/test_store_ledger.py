@@ -364,12 +364,17 @@ async def test_wrong_shard_slot_not_owned_or_stale(store: ShardStore, pg_shard: 
     assert (await post1(store, fresh)).code is TransferCode.OK
     # The slot moves away: refused whatever epoch the router names.
     admin.set_slot(pg_shard.admin_dsn, slot, epoch=SLOT_EPOCH + 1, owned=False)
-    before = counts(pg_shard.admin_dsn)
-    for ep in (SLOT_EPOCH, SLOT_EPOCH + 1):
-        gone = item(tenant, local, moved, 10, destination_slot_epoch=ep)
-        assert (await post1(store, gone)).code is TransferCode.WRONG_SHARD
-    assert counts(pg_shard.admin_dsn) == before
-    assert await balance(store, local, tenant) == 90
+    try:
+        before = counts(pg_shard.admin_dsn)
+        for ep in (SLOT_EPOCH, SLOT_EPOCH + 1):
+            gone = item(tenant, local, moved, 10, destination_slot_epoch=ep)
+            assert (await post1(store, gone)).code is TransferCode.WRONG_SHARD
+        assert counts(pg_shard.admin_dsn) == before
+        assert await balance(store, local, tenant) == 90
+    finally:
+        # The shard owns the slot again: its account there is not left on a shard that does
+        # not own it, which every later reconcile of the shared database would report.
+        admin.set_slot(pg_shard.admin_dsn, slot, epoch=SLOT_EPOCH + 1, owned=True)
 
 
 async def test_fence_waits_for_in_flight_write(store: ShardStore, pg_shard: PgShard) -> None:
