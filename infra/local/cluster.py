@@ -1,11 +1,14 @@
 """The local cluster: start, describe and stop every process of a three-region cluster.
 
-Start order (each step needs the one before): secrets -> WAN emulator -> etcd (3 members,
-peer traffic through the WAN peer fronts) -> PostgreSQL primaries (roles, database, migrations,
-shard init) -> standbys (cloned and streaming through the WAN) -> synchronous standby named on
-every primary -> Redis -> topology bootstrapped into etcd -> one router config per region ->
-one relay process per region (``python -m router.relays``, same config) and the routers, each
-answering ``/readyz`` -> every relay's heartbeat for every shard in its region's Redis.
+The launcher orchestrates; each server's command line, start and readiness check live in its
+own module: ``infra.wan`` (the WAN emulator), ``etcd_server``, ``redis_server``, ``nats``,
+``postgres``. Start order: secrets -> WAN emulator -> etcd, Redis and NATS spawned (they need
+only the WAN) -> PostgreSQL primaries (roles, database, migrations, shard init) -> standbys
+(cloned and streaming through the WAN) -> synchronous standby named on every primary -> etcd,
+Redis and NATS waited for (the event stream created) -> topology bootstrapped into etcd -> one
+router config per region -> one relay process per region (``python -m router.relays``, same
+config) and the routers, each answering ``/readyz`` -> every relay's heartbeat for every shard
+in its region's Redis -> the failover controllers.
 
 Every pid is written to ``cluster.json`` as soon as it exists, so ``down`` can clean up after an
 ``up`` that crashed half way. ``up`` tears down what it started when it fails.
@@ -21,7 +24,6 @@ import functools
 import importlib.util
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -51,7 +53,7 @@ from consistency.topology import (
     load_topology,
 )
 from infra.keys import KeyRing, KeyRingError
-from infra.local import nats, postgres, procs
+from infra.local import etcd_server, nats, postgres, procs, redis_server
 from infra.local.ports import PortPlan, plan_ports
 
 # The state file is its own module; these names stay importable from here.
@@ -86,12 +88,9 @@ PG_PASSWORD_BYTES: Final = 16
 # needs at most.
 SAGA_KEY_BYTES: Final = 32
 
-# Readiness bounds. The WAN and Redis bind at once; etcd needs an election (2 s timeout under
-# --wan realistic, plus a pre-vote round); routers load the topology and connect their pools
-# across the WAN.
+# Readiness bounds (etcd's, Redis's and NATS's are in their modules). The WAN binds at once;
+# routers load the topology and connect their pools across the WAN.
 WAN_READY_TIMEOUT_S: Final = 15.0
-REDIS_READY_TIMEOUT_S: Final = 15.0
-ETCD_READY_TIMEOUT_S: Final = 60.0
 ROUTER_READY_TIMEOUT_S: Final = 60.0
 # A region's relay process is ready once it published a heartbeat for every shard: it attached
 # a logical slot on every primary (one WAN round trip each) and finished a round.
@@ -104,11 +103,6 @@ PROBE_TIMEOUT_S: Final = 2.0
 STATUS_ETCD_TIMEOUT_S: Final = 2.0
 # The foreground launcher checks its children this often to report one that died.
 MONITOR_INTERVAL_S: Final = 1.0
-# etcd timing (its tuning guide): heartbeat about the largest member RTT, election about ten
-# heartbeats. Under --wan none the defaults (100/1000 ms) apply.
-ETCD_HEARTBEAT_MS_MIN: Final = 100
-ETCD_HEARTBEAT_STEP_MS: Final = 50
-ETCD_ELECTION_FACTOR: Final = 10
 
 T = TypeVar("T")
 
@@ -177,13 +171,6 @@ def _relay_heartbeats(redis_url: str, shards: Sequence[str]) -> bool:
         client.close()
 
 
-def etcd_healthy(body: bytes) -> bool:
-    try:
-        return bool(json.loads(body).get("health") == "true")
-    except ValueError:
-        return False
-
-
 def _write_secret(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -210,14 +197,6 @@ def shard_name(region: str) -> str:
 
 def node_name(shard: str, region: str) -> str:
     return f"{shard}@{region}"
-
-
-def etcd_timing_ms(latency_ms: dict[tuple[str, str], float]) -> tuple[int, int]:
-    """(heartbeat, election timeout) in ms for the largest round trip between members."""
-    rtt = 2 * max(latency_ms.values(), default=0.0)
-    step = ETCD_HEARTBEAT_STEP_MS
-    heartbeat = max(ETCD_HEARTBEAT_MS_MIN, math.ceil(rtt / step) * step)
-    return heartbeat, heartbeat * ETCD_ELECTION_FACTOR
 
 
 def _plan_json(plan: PortPlan) -> dict[str, Any]:
@@ -482,62 +461,21 @@ class Launcher:
     # -- etcd ---------------------------------------------------------------------------------
 
     def _spawn_etcd(self) -> None:
-        heartbeat, election = etcd_timing_ms(self.latency)
+        heartbeat, election = etcd_server.timing_ms(self.latency)
         self.progress(
             f"etcd x{len(self.regions)} (heartbeat {heartbeat} ms, election {election} ms)"
         )
-        initial = ",".join(
-            f"{r}=http://{HOST}:{self.plan.etcd_peer_front[r]}" for r in self.regions
+        etcd_server.spawn(
+            self.plan,
+            self.dir,
+            self._spawn,
+            regions=self.regions,
+            heartbeat_ms=heartbeat,
+            election_ms=election,
         )
-        token = f"txr-{self.plan.base}-{secrets.token_hex(4)}"
-        for r in self.regions:
-            ports = self.plan.region[r]
-            data_dir = self.dir / "etcd" / r
-            data_dir.parent.mkdir(parents=True, exist_ok=True)
-            argv = [
-                shutil.which("etcd") or "etcd",
-                "--name",
-                r,
-                "--data-dir",
-                str(data_dir),
-                "--listen-client-urls",
-                f"http://{HOST}:{ports.etcd_client}",
-                "--advertise-client-urls",
-                f"http://{HOST}:{ports.etcd_client}",
-                "--listen-peer-urls",
-                f"http://{HOST}:{ports.etcd_peer}",
-                # Peers dial this member through its WAN front, so raft crosses the WAN.
-                "--initial-advertise-peer-urls",
-                f"http://{HOST}:{self.plan.etcd_peer_front[r]}",
-                "--initial-cluster",
-                initial,
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                token,
-                "--heartbeat-interval",
-                str(heartbeat),
-                "--election-timeout",
-                str(election),
-                # A member cut off by a partition must not disrupt the majority when it returns.
-                "--pre-vote=true",
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-            ]
-            self._spawn(f"etcd-{r}", "etcd", r, argv, str(data_dir))
 
     def _wait_etcd(self) -> None:
-        for r in self.regions:
-            url = f"http://{HOST}:{self.plan.region[r].etcd_client}/health"
-            procs.wait_until(
-                f"etcd {r}",
-                functools.partial(http_ok, url, etcd_healthy),
-                ETCD_READY_TIMEOUT_S,
-                alive=self._alive(f"etcd-{r}"),
-                log_path=self.logs / f"etcd-{r}.log",
-            )
+        etcd_server.wait_ready(self.plan, self.logs, self._alive, regions=self.regions)
 
     # -- PostgreSQL ---------------------------------------------------------------------------
 
@@ -671,50 +609,14 @@ class Launcher:
 
     def _spawn_redis(self) -> None:
         self.progress("Redis")
-        for r in self.regions:
-            port = self.plan.region[r].redis
-            data_dir = self.dir / "redis" / r
-            data_dir.mkdir(parents=True, exist_ok=True)
-            argv = [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                HOST,
-                # A cache: nothing to persist, and a save must never stall the event loop.
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(data_dir),
-                "--daemonize",
-                "no",
-                "--logfile",
-                "",
-            ]
-            # redis-server rewrites its process title to "redis-server 127.0.0.1:PORT".
-            self._spawn(f"redis-{r}", "redis", r, argv, f"{HOST}:{port}")
+        redis_server.spawn(self.plan, self.dir, self._spawn, regions=self.regions)
 
     def _wait_redis(self) -> None:
-        for r in self.regions:
-            port = self.plan.region[r].redis
-            procs.wait_until(
-                f"redis {r}",
-                functools.partial(procs.port_open, port),
-                REDIS_READY_TIMEOUT_S,
-                alive=self._alive(f"redis-{r}"),
-                log_path=self.logs / f"redis-{r}.log",
-            )
+        redis_server.wait_ready(self.plan, self.logs, self._alive, regions=self.regions)
 
     def _spawn_nats(self) -> None:
         self.progress(f"NATS JetStream x{len(self.regions)}")
-        nats.spawn(
-            self.plan,
-            self.dir,
-            lambda name, kind, region, argv, marker: self._spawn(name, kind, region, argv, marker),
-            regions=self.regions,
-        )
+        nats.spawn(self.plan, self.dir, self._spawn, regions=self.regions)
 
     def _wait_nats(self) -> None:
         nats.wait_ready(self.plan, self.logs, self._alive, regions=self.regions)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from infra.local import cluster, postgres, procs
+from infra.local import cluster, etcd_server, postgres, procs
 from infra.local.state import Proc, State
 
 # Readiness after a restart: a router reloads its topology and reconnects its pools, an etcd
@@ -76,9 +76,7 @@ def _ready_probe(state: State, entry: Proc) -> Callable[[], bool]:
     if kind == "router":
         return functools.partial(cluster.http_ok, f"http://{host}:{ports['router']}/readyz")
     if kind == "etcd":
-        return functools.partial(
-            cluster.http_ok, f"http://{host}:{ports['etcd_client']}/health", cluster.etcd_healthy
-        )
+        return functools.partial(etcd_server.health_ok, int(ports["etcd_client"]))
     if kind == "redis":
         return functools.partial(procs.port_open, int(ports["redis"]))
     if kind == "nats":

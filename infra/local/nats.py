@@ -3,8 +3,9 @@
 What this module owns: each server's configuration file, its start, the readiness check (every
 route up, a JetStream meta leader elected) and the creation of the event stream and buckets
 (``router.events.stream.ensure``: the same idempotent call the publisher makes). The launcher
-(``infra.local.cluster``) calls ``start`` once Redis is up and records the processes like its
-others (kind ``nats``), so ``txr local down`` stops them and waits for their exit.
+(``infra.local.cluster``) calls ``spawn`` early, ``wait_ready`` once PostgreSQL is up, and
+records the processes like its others (kind ``nats``), so ``txr local down`` stops them and
+waits for their exit.
 
 Ports come from the cluster's plan (``infra.local.ports``: client, route, monitor per region);
 data sits under ``<dir>/nats/<region>``. Each server's routes name the WAN emulator's listener

@@ -1,0 +1,75 @@
+"""The local cluster's Redis: one cache server per region.
+
+What this module owns: each server's command line (a cache: nothing persisted), its start and
+the readiness check. The launcher (``infra.local.cluster``) calls ``spawn`` early and
+``wait_ready`` later, and records the processes (kind ``redis``) so ``txr local down`` stops
+them. Routers of other regions never talk to it; the change feed reaches it through the WAN
+emulator (``infra.local.ports``).
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+from infra.local import procs
+from infra.local.ports import PortPlan
+
+HOST: Final = "127.0.0.1"
+# Redis binds at once; this only covers a slow exec on a loaded machine.
+REDIS_READY_TIMEOUT_S: Final = 15.0
+
+Spawn = Callable[[str, str, str, list[str], str], object]
+
+
+def proc_name(region: str) -> str:
+    return f"redis-{region}"
+
+
+def spawn(plan: PortPlan, cluster_dir: Path, spawn: Spawn, *, regions: Sequence[str]) -> None:
+    """Start every region's server; ``wait_ready`` then waits for them."""
+    for r in regions:
+        port = plan.region[r].redis
+        data_dir = cluster_dir / "redis" / r
+        data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            HOST,
+            # A cache: nothing to persist, and a save must never stall the event loop.
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data_dir),
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+        ]
+        # redis-server rewrites its process title to "redis-server 127.0.0.1:PORT".
+        spawn(proc_name(r), "redis", r, argv, f"{HOST}:{port}")
+
+
+def wait_ready(
+    plan: PortPlan,
+    logs: Path,
+    alive: Callable[[str], Callable[[], bool]],
+    *,
+    regions: Sequence[str],
+) -> None:
+    """Wait until every server accepts connections."""
+    for r in regions:
+        procs.wait_until(
+            f"redis {r}",
+            functools.partial(procs.port_open, plan.region[r].redis),
+            REDIS_READY_TIMEOUT_S,
+            alive=alive(proc_name(r)),
+            log_path=logs / f"{proc_name(r)}.log",
+        )
