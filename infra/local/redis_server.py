@@ -29,32 +29,36 @@ def proc_name(region: str) -> str:
     return f"redis-{region}"
 
 
+def argv(port: int, data_dir: Path) -> list[str]:
+    """The command line of one server (the test fixture's too: tests/fixtures/redis.py)."""
+    return [
+        shutil.which("redis-server") or "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        HOST,
+        # A cache: nothing to persist, and a save must never stall the event loop.
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir),
+        "--daemonize",
+        "no",
+        "--logfile",
+        "",
+    ]
+
+
 def spawn(plan: PortPlan, cluster_dir: Path, spawn: Spawn, *, regions: Sequence[str]) -> None:
     """Start every region's server; ``wait_ready`` then waits for them."""
     for r in regions:
         port = plan.region[r].redis
         data_dir = cluster_dir / "redis" / r
         data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            HOST,
-            # A cache: nothing to persist, and a save must never stall the event loop.
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(data_dir),
-            "--daemonize",
-            "no",
-            "--logfile",
-            "",
-        ]
         # redis-server rewrites its process title to "redis-server 127.0.0.1:PORT".
-        spawn(proc_name(r), "redis", r, argv, f"{HOST}:{port}")
+        spawn(proc_name(r), "redis", r, argv(port, data_dir), f"{HOST}:{port}")
 
 
 def wait_ready(
