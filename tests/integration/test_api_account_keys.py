@@ -1,11 +1,17 @@
-"""Idempotent account opens and the saga's roles, on the real cluster (issue 16)."""
+"""Idempotent account opens, the saga's roles and its key rotation, on the real cluster
+(issue 16)."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import psycopg
 import pytest
 from psycopg import errors as pg_errors
@@ -14,12 +20,17 @@ from consistency import ids
 from consistency.idempotency import OpenShards, account_open_fingerprint, open_shards
 from infra.local import cluster as lc
 from infra.local import postgres
+from regionstore import saga_keys
 from tests.fixtures.api import Api, new_tenant
 
 pytestmark = pytest.mark.integration
 
 # Concurrent opens with one key, sent to every worker of two regions at once.
 CONCURRENT_OPENS: Final = 12
+TXR: Final = Path(sys.executable).parent / "txr"
+CLI_TIMEOUT_S: Final = 60.0
+# A cross-region transfer settles within this once nothing holds it (relays retry with backoff).
+SETTLE_WAIT_S: Final = 30.0
 
 
 async def _open(api: Api, tenant: str, via: str, key: str, body: dict[str, Any]) -> Any:
@@ -302,3 +313,55 @@ async def test_the_app_role_cannot_credit_without_leg1(api: Api) -> None:
         got = conn.execute(call, params).fetchone()
     assert got == ("unauthenticated",)
     assert (await api.account(tenant, "eu-west", dst))["balance"] == 0
+
+
+async def test_txr_keys_rotate_saga_on_the_cluster(api: Api) -> None:
+    """`txr keys rotate-saga` on the running cluster: every shard signs with the new key and
+    keeps the old one, and cross-region transfers settle before and after. (A message pending
+    under the old key while the key changes: tests/integration/test_saga_auth.py.)"""
+    tenant = new_tenant()
+    src = await api.funded(tenant, "us-east", 1000)
+    dst = await api.open_account(tenant, "eu-west")
+    dsns = lc.primary_admin_dsns(api.cluster.dir)
+    before = await api.transfer(tenant, "us-east", src, dst, 100)
+    assert before.status == 201, before.body
+    old = {s: saga_keys.signing_key(saga_keys.list_keys(d)) for s, d in dsns.items()}
+    rotated = await asyncio.to_thread(
+        subprocess.run,
+        [str(TXR), "keys", "rotate-saga", "--dir", str(api.cluster.dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    listed = orjson.loads(rotated.stdout)
+    assert set(listed) == set(dsns)
+    for shard, keys in listed.items():
+        signing = [k["key_id"] for k in keys if k["signing"]]
+        assert len(signing) == 1
+        assert signing[0] > (old[shard] or 0)
+        assert old[shard] in {k["key_id"] for k in keys}, "the old key must stay"
+    after = await api.transfer(tenant, "us-east", src, dst, 10)
+    assert after.status == 201, after.body
+    for t in (before.body, after.body):
+        assert await _settled(api, tenant, t["id"]), t
+    assert (await api.account(tenant, "eu-west", dst))["balance"] == 110
+    parsed = ids.parse_transfer_id(after.body["id"])
+    assert parsed is not None
+    with psycopg.connect(dsns[next(s for s in dsns if s.startswith("us-east"))]) as conn:
+        row = conn.execute(
+            "SELECT key_id FROM txr.outbox WHERE transfer_id = %s", (parsed[1],)
+        ).fetchone()
+    assert row is not None
+    assert row[0] == max(k["key_id"] for k in listed[next(iter(listed))])
+
+
+async def _settled(api: Api, tenant: str, transfer_id: str) -> bool:
+    deadline = time.monotonic() + SETTLE_WAIT_S
+    while time.monotonic() < deadline:
+        r = await api.call("GET", "eu-west", f"/v1/transfers/{transfer_id}", tenant=tenant)
+        if r.body.get("status") == "settled":
+            return True
+        await asyncio.sleep(0.2)
+    return False
