@@ -28,6 +28,10 @@ from bench.loadgen import REQUEST_TIMEOUT_S, RunResult, check_loopback, paced
 # enough for 2,500 requests/s at 400 ms each; past it a scheduled request waits for one, and
 # that wait counts in its latency (from the intended send time).
 RAW_CONNECTIONS_MAX: Final = 1024
+# Connections opened before a run's clock starts: what the run holds in flight at this much
+# latency per request (rate x WARM_LATENCY_S), as a client's kept pool would be. Opening them
+# during the run instead measures connection set-up under load, not the router's answers.
+WARM_LATENCY_S: Final = 0.25
 # An answer head larger than this is not the router's: the connection is dropped.
 HEAD_BYTES_MAX: Final = 16 * 1024
 _CONTENT_LENGTH: Final = b"\r\ncontent-length:"
@@ -109,6 +113,17 @@ class _Pool:
                 self._idle.append(conn)
             return status
 
+    async def warm(self, n: int) -> None:
+        """Open ``n`` idle connections (at most RAW_CONNECTIONS_MAX)."""
+        loop = asyncio.get_running_loop()
+        made = await asyncio.gather(
+            *(
+                loop.create_connection(_Conn, self._host, self._port)
+                for _ in range(min(n, RAW_CONNECTIONS_MAX))
+            )
+        )
+        self._idle.extend(conn for _, conn in made)
+
     def close(self) -> None:
         for conn in self._idle:
             if conn.transport is not None:
@@ -130,6 +145,7 @@ async def open_loop(
     assert parts.hostname is not None
     assert parts.port is not None
     pool = _Pool(parts.hostname, parts.port)
+    await pool.warm(int(rate * WARM_LATENCY_S))
     res = RunResult(mode="open", duration_s=duration_s, target_rate=rate)
 
     async def fire(seq: int, intended: float) -> None:

@@ -154,6 +154,14 @@ HEADER_RECEIVE_TIMEOUT_S: Final = 10.0
 # and the client pools open (hundreds); slow clients are bounded by the two timeouts above,
 # so at the cap they free a slot within HEADER_RECEIVE_TIMEOUT_S.
 CONNECTIONS_MAX: Final = 2048
+# Connections the kernel queues for one router process before accept (listen backlog; aiohttp's
+# default is 128). A burst of new connections past the backlog has its SYNs dropped, and each
+# such client waits for its retransmit (1 s, then 3 s, 7 s): measured in txr bench's 200 %
+# open-loop run, where the generator opened hundreds of connections at once as latency grew,
+# as client timeouts and a p99 of 8.9 s while no write may take the router more than 5 s.
+# Half the connection cap: a burst that size waits microseconds in the kernel, not seconds
+# (the kernel clamps it to net.core.somaxconn, 4096 on the development machine).
+LISTEN_BACKLOG: Final = CONNECTIONS_MAX // 2
 
 # -- POST /v1/transfers/batch (API.md "Batches of transfers") ----------------------------------
 # Items per batch request, the contract's bound.
