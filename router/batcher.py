@@ -30,7 +30,10 @@ the oldest queued item has waited longer than the queue-delay target (``queue_de
 ``queue_delay_rounds`` times the moving average of this shard's batch call time, within
 ``[queue_delay_min_s, queue_delay_max_s]``), new items are refused at once (``BatcherFull``,
 the router's 503) so that the latency of admitted items stays bounded (router.limits says why
-the target counts batch rounds).
+the target counts batch rounds). The target applies to a tenant that already has items queued;
+one with none is shed only past ``queue_delay_max_s``, because round-robin puts its item into
+the next batch whatever the others' backlog (a burst of one tenant must not shed another's
+write, tests/integration/test_api_overload.py).
 """
 
 from __future__ import annotations
@@ -188,7 +191,15 @@ class ShardBatcher:
         if self._queued >= self._queue_max:
             raise BatcherFull(f"{self._queued} transfers already queued for this shard")
         waited = self.oldest_wait_s()
-        if waited > self.queue_delay_target_s():
+        # A tenant with nothing queued goes into the next batch (round-robin over tenants), so
+        # the standing queue of others does not delay it: only the ceiling, a shard that has
+        # stopped making progress, sheds it. Others' backlog sheds their own new items.
+        limit = (
+            self.queue_delay_target_s()
+            if self._tenant_queued.get(tenant, 0)
+            else self._queue_delay_max_s
+        )
+        if waited > limit:
             raise BatcherFull(f"the oldest queued transfer of this shard waited {waited:.3f}s")
         loop = asyncio.get_running_loop()
         now = loop.time()

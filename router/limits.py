@@ -103,11 +103,11 @@ BATCH_QUEUE_ITEMS_MAX: Final = 4096
 # was shed, the generator's own pool became the queue (p50 4.2 s at 150 %, p99 5.5 s), and
 # goodput fell to 53 % of saturation.
 BATCH_QUEUE_DELAY_ROUNDS: Final = 4
-# The floor: bursts shorter than this are queued, never shed. A 1,000-item batch request or a
-# test's burst behind a held row lock must not shed the next tenant's write in the same
-# instant (tests/integration/test_api_overload.py admits a write 50 ms behind such a burst),
-# and it is about the p99 at 50 % load on a quiet machine (open loop, 139-175 ms in the first
-# round's runs), so admitted writes stay within 3x of it (issue 16's goal).
+# The floor: a tenant's bursts shorter than this are queued, never shed (a 1,000-item batch
+# request takes several rounds to drain); about the p99 at 50 % load on a quiet machine (open
+# loop, 139-175 ms in the first round's runs), so admitted writes stay within 3x of it (issue
+# 16's goal). The target sheds only tenants with items queued (router.batcher): another
+# tenant's write joins the next batch, round-robin, and is shed only past the ceiling.
 BATCH_QUEUE_DELAY_MIN_S: Final = 0.25
 # The ceiling, whatever the calls take: under half of WRITE_DEADLINE_S, so a write that was
 # admitted still has time to commit.

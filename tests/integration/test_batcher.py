@@ -340,3 +340,36 @@ async def test_the_shedding_target_follows_the_batch_call_time(store: ShardStore
         await batcher.close()
     # The floor holds however fast the calls are.
     assert ShardBatcher(slow_store, SHARD_EPOCH).queue_delay_target_s() == BATCH_QUEUE_DELAY_MIN_S
+
+
+async def test_the_target_sheds_the_backlogged_tenant_and_the_ceiling_everyone(
+    store: ShardStore,
+) -> None:
+    """Past the target, a tenant with items queued is shed and one with none still gets in (its
+    item joins the next batch, round-robin); past the ceiling the shard sheds everyone."""
+    noisy, quiet, late = new_tenant(), new_tenant(), new_tenant()
+    funding = await new_account(store, noisy, overdraft_limit=FUNDING_OVERDRAFT)
+    dst = await new_account(store, noisy)
+    gate = asyncio.Event()
+    batcher = ShardBatcher(
+        _gated(store, gate),  # type: ignore[arg-type]
+        SHARD_EPOCH,
+        inflight_max=1,
+        queue_delay_min_s=0.1,
+        queue_delay_max_s=0.6,
+    )
+    first = asyncio.create_task(batcher.submit(item(noisy, funding, dst, 1), timeout_s=TIMEOUT_S))
+    await asyncio.sleep(0)
+    queued = [batcher.enqueue(item(noisy, funding, dst, 1), timeout_s=TIMEOUT_S)]
+    await asyncio.sleep(0.2)
+    with pytest.raises(BatcherFull):
+        batcher.enqueue(item(noisy, funding, dst, 1), timeout_s=TIMEOUT_S)
+    queued.append(batcher.enqueue(item(quiet, funding, dst, 1), timeout_s=TIMEOUT_S))
+    await asyncio.sleep(0.5)
+    with pytest.raises(BatcherFull):
+        batcher.enqueue(item(late, funding, dst, 1), timeout_s=TIMEOUT_S)
+    gate.set()
+    assert (await first).code is TransferCode.OK
+    # `quiet` has no account here: its item is answered (not_found), not lost.
+    assert [(await f).code for f in queued] == [TransferCode.OK, TransferCode.NOT_FOUND]
+    await batcher.close()
