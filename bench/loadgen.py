@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -172,17 +172,26 @@ async def open_loop(
     inflight_max: int = OPEN_LOOP_INFLIGHT_MAX,
 ) -> RunResult:
     """Send at ``rate`` per second for ``duration_s``; latency counts from the intended time."""
-    assert rate > 0
-    total = max(1, int(rate * duration_s))
     res = RunResult(mode="open", duration_s=duration_s, target_rate=rate)
     slots = asyncio.Semaphore(inflight_max)
-    interval = 1.0 / rate
-    t0 = time.perf_counter()
 
     async def fire(seq: int, intended: float) -> None:
         async with slots:
             await _one(s, request, seq, ok_statuses, intended, res)
 
+    res.duration_s = await paced(rate, duration_s, fire)
+    return res
+
+
+async def paced(
+    rate: float, duration_s: float, fire: Callable[[int, float], Coroutine[Any, Any, None]]
+) -> float:
+    """Start ``fire(seq, intended_perf_counter_time)`` at ``rate`` per second for
+    ``duration_s``, then wait (at most DRAIN_TIMEOUT_S) for them; returns the elapsed time."""
+    assert rate > 0
+    total = max(1, int(rate * duration_s))
+    interval = 1.0 / rate
+    t0 = time.perf_counter()
     tasks: set[asyncio.Task[None]] = set()
     for seq in range(total):
         intended = t0 + seq * interval
@@ -198,5 +207,4 @@ async def open_loop(
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    res.duration_s = time.perf_counter() - t0
-    return res
+    return time.perf_counter() - t0

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Final
+from collections.abc import Mapping
+from typing import Final, NamedTuple
 
 import orjson
 
@@ -39,9 +40,11 @@ def transfer_fingerprint(
 
 
 def account_open_fingerprint(
-    *, currency: str, home_region: str, overdraft_limit: int, metadata: object
+    *, currency: str, home_region: str | None, overdraft_limit: int, metadata: object
 ) -> bytes:
-    """An account open's fingerprint: every field of the body, with the region it opens in."""
+    """An account open's fingerprint: every field of the body as sent (``home_region`` None
+    when the body names none: the key then chooses the region, and naming one is another
+    request, 409 on the same key)."""
     canonical = orjson.dumps(
         {
             "currency": currency,
@@ -52,6 +55,33 @@ def account_open_fingerprint(
         option=orjson.OPT_SORT_KEYS,
     )
     return hashlib.sha256(canonical).digest()
+
+
+class OpenShards(NamedTuple):
+    """Where a keyed account open goes: ``arbiter`` holds the key's row (one shard for every
+    region), ``target`` gets the account. Equal in the common case: one transaction."""
+
+    arbiter: str
+    target: str
+
+
+def open_shards(
+    tenant: str, key: str, homes: Mapping[str, str], home_region: str | None
+) -> OpenShards | None:
+    """The shards of a keyed open, given every shard's home region (``homes``: shard name ->
+    region). The arbiter depends on (tenant, key) and the set of shards only, never on the
+    region named or the router asked, so every open with one key meets on one primary key
+    (G2 for account opens). Without ``home_region`` the account opens on the arbiter (its
+    region is the key's choice); with one, on the arbiter when it is homed there, else on the
+    key's shard among that region's. None: no shard is homed in ``home_region``."""
+    names = sorted(homes)
+    arbiter = names[key_home(tenant, key, len(names))]
+    if home_region is None or homes[arbiter] == home_region:
+        return OpenShards(arbiter, arbiter)
+    homed = [n for n in names if homes[n] == home_region]
+    if not homed:
+        return None
+    return OpenShards(arbiter, homed[key_home(tenant, key, len(homed))])
 
 
 def key_home(tenant: str, key: str, choices: int) -> int:

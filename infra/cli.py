@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -29,7 +30,7 @@ from infra import controller, failover
 from infra.keys import KeyRingError
 from infra.local import cluster, postgres, procs
 from infra.local.ports import plan_ports
-from regionstore import admin
+from regionstore import admin, saga_keys
 from router.auth import ADMIN_TOKEN_TTL_S_MAX, SCOPES, TENANT_RE, TOKEN_TTL_S_MAX
 
 EXIT_OK: Final = 0
@@ -222,6 +223,32 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 # -- txr keys -----------------------------------------------------------------------------
+
+
+def _cmd_saga_keys(args: argparse.Namespace) -> int:
+    """The saga HMAC keys on every shard's primary (regionstore.saga_keys)."""
+    dsns = cluster.primary_admin_dsns(args.dir)
+    try:
+        if args.keys_command == "rotate-saga":
+            done = saga_keys.rotate(dsns)
+            _step(
+                f"saga key {done['key_id']} signs on every shard; kept {done['kept']}, "
+                f"retired {done['retired'] or 'none'}"
+            )
+        elif args.keys_command == "retire-saga":
+            _step(f"retired: {saga_keys.retire(dsns) or 'none'}")
+        keys = {shard: saga_keys.list_keys(dsn) for shard, dsn in sorted(dsns.items())}
+    except (saga_keys.RotationError, psycopg.Error) as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({s: [dataclasses.asdict(k) for k in ks] for s, ks in keys.items()}))
+        return EXIT_OK
+    for shard, ks in keys.items():
+        for k in ks:
+            state = "signing" if k.signing else "verify only"
+            print(f"{shard}  key {k.key_id}  {state}  pending messages {k.pending}")
+    return EXIT_OK
 
 
 def _print_keys(args: argparse.Namespace) -> None:
@@ -792,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_token)
 
-    keys = sub.add_parser("keys", help="the JWT signing keys of a local cluster")
+    keys = sub.add_parser("keys", help="the JWT signing keys and saga keys of a local cluster")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     for name, what in (
         ("list", "the keys, which one signs, when the others retire"),
@@ -807,6 +834,16 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.set_defaults(kid=None)
         p.set_defaults(handler=_cmd_keys)
+
+    for name, what in (
+        ("list-saga", "the saga (leg 2) HMAC keys of every shard and the messages naming them"),
+        ("rotate-saga", "stage a new saga key everywhere, then sign with it; one old key stays"),
+        ("retire-saga", "remove saga keys that nothing signs with and no pending message names"),
+    ):
+        p = keys_sub.add_parser(name, help=what)
+        _add_dir(p)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=_cmd_saga_keys)
 
     limits = sub.add_parser("limits", help="per-tenant rate limits and account caps (etcd)")
     limits_sub = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")

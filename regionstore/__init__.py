@@ -3,7 +3,8 @@
 Owns the shard schema and its migrations (``migrations/NNNN_name.sql``, ``migrate``), the write
 procedures that enforce fencing (G5), floors (G3), idempotency (G2) and balanced postings (G4)
 inside one transaction, the async store client the router writes through (``store``), shard
-administration for the launcher and operators (``admin``: fencing, slots, ledger check),
+administration for the launcher and operators (``admin``: fencing, slots, ledger check;
+``saga_keys``: the saga HMAC keys' rotation across shards),
 synchronous replication settings (``replication``), the change feed (``changefeed``: the
 shard's replication slot, the logical replication stream, pgoutput parsed into typed account
 changes, only what the synchronous standby has flushed), and the store's error tree

@@ -34,11 +34,11 @@ class EpochRegression(ValueError):
     """An admin call tried to move an epoch backwards."""
 
 
-def _connect(admin_dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
+def connect(admin_dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
     return psycopg.connect(admin_dsn, connect_timeout=CONNECT_TIMEOUT_S)
 
 
-def _lock_fence(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+def lock_fence(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
     conn.execute(f"SET LOCAL lock_timeout = '{FENCE_LOCK_TIMEOUT_MS}ms'")
     conn.execute("SELECT pg_advisory_xact_lock(txr.fence_lock_key())")
 
@@ -52,8 +52,8 @@ def init_shard(admin_dsn: str, *, epoch: int, slots: Sequence[int], slot_epoch: 
     """Set the shard epoch (unfenced) and own ``slots`` at ``slot_epoch``; idempotent."""
     for slot in slots:
         _check_slot(slot)
-    with _connect(admin_dsn) as conn, conn.transaction():
-        _lock_fence(conn)
+    with connect(admin_dsn) as conn, conn.transaction():
+        lock_fence(conn)
         _set_fence_locked(conn, epoch)
         for_update = conn.execute(
             "SELECT slot, epoch FROM txr.owned_slots WHERE slot = ANY(%s::int[])", (list(slots),)
@@ -85,7 +85,7 @@ def set_saga_identity(admin_dsn: str, *, shard: str, key_id: int, secret: bytes)
     """
     if key_id < 1 or len(secret) < SAGA_KEY_BYTES_MIN:
         raise ValueError(f"saga key id must be >= 1 and its secret >= {SAGA_KEY_BYTES_MIN} bytes")
-    with _connect(admin_dsn) as conn, conn.transaction():
+    with connect(admin_dsn) as conn, conn.transaction():
         conn.execute(
             "INSERT INTO txr.shard_identity (singleton, name) VALUES (true, %s)"
             " ON CONFLICT (singleton) DO UPDATE SET name = excluded.name",
@@ -117,15 +117,15 @@ def _set_fence_locked(conn: psycopg.Connection[tuple[Any, ...]], epoch: int) -> 
 
 def set_fence(admin_dsn: str, *, epoch: int) -> None:
     """Accept writes under ``epoch`` only (and unfence): run on a newly promoted primary."""
-    with _connect(admin_dsn) as conn, conn.transaction():
-        _lock_fence(conn)
+    with connect(admin_dsn) as conn, conn.transaction():
+        lock_fence(conn)
         _set_fence_locked(conn, epoch)
 
 
 def fence_all(admin_dsn: str) -> None:
     """Refuse every write from now on (an old primary). Returns after in-flight writes commit."""
-    with _connect(admin_dsn) as conn, conn.transaction():
-        _lock_fence(conn)
+    with connect(admin_dsn) as conn, conn.transaction():
+        lock_fence(conn)
         cur = conn.execute("UPDATE txr.fence SET fenced = true")
         if cur.rowcount != 1:
             # No fence row means the procedures already refuse everything; record it anyway.
@@ -135,8 +135,8 @@ def fence_all(admin_dsn: str) -> None:
 def set_slot(admin_dsn: str, slot: int, *, epoch: int, owned: bool) -> None:
     """Own ``slot`` at ``epoch``, or (owned=False) stop owning it."""
     _check_slot(slot)
-    with _connect(admin_dsn) as conn, conn.transaction():
-        _lock_fence(conn)
+    with connect(admin_dsn) as conn, conn.transaction():
+        lock_fence(conn)
         row = conn.execute(
             "SELECT epoch FROM txr.owned_slots WHERE slot = %s FOR UPDATE", (slot,)
         ).fetchone()
@@ -154,7 +154,7 @@ def set_slot(admin_dsn: str, slot: int, *, epoch: int, owned: bool) -> None:
 
 def fence_state(admin_dsn: str) -> dict[str, Any]:
     """``{"epoch", "fenced", "slots": {slot: epoch}}`` as the database holds them."""
-    with _connect(admin_dsn) as conn:
+    with connect(admin_dsn) as conn:
         fence = conn.execute("SELECT epoch, fenced FROM txr.fence").fetchone()
         slots = dict(conn.execute("SELECT slot, epoch FROM txr.owned_slots").fetchall())
     return {
@@ -210,7 +210,7 @@ def _read_ledger(conn: psycopg.Connection[tuple[Any, ...]]) -> _LedgerReads:
 
 
 def _snapshot(admin_dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
-    conn = _connect(admin_dsn)
+    conn = connect(admin_dsn)
     conn.read_only = True
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     return conn
@@ -489,7 +489,7 @@ def fence_and_flush_lsn(admin_dsn: str) -> int:
             # promoted or gone (statement_timeout does not cover that wait: PostgreSQL stops
             # the timer before COMMIT; checked, it waited in SyncRep for minutes).
             conn.execute("SET LOCAL synchronous_commit = local")
-            _lock_fence(conn)
+            lock_fence(conn)
             cur = conn.execute("UPDATE txr.fence SET fenced = true")
             if cur.rowcount != 1:
                 conn.execute(
@@ -537,7 +537,7 @@ def slot_outbound_pending(admin_dsn: str, slot: int, *, nudge: bool = False) -> 
     grace would only make it wait longer, and a second delivery is harmless)."""
     _check_slot(slot)
     params = _slot_params(slot)
-    with _connect(admin_dsn) as conn, conn.transaction():
+    with connect(admin_dsn) as conn, conn.transaction():
         if nudge:
             conn.execute(
                 "UPDATE txr.outbox SET next_attempt_at = now()"
@@ -553,7 +553,7 @@ def slot_outbound_pending(admin_dsn: str, slot: int, *, nudge: bool = False) -> 
 def incoming_move(admin_dsn: str, slot: int, epoch: int) -> str | None:
     """The source shard of the move that gave this shard ``slot`` at ``epoch``, if it did."""
     _check_slot(slot)
-    with _connect(admin_dsn) as conn:
+    with connect(admin_dsn) as conn:
         row = conn.execute(
             "SELECT peer_shard FROM txr.slot_moves"
             " WHERE direction = 'in' AND slot = %s AND epoch = %s",
@@ -591,10 +591,10 @@ def copy_slot_in(
     _check_slot(slot)
     params = _slot_params(slot)
     counts: dict[str, int] = {}
-    with _connect(target_dsn) as dst:
+    with connect(target_dsn) as dst:
         if _move_amounts(dst, move_id, "in") is not None:
             return counts
-    with _connect(source_dsn) as src, _connect(target_dsn) as dst:
+    with connect(source_dsn) as src, connect(target_dsn) as dst:
         src.read_only = True
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         data: dict[str, bytes] = {}
@@ -620,7 +620,7 @@ def copy_slot_in(
                     data[table] = b"".join(bytes(block) for block in cp)
                 counts[table] = data[table].count(b"\n")
         with dst.transaction():
-            _lock_fence(dst)
+            lock_fence(dst)
             for table, _where in _SLOT_ROWS:
                 if not data[table]:
                     continue
@@ -661,11 +661,11 @@ def finish_slot_out(
     _check_slot(slot)
     params = _slot_params(slot)
     counts: dict[str, int] = {}
-    with _connect(target_dsn) as dst:
+    with connect(target_dsn) as dst:
         arrived = _move_amounts(dst, move_id, "in")
     if arrived is None:
         raise SlotMoveError(f"{target_shard} has not received move {move_id} of slot {slot}")
-    with _connect(source_dsn) as src, src.transaction():
+    with connect(source_dsn) as src, src.transaction():
         src.execute(f"SET LOCAL lock_timeout = '{FENCE_LOCK_TIMEOUT_MS}ms'")
         if _move_amounts(src, move_id, "out") is not None:
             return counts

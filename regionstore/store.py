@@ -124,6 +124,8 @@ class CreateAccountCode(StrEnum):
     # body (the original account is returned) or with another one (nothing written).
     REPLAYED = "replayed"
     KEY_REUSED = "key_reused"
+    # The key's arbiter shard (txr.claim_account_key): the caller's id is the key's now.
+    CLAIMED = "claimed"
 
 
 class TransferItem(msgspec.Struct, frozen=True, gc=False):
@@ -323,6 +325,13 @@ _CREATE_ACCOUNT_SQL: Final = (
     "SELECT code, created_at, account_id, currency, overdraft_limit, metadata"
     " FROM txr.create_account(%s::bigint, %s::bigint, %s::bigint, %s::text, %s::text,"
     " %s::bigint, %s::jsonb, %s::text, %s::bytea)"
+)
+_CLAIM_ACCOUNT_KEY_SQL: Final = (
+    "SELECT code, account_id FROM txr.claim_account_key(%s::bigint, %s::text, %s::text,"
+    " %s::bytea, %s::bigint, %s::text, %s::bigint, %s::jsonb)"
+)
+_RELEASE_ACCOUNT_KEY_SQL: Final = (
+    "SELECT txr.release_account_key(%s::bigint, %s::text, %s::text, %s::bigint)"
 )
 _GET_ACCOUNT_SQL: Final = (
     "SELECT id, tenant, currency, balance, overdraft_limit, version, metadata, created_at"
@@ -673,6 +682,54 @@ class ShardStore:
             metadata=row[5],
             created_at=row[1],
         )
+
+    async def claim_account_key(
+        self,
+        *,
+        shard_epoch: int,
+        tenant: str,
+        key: str,
+        fingerprint: bytes,
+        account_id: int,
+        currency: str,
+        overdraft_limit: int,
+        metadata: Mapping[str, Any],
+        timeout_s: float,
+    ) -> tuple[CreateAccountCode, int | None]:
+        """On the key's arbiter shard: ``(claimed, account_id)``, ``(replayed, the claimed
+        id)``, or ``(key_reused | stale_epoch, None)`` (nothing written)."""
+        params = (
+            shard_epoch,
+            tenant,
+            key,
+            fingerprint,
+            account_id,
+            currency,
+            overdraft_limit,
+            Jsonb(dict(metadata)),
+        )
+
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(_CLAIM_ACCOUNT_KEY_SQL, params)
+            return await cur.fetchone()
+
+        row = await self._call(op, timeout_s=timeout_s, write=True, what="claim_account_key")
+        if row is None:
+            raise StoreOutcomeUnknown(f"shard {self.name}: claim_account_key returned no row")
+        return CreateAccountCode(row[0]), None if row[1] is None else int(row[1])
+
+    async def release_account_key(
+        self, *, shard_epoch: int, tenant: str, key: str, account_id: int, timeout_s: float
+    ) -> bool:
+        """Remove the key's claim if it still names ``account_id`` (whose id was taken)."""
+        params = (shard_epoch, tenant, key, account_id)
+
+        async def op(conn: Conn) -> bool:
+            cur = await conn.execute(_RELEASE_ACCOUNT_KEY_SQL, params)
+            row = await cur.fetchone()
+            return bool(row is not None and row[0])
+
+        return await self._call(op, timeout_s=timeout_s, write=True, what="release_account_key")
 
     # -- cross-shard saga (regionstore/sql/functions/saga.sql) -----------------------------
 

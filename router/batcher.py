@@ -26,8 +26,14 @@ the server, regionstore.store ``_call``), so the database stops working on a bat
 no caller waits for it. The queue is per tenant: one tenant holds at most ``tenant_queue_max``
 of it (past that ``TenantQueueFull``, the router's 429), and batches are formed round-robin
 over the tenants with items queued. Past the high-water mark (``queue_max`` items) or while
-the oldest queued item has waited longer than ``queue_delay_max_s``, new items are refused at
-once (``BatcherFull``, the router's 503) so that the latency of admitted items stays bounded.
+the oldest queued item has waited longer than the queue-delay target (``queue_delay_target_s``:
+``queue_delay_rounds`` times the moving average of this shard's batch call time, within
+``[queue_delay_min_s, queue_delay_max_s]``), new items are refused at once (``BatcherFull``,
+the router's 503) so that the latency of admitted items stays bounded (router.limits says why
+the target counts batch rounds). The target applies to a tenant that already has items queued;
+one with none is shed only past ``queue_delay_max_s``, because round-robin puts its item into
+the next batch whatever the others' backlog (a burst of one tenant must not shed another's
+write, tests/integration/test_api_overload.py).
 """
 
 from __future__ import annotations
@@ -44,9 +50,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from regionstore.errors import StoreInvariantViolation, StoreOutcomeUnknown
 from regionstore.store import ShardStore, TransferItem, TransferResult
 from router.limits import (
+    BATCH_CALL_EWMA_WEIGHT,
     BATCH_INFLIGHT_MAX,
     BATCH_LINGER_US,
     BATCH_QUEUE_DELAY_MAX_S,
+    BATCH_QUEUE_DELAY_MIN_S,
+    BATCH_QUEUE_DELAY_ROUNDS,
     BATCH_QUEUE_ITEMS_MAX,
     BATCH_QUEUE_TENANT_SHARE,
     BATCH_SIZE_MAX,
@@ -103,6 +112,8 @@ class ShardBatcher:
         queue_max: int = BATCH_QUEUE_ITEMS_MAX,
         tenant_queue_max: int = int(BATCH_QUEUE_ITEMS_MAX * BATCH_QUEUE_TENANT_SHARE),
         queue_delay_max_s: float = BATCH_QUEUE_DELAY_MAX_S,
+        queue_delay_min_s: float = BATCH_QUEUE_DELAY_MIN_S,
+        queue_delay_rounds: int = BATCH_QUEUE_DELAY_ROUNDS,
         observe_batch: Callable[[int], None] | None = None,
         relay_grace_s: float = 0.0,
         after_commit: AfterCommit | None = None,
@@ -116,6 +127,10 @@ class ShardBatcher:
         self._queue_max = queue_max
         self._tenant_queue_max = tenant_queue_max
         self._queue_delay_max_s = queue_delay_max_s
+        self._queue_delay_min_s = min(queue_delay_min_s, queue_delay_max_s)
+        self._queue_delay_rounds = queue_delay_rounds
+        # Moving average of this shard's batch call time (0 until the first call returns).
+        self._call_s = 0.0
         self._observe_batch = observe_batch
         self._relay_grace_s = relay_grace_s
         self._after_commit = after_commit
@@ -151,6 +166,11 @@ class ShardBatcher:
             return 0.0
         return asyncio.get_running_loop().time() - arrivals[0].enqueued_at
 
+    def queue_delay_target_s(self) -> float:
+        """How long the oldest queued item may wait before new items are shed."""
+        target = self._queue_delay_rounds * self._call_s
+        return min(self._queue_delay_max_s, max(self._queue_delay_min_s, target))
+
     async def submit(self, item: TransferItem, *, timeout_s: float) -> TransferResult:
         """The item's result. Raises the store's exception if its batch failed,
         ``StoreOutcomeUnknown`` if ``timeout_s`` passes once it was sent (the batch may still
@@ -171,7 +191,15 @@ class ShardBatcher:
         if self._queued >= self._queue_max:
             raise BatcherFull(f"{self._queued} transfers already queued for this shard")
         waited = self.oldest_wait_s()
-        if waited > self._queue_delay_max_s:
+        # A tenant with nothing queued goes into the next batch (round-robin over tenants), so
+        # the standing queue of others does not delay it: only the ceiling, a shard that has
+        # stopped making progress, sheds it. Others' backlog sheds their own new items.
+        limit = (
+            self.queue_delay_target_s()
+            if self._tenant_queued.get(tenant, 0)
+            else self._queue_delay_max_s
+        )
+        if waited > limit:
             raise BatcherFull(f"the oldest queued transfer of this shard waited {waited:.3f}s")
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -331,8 +359,10 @@ class ShardBatcher:
             _fail(batch, exc)
             return
         finally:
+            took = time.perf_counter() - started
+            self._call_s += BATCH_CALL_EWMA_WEIGHT * (took - self._call_s)
             if self._observe_call is not None:
-                self._observe_call(time.perf_counter() - started)
+                self._observe_call(took)
         assert len(results) == len(batch), "one result per item"
         if self._after_commit is not None:
             try:

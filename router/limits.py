@@ -89,15 +89,32 @@ BATCH_LINGER_US: Final = 200
 # batches of backlog is already seconds of work for one shard, and a longer queue would only
 # make every admitted write slower (issue 16, "Overload").
 BATCH_QUEUE_ITEMS_MAX: Final = 4096
-# The second shedding signal, by time rather than count: while the oldest transfer still
-# queued for a shard has waited longer than this, new writes for that shard are shed the same
-# way. A local batch commits in a few ms and one to a remote primary under --wan realistic in
-# about one 190 ms RTT, so two seconds means the shard has been behind its arrivals for many
-# batch rounds (CoDel's reasoning: a standing queue, not a burst). It is under half of
-# WRITE_DEADLINE_S, so a write that was admitted still has time to commit, and a test suite's
-# bursts on a loaded two-core machine (hot-account contention) are not shed. To be tuned with
-# the open-loop overload run of txr bench (issue 16).
+# The second shedding signal, by time rather than count (CoDel's: a standing queue, not a
+# burst): while the oldest transfer still queued for a shard has waited longer than the
+# shard's queue-delay target, new writes for that shard are shed the same way. The target is
+# BATCH_QUEUE_DELAY_ROUNDS batch calls of that shard (the moving average of its measured call
+# time, router.batcher), clamped to [BATCH_QUEUE_DELAY_MIN_S, BATCH_QUEUE_DELAY_MAX_S]. Rounds,
+# not seconds, because a queue drains in batch rounds: with BATCH_INFLIGHT_MAX batches in
+# flight an item that waited four calls has seen the shard behind its arrivals for about
+# eight batches, whatever the machine's speed (a quiet machine's local batch takes a few ms,
+# a loaded one's 30-200 ms, one to a remote primary under --wan realistic one 190 ms RTT).
+# Measured (README "Overload"): with the former fixed 2 s bound the Python open-loop
+# generator's 512 connections filled before the queue's oldest item reached 2 s, so nothing
+# was shed, the generator's own pool became the queue (p50 4.2 s at 150 %, p99 5.5 s), and
+# goodput fell to 53 % of saturation.
+BATCH_QUEUE_DELAY_ROUNDS: Final = 4
+# The floor: a tenant's bursts shorter than this are queued, never shed (a 1,000-item batch
+# request takes several rounds to drain); about the p99 at 50 % load on a quiet machine (open
+# loop, 139-175 ms in the first round's runs), so admitted writes stay within 3x of it (issue
+# 16's goal). The target sheds only tenants with items queued (router.batcher): another
+# tenant's write joins the next batch, round-robin, and is shed only past the ceiling.
+BATCH_QUEUE_DELAY_MIN_S: Final = 0.25
+# The ceiling, whatever the calls take: under half of WRITE_DEADLINE_S, so a write that was
+# admitted still has time to commit.
 BATCH_QUEUE_DELAY_MAX_S: Final = 2.0
+# Weight of the newest call in the moving average of a shard's batch call time: about the last
+# ten batches, so one slow commit moves the target little and a slower shard within a second.
+BATCH_CALL_EWMA_WEIGHT: Final = 0.1
 # Fair queuing: one tenant may hold at most this fraction of a shard's queue (past it, 429
 # rate_limited with Retry-After for that tenant while others still get in). A quarter keeps
 # room for at least three more tenants at full share, and still fits one whole batch request
@@ -137,6 +154,14 @@ HEADER_RECEIVE_TIMEOUT_S: Final = 10.0
 # and the client pools open (hundreds); slow clients are bounded by the two timeouts above,
 # so at the cap they free a slot within HEADER_RECEIVE_TIMEOUT_S.
 CONNECTIONS_MAX: Final = 2048
+# Connections the kernel queues for one router process before accept (listen backlog; aiohttp's
+# default is 128). A burst of new connections past the backlog has its SYNs dropped, and each
+# such client waits for its retransmit (1 s, then 3 s, 7 s): measured in txr bench's 200 %
+# open-loop run, where the generator opened hundreds of connections at once as latency grew,
+# as client timeouts and a p99 of 8.9 s while no write may take the router more than 5 s.
+# Half the connection cap: a burst that size waits microseconds in the kernel, not seconds
+# (the kernel clamps it to net.core.somaxconn, 4096 on the development machine).
+LISTEN_BACKLOG: Final = CONNECTIONS_MAX // 2
 
 # -- POST /v1/transfers/batch (API.md "Batches of transfers") ----------------------------------
 # Items per batch request, the contract's bound.

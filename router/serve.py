@@ -26,7 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from router.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
-from router.limits import CONNECTIONS_MAX, OVERLOAD_RETRY_AFTER_S
+from router.limits import CONNECTIONS_MAX, LISTEN_BACKLOG, OVERLOAD_RETRY_AFTER_S
 
 
 def problem_for(status: int) -> web.Response:
@@ -145,7 +145,7 @@ def run(
     try:
         loop.run_until_complete(runner.setup())
         # Workers of one region share the port; the kernel balances new connections.
-        site = web.TCPSite(runner, host, port, reuse_port=True)
+        site = web.TCPSite(runner, host, port, reuse_port=True, backlog=LISTEN_BACKLOG)
         loop.run_until_complete(site.start())
         loop.run_forever()
     except (web.GracefulExit, KeyboardInterrupt):

@@ -8,7 +8,8 @@ topology and retry once with the same transfer id; an unreachable primary holds 
 returns is the store's result, and what it cannot do is a ``router.outcomes`` value that says
 whether anything may have been written (G7). No HTTP here.
 
-A cross-shard transfer's leg 1 is posted here; its inline leg 2 is ``router.saga_step``.
+A cross-shard transfer's leg 1 is posted here; its inline leg 2 is ``router.saga_step``; account
+opens are ``router.opens``.
 """
 
 from __future__ import annotations
@@ -17,19 +18,17 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from consistency import ids
-from consistency.idempotency import account_open_fingerprint, key_home, transfer_fingerprint
+from consistency.idempotency import transfer_fingerprint
 from consistency.topology import Shard, Topology
 from regionstore.errors import StoreInvariantViolation, StoreOutcomeUnknown, StoreUnavailable
 from regionstore.store import (
     AccountRow,
-    CreateAccountCode,
     ShardStore,
     TransferCode,
     TransferItem,
@@ -38,7 +37,6 @@ from regionstore.store import (
 from router.batcher import BatcherFull, DeadlinePassedUnsent, ShardBatcher, TenantQueueFull
 from router.cache import RegionCache
 from router.limits import (
-    ACCOUNT_ID_RETRIES_MAX,
     FAILOVER_BUFFER_S,
     FAILOVER_BUFFERED_MAX,
     FAILOVER_WAITS_MAX,
@@ -49,9 +47,9 @@ from router.limits import (
 )
 from router.metrics import Metrics
 from router.model import PostedTransfer, TransferRequest
+from router.opens import AccountOpens
 from router.outcomes import (
     Invalid,
-    KeyReused,
     Missing,
     NothingWritten,
     Refused,
@@ -84,6 +82,8 @@ class WritePath:
         self._region = resolver.region
         self._buffered = 0
         self._batchers: dict[tuple[str, int], ShardBatcher] = {}
+        # Account opens (router.opens) share the resolver, not the batchers.
+        self.opens = AccountOpens(resolver, metrics)
 
     async def close(self) -> None:
         """Drain the batches."""
@@ -382,132 +382,6 @@ class WritePath:
                 put(item.source, res.source_version, res.source_balance)
                 put(item.destination, res.destination_version, res.destination_balance)
         await self._cache.put_committed(shard_epoch, committed)
-
-    async def create_account(
-        self,
-        *,
-        tenant: str,
-        region: str,
-        currency: str,
-        overdraft_limit: int,
-        metadata: Mapping[str, Any],
-        deadline: Deadline,
-        idempotency_key: str | None = None,
-    ) -> tuple[AccountRow, Shard, bool]:
-        """Open an account on a shard homed in ``region``: ``(row, shard, replayed)``. With an
-        idempotency key the shard is the key's (consistency.idempotency.key_home), whose key
-        row makes the open happen once; a replay returns the original account."""
-        fingerprint = None
-        if idempotency_key is not None:
-            fingerprint = account_open_fingerprint(
-                currency=currency,
-                home_region=region,
-                overdraft_limit=overdraft_limit,
-                metadata=metadata,
-            )
-        for _attempt in range(STALE_RETRIES_MAX + 1):
-            topo = self._resolver.topology
-            homed = topo.shards_homed_in(region)
-            if not homed:
-                raise Invalid(f"no shard is homed in region {region!r}")
-            if idempotency_key is None:
-                shard = random.choice(homed)
-            else:
-                ordered = sorted(homed, key=lambda s: s.name)
-                shard = ordered[key_home(tenant, idempotency_key, len(ordered))]
-            slots = topo.slots.slots_of(shard.name)
-            if not slots:
-                raise NothingWritten(
-                    f"shard {shard.name} owns no slots", retry_after_s=RETRY_AFTER_S
-                )
-            refused = False
-            for _clash in range(ACCOUNT_ID_RETRIES_MAX):
-                slot = random.choice(slots)
-                _, slot_epoch = topo.slots.lookup(slot)
-                account_id = ids.new_account_id(slot)
-                code, row = await self._create_one(
-                    shard,
-                    slot_epoch,
-                    account_id,
-                    tenant,
-                    currency,
-                    overdraft_limit,
-                    metadata,
-                    deadline,
-                    idempotency_key,
-                    fingerprint,
-                )
-                if code in (CreateAccountCode.OK, CreateAccountCode.REPLAYED):
-                    assert row is not None
-                    return row, shard, code is CreateAccountCode.REPLAYED
-                if code is CreateAccountCode.KEY_REUSED:
-                    raise KeyReused("this Idempotency-Key was used for a different request")
-                if code is not CreateAccountCode.ID_TAKEN:
-                    self._metrics.fence_rejections.labels(
-                        self._region, shard.name, code.value
-                    ).inc()
-                    refused = True
-                    break
-            if not refused:
-                raise NothingWritten("could not allocate an account id", retry_after_s=1)
-            if not deadline.expired():
-                await self._resolver.refresh_after(topo.revision)
-        raise NothingWritten("the region's shards are changing hands; retry shortly")
-
-    async def _create_one(
-        self,
-        shard: Shard,
-        slot_epoch: int,
-        account_id: int,
-        tenant: str,
-        currency: str,
-        overdraft_limit: int,
-        metadata: Mapping[str, Any],
-        deadline: Deadline,
-        idempotency_key: str | None = None,
-        fingerprint: bytes | None = None,
-    ) -> tuple[CreateAccountCode, AccountRow | None]:
-        if deadline.expired():
-            # Earlier attempts were refused (id taken, fence): nothing was created.
-            raise NothingWritten(
-                "the request deadline passed before the account was created; nothing was written",
-                retry_after_s=RETRY_AFTER_S,
-            )
-        try:
-            store = await self._resolver.stores.for_node(shard.primary)
-            res: tuple[CreateAccountCode, AccountRow | None] = await self._resolver.timed(
-                shard.name,
-                "create_account",
-                store.create_account(
-                    shard_epoch=shard.epoch,
-                    slot_epoch=slot_epoch,
-                    account_id=account_id,
-                    tenant=tenant,
-                    currency=currency,
-                    overdraft_limit=overdraft_limit,
-                    metadata=metadata,
-                    timeout_s=deadline.remaining(),
-                    idempotency_key=idempotency_key,
-                    fingerprint=fingerprint,
-                ),
-            )
-        except StoreUnavailable as exc:
-            raise NothingWritten(
-                "the home shard is not reachable; nothing was written",
-                retry_after_s=RETRY_AFTER_S,
-            ) from exc
-        except StoreOutcomeUnknown as exc:
-            if idempotency_key is not None:
-                raise UnknownOutcome(
-                    "the account may or may not have been created; retry with the same "
-                    "Idempotency-Key to learn which"
-                ) from exc
-            # Without a key a retry may leave a stray empty account, never a wrong balance.
-            raise UnknownOutcome("the account may or may not have been created") from exc
-        except StoreInvariantViolation as exc:
-            log.error("shard %s refused an account: %s", shard.name, exc)
-            raise Invalid("the home shard refused this account; nothing was written") from exc
-        return res
 
 
 def _item(

@@ -11,7 +11,7 @@ from router.errors import Forbidden, NotFound, from_outcome
 from router.handlers.common import authorize, client_token, json_response, request_deadline
 from router.limits import READ_DEADLINE_S, WRITE_DEADLINE_S
 from router.outcomes import RouteOutcome
-from router.resources import CONFIG, READS, RESOLVER, WRITES
+from router.resources import READS, RESOLVER, WRITES
 from router.validation import (
     consistency_level,
     decode_cursor,
@@ -35,9 +35,9 @@ async def create_account(request: web.Request) -> web.Response:
         # Credit is a privilege of its own, not a default of accounts:write (API.md).
         raise Forbidden("overdraft_limit above 0 needs the 'accounts:overdraft' scope")
     try:
-        row, shard, replayed = await request.app[WRITES].create_account(
+        row, shard, replayed = await request.app[WRITES].opens.create_account(
             tenant=principal.tenant,
-            region=spec.home_region or request.app[CONFIG].region,
+            home_region=spec.home_region,
             currency=spec.currency,
             overdraft_limit=spec.overdraft_limit,
             metadata=spec.metadata,

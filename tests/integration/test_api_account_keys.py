@@ -1,24 +1,36 @@
-"""Idempotent account opens and the saga's roles, on the real cluster (issue 16)."""
+"""Idempotent account opens, the saga's roles and its key rotation, on the real cluster
+(issue 16)."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
 from consistency import ids
+from consistency.idempotency import OpenShards, account_open_fingerprint, open_shards
 from infra.local import cluster as lc
 from infra.local import postgres
+from regionstore import saga_keys
 from tests.fixtures.api import Api, new_tenant
 
 pytestmark = pytest.mark.integration
 
 # Concurrent opens with one key, sent to every worker of two regions at once.
 CONCURRENT_OPENS: Final = 12
+TXR: Final = Path(sys.executable).parent / "txr"
+CLI_TIMEOUT_S: Final = 60.0
+# A cross-region transfer settles within this once nothing holds it (relays retry with backoff).
+SETTLE_WAIT_S: Final = 30.0
 
 
 async def _open(api: Api, tenant: str, via: str, key: str, body: dict[str, Any]) -> Any:
@@ -84,6 +96,177 @@ async def test_a_bad_key_is_400(api: Api) -> None:
     assert _accounts_of(api, tenant) == 0
 
 
+def _homes(api: Api) -> dict[str, str]:
+    shards = lc.status(api.cluster.dir)["shards"]
+    return {name: str(s["home_region"]) for name, s in shards.items()}
+
+
+def _two_step_key(api: Api, tenant: str, region: str) -> tuple[str, OpenShards]:
+    """A key whose arbiter shard is not homed in ``region``: its open naming ``region`` takes
+    the two-step path (claim on the arbiter, account on a shard of ``region``)."""
+    homes = _homes(api)
+    for _ in range(1000):
+        key = uuid.uuid4().hex
+        plan = open_shards(tenant, key, homes, region)
+        assert plan is not None
+        if plan.arbiter != plan.target:
+            return key, plan
+    raise AssertionError("no key found whose arbiter is outside the region")
+
+
+def _region_of(body: dict[str, Any]) -> str:
+    return str(body["home_region"])
+
+
+async def test_a_key_without_home_region_opens_one_account_from_every_region(api: Api) -> None:
+    """Without home_region, the key (not the router asked) picks the shard: the same from
+    every region's router, sequentially and concurrently, so one account and one row."""
+    tenant = new_tenant()
+    key = uuid.uuid4().hex
+    body: dict[str, Any] = {"currency": "EUR", "metadata": {"ref": "no-home"}}
+    first = await _open(api, tenant, "us-east", key, body)
+    assert first.status == 201, first.body
+    expect = open_shards(tenant, key, _homes(api), None)
+    assert expect is not None
+    assert first.body["shard"] == expect.arbiter
+    for via in ("eu-west", "ap-south", "us-east"):
+        again = await _open(api, tenant, via, key, body)
+        assert again.status == 201, again.body
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert again.body == first.body
+    assert _accounts_of(api, tenant) == 1
+    # Concurrently, a fresh key, every region's router at once: one account.
+    tenant = new_tenant()
+    key = uuid.uuid4().hex
+    vias = ["us-east", "eu-west", "ap-south"] * (CONCURRENT_OPENS // 3)
+    replies = await asyncio.gather(*(_open(api, tenant, v, key, body) for v in vias))
+    assert all(r.status == 201 for r in replies), [(r.status, r.body) for r in replies]
+    assert len({r.body["id"] for r in replies}) == 1
+    assert sum("Idempotent-Replayed" not in r.headers for r in replies) == 1
+    assert _accounts_of(api, tenant) == 1
+
+
+async def test_a_key_retried_with_another_home_region_is_409(api: Api) -> None:
+    """The key is arbitrated in one place whatever region the body names: naming one, naming
+    another or naming none is another body, 409 from every router, and nothing opens."""
+    tenant = new_tenant()
+    key, plan = _two_step_key(api, tenant, "eu-west")
+    body = {"currency": "EUR", "home_region": "eu-west"}
+    first = await _open(api, tenant, "ap-south", key, body)
+    assert first.status == 201, first.body
+    assert (first.body["shard"], _region_of(first.body)) == (plan.target, "eu-west")
+    arbiter_region = _homes(api)[plan.arbiter]
+    for via in ("us-east", "eu-west", "ap-south"):
+        for changed in (
+            {"currency": "EUR"},
+            {"currency": "EUR", "home_region": arbiter_region},
+        ):
+            r = await _open(api, tenant, via, key, changed)
+            assert r.status == 409, (via, changed, r.body)
+            assert r.body["code"] == "idempotency_key_reused"
+    assert _accounts_of(api, tenant) == 1
+    # The other way round: first without home_region, then naming a region.
+    tenant = new_tenant()
+    key = uuid.uuid4().hex
+    first = await _open(api, tenant, "eu-west", key, {"currency": "EUR"})
+    assert first.status == 201, first.body
+    for region in ("us-east", "eu-west", "ap-south"):
+        r = await _open(api, tenant, "us-east", key, {"currency": "EUR", "home_region": region})
+        assert r.status == 409, (region, r.body)
+    assert _accounts_of(api, tenant) == 1
+
+
+async def test_two_step_opens_are_one_account_from_every_region(api: Api) -> None:
+    """A key whose arbiter is in another region than the one named: claimed there, opened in
+    the named region; replays and concurrent duplicates from every router meet on the claim."""
+    tenant = new_tenant()
+    key, plan = _two_step_key(api, tenant, "ap-south")
+    body = {"currency": "EUR", "home_region": "ap-south", "metadata": {"k": "two-step"}}
+    vias = ["us-east", "eu-west", "ap-south"] * (CONCURRENT_OPENS // 3)
+    replies = await asyncio.gather(*(_open(api, tenant, v, key, body) for v in vias))
+    assert all(r.status == 201 for r in replies), [(r.status, r.body) for r in replies]
+    assert len({r.body["id"] for r in replies}) == 1
+    assert sum("Idempotent-Replayed" not in r.headers for r in replies) == 1
+    assert {r.body["shard"] for r in replies} == {plan.target}
+    later = await _open(api, tenant, "eu-west", key, body)
+    assert later.status == 201
+    assert later.body["id"] == replies[0].body["id"]
+    assert _accounts_of(api, tenant) == 1
+    assert _key_rows(api, tenant, key) == {
+        plan.arbiter: later.body["id"],
+        plan.target: later.body["id"],
+    }
+
+
+async def test_a_claim_left_by_a_dead_opener_is_finished_by_the_retry(api: Api) -> None:
+    """An opener that claimed the key and died before opening the account: the retry opens the
+    claimed id (the same account the first attempt would have had). A claim whose id is taken
+    by another account (a clash of random bits) is given back and the open takes a new id."""
+    tenant = new_tenant()
+    key, plan = _two_step_key(api, tenant, "us-east")
+    body: dict[str, Any] = {"currency": "EUR", "home_region": "us-east"}
+    slot = _slot_of(api, plan.target)
+    claimed = ids.new_account_id(slot)
+    assert _claim(api, plan.arbiter, tenant, key, body, claimed) == "claimed"
+    r = await _open(api, tenant, "eu-west", key, body)
+    assert r.status == 201, r.body
+    assert r.body["id"] == ids.format_account_id(claimed)
+    assert _accounts_of(api, tenant) == 1
+    # A claim naming another tenant's account: never returned, released, a fresh id opened.
+    other = await api.open_account(new_tenant(), "us-east")
+    other_id = ids.parse_account_id(other)
+    assert other_id is not None
+    tenant = new_tenant()
+    key, plan = _two_step_key(api, tenant, "us-east")
+    assert _claim(api, plan.arbiter, tenant, key, body, other_id) == "claimed"
+    r = await _open(api, tenant, "ap-south", key, body)
+    assert r.status == 201, r.body
+    assert r.body["id"] != other
+    assert _accounts_of(api, tenant) == 1
+    assert _key_rows(api, tenant, key)[plan.arbiter] == r.body["id"]
+
+
+def _slot_of(api: Api, shard: str) -> int:
+    with psycopg.connect(lc.primary_admin_dsns(api.cluster.dir)[shard]) as conn:
+        row = conn.execute("SELECT min(slot) FROM txr.owned_slots").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _claim(
+    api: Api, shard: str, tenant: str, key: str, body: dict[str, Any], account_id: int
+) -> str:
+    fingerprint = account_open_fingerprint(
+        currency=body["currency"],
+        home_region=body.get("home_region"),
+        overdraft_limit=body.get("overdraft_limit", 0),
+        metadata=body.get("metadata", {}),
+    )
+    with psycopg.connect(lc.primary_admin_dsns(api.cluster.dir)[shard]) as conn:
+        fence = conn.execute("SELECT epoch FROM txr.fence").fetchone()
+        assert fence is not None
+        row = conn.execute(
+            "SELECT code FROM txr.claim_account_key(%s, %s, %s, %s, %s, %s, 0, '{}')",
+            (fence[0], tenant, key, fingerprint, account_id, body["currency"]),
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _key_rows(api: Api, tenant: str, key: str) -> dict[str, str]:
+    """Each shard's account_open_keys row for the key: shard -> the account id it names."""
+    rows: dict[str, str] = {}
+    for shard, dsn in lc.primary_admin_dsns(api.cluster.dir).items():
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT account_id FROM txr.account_open_keys WHERE tenant = %s AND key = %s",
+                (tenant, key),
+            ).fetchone()
+        if row is not None:
+            rows[shard] = ids.format_account_id(int(row[0]))
+    return rows
+
+
 def _accounts_of(api: Api, tenant: str) -> int:
     total = 0
     for dsn in lc.primary_admin_dsns(api.cluster.dir).values():
@@ -130,3 +313,55 @@ async def test_the_app_role_cannot_credit_without_leg1(api: Api) -> None:
         got = conn.execute(call, params).fetchone()
     assert got == ("unauthenticated",)
     assert (await api.account(tenant, "eu-west", dst))["balance"] == 0
+
+
+async def test_txr_keys_rotate_saga_on_the_cluster(api: Api) -> None:
+    """`txr keys rotate-saga` on the running cluster: every shard signs with the new key and
+    keeps the old one, and cross-region transfers settle before and after. (A message pending
+    under the old key while the key changes: tests/integration/test_saga_auth.py.)"""
+    tenant = new_tenant()
+    src = await api.funded(tenant, "us-east", 1000)
+    dst = await api.open_account(tenant, "eu-west")
+    dsns = lc.primary_admin_dsns(api.cluster.dir)
+    before = await api.transfer(tenant, "us-east", src, dst, 100)
+    assert before.status == 201, before.body
+    old = {s: saga_keys.signing_key(saga_keys.list_keys(d)) for s, d in dsns.items()}
+    rotated = await asyncio.to_thread(
+        subprocess.run,
+        [str(TXR), "keys", "rotate-saga", "--dir", str(api.cluster.dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    listed = orjson.loads(rotated.stdout)
+    assert set(listed) == set(dsns)
+    for shard, keys in listed.items():
+        signing = [k["key_id"] for k in keys if k["signing"]]
+        assert len(signing) == 1
+        assert signing[0] > (old[shard] or 0)
+        assert old[shard] in {k["key_id"] for k in keys}, "the old key must stay"
+    after = await api.transfer(tenant, "us-east", src, dst, 10)
+    assert after.status == 201, after.body
+    for t in (before.body, after.body):
+        assert await _settled(api, tenant, t["id"]), t
+    assert (await api.account(tenant, "eu-west", dst))["balance"] == 110
+    parsed = ids.parse_transfer_id(after.body["id"])
+    assert parsed is not None
+    with psycopg.connect(dsns[next(s for s in dsns if s.startswith("us-east"))]) as conn:
+        row = conn.execute(
+            "SELECT key_id FROM txr.outbox WHERE transfer_id = %s", (parsed[1],)
+        ).fetchone()
+    assert row is not None
+    assert row[0] == max(k["key_id"] for k in listed[next(iter(listed))])
+
+
+async def _settled(api: Api, tenant: str, transfer_id: str) -> bool:
+    deadline = time.monotonic() + SETTLE_WAIT_S
+    while time.monotonic() < deadline:
+        r = await api.call("GET", "eu-west", f"/v1/transfers/{transfer_id}", tenant=tenant)
+        if r.body.get("status") == "settled":
+            return True
+        await asyncio.sleep(0.2)
+    return False

@@ -12,6 +12,11 @@ import pytest
 from regionstore.errors import StoreOutcomeUnknown
 from regionstore.store import ShardStore, TransferCode, TransferItem, TransferResult
 from router.batcher import BatcherFull, DeadlinePassedUnsent, ShardBatcher, TenantQueueFull
+from router.limits import (
+    BATCH_CALL_EWMA_WEIGHT,
+    BATCH_QUEUE_DELAY_MIN_S,
+    BATCH_QUEUE_DELAY_ROUNDS,
+)
 from tests.fixtures.pg import SHARD_EPOCH
 from tests.integration.test_store_ledger import FUNDING_OVERDRAFT, item, new_account, new_tenant
 
@@ -302,3 +307,69 @@ async def test_a_standing_queue_sheds_new_items_until_it_drains(store: ShardStor
     row = await store.get_account(dst, tenant, timeout_s=TIMEOUT_S)
     assert row is not None
     assert row.balance == 3
+
+
+async def test_the_shedding_target_follows_the_batch_call_time(store: ShardStore) -> None:
+    """The queue-delay target is BATCH_QUEUE_DELAY_ROUNDS batch calls of this shard (moving
+    average), within its floor and ceiling: nothing measured, the floor; a shard whose calls
+    take 100 ms queues about four of them before it sheds; never past the ceiling."""
+    call_s, calls = 0.1, 10
+    tenant = new_tenant()
+    funding = await new_account(store, tenant, overdraft_limit=FUNDING_OVERDRAFT)
+    dst = await new_account(store, tenant)
+
+    async def slow_store() -> ShardStore:
+        await asyncio.sleep(call_s)  # inside the timed call: a slow shard
+        return store
+
+    for ceiling in (2.0, 0.2):
+        batcher = ShardBatcher(
+            slow_store,
+            SHARD_EPOCH,
+            inflight_max=1,
+            queue_delay_min_s=0.05,
+            queue_delay_max_s=ceiling,
+        )
+        assert batcher.queue_delay_target_s() == 0.05
+        for _ in range(calls):
+            res = await batcher.submit(item(tenant, funding, dst, 1), timeout_s=TIMEOUT_S)
+            assert res.code is TransferCode.OK
+        average_min = call_s * (1 - (1 - BATCH_CALL_EWMA_WEIGHT) ** calls)
+        target = batcher.queue_delay_target_s()
+        assert min(ceiling, BATCH_QUEUE_DELAY_ROUNDS * average_min) <= target <= ceiling
+        await batcher.close()
+    # The floor holds however fast the calls are.
+    assert ShardBatcher(slow_store, SHARD_EPOCH).queue_delay_target_s() == BATCH_QUEUE_DELAY_MIN_S
+
+
+async def test_the_target_sheds_the_backlogged_tenant_and_the_ceiling_everyone(
+    store: ShardStore,
+) -> None:
+    """Past the target, a tenant with items queued is shed and one with none still gets in (its
+    item joins the next batch, round-robin); past the ceiling the shard sheds everyone."""
+    noisy, quiet, late = new_tenant(), new_tenant(), new_tenant()
+    funding = await new_account(store, noisy, overdraft_limit=FUNDING_OVERDRAFT)
+    dst = await new_account(store, noisy)
+    gate = asyncio.Event()
+    batcher = ShardBatcher(
+        _gated(store, gate),  # type: ignore[arg-type]
+        SHARD_EPOCH,
+        inflight_max=1,
+        queue_delay_min_s=0.1,
+        queue_delay_max_s=0.6,
+    )
+    first = asyncio.create_task(batcher.submit(item(noisy, funding, dst, 1), timeout_s=TIMEOUT_S))
+    await asyncio.sleep(0)
+    queued = [batcher.enqueue(item(noisy, funding, dst, 1), timeout_s=TIMEOUT_S)]
+    await asyncio.sleep(0.2)
+    with pytest.raises(BatcherFull):
+        batcher.enqueue(item(noisy, funding, dst, 1), timeout_s=TIMEOUT_S)
+    queued.append(batcher.enqueue(item(quiet, funding, dst, 1), timeout_s=TIMEOUT_S))
+    await asyncio.sleep(0.5)
+    with pytest.raises(BatcherFull):
+        batcher.enqueue(item(late, funding, dst, 1), timeout_s=TIMEOUT_S)
+    gate.set()
+    assert (await first).code is TransferCode.OK
+    # `quiet` has no account here: its item is answered (not_found), not lost.
+    assert [(await f).code for f in queued] == [TransferCode.OK, TransferCode.NOT_FOUND]
+    await batcher.close()

@@ -21,8 +21,15 @@ from psycopg import errors as pg_errors
 
 from consistency import limits
 from consistency.ids import new_account_id
-from regionstore import admin, migrate
-from regionstore.store import InboundCode, OutboxMessage, SettleCode, ShardStore, TransferCode
+from regionstore import admin, migrate, saga_keys
+from regionstore.store import (
+    InboundCode,
+    InboundResult,
+    OutboxMessage,
+    SettleCode,
+    ShardStore,
+    TransferCode,
+)
 from router.relays.outbox import OutboxRelay
 from tests.fixtures.pg import (
     SHARD_A,
@@ -61,11 +68,16 @@ REPO: Final = Path(__file__).resolve().parents[2]
 
 async def _pending(stores: dict[str, ShardStore]) -> tuple[str, int, int, OutboxMessage]:
     """A cross-shard leg 1 (A -> B) whose message is claimed (so no relay delivers it)."""
+    await drain(stores)
+    return await _leg1(stores)
+
+
+async def _leg1(stores: dict[str, ShardStore]) -> tuple[str, int, int, OutboxMessage]:
+    """``_pending`` without draining first (a message claimed before stays claimed)."""
     a, b = stores[SHARD_A], stores[SHARD_B]
     tenant = new_tenant()
     src = await funded(a, tenant, 1000)
     dst = await new_account(b, tenant)
-    await drain(stores)
     it = item(tenant, src, dst, 100)
     res = await post1(a, it)
     assert res.code is TransferCode.OK
@@ -77,8 +89,12 @@ async def _pending(stores: dict[str, ShardStore]) -> tuple[str, int, int, Outbox
 
 
 async def _apply(store: ShardStore, msg: OutboxMessage, **change: Any) -> InboundCode:
+    return (await _deliver(store, msg, **change)).code
+
+
+async def _deliver(store: ShardStore, msg: OutboxMessage, **change: Any) -> InboundResult:
     m = dataclasses.replace(msg, **change)
-    got = await store.apply_inbound(
+    return await store.apply_inbound(
         SHARD_EPOCH,
         transfer_id=m.transfer_id,
         source_shard=SHARD_A,
@@ -93,7 +109,6 @@ async def _apply(store: ShardStore, msg: OutboxMessage, **change: Any) -> Inboun
         mac=m.mac,
         timeout_s=TIMEOUT_S,
     )
-    return got.code
 
 
 def _signed_fields(msg: OutboxMessage) -> tuple[Any, ...]:
@@ -229,6 +244,84 @@ async def test_a_receipt_binds_the_answer(stores: dict[str, ShardStore], pg_shar
     assert ok.code is SettleCode.SETTLED
     assert await balance(b, dst, tenant) == 100
     await assert_clean(pg_shard)
+
+
+async def _leg2_and_settle(stores: dict[str, ShardStore], msg: OutboxMessage) -> SettleCode:
+    """Deliver ``msg`` (A -> B) by hand: leg 2 on B, then the settle on A with its receipt."""
+    got = await _deliver(stores[SHARD_B], msg)
+    assert got.code is InboundCode.APPLIED, got
+    settled = await stores[SHARD_A].settle_outbound(
+        SHARD_EPOCH,
+        msg.transfer_id,
+        refusal_code=None,
+        leg2_shard=SHARD_B,
+        receipt=got.receipt,
+        timeout_s=TIMEOUT_S,
+    )
+    return settled.code
+
+
+async def test_saga_key_rotation_keeps_pending_messages_verifying(
+    stores: dict[str, ShardStore], pg_shard: PgShard
+) -> None:
+    """txr keys rotate-saga: the new key signs on every shard, a message signed with the old
+    one before the rotation still verifies and settles, the old key is kept while anything
+    pending names it (and for one rotation), and once retired it verifies nothing."""
+    dsns = {SHARD_A: pg_shard.admin_dsn, SHARD_B: pg_shard.b_admin_dsn}
+    _tenant, _src, _dst, old = await _pending(stores)
+    before = saga_keys.signing_key(saga_keys.list_keys(pg_shard.admin_dsn))
+    assert old.key_id == before
+    done = saga_keys.rotate(dsns)
+    new_id = done["key_id"]
+    assert before is not None
+    assert new_id > before
+    assert before in done["kept"]
+    for dsn in dsns.values():
+        keys = saga_keys.list_keys(dsn)
+        assert saga_keys.signing_key(keys) == new_id
+        assert before in {k.key_id for k in keys}
+    # Leg 1 now signs with the new key; both messages verify, settle, and nothing is left.
+    _tenant, _src, _dst, fresh = await _leg1(stores)
+    assert fresh.key_id == new_id
+    # Retiring now keeps the old key: a pending message names it.
+    assert before not in saga_keys.retire(dsns)
+    for msg in (old, fresh):
+        assert await _leg2_and_settle(stores, msg) is SettleCode.SETTLED
+    # Two more rotations: the first keeps `new_id` as its previous key and retires `before`,
+    # which nothing pending names any more.
+    second = saga_keys.rotate(dsns)
+    assert before in second["retired"]
+    assert new_id in second["kept"]
+    for dsn in dsns.values():
+        assert before not in {k.key_id for k in saga_keys.list_keys(dsn)}
+    # A message signed with a retired key verifies nothing any more.
+    assert await _apply(stores[SHARD_B], old) is InboundCode.UNAUTHENTICATED
+    await assert_clean(pg_shard)
+
+
+def test_a_rotation_that_stopped_after_staging_finishes_with_the_same_key(
+    pg_shard: PgShard,
+) -> None:
+    """A shard that was staged but not activated (the command died between the steps): the
+    rerun activates the same key, with the secret the other shard already holds."""
+    dsns = {SHARD_A: pg_shard.admin_dsn, SHARD_B: pg_shard.b_admin_dsn}
+    ids = {k.key_id for k in saga_keys.list_keys(pg_shard.admin_dsn)}
+    staged = max(ids) + 1
+    with psycopg.connect(pg_shard.admin_dsn) as conn:
+        conn.execute(
+            "INSERT INTO txr.saga_keys (key_id, secret, signing) VALUES (%s, %s, false)",
+            (staged, b"s" * 32),
+        )
+    done = saga_keys.rotate(dsns)
+    assert done["resumed"]
+    assert done["key_id"] == staged
+    for dsn in dsns.values():
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT secret, signing FROM txr.saga_keys WHERE key_id = %s", (staged,)
+            ).fetchone()
+        assert row is not None
+        assert (bytes(row[0]), row[1]) == (b"s" * 32, True)
 
 
 async def test_leg2_past_the_delivery_window_is_refused(

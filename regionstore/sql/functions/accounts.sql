@@ -103,3 +103,89 @@ REVOKE ALL ON FUNCTION txr.create_account(bigint, bigint, bigint, text, text, bi
     bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION txr.create_account(bigint, bigint, bigint, text, text, bigint, jsonb,
     text, bytea) TO __APP_ROLE__;
+
+-- txr.claim_account_key: the arbitration of a keyed open whose account lives on another shard
+-- (router.opens). Every open with one (tenant, key) asks the key's arbiter shard first, whatever
+-- region it names and whichever router got it (consistency.idempotency.open_shards), so one
+-- primary key decides for every region. The row names the account id the opener chose; the
+-- account itself is then opened on its own shard by txr.create_account with the same key.
+-- Codes: claimed (this call's id is the key's now), replayed (the key was claimed with the same
+-- fingerprint: its id is returned), key_reused (another fingerprint: nothing written),
+-- stale_epoch (nothing written).
+CREATE OR REPLACE FUNCTION txr.claim_account_key(
+    p_shard_epoch bigint,
+    p_tenant text,
+    p_key text,
+    p_fingerprint bytea,
+    p_id bigint,
+    p_currency text,
+    p_overdraft_limit bigint,
+    p_metadata jsonb
+)
+RETURNS TABLE (code text, account_id bigint)
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_prior record;
+BEGIN
+    IF NOT txr.fence_ok(p_shard_epoch) THEN
+        code := 'stale_epoch';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    -- As in create_account: a concurrent claimer waits for the first to commit, then reads it.
+    INSERT INTO txr.account_open_keys AS k
+        (tenant, key, fingerprint, account_id, currency, overdraft_limit, metadata, created_at)
+    VALUES (p_tenant, p_key, p_fingerprint, p_id, p_currency, p_overdraft_limit,
+            coalesce(p_metadata, '{}'::jsonb), now())
+    ON CONFLICT (tenant, key) DO NOTHING;
+    IF FOUND THEN
+        code := 'claimed';
+        account_id := p_id;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    SELECT k.* INTO STRICT v_prior FROM txr.account_open_keys k
+     WHERE k.tenant = p_tenant AND k.key = p_key;
+    code := CASE WHEN v_prior.fingerprint = p_fingerprint THEN 'replayed' ELSE 'key_reused' END;
+    account_id := CASE WHEN code = 'replayed' THEN v_prior.account_id END;
+    RETURN NEXT;
+END;
+$$;
+
+-- txr.release_account_key: give a claim back when its account id turned out to be taken on the
+-- account's shard (a clash of the random bits: never this tenant's account), so the next
+-- attempt claims a fresh id. Only a claim still naming that id is removed: a concurrent opener
+-- that already re-claimed keeps its own. Returns whether a row was removed.
+CREATE OR REPLACE FUNCTION txr.release_account_key(
+    p_shard_epoch bigint,
+    p_tenant text,
+    p_key text,
+    p_id bigint
+)
+RETURNS boolean
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT txr.fence_ok(p_shard_epoch) THEN
+        RETURN false;
+    END IF;
+    DELETE FROM txr.account_open_keys k
+     WHERE k.tenant = p_tenant AND k.key = p_key AND k.account_id = p_id;
+    RETURN FOUND;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION txr.claim_account_key(bigint, text, text, bytea, bigint, text, bigint,
+    jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION txr.claim_account_key(bigint, text, text, bytea, bigint, text, bigint,
+    jsonb) TO __APP_ROLE__;
+REVOKE ALL ON FUNCTION txr.release_account_key(bigint, text, text, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION txr.release_account_key(bigint, text, text, bigint) TO __APP_ROLE__;

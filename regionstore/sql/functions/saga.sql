@@ -89,7 +89,8 @@ AS $$
 DECLARE
     v_self text;
 BEGIN
-    SELECT max(k.key_id) INTO key_id FROM txr.saga_keys k;
+    -- The newest signing key; a staged one (rotation, migration 0008) only verifies.
+    SELECT max(k.key_id) INTO key_id FROM txr.saga_keys k WHERE k.signing;
     SELECT s.name INTO v_self FROM txr.shard_identity s;
     IF key_id IS NULL OR v_self IS NULL THEN
         key_id := NULL;
