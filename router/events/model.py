@@ -60,6 +60,14 @@ class Event:
     def subject(self) -> str:
         return stream.subject(self.tenant, self.type)
 
+    @property
+    def accounts(self) -> tuple[str, ...]:
+        """The accounts whose event sequence this is part of (the publisher keeps each one's
+        in commit order): the account opened, or a transfer's source and destination."""
+        if self.type == ACCOUNT_CREATED:
+            return (str(self.data["id"]),)
+        return (str(self.data["source"]), str(self.data["destination"]))
+
     def body(self) -> bytes:
         """The public JSON (API.md): the NATS payload and the webhook body, byte for byte."""
         return orjson.dumps(
@@ -244,3 +252,10 @@ def events_of_rows(
         if final is not None and final != TRANSFER_PENDING and changed_since:
             out.append(Event(event_id(final, tdata["id"]), final, str(tenant), when, tdata, 0))
     return out
+
+
+def row_page_key(table: str, row: Sequence[Any]) -> tuple[Any, Any]:
+    """The keyset position (created_at, id) of a row of sql/functions/events.sql's pages."""
+    if table == "accounts":
+        return (row[4], row[0])
+    return (row[8], row[0])

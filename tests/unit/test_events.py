@@ -1,9 +1,11 @@
 """Pure parts of router.events: event derivation and ids, subjects, cursors, signatures, the
-SSRF address rules and the retry schedule."""
+SSRF address rules and the retry schedule; the publisher's waves (each account's events in
+commit order) and what a failed call acknowledges."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import random
 import uuid
@@ -12,7 +14,7 @@ import pytest
 
 from consistency import coherence, ids
 from regionstore.changefeed import AccountChange, CommittedTxn, TransferChange
-from router.events import model, pull, stream, webhooks
+from router.events import model, publisher, pull, stream, webhooks
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
 
@@ -199,3 +201,55 @@ def test_backoff_is_jittered_capped_and_retries_span_the_window() -> None:
     assert webhooks.RETRY_WINDOW_S >= 24 * 3600
     assert webhooks.BACKOFF_S_MAX < webhooks.RETRY_WINDOW_S / 10
     assert attempt > 20
+
+
+def _ev(i: int, *accounts: str) -> model.Event:
+    if len(accounts) == 1:
+        return model.Event(f"e{i}", model.ACCOUNT_CREATED, "acme", "", {"id": accounts[0]}, i)
+    src, dst = accounts
+    return model.Event(
+        f"e{i}", model.TRANSFER_SETTLED, "acme", "", {"source": src, "destination": dst}, i
+    )
+
+
+def test_waves_never_hold_two_events_of_one_account_and_keep_commit_order() -> None:
+    rng = random.Random(7)
+    accounts = [f"a{n}" for n in range(12)]
+    for _ in range(200):
+        events = [
+            _ev(i, *rng.sample(accounts, rng.choice((1, 2)))) for i in range(rng.randint(1, 80))
+        ]
+        waves = publisher.waves(events)
+        assert sorted(i for w in waves for i in w) == list(range(len(events)))
+        wave_of = {i: n for n, w in enumerate(waves) for i in w}
+        for w in waves:
+            assert w == sorted(w)
+            touched = [a for i in w for a in events[i].accounts]
+            assert len(touched) == len(set(touched)), "two events of one account in a wave"
+        # Every event is in a later wave than every earlier event of one of its accounts.
+        for j, later in enumerate(events):
+            for i in range(j):
+                if set(events[i].accounts) & set(later.accounts):
+                    assert wave_of[i] < wave_of[j]
+
+
+def test_waves_of_distinct_accounts_are_one_window_and_split_at_its_bound() -> None:
+    n = publisher.PUBLISH_WINDOW_MAX + 5
+    events = [_ev(i, f"a{i}") for i in range(n)]
+    waves = publisher.waves(events)
+    assert [len(w) for w in waves] == [publisher.PUBLISH_WINDOW_MAX, 5]
+    # A hot account: one event a wave.
+    assert publisher.waves([_ev(i, "hot", f"b{i}") for i in range(3)]) == [[0], [1], [2]]
+
+
+def test_a_failed_call_acknowledges_only_the_complete_transactions_before_the_gap() -> None:
+    txns = [dataclasses.replace(_txn(), end_lsn=lsn) for lsn in (10, 20, 30, 40)]
+    # Transaction 20 has no events; 30 has two.
+    events = [_ev(10, "a"), _ev(30, "a", "b"), _ev(30, "c"), _ev(40, "d")]
+    ack = publisher.acknowledged_through
+    assert ack(txns, events, 0) is None
+    assert ack(txns, events, 1) == 20
+    # One of 30's two events stored: 30 is not complete.
+    assert ack(txns, events, 2) == 20
+    assert ack(txns, events, 3) == 30
+    assert ack(txns, events, 4) == 40
