@@ -253,3 +253,29 @@ def test_a_failed_call_acknowledges_only_the_complete_transactions_before_the_ga
     assert ack(txns, events, 2) == 20
     assert ack(txns, events, 3) == 30
     assert ack(txns, events, 4) == 40
+
+
+def test_rows_after_a_new_slot_give_events_in_commit_order() -> None:
+    src, dst = 5 << 48 | 7, 9 << 48 | 1
+    t1, t2 = uuid.uuid4(), uuid.uuid4()
+    sec = dt.timedelta(seconds=1)
+
+    def row(tid: uuid.UUID, created: dt.datetime, committed: dt.datetime, saga: bool) -> tuple:  # type: ignore[type-arg]
+        return (tid, "acme", src, dst, 5, "EUR", None, "settled", created, None, saga, committed)
+
+    # A saga's leg 1 at T0, a same-shard transfer of the same account at T0+1s, the saga's
+    # settle at T0+2s: commit order pending(t1), settled(t2), settled(t1).
+    evs = model.events_of_rows(
+        [(src, "acme", "EUR", {}, T0 - sec)],
+        [row(t1, T0, T0 + 2 * sec, True), row(t2, T0 + sec, T0 + sec, False)],
+        shard="eu-west-1",
+        home_region="eu-west",
+        since=None,
+    )
+    got = [(e.type, e.data["id"][-32:]) for e in evs]
+    assert got == [
+        ("account.created", ids.format_account_id(src)[-32:]),
+        ("transfer.pending", t1.hex),
+        ("transfer.settled", t2.hex),
+        ("transfer.settled", t1.hex),
+    ]
