@@ -67,11 +67,12 @@ from router.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# Events published before their acknowledgements are awaited (one pipelined window): the
+# Events of one wave published before their acknowledgements are awaited (pipelined): the
 # stream's acknowledgement needs a quorum round trip across the WAN, so one-at-a-time would cap
-# a shard at one event per RTT. Below the client's outstanding-publish bound (4,000).
+# a shard at one event per RTT (``waves`` keeps that cap for one account only). Below the
+# client's outstanding-publish bound (4,000).
 PUBLISH_WINDOW_MAX: Final = 1024
-# The acknowledgements of one window, all of them, within this.
+# The acknowledgements of one wave, all of them, within this.
 PUBLISH_ACK_TIMEOUT_S: Final = 10.0
 # Feed batches queued for the publisher; past it the publisher is behind and the decoder
 # resumes it from the slot (the WAL holds the rest, not memory).
