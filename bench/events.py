@@ -7,15 +7,17 @@ concurrency, and for every delivered ``transfer.settled`` the time from the even
 ``created_at`` (the commit time, PostgreSQL's clock: the same host) to its arrival. Also the CPU
 the relay processes (decoder fan-out, publisher, webhook worker) spent per published event.
 
-``python -m bench.events publisher --dir D [--events N] [--accounts A]``: the publisher's own
-CPU per event, apart from the rest of the relay process (the decoder's fan-out to the regions'
-caches, the outbox, webhook delivery share its event loop, so the relay's CPU cannot be split
-by thread): this process runs the relay's ``EventSink`` alone against the cluster's NATS
-(us-east's server: the stream's real three-replica quorum) and feeds it N synthetic committed
-same-shard transfers between A accounts of a throwaway tenant, in feed batches of
-``PUBLISHER_TXNS_PER_BATCH``; the batches are built before the clock starts, so the figure is
-derivation, waves, JSON, the NATS client and the acknowledgements, per event: what the sink
-costs inside a relay. ``--accounts 1`` is the hot-account case (one wave per event).
+``python -m bench.events publisher --dir D [--events N] [--accounts A] [--per-txn K]``: the
+publisher's own CPU per event, apart from the rest of the relay process (the decoder's fan-out
+to the regions' caches, the outbox, webhook delivery share its event loop, so the relay's CPU
+cannot be split by thread): this process runs the relay's ``EventSink`` alone against the
+cluster's NATS (us-east's server: the stream's real three-replica quorum) and feeds it N
+synthetic committed same-shard transfers between A accounts of a throwaway tenant, in feed
+batches of ``PUBLISHER_TXNS_PER_BATCH`` transactions; the batches are built before the clock
+starts, so the figure is derivation, waves, JSON, the NATS client and the acknowledgements, per
+event: what the sink costs inside a relay. ``--accounts 1`` is the hot-account case (one wave
+per transaction); ``--per-txn K`` commits K transfers a transaction, as the router's batcher
+does under load.
 
 ``python -m bench.events rate --base-port P --seconds S``: scrape every region's relay metrics
 of the cluster at P once a second for S seconds (say, while ``txr bench --quick`` runs there)
@@ -150,13 +152,14 @@ async def latency(d: Path, transfers: int) -> dict[str, Any]:
     }
 
 
-def _synthetic_batches(tenant: str, n: int, accounts: int) -> list[FeedBatch]:
+def _synthetic_batches(tenant: str, n: int, accounts: int, per_txn: int) -> list[FeedBatch]:
     rng = random.Random(n * 31 + accounts)
     # Account ids (slot 1): one more than asked, so the hot case has a counterpart.
     pool = [(i << 12) | 1 for i in range(1, accounts + 2)]
     now = dt.datetime.now(dt.UTC)
     created = now.isoformat(sep=" ")
     txns = []
+    changes: list[TransferChange] = []
     for i in range(n):
         src, dst = rng.sample(pool, 2) if accounts > 1 else (pool[0], pool[1])
         row: dict[str, str | None] = {
@@ -171,8 +174,11 @@ def _synthetic_batches(tenant: str, n: int, accounts: int) -> list[FeedBatch]:
             "created_at": created,
             "refusal_code": None,
         }
-        lsn = 1_000 + 100 * i
-        txns.append(CommittedTxn(lsn, lsn + 50, now, (), (TransferChange(row, True),)))
+        changes.append(TransferChange(row, True))
+        if len(changes) == per_txn or i == n - 1:
+            lsn = 1_000 + 100 * i
+            txns.append(CommittedTxn(lsn, lsn + 50, now, (), tuple(changes)))
+            changes = []
     return [
         FeedBatch(b[0].commit_lsn - 1, b[-1].end_lsn, tuple(b), (), None)
         for b in (
@@ -182,11 +188,11 @@ def _synthetic_batches(tenant: str, n: int, accounts: int) -> list[FeedBatch]:
     ]
 
 
-async def publisher_cpu(d: Path, events: int, accounts: int) -> dict[str, Any]:
+async def publisher_cpu(d: Path, events: int, accounts: int, per_txn: int) -> dict[str, Any]:
     url = cluster.status(d)["regions"]["us-east"]["nats"]
     tenant = "bench-pub-" + os.urandom(4).hex()
     shard = tenant  # the position key: the cluster's decoders keep theirs
-    batches = _synthetic_batches(tenant, events, accounts)
+    batches = _synthetic_batches(tenant, events, accounts, per_txn)
     pub = JetStreamPublisher([url], name="bench-events-publisher")
     sink = EventSink(pub, shard=shard, region="us-east", home_region="us-east")
     try:
@@ -209,6 +215,7 @@ async def publisher_cpu(d: Path, events: int, accounts: int) -> dict[str, Any]:
     return {
         "events": sink.published,
         "accounts": accounts,
+        "per_txn": per_txn,
         "publisher_cpu_us_per_event": round(cpu * 1e6 / max(1, sink.published), 1),
         "events_per_s": round(sink.published / wall, 1),
         "wall_s": round(wall, 2),
@@ -249,6 +256,7 @@ def main() -> None:
     pc.add_argument("--dir", type=Path, required=True)
     pc.add_argument("--events", type=int, default=20_000)
     pc.add_argument("--accounts", type=int, default=1_000)
+    pc.add_argument("--per-txn", type=int, default=1)
     r = sub.add_parser("rate")
     r.add_argument("--base-port", type=int, required=True)
     r.add_argument("--seconds", type=float, default=300.0)
@@ -256,7 +264,7 @@ def main() -> None:
     if args.cmd == "latency":
         out = asyncio.run(latency(args.dir, args.transfers))
     elif args.cmd == "publisher":
-        out = asyncio.run(publisher_cpu(args.dir, args.events, args.accounts))
+        out = asyncio.run(publisher_cpu(args.dir, args.events, args.accounts, args.per_txn))
     else:
         out = rate(args.base_port, args.seconds)
     sys.stdout.write(json.dumps(out, indent=2) + "\n")

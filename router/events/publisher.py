@@ -14,16 +14,18 @@ stream drops the duplicates).
 
 Order. The events of one account (``Event.accounts``: the account opened, a transfer's source
 and destination) are stored in its shard's commit order, by construction: ``waves`` splits a
-call's events so that no wave holds two events of one account, each wave's publishes are
-pipelined, and a wave is sent only once every publish of the waves before it was acknowledged.
-So an event is sent only after every earlier event of its accounts is stored: when publish k
-fails (rejected, lost with a connection or a route, a leader change), no later event of k's
-accounts was sent, and none can be stored ahead of k. Pipelining past an unacknowledged event
-of the same account would not be safe even with de-duplication: a later event stored while k
-was not would stay ahead of k when k is republished (the republish of the later one is a
-dropped duplicate, not a move). Events of different accounts may be stored in another order
-than their commits. A hot account costs one acknowledgement round trip per event of it in a
-call; a call of distinct accounts costs one.
+call's events so that no wave holds events of one account from two transactions, each wave's
+publishes are pipelined, and a wave is sent only once every publish of the waves before it was
+acknowledged. So an event is sent only after every event of its accounts from an earlier
+commit is stored: when publish k fails (rejected, lost with a connection or a route, a leader
+change), no event of k's accounts from a later commit was sent, and none can be stored ahead of
+k. Pipelining past an unacknowledged event of the same account would not be safe even with
+de-duplication: a later event stored while k was not would stay ahead of k when k is
+republished (the republish of the later one is a dropped duplicate, not a move). Events of one
+transaction share its commit and a wave: after a partial failure they may be stored in another
+order among themselves. Events of different accounts may be stored in another order than their
+commits. A hot account costs one acknowledgement round trip per transaction of it in a call; a
+call of distinct accounts costs one.
 
 Position. A failed call acknowledges the end of the last transaction all of whose events are
 within the contiguous stored prefix (``PublishError.stored``), never past the first event not
@@ -133,18 +135,37 @@ class Published:
 def waves(events: Sequence[model.Event]) -> list[list[int]]:
     """The call's events (indices, commit order kept inside each) in waves that are sent one
     after the other, each once the one before is acknowledged: an event is in the wave after
-    the latest wave holding an earlier event of one of its accounts, so no wave holds two
-    events of one account. At most ``PUBLISH_WINDOW_MAX`` events a wave: a longer one is split
-    into consecutive waves (the order holds: each still waits for the ones before)."""
-    latest: dict[str, int] = {}
+    the latest wave holding an event of one of its accounts from an earlier transaction, so no
+    wave holds events of one account from two transactions. The events of one transaction (a
+    batch commits many transfers of one account at once) share a wave: they have one commit,
+    and the ledger itself commits a hot account's transactions one at a time (its row lock is
+    held through the synchronous commit's round trip), so a wave per transaction keeps the
+    publisher's rate per account of the same order as the ledger's. The rows re-derived after a
+    new slot (``end_lsn`` 0) are each their own transaction. At most ``PUBLISH_WINDOW_MAX``
+    events a wave: a longer one is split into consecutive waves (the order holds: each still
+    waits for the ones before)."""
+    # Per account: its latest transaction in the call, the highest wave of that transaction's
+    # events of it, and the highest wave of its earlier transactions' events.
+    state: dict[str, tuple[int, int, int]] = {}
     by_wave: list[list[int]] = []
     for i, ev in enumerate(events):
-        w = 1 + max((latest.get(a, -1) for a in ev.accounts), default=-1)
+        txn = ev.end_lsn if ev.end_lsn else -1 - i
+        w = 0
+        for a in ev.accounts:
+            st = state.get(a)
+            if st is not None:
+                w = max(w, 1 + (st[2] if st[0] == txn else st[1]))
         if w == len(by_wave):
             by_wave.append([])
         by_wave[w].append(i)
         for a in ev.accounts:
-            latest[a] = w
+            st = state.get(a)
+            if st is None:
+                state[a] = (txn, w, -1)
+            elif st[0] == txn:
+                state[a] = (txn, max(st[1], w), st[2])
+            else:
+                state[a] = (txn, w, st[1])
     return [
         wave[start : start + PUBLISH_WINDOW_MAX]
         for wave in by_wave

@@ -212,25 +212,39 @@ def _ev(i: int, *accounts: str) -> model.Event:
     )
 
 
-def test_waves_never_hold_two_events_of_one_account_and_keep_commit_order() -> None:
+def test_waves_keep_each_accounts_commit_order() -> None:
     rng = random.Random(7)
     accounts = [f"a{n}" for n in range(12)]
-    for _ in range(200):
-        events = [
-            _ev(i, *rng.sample(accounts, rng.choice((1, 2)))) for i in range(rng.randint(1, 80))
-        ]
+    for _ in range(300):
+        events: list[model.Event] = []
+        lsn = 1
+        for i in range(rng.randint(1, 80)):
+            lsn += rng.choice((0, 0, 1))  # several events a transaction, as a batch commits
+            ev = _ev(i, *rng.sample(accounts, rng.choice((1, 2))))
+            events.append(dataclasses.replace(ev, end_lsn=lsn))
         waves = publisher.waves(events)
         assert sorted(i for w in waves for i in w) == list(range(len(events)))
         wave_of = {i: n for n, w in enumerate(waves) for i in w}
         for w in waves:
             assert w == sorted(w)
-            touched = [a for i in w for a in events[i].accounts]
-            assert len(touched) == len(set(touched)), "two events of one account in a wave"
-        # Every event is in a later wave than every earlier event of one of its accounts.
+            touched = {(a, events[i].end_lsn) for i in w for a in events[i].accounts}
+            per_account = [a for a, _ in touched]
+            assert len(per_account) == len(set(per_account)), "one account, two commits, a wave"
+        # Every event is in a later wave than every event of one of its accounts from an
+        # earlier commit.
         for j, later in enumerate(events):
             for i in range(j):
-                if set(events[i].accounts) & set(later.accounts):
+                earlier = events[i]
+                if earlier.end_lsn < later.end_lsn and set(earlier.accounts) & set(later.accounts):
                     assert wave_of[i] < wave_of[j]
+
+
+def test_one_transactions_events_share_a_wave_and_recovered_rows_do_not() -> None:
+    batch = [dataclasses.replace(_ev(i, "hot", f"b{i}"), end_lsn=50) for i in range(4)]
+    assert publisher.waves(batch) == [[0, 1, 2, 3]]
+    # Rows re-derived after a new slot carry no transaction: each is its own.
+    recovered = [dataclasses.replace(e, end_lsn=0) for e in batch]
+    assert publisher.waves(recovered) == [[0], [1], [2], [3]]
 
 
 def test_waves_of_distinct_accounts_are_one_window_and_split_at_its_bound() -> None:
