@@ -39,13 +39,14 @@ STORE_OPEN_TIMEOUT_S: Final = 10.0
 READ_WAIT_S: Final = 30.0
 
 
-def _account(tenant: str, n: int) -> str:
+def _account(n: int) -> str:
     return ids.format_account_id((n << 12) | 1)
 
 
 def _created(tenant: str, acc: str, lsn: int) -> model.Event:
     data = {"id": acc, "currency": "EUR", "balance": 0, "metadata": {}}
     return model.Event(
+        # Unique to the run: the account ids are the same in every run of this test.
         model.event_id(model.ACCOUNT_CREATED, acc + tenant),
         model.ACCOUNT_CREATED,
         tenant,
@@ -102,7 +103,7 @@ async def test_partial_publish_failure_keeps_every_accounts_commit_order(
     api: Api, local_cluster: Any
 ) -> None:
     tenant = new_tenant()
-    a, b, c, d = (_account(tenant, n) for n in (11, 12, 13, 14))
+    a, b, c, d = (_account(n) for n in (11, 12, 13, 14))
     # Commit order; event 4 (a -> b) is the one the stream refuses. Events after it touch its
     # accounts (a, b) and others (c, d), some in the same pipelined wave it is in.
     events = [
