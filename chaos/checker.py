@@ -107,6 +107,10 @@ class CheckResult:
     events_missing: int = 0
     events_phantom: int = 0
     events_repeated: int = 0
+    # Events of one account stored against its commit order, as far as the stream itself
+    # shows it: a transfer's final state before its pending, or a transfer of an account before
+    # that account's account.created.
+    events_out_of_order: int = 0
     webhook_undelivered: int = 0
     anomalies: list[str] = field(default_factory=list)
 
@@ -127,6 +131,7 @@ class CheckResult:
             and not self.events_missing
             and not self.events_phantom
             and not self.events_repeated
+            and not self.events_out_of_order
             and not self.webhook_undelivered
         )
 
@@ -178,11 +183,35 @@ def check_events(final: FinalState, r: CheckResult) -> None:
         if tid not in stored:
             r.events_phantom += len(types)
             r.note(f"events {sorted(types)} for transfer {tid}, which no shard holds")
+    _check_event_order(events, r)
     if final.delivered is not None:
         missing = seen - final.delivered
         r.webhook_undelivered = len(missing)
         if missing:
             r.note(f"{len(missing)} events never delivered to the webhook, e.g. {min(missing)}")
+
+
+def _check_event_order(events: list[dict[str, Any]], r: CheckResult) -> None:
+    opened: dict[str, int] = {}
+    pending: dict[str, int] = {}
+    for i, e in enumerate(events):
+        data = e["data"]
+        if e["type"] == "account.created":
+            opened.setdefault(str(data["id"]), i)
+        elif e["type"] == "transfer.pending":
+            pending.setdefault(str(data["id"]), i)
+    for i, e in enumerate(events):
+        data, etype = e["data"], str(e["type"])
+        if not etype.startswith("transfer."):
+            continue
+        tid = str(data["id"])
+        if etype != "transfer.pending" and pending.get(tid, -1) > i:
+            r.events_out_of_order += 1
+            r.note(f"{etype} of {tid} stored before its transfer.pending")
+        for acc in (data.get("source"), data.get("destination")):
+            if acc is not None and opened.get(str(acc), -1) > i:
+                r.events_out_of_order += 1
+                r.note(f"{etype} of {tid} stored before account.created of {acc}")
 
 
 def _check_transfers(history: History, final: FinalState, r: CheckResult) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 import orjson
@@ -312,6 +312,10 @@ _OUTBOX_STATS_SQL: Final = (
     "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
     " FROM txr.outbox WHERE state = 'pending'"
 )
+_EVENT_PAGE_SQL: Final = {
+    "accounts": "SELECT * FROM txr.event_accounts_page(%s, %s, %s, %s)",
+    "transfers": "SELECT * FROM txr.event_transfers_page(%s, %s, %s, %s)",
+}
 _OUTBOX_NEXT_DUE_SQL: Final = (
     "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8"
     " FROM txr.outbox WHERE state = 'pending'"
@@ -928,20 +932,27 @@ class ShardStore:
         )
         return [int(r[0]) for r in rows]
 
-    async def event_rows_since(
-        self, since: datetime | None, *, timeout_s: float
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """Accounts opened and transfers written at or after ``since`` (None: all), as rows of
-        sql/functions/events.sql: the event publisher's step after a new replication slot."""
+    async def event_rows_page(
+        self,
+        table: Literal["accounts", "transfers"],
+        since: datetime | None,
+        after: tuple[Any, Any] | None,
+        *,
+        limit: int,
+        timeout_s: float,
+    ) -> list[tuple[Any, ...]]:
+        """One keyset page of the accounts opened, or the transfers written, at or after
+        ``since`` (None: all): at most ``limit`` rows after the (created_at, id) ``after``
+        (None: from the first), in that order, as rows of sql/functions/events.sql. The event
+        publisher's step after a new replication slot."""
+        query = _EVENT_PAGE_SQL[table]
+        after_at, after_id = (None, None) if after is None else after
 
-        async def op(conn: Conn) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-            cur = await conn.execute("SELECT * FROM txr.event_accounts_since(%s)", (since,))
-            accounts = await cur.fetchall()
-            cur = await conn.execute("SELECT * FROM txr.event_transfers_since(%s)", (since,))
-            transfers = await cur.fetchall()
-            return list(accounts), list(transfers)
+        async def op(conn: Conn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(query, (since, after_at, after_id, limit))
+            return list(await cur.fetchall())
 
-        return await self._call(op, timeout_s=timeout_s, write=False, what="event_rows_since")
+        return await self._call(op, timeout_s=timeout_s, write=False, what=f"event_{table}_page")
 
     async def wait_for_outbox(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a leg-1 commit's notification: True when one came.

@@ -60,6 +60,14 @@ class Event:
     def subject(self) -> str:
         return stream.subject(self.tenant, self.type)
 
+    @property
+    def accounts(self) -> tuple[str, ...]:
+        """The accounts whose event sequence this is part of (the publisher keeps each one's
+        in commit order): the account opened, or a transfer's source and destination."""
+        if self.type == ACCOUNT_CREATED:
+            return (str(self.data["id"]),)
+        return (str(self.data["source"]), str(self.data["destination"]))
+
     def body(self) -> bytes:
         """The public JSON (API.md): the NATS payload and the webhook body, byte for byte."""
         return orjson.dumps(
@@ -171,8 +179,13 @@ def events_of_rows(
     account.created for an account opened at or after ``since``; for a transfer, pending if a
     saga's leg 1 was at or after ``since``, and its final state (settled or reversed) if its
     current row is. Every id is the one ``events_of`` gives, so what was already published
-    is a duplicate. ``end_lsn`` is 0: these precede the new slot's first commit."""
-    out: list[Event] = []
+    is a duplicate. ``end_lsn`` is 0: these precede the new slot's first commit.
+
+    In the order of their commits as the rows show them (an insert's ``created_at``, a final
+    state's commit timestamp), so one account's events among these keep its commit order: a
+    saga settled after a later transfer of its account comes after that transfer, not next to
+    its pending. The order holds within one call (one page of rows)."""
+    out: list[tuple[dt.datetime, Event]] = []
     for acc_id, tenant, currency, metadata, created_at in accounts:
         if tenant == TRANSIT_TENANT:
             continue
@@ -189,13 +202,16 @@ def events_of_rows(
             "created_at": render.timestamp(created_at),
         }
         out.append(
-            Event(
-                event_id(ACCOUNT_CREATED, data["id"]),
-                ACCOUNT_CREATED,
-                str(tenant),
-                render.timestamp(created_at),
-                data,
-                0,
+            (
+                created_at,
+                Event(
+                    event_id(ACCOUNT_CREATED, data["id"]),
+                    ACCOUNT_CREATED,
+                    str(tenant),
+                    render.timestamp(created_at),
+                    data,
+                    0,
+                ),
             )
         )
     for (
@@ -228,13 +244,16 @@ def events_of_rows(
         if cross_shard and inserted_since:
             pending = {**tdata, "status": "pending", "refusal_code": None}
             out.append(
-                Event(
-                    event_id(TRANSFER_PENDING, tdata["id"]),
-                    TRANSFER_PENDING,
-                    str(tenant),
-                    render.timestamp(created_at),
-                    pending,
-                    0,
+                (
+                    created_at,
+                    Event(
+                        event_id(TRANSFER_PENDING, tdata["id"]),
+                        TRANSFER_PENDING,
+                        str(tenant),
+                        render.timestamp(created_at),
+                        pending,
+                        0,
+                    ),
                 )
             )
         final = _TRANSFER_TYPES.get(str(status))
@@ -242,5 +261,19 @@ def events_of_rows(
             since is None or inserted_since or (committed_at is not None and committed_at >= since)
         )
         if final is not None and final != TRANSFER_PENDING and changed_since:
-            out.append(Event(event_id(final, tdata["id"]), final, str(tenant), when, tdata, 0))
-    return out
+            out.append(
+                (
+                    committed_at or created_at,
+                    Event(event_id(final, tdata["id"]), final, str(tenant), when, tdata, 0),
+                )
+            )
+    # Stable: a pending and its final state at one instant (a clock tick) stay in that order.
+    out.sort(key=lambda pair: pair[0])
+    return [ev for _, ev in out]
+
+
+def row_page_key(table: str, row: Sequence[Any]) -> tuple[Any, Any]:
+    """The keyset position (created_at, id) of a row of sql/functions/events.sql's pages."""
+    if table == "accounts":
+        return (row[4], row[0])
+    return (row[8], row[0])

@@ -10,9 +10,27 @@ region sinks: it receives every durable batch in commit order, derives its event
 position. The decoder confirms to the replication slot the minimum of every region's position
 and this one, so a publisher that dies, or loses NATS, leaves the slot holding everything it had
 not acknowledged: the decoder reopens the stream there and publishes again (ids are stable, the
-stream drops the duplicates). Events of one shard go out in its commit order: a window is
-published in order on one connection and the next waits for its acknowledgements; a failure
-ends the session, and the next starts at the first unacknowledged transaction.
+stream drops the duplicates).
+
+Order. The events of one account (``Event.accounts``: the account opened, a transfer's source
+and destination) are stored in its shard's commit order, by construction: ``waves`` splits a
+call's events so that no wave holds events of one account from two transactions, each wave's
+publishes are pipelined, and a wave is sent only once every publish of the waves before it was
+acknowledged. So an event is sent only after every event of its accounts from an earlier
+commit is stored: when publish k fails (rejected, lost with a connection or a route, a leader
+change), no event of k's accounts from a later commit was sent, and none can be stored ahead of
+k. Pipelining past an unacknowledged event of the same account would not be safe even with
+de-duplication: a later event stored while k was not would stay ahead of k when k is
+republished (the republish of the later one is a dropped duplicate, not a move). Events of one
+transaction share its commit and a wave: after a partial failure they may be stored in another
+order among themselves. Events of different accounts may be stored in another order than their
+commits. A hot account costs one acknowledgement round trip per transaction of it in a call; a
+call of distinct accounts costs one.
+
+Position. A failed call acknowledges the end of the last transaction all of whose events are
+within the contiguous stored prefix (``PublishError.stored``), never past the first event not
+stored; the session ends and the next starts at the slot's confirmed position, so everything
+from the first unstored event on is published again (what was stored is a duplicate).
 
 A new replication slot (after a failover: PostgreSQL 15 slots do not follow a promotion; or
 the first start) begins at the new primary's current position: the commits between the last
@@ -20,9 +38,9 @@ published one and that position never come through the stream. The publisher kee
 ``Position`` (the slot it follows, the commit time of the last transaction it published; saved
 at most every ``POSITION_SAVE_S``) in the log's own store, and when a session's slot is not the
 one recorded it first publishes the events of every row committed since that time minus
-``COMMIT_TIME_MARGIN_S`` (``regionstore``'s ``event_rows_since``; everything when no position
-was ever saved), then records the new slot. What it publishes twice is within the duplicate
-window, so the stream keeps one copy.
+``COMMIT_TIME_MARGIN_S`` (``regionstore``'s ``event_rows_page``, in pages of
+``RECOVERY_PAGE_ROWS``; everything when no position was ever saved), then records the new
+slot. What it publishes twice is within the duplicate window, so the stream keeps one copy.
 """
 
 from __future__ import annotations
@@ -33,15 +51,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.js.kv import KeyValue
 
-from regionstore.changefeed import FeedBatch
+from regionstore.changefeed import CommittedTxn, FeedBatch
 from regionstore.errors import StoreError
 from regionstore.store import ShardStore
 from router.events import model, stream
@@ -49,11 +69,12 @@ from router.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# Events published before their acknowledgements are awaited (one pipelined window): the
+# Events of one wave published before their acknowledgements are awaited (pipelined): the
 # stream's acknowledgement needs a quorum round trip across the WAN, so one-at-a-time would cap
-# a shard at one event per RTT. Below the client's outstanding-publish bound (4,000).
+# a shard at one event per RTT (``waves`` keeps that cap for one account only). Below the
+# client's outstanding-publish bound (4,000).
 PUBLISH_WINDOW_MAX: Final = 1024
-# The acknowledgements of one window, all of them, within this.
+# The acknowledgements of one wave, all of them, within this.
 PUBLISH_ACK_TIMEOUT_S: Final = 10.0
 # Feed batches queued for the publisher; past it the publisher is behind and the decoder
 # resumes it from the slot (the WAL holds the rest, not memory).
@@ -70,7 +91,10 @@ POSITION_SAVE_S: Final = 1.0
 # Commit times can be out of WAL order by a transaction's commit path, and a promoted standby's
 # clock is another host's (router.relays.feed.COMMIT_TIME_MARGIN_S says the same for caches).
 COMMIT_TIME_MARGIN_S: Final = 1.0
-# The scan of a shard after a new slot (two full scans, once per failover).
+# The scan of a shard after a new slot, in keyset pages of this many rows (one page's rows and
+# events in memory at a time; each page is published before the next is read).
+RECOVERY_PAGE_ROWS: Final = 1000
+# One page's query (a scan of the table: the filter is on commit timestamps, which no index has).
 RECOVERY_QUERY_TIMEOUT_S: Final = 60.0
 
 
@@ -94,7 +118,12 @@ class Position:
 
 
 class PublishError(Exception):
-    """Some event of the call was not stored; what follows it must not be published."""
+    """Some event of the call was not stored. ``stored``: how many of the call's events, from
+    the first, are known to be stored (a contiguous prefix; later ones may be stored too)."""
+
+    def __init__(self, message: str, stored: int = 0) -> None:
+        super().__init__(message)
+        self.stored = stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +132,52 @@ class Published:
     duplicates: int
 
 
+def waves(events: Sequence[model.Event]) -> list[list[int]]:
+    """The call's events (indices, commit order kept inside each) in waves that are sent one
+    after the other, each once the one before is acknowledged: an event is in the wave after
+    the latest wave holding an event of one of its accounts from an earlier transaction, so no
+    wave holds events of one account from two transactions. The events of one transaction (a
+    batch commits many transfers of one account at once) share a wave: they have one commit,
+    and the ledger itself commits a hot account's transactions one at a time (its row lock is
+    held through the synchronous commit's round trip), so a wave per transaction keeps the
+    publisher's rate per account of the same order as the ledger's. The rows re-derived after a
+    new slot (``end_lsn`` 0) are each their own transaction. At most ``PUBLISH_WINDOW_MAX``
+    events a wave: a longer one is split into consecutive waves (the order holds: each still
+    waits for the ones before)."""
+    # Per account: its latest transaction in the call, the highest wave of that transaction's
+    # events of it, and the highest wave of its earlier transactions' events.
+    state: dict[str, tuple[int, int, int]] = {}
+    by_wave: list[list[int]] = []
+    for i, ev in enumerate(events):
+        txn = ev.end_lsn if ev.end_lsn else -1 - i
+        w = 0
+        for a in ev.accounts:
+            st = state.get(a)
+            if st is not None:
+                w = max(w, 1 + (st[2] if st[0] == txn else st[1]))
+        if w == len(by_wave):
+            by_wave.append([])
+        by_wave[w].append(i)
+        for a in ev.accounts:
+            st = state.get(a)
+            if st is None:
+                state[a] = (txn, w, -1)
+            elif st[0] == txn:
+                state[a] = (txn, max(st[1], w), st[2])
+            else:
+                state[a] = (txn, w, st[1])
+    return [
+        wave[start : start + PUBLISH_WINDOW_MAX]
+        for wave in by_wave
+        for start in range(0, len(wave), PUBLISH_WINDOW_MAX)
+    ]
+
+
 class Publisher(Protocol):
     async def publish(self, events: Sequence[model.Event]) -> Published:
-        """Store ``events`` in this order (a duplicate id counts as stored), or raise
-        PublishError."""
+        """Store ``events`` (a duplicate id counts as stored), each event only after every
+        earlier event of its accounts is stored (module docstring, "Order"), or raise
+        PublishError with the stored prefix."""
         ...
 
     async def healthy(self) -> bool:
@@ -132,13 +203,23 @@ class JetStreamPublisher:
         self._servers = list(servers)
         self._name = name
         self._nc: NATS | None = None
+        # One context per connection: each context subscribes its own reply inbox for the
+        # pipelined publishes, so a context per call would leave a subscription per call.
+        self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()
 
     async def _client(self) -> NATS:
         async with self._lock:
             if self._nc is None or self._nc.is_closed:
                 self._nc = await stream.connect(self._servers, name=self._name)
+                self._js = None
             return self._nc
+
+    async def _jetstream(self) -> JetStreamContext:
+        nc = await self._client()
+        if self._js is None:
+            self._js = nc.jetstream(timeout=stream.JS_API_TIMEOUT_S)
+        return self._js
 
     async def healthy(self) -> bool:
         try:
@@ -174,31 +255,67 @@ class JetStreamPublisher:
 
     async def publish(self, events: Sequence[model.Event]) -> Published:
         try:
-            nc = await self._client()
+            js = await self._jetstream()
         except stream.StreamUnavailable as exc:
             raise PublishError(str(exc)) from exc
-        self._js = nc.jetstream(timeout=stream.JS_API_TIMEOUT_S)
-        stored = dups = 0
-        for start in range(0, len(events), PUBLISH_WINDOW_MAX):
-            window = events[start : start + PUBLISH_WINDOW_MAX]
-            try:
-                async with asyncio.timeout(PUBLISH_ACK_TIMEOUT_S):
-                    futures = [
-                        await self._js.publish_async(
+        acked = [False] * len(events)
+        dups = 0
+        for wave in waves(events):
+            failure, wave_dups = await self._publish_wave(js, events, wave, acked)
+            if failure is not None:
+                stored = acked.index(False) if False in acked else len(events)
+                raise PublishError(failure, stored)
+            dups += wave_dups
+        return Published(len(events), dups)
+
+    async def _publish_wave(
+        self,
+        js: JetStreamContext,
+        events: Sequence[model.Event],
+        wave: Sequence[int],
+        acked: list[bool],
+    ) -> tuple[str | None, int]:
+        """Pipeline one wave's publishes and wait for all their acknowledgements; mark the
+        acknowledged ones in ``acked``. The first failure's text (None: all stored), and how
+        many acknowledgements said duplicate."""
+        futures: list[asyncio.Future[PubAck]] = []
+        failure: str | None = None
+        dups = 0
+        try:
+            async with asyncio.timeout(PUBLISH_ACK_TIMEOUT_S):
+                for i in wave:
+                    ev = events[i]
+                    futures.append(
+                        await js.publish_async(
                             ev.subject,
                             ev.body(),
                             stream=stream.STREAM,
                             headers={"Nats-Msg-Id": ev.id, "Txr-Tenant": ev.tenant},
                         )
-                        for ev in window
-                    ]
-                    acks = await asyncio.gather(*futures)
-            except (nats.errors.Error, OSError, TimeoutError) as exc:
-                raise PublishError(f"{type(exc).__name__}: {exc}") from exc
-            for ack in acks:
-                stored += 1
-                dups += bool(ack.duplicate)
-        return Published(stored, dups)
+                    )
+                await asyncio.wait(futures)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+        for i, fut in zip(wave, futures, strict=False):
+            if not fut.done():
+                # Never acknowledged (timed out): the client keeps a pending slot per future
+                # until it is done, so end it here (the message may still be stored: a later
+                # republish is then a duplicate).
+                fut.cancel()
+                failure = failure or "acknowledgement timed out"
+                continue
+            if fut.cancelled():
+                failure = failure or "publish cancelled"
+                continue
+            error = fut.exception()
+            if error is not None:
+                failure = failure or f"{type(error).__name__}: {error}"
+                continue
+            acked[i] = True
+            dups += bool(fut.result().duplicate)
+        if failure is None and len(futures) < len(wave):
+            failure = "not every publish of the wave was sent"
+        return failure, dups
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
@@ -207,6 +324,20 @@ class JetStreamPublisher:
                 await nc.close()
             except (nats.errors.Error, OSError, TimeoutError) as exc:
                 log.warning("events: closing the NATS client: %r", exc)
+
+
+def acknowledged_through(
+    txns: Sequence[CommittedTxn], events: Sequence[model.Event], stored: int
+) -> int | None:
+    """After a failed call: the end of the last transaction all of whose events are among the
+    first ``stored`` (None: no transaction is). ``events`` are the call's, derived from
+    ``txns`` in order, so a transaction that ends before the first unstored event's is
+    complete, and none at or after it is."""
+    if stored >= len(events):
+        return txns[-1].end_lsn if txns else None
+    first_missing = events[stored].end_lsn
+    ends = [t.end_lsn for t in txns if t.end_lsn < first_missing]
+    return max(ends, default=None)
 
 
 class EventSink:
@@ -248,7 +379,7 @@ class EventSink:
         self._session = (repl_slot, epoch)
         self._recover = True
 
-    async def _recover_gap(self) -> None:
+    async def recover_gap(self) -> None:
         """Before the session's first batch: publish what a new slot cannot show (module
         docstring). Raises PublishError (or StoreError) to fail the session."""
         assert self._session is not None
@@ -265,21 +396,36 @@ class EventSink:
                 seconds=COMMIT_TIME_MARGIN_S
             )
         store = await self.store()
-        accounts, transfers = await store.event_rows_since(
-            since, timeout_s=RECOVERY_QUERY_TIMEOUT_S
-        )
-        events = model.events_of_rows(
-            accounts, transfers, shard=self.shard, home_region=self.home_region, since=since
-        )
         log.warning(
-            "events %s: new replication slot %s; publishing %d events of rows committed since %s",
+            "events %s: new replication slot %s; publishing the events of rows committed since %s",
             self.shard,
             repl_slot,
-            len(events),
             since,
         )
-        if events:
-            await self.publisher.publish(events)
+        published = 0
+        # Accounts first (an account's opening precedes its transfers), then transfers, each in
+        # (created_at, id) pages: one page in memory, published before the next is read.
+        for table in ("accounts", "transfers"):
+            after: tuple[Any, Any] | None = None
+            while True:
+                rows = await store.event_rows_page(
+                    table,
+                    since,
+                    after,
+                    limit=RECOVERY_PAGE_ROWS,
+                    timeout_s=RECOVERY_QUERY_TIMEOUT_S,
+                )
+                accounts, transfers = (rows, []) if table == "accounts" else ([], rows)
+                events = model.events_of_rows(
+                    accounts, transfers, shard=self.shard, home_region=self.home_region, since=since
+                )
+                if events:
+                    await self.publisher.publish(events)
+                    published += len(events)
+                if len(rows) < RECOVERY_PAGE_ROWS:
+                    break
+                after = model.row_page_key(table, rows[-1])
+        log.warning("events %s: %d events of the new slot's gap published", self.shard, published)
         self.recoveries += 1
         await self.publisher.save_position(
             self.shard, Position(repl_slot, epoch, None if pos is None else pos.commit_ts_us)
@@ -307,7 +453,7 @@ class EventSink:
         reopens its stream from the slot)."""
         if self._recover:
             try:
-                await self._recover_gap()
+                await self.recover_gap()
             except (PublishError, StoreError, LookupError) as exc:
                 self._fail(f"recovery after a new slot: {exc}")
                 return False
@@ -335,6 +481,9 @@ class EventSink:
             try:
                 result = await self.publisher.publish(events)
             except PublishError as exc:
+                through = acknowledged_through(txns, events, exc.stored)
+                if through is not None and self.applied is not None:
+                    self.applied = max(self.applied, through)
                 self._fail(str(exc))
                 return False
             self.published += result.stored

@@ -345,3 +345,23 @@ def test_a_repeated_event_id_and_an_undelivered_event_are_caught() -> None:
     r = _run(h, f)
     assert r.webhook_undelivered == 1
     assert not r.ok
+
+
+def test_events_stored_against_their_accounts_commit_order_are_caught() -> None:
+    h, f = _with_events()
+    assert f.events is not None
+    # tr_2's settle before its pending.
+    f.events[2], f.events[3] = f.events[3], f.events[2]
+    r = _run(h, f)
+    assert not r.ok
+    assert r.events_out_of_order == 1
+    h, f = _with_events()
+    assert f.events is not None
+    # A transfer of FUND before FUND's account.created.
+    f.events[1] = {**f.events[1], "data": {"id": "tr_1", "source": FUND, "destination": "x"}}
+    f.events[0], f.events[1] = f.events[1], f.events[0]
+    r = _run(h, f)
+    assert r.events_out_of_order == 1
+    h, f = _with_events()
+    r = _run(h, f)
+    assert r.events_out_of_order == 0

@@ -1,9 +1,11 @@
 """Pure parts of router.events: event derivation and ids, subjects, cursors, signatures, the
-SSRF address rules and the retry schedule."""
+SSRF address rules and the retry schedule; the publisher's waves (each account's events in
+commit order) and what a failed call acknowledges."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import random
 import uuid
@@ -12,7 +14,7 @@ import pytest
 
 from consistency import coherence, ids
 from regionstore.changefeed import AccountChange, CommittedTxn, TransferChange
-from router.events import model, pull, stream, webhooks
+from router.events import model, publisher, pull, stream, webhooks
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
 
@@ -199,3 +201,95 @@ def test_backoff_is_jittered_capped_and_retries_span_the_window() -> None:
     assert webhooks.RETRY_WINDOW_S >= 24 * 3600
     assert webhooks.BACKOFF_S_MAX < webhooks.RETRY_WINDOW_S / 10
     assert attempt > 20
+
+
+def _ev(i: int, *accounts: str) -> model.Event:
+    if len(accounts) == 1:
+        return model.Event(f"e{i}", model.ACCOUNT_CREATED, "acme", "", {"id": accounts[0]}, i)
+    src, dst = accounts
+    return model.Event(
+        f"e{i}", model.TRANSFER_SETTLED, "acme", "", {"source": src, "destination": dst}, i
+    )
+
+
+def test_waves_keep_each_accounts_commit_order() -> None:
+    rng = random.Random(7)
+    accounts = [f"a{n}" for n in range(12)]
+    for _ in range(300):
+        events: list[model.Event] = []
+        lsn = 1
+        for i in range(rng.randint(1, 80)):
+            lsn += rng.choice((0, 0, 1))  # several events a transaction, as a batch commits
+            ev = _ev(i, *rng.sample(accounts, rng.choice((1, 2))))
+            events.append(dataclasses.replace(ev, end_lsn=lsn))
+        waves = publisher.waves(events)
+        assert sorted(i for w in waves for i in w) == list(range(len(events)))
+        wave_of = {i: n for n, w in enumerate(waves) for i in w}
+        for w in waves:
+            assert w == sorted(w)
+            touched = {(a, events[i].end_lsn) for i in w for a in events[i].accounts}
+            per_account = [a for a, _ in touched]
+            assert len(per_account) == len(set(per_account)), "one account, two commits, a wave"
+        # Every event is in a later wave than every event of one of its accounts from an
+        # earlier commit.
+        for j, later in enumerate(events):
+            for i in range(j):
+                earlier = events[i]
+                if earlier.end_lsn < later.end_lsn and set(earlier.accounts) & set(later.accounts):
+                    assert wave_of[i] < wave_of[j]
+
+
+def test_one_transactions_events_share_a_wave_and_recovered_rows_do_not() -> None:
+    batch = [dataclasses.replace(_ev(i, "hot", f"b{i}"), end_lsn=50) for i in range(4)]
+    assert publisher.waves(batch) == [[0, 1, 2, 3]]
+    # Rows re-derived after a new slot carry no transaction: each is its own.
+    recovered = [dataclasses.replace(e, end_lsn=0) for e in batch]
+    assert publisher.waves(recovered) == [[0], [1], [2], [3]]
+
+
+def test_waves_of_distinct_accounts_are_one_window_and_split_at_its_bound() -> None:
+    n = publisher.PUBLISH_WINDOW_MAX + 5
+    events = [_ev(i, f"a{i}") for i in range(n)]
+    waves = publisher.waves(events)
+    assert [len(w) for w in waves] == [publisher.PUBLISH_WINDOW_MAX, 5]
+    # A hot account: one event a wave.
+    assert publisher.waves([_ev(i, "hot", f"b{i}") for i in range(3)]) == [[0], [1], [2]]
+
+
+def test_a_failed_call_acknowledges_only_the_complete_transactions_before_the_gap() -> None:
+    txns = [dataclasses.replace(_txn(), end_lsn=lsn) for lsn in (10, 20, 30, 40)]
+    # Transaction 20 has no events; 30 has two.
+    events = [_ev(10, "a"), _ev(30, "a", "b"), _ev(30, "c"), _ev(40, "d")]
+    ack = publisher.acknowledged_through
+    assert ack(txns, events, 0) is None
+    assert ack(txns, events, 1) == 20
+    # One of 30's two events stored: 30 is not complete.
+    assert ack(txns, events, 2) == 20
+    assert ack(txns, events, 3) == 30
+    assert ack(txns, events, 4) == 40
+
+
+def test_rows_after_a_new_slot_give_events_in_commit_order() -> None:
+    src, dst = 5 << 48 | 7, 9 << 48 | 1
+    t1, t2 = uuid.uuid4(), uuid.uuid4()
+    sec = dt.timedelta(seconds=1)
+
+    def row(tid: uuid.UUID, created: dt.datetime, committed: dt.datetime, saga: bool) -> tuple:  # type: ignore[type-arg]
+        return (tid, "acme", src, dst, 5, "EUR", None, "settled", created, None, saga, committed)
+
+    # A saga's leg 1 at T0, a same-shard transfer of the same account at T0+1s, the saga's
+    # settle at T0+2s: commit order pending(t1), settled(t2), settled(t1).
+    evs = model.events_of_rows(
+        [(src, "acme", "EUR", {}, T0 - sec)],
+        [row(t1, T0, T0 + 2 * sec, True), row(t2, T0 + sec, T0 + sec, False)],
+        shard="eu-west-1",
+        home_region="eu-west",
+        since=None,
+    )
+    got = [(e.type, e.data["id"][-32:]) for e in evs]
+    assert got == [
+        ("account.created", ids.format_account_id(src)[-32:]),
+        ("transfer.pending", t1.hex),
+        ("transfer.settled", t2.hex),
+        ("transfer.settled", t1.hex),
+    ]
