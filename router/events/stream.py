@@ -43,7 +43,8 @@ DUPLICATE_WINDOW_S: Final = 600.0
 # most this many bytes on each server (the oldest go first).
 STREAM_MAX_AGE_S: Final = 7 * 24 * 3600.0
 STREAM_MAX_BYTES: Final = 1 << 30
-# One event's body is an account or a transfer: far below this.
+# One event's body is an account or a transfer: far below this, whatever it holds (validation
+# bounds the metadata; tests/unit/test_events.py builds the largest one).
 STREAM_MAX_MSG_BYTES: Final = 64 * 1024
 # Client connection: a region's own server; reconnect forever (the publisher must resume).
 CONNECT_TIMEOUT_S: Final = 2.0

@@ -10,10 +10,12 @@ import datetime as dt
 import random
 import uuid
 
+import orjson
 import pytest
 
-from consistency import coherence, ids
+from consistency import coherence, ids, limits
 from regionstore.changefeed import AccountChange, CommittedTxn, TransferChange
+from router import validation
 from router.events import model, publisher, pull, stream, webhooks
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
@@ -293,3 +295,25 @@ def test_rows_after_a_new_slot_give_events_in_commit_order() -> None:
         ("transfer.settled", t2.hex),
         ("transfer.settled", t1.hex),
     ]
+
+
+def test_the_largest_account_event_fits_the_streams_message_bound() -> None:
+    """A publish the stream refuses for its size would stall its shard's publisher (it retries
+    the same event): the largest metadata validation accepts (every key, every byte escaped)
+    must leave the account.created event under the stream's message bound."""
+    keys = limits.METADATA_KEYS_MAX
+    # "\x01" is six bytes once JSON-escaped; fill the byte bound as far as validation allows.
+    per_value = (limits.METADATA_BYTES_MAX // keys - len('"k00":"",')) // 6
+    metadata = {f"k{i:02d}": "\x01" * per_value for i in range(keys)}
+    accepted = validation.validate_account_create(
+        {"currency": "EUR", "metadata": metadata}, ["eu-west"]
+    )
+    assert accepted.metadata == metadata
+    assert len(orjson.dumps(metadata)) > limits.METADATA_BYTES_MAX * 0.9
+    acc = 3 << 48 | 42
+    change = _account(acc)
+    assert change.row is not None
+    row = dict(change.row, metadata=metadata)
+    (ev,) = _events(_txn(accounts=[dataclasses.replace(change, row=row)]))
+    assert ev.data["metadata"] == metadata
+    assert len(ev.body()) < stream.STREAM_MAX_MSG_BYTES
