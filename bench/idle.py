@@ -143,12 +143,7 @@ def run(
             progress(f"idle window {i + 1}/{windows}: {duration_s:g} s")
             got.append(measure(status, duration_s))
     finally:
-        progress("stopping and purging the cluster")
-        try:
-            cluster.down(cluster_dir, progress=progress)
-        finally:
-            cluster.purge(cluster_dir)
-            shutil.rmtree(tmp, ignore_errors=True)
+        stop_and_purge(cluster_dir, tmp, progress)
     sp = spread(got)
     return {
         "wan": "none",
@@ -158,6 +153,17 @@ def run(
         "ok": sp["total"]["median"] <= IDLE_CORES_GOAL,
         "cpus": os.cpu_count(),
     }
+
+
+def stop_and_purge(cluster_dir: Path, tmp: Path, progress: Callable[[str], None]) -> None:
+    """A bench's private cluster gone, with its temp directory, even when stopping fails
+    (bench.suite ends the same way)."""
+    progress("stopping and purging the cluster")
+    try:
+        cluster.down(cluster_dir, progress=progress)
+    finally:
+        cluster.purge(cluster_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def summary(rep: Mapping[str, Any]) -> str:

@@ -216,12 +216,7 @@ def run(
             )
         )
     finally:
-        progress("stopping and purging the cluster")
-        try:
-            cluster.down(cluster_dir, progress=progress)
-        finally:
-            cluster.purge(cluster_dir)
-            shutil.rmtree(tmp, ignore_errors=True)
+        idle.stop_and_purge(cluster_dir, tmp, progress)
     sat_rate = parts["router"]["saturation"]["best"]["rate"]
     parts["router"]["ratio_to_ceiling"] = sat_rate / ceil["tps"] if ceil["tps"] > 0 else 0.0
     batch_rate = parts["router"]["batch"]["rate"]
