@@ -71,7 +71,7 @@ def groups(status: Mapping[str, Any], region: str, shard: str) -> Groups:
     return Groups({k: tuple(v) for k, v in roots.items()}, primary)
 
 
-def _children() -> dict[int, list[int]]:
+def children() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -83,7 +83,7 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_s(pid: int) -> float:
     try:
         f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
@@ -91,7 +91,7 @@ def _cpu_s(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _tree(roots: Iterable[int], kids: Mapping[int, list[int]]) -> list[int]:
+def tree(roots: Iterable[int], kids: Mapping[int, list[int]]) -> list[int]:
     seen: set[int] = set()
     todo = list(roots)
     while todo:
@@ -113,16 +113,16 @@ def _is_logical_walsender(pid: int) -> bool:
 
 def snapshot(g: Groups) -> dict[str, dict[int, float]]:
     """CPU seconds so far of every process, by component (pid -> seconds)."""
-    kids = _children()
+    kids = children()
     out: dict[str, dict[int, float]] = {}
     for comp, roots in g.roots.items():
-        out[comp] = {p: _cpu_s(p) for p in _tree(roots, kids)}
+        out[comp] = {p: cpu_s(p) for p in tree(roots, kids)}
     prim: dict[int, float] = {}
-    for p in _tree([g.primary_pid] if g.primary_pid else [], kids):
+    for p in tree([g.primary_pid] if g.primary_pid else [], kids):
         if _is_logical_walsender(p):
-            out["change_feed"][p] = _cpu_s(p)
+            out["change_feed"][p] = cpu_s(p)
         else:
-            prim[p] = _cpu_s(p)
+            prim[p] = cpu_s(p)
     out["primary"] = prim
     return out
 

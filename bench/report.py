@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # files only: no display on a CI machine or a server
 # The backend is chosen above, before pyplot loads.
 import matplotlib.pyplot as plt
 
+from bench import idle
+
 REPORT_FILE: Final = "report.json"
 PLOT_LATENCY_VS_RATE: Final = "latency_vs_throughput.png"
 PLOT_PERCENTILES: Final = "latency_percentiles.png"
@@ -171,6 +173,7 @@ def summary(report: dict[str, Any]) -> str:
         f"router saturation     {sat['rate']:10.1f} transfers/s  (wrk, "
         f"c={sat['connections']}, p50 {sat['p50_ms']:.1f} ms, p99 {sat['p99_ms']:.1f} ms)",
         f"ratio router/pgbench  {r['ratio_to_ceiling']:10.2f}",
+        *([idle.summary_line(report["idle"])] if "idle" in report else []),
         f"mean batch size       {r.get('mean_batch_size', 0.0):10.1f}",
         f"batch endpoint        {r['batch']['rate']:10.1f} transfers/s  (wrk, "
         f"{r['batch']['batch_size']} per request, c={r['batch']['connections']}), ratio "

@@ -8,8 +8,10 @@ from /proc (bench.cpu); (d) latency at 50% and 80% of (b)'s rate (open loop from
 send time, HdrHistogram, the Python generator, whose own CPU is reported); (e) cached vs strong
 reads; (f) a skewed mix where most transfers touch a few hot accounts. A py-spy flame graph of
 the router at saturation is written beside the report, and the load average before and after
-says how busy the machine was. The cluster lives in a temp directory on ports 7000-7099
-(``--base-port`` moves them) with ``--wan none`` and is stopped and purged even on failure.
+says how busy the machine was. First of all, before any load, the idle figure (bench.idle): the
+cores the whole cluster spends while nobody sends anything (issue 12's goal: 0.10). The
+cluster lives in a temp directory on ports 7000-7099 (``--base-port`` moves them) with ``--wan
+none`` and is stopped and purged even on failure.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Final
 import aiohttp
 import uvloop
 
-from bench import ceiling, cpu, dbwork, loadgen, rawload, report, wrk
+from bench import ceiling, cpu, dbwork, idle, loadgen, rawload, report, wrk
 from infra.local import cluster
 from txclient import AsyncClient, RetryBudget
 
@@ -111,6 +113,9 @@ class Profile:
     read_s: float
     skew_concurrency: int
     skew_s: float
+    # The idle figure (bench.idle): a settle after `up`, then one window before any load.
+    idle_settle_s: float
+    idle_s: float
 
 
 FULL: Final = Profile(
@@ -127,6 +132,8 @@ FULL: Final = Profile(
     read_s=8.0,
     skew_concurrency=128,
     skew_s=10.0,
+    idle_settle_s=idle.SETTLE_S,
+    idle_s=idle.WINDOW_S,
 )
 QUICK: Final = Profile(
     pgbench_clients=ceiling.PGBENCH_CLIENTS_QUICK,
@@ -142,10 +149,12 @@ QUICK: Final = Profile(
     read_s=2.0,
     skew_concurrency=64,
     skew_s=2.0,
+    idle_settle_s=2.0,
+    idle_s=5.0,
 )
 
 
-def _progress(msg: str) -> None:
+def progress_stderr(msg: str) -> None:
     sys.stderr.write(f"[txr bench] {msg}\n")
     sys.stderr.flush()
 
@@ -156,7 +165,7 @@ def run(
     quick: bool,
     base_port: int = BASE_PORT,
     workers: int | None = None,
-    progress: Callable[[str], None] = _progress,
+    progress: Callable[[str], None] = progress_stderr,
 ) -> dict[str, Any]:
     """Run the whole suite and write the report into ``out_dir``; returns the report."""
     prof = QUICK if quick else FULL
@@ -181,6 +190,10 @@ def run(
         # /metrics is served on the router's admin listener, not its public port.
         metrics_url = desc["regions"][region]["router_admin"]
         loadgen.check_loopback(router_url)
+        progress(f"idle cluster: settle {prof.idle_settle_s:g} s, measure {prof.idle_s:g} s")
+        time.sleep(prof.idle_settle_s)
+        idle_part = idle.measure(desc, prof.idle_s)
+        progress(f"idle cluster {idle_part['cores_total']:.3f} cores")
         admin_dsn = cluster.primary_admin_dsns(cluster_dir)[shard]
         dbwork.enable(admin_dsn)
         progress(f"pgbench ceiling on {shard}: clients {prof.pgbench_clients}, {prof.pgbench_s} s")
@@ -203,12 +216,7 @@ def run(
             )
         )
     finally:
-        progress("stopping and purging the cluster")
-        try:
-            cluster.down(cluster_dir, progress=progress)
-        finally:
-            cluster.purge(cluster_dir)
-            shutil.rmtree(tmp, ignore_errors=True)
+        idle.stop_and_purge(cluster_dir, tmp, progress)
     sat_rate = parts["router"]["saturation"]["best"]["rate"]
     parts["router"]["ratio_to_ceiling"] = sat_rate / ceil["tps"] if ceil["tps"] > 0 else 0.0
     batch_rate = parts["router"]["batch"]["rate"]
@@ -223,6 +231,7 @@ def run(
         "router_workers": router_workers,
         "profile": dataclasses.asdict(prof),
         "ceiling": ceil,
+        "idle": idle_part,
         **parts,
         "elapsed_s": time.monotonic() - t0,
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},

@@ -45,6 +45,8 @@ from typing import Any, Protocol
 from consistency.limits import (
     FAILOVER_ANTI_FLAP_S,
     FAILOVER_DETECTION_S,
+    PROBE_IDLE_INTERVAL_S,
+    PROBE_INTERVAL_S,
     VERDICT_HEARTBEAT_S,
     VERDICT_STALE_S,
 )
@@ -71,6 +73,8 @@ class Config:
     anti_flap_s: float = FAILOVER_ANTI_FLAP_S
     verdict_stale_s: float = VERDICT_STALE_S
     verdict_heartbeat_s: float = VERDICT_HEARTBEAT_S
+    probe_interval_s: float = PROBE_INTERVAL_S
+    probe_idle_interval_s: float = PROBE_IDLE_INTERVAL_S
 
 
 class Action(StrEnum):
@@ -138,6 +142,10 @@ class DownTracker:
             return None
         since = self._since.setdefault(key, started_at)
         return max(0.0, now - since)
+
+    def __bool__(self) -> bool:
+        """Whether some server is failing its queries right now."""
+        return bool(self._since)
 
     def forget_except(self, keys: set[tuple[str, str, int]]) -> None:
         for k in list(self._since):
@@ -469,6 +477,8 @@ class Controller:
     # region instead of every round (each put is a raft commit and an fsync on every member).
     _published: dict[str, ShardVerdict] | None = None
     _published_at: float = 0.0
+    # Whether the last round saw anything but health (see ``next_round_s``).
+    alert: bool = False
 
     def __post_init__(self) -> None:
         self._fresh = Freshness(self.cfg.verdict_stale_s)
@@ -517,7 +527,12 @@ class Controller:
         # A verdict that changed (any "down for" grows every round, so a suspicion is published
         # at once) goes out now; an unchanged one every heartbeat, well within the readers'
         # staleness bound.
-        if mine != self._published or ended - self._published_at >= self.cfg.verdict_heartbeat_s:
+        # (Half a fast round of tolerance: an idle round comes a heartbeat after the previous
+        # one began, so its own timing jitter must not postpone the heartbeat by a whole round.)
+        since = ended - self._published_at
+        if mine != self._published or since + self.cfg.probe_interval_s / 2 >= (
+            self.cfg.verdict_heartbeat_s
+        ):
             self.seq += 1
             await self.io.publish(Verdict(self.io.region, self.seq, mine))
             self._published, self._published_at = mine, ended
@@ -544,7 +559,23 @@ class Controller:
                 self._last[name] = (dec.action, dec.reason)
                 await self.io.record_decision(dec)
             out.append(dec)
+        self.alert = (
+            bool(self.tracker)
+            or any(
+                s.primary_down_s is not None or s.standby_down_s is not None
+                for v in fresh.values()
+                for s in v.shards.values()
+            )
+            or any(d.reason is not Reason.HEALTHY for d in out)
+        )
         return out
+
+    def next_round_s(self) -> float:
+        """How long after this round's start the next one is due: the fast probe interval
+        while anything is suspected anywhere, else the idle backstop. The caller also starts
+        a round at once when a watched connection closes (``infra.controller``), so the idle
+        interval delays only the detection of a hung server, never of a dead or cut one."""
+        return self.cfg.probe_interval_s if self.alert else self.cfg.probe_idle_interval_s
 
 
 class _Clock(Protocol):

@@ -103,11 +103,18 @@ class EtcdClient:
             return None
         return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])
 
-    async def get_prefix(self, prefix: str) -> tuple[int, dict[str, bytes]]:
-        """The store revision and every key under ``prefix``, read at one revision."""
-        data = await self._call(
-            "/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}
-        )
+    async def get_prefix(
+        self, prefix: str, *, serializable: bool = False
+    ) -> tuple[int, dict[str, bytes]]:
+        """The store revision and every key under ``prefix``, read at one revision.
+
+        ``serializable``: answered by the member asked, from what it has applied, without a
+        round of the leader's quorum (no raft messages, no WAN): for a poll that tolerates a
+        view milliseconds old, and that a member cut off from the majority may serve stale."""
+        body: dict[str, Any] = {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}
+        if serializable:
+            body["serializable"] = True
+        data = await self._call("/v3/kv/range", body)
         revision = int(data["header"]["revision"])
         out = {
             _unb64(kv["key"]).decode(): _unb64(kv.get("value", "")) for kv in data.get("kvs") or []

@@ -58,27 +58,59 @@ FAILOVER_DETECTION_S: Final = 2.0
 # At most one automatic failover per shard within this window (VTOrc blocks recoveries for
 # 30 s; a minute is wide enough for an operator to look at a shard that failed twice).
 FAILOVER_ANTI_FLAP_S: Final = 60.0
-# Each controller queries every primary and synchronous standby this often (on one kept
-# connection each: a query, not a new backend per probe). Eight probes per detection time keep
-# the measured "unreachable for" within an eighth of it.
+# While anything is suspected (a failed probe of its own, a "down" in any region's fresh
+# verdict, a decision other than healthy, or a watched connection that just closed), each
+# controller queries every primary and synchronous standby this often (on one kept connection
+# each: a query, not a new backend per probe). Eight probes per detection time keep the
+# measured "unreachable for" within an eighth of it.
 PROBE_INTERVAL_S: Final = 0.25
+# Idle (everything healthy), a controller does not poll at that rate: it holds a second
+# connection to every server (the *sentinel*) that waits in the kernel for the server to speak,
+# and a killed server (its backends exit with the postmaster), a crashed host or a cut link
+# (the WAN emulator closes the link's connections) closes that socket at once, which wakes the
+# round immediately, for every region's controller together. What a closing socket cannot show
+# is a hung server (SIGSTOP, a stuck disk): the active probe stays as the backstop for that, at
+# the verdict heartbeat, so that every idle round also republishes the verdict (readers need it
+# moving within VERDICT_STALE_S). A hang is thereby noticed up to this much later than at the
+# fast rate (its failover takes at most FAILOVER_DETECTION_S + this + a fast round); a kill or
+# a cut is noticed sooner than before. 0.25 s polling cost a third of an idle cluster's CPU.
+# (Defined from the heartbeat below.)
+# A sentinel whose server is down (or refused it) dials again this often: its reconnection is
+# not what detects anything (the fast probes run meanwhile), it only re-arms the watch.
+SENTINEL_RECONNECT_S: Final = 1.0
+# TCP keepalives on the controllers' connections (libpq keepalives_*): they cost no user CPU,
+# and on a real network they close the socket of a peer host that vanished without a FIN or
+# RST, waking the round as a kill does. Idle 2 s, then 1 s apart, 2 missed: about 4 s, a
+# backstop behind the active probe (which times out after PROBE_TIMEOUT_S). On this machine
+# every remote server is reached through the WAN emulator, whose own kernel answers them.
+TCP_KEEPALIVE_IDLE_S: Final = 2
+TCP_KEEPALIVE_INTERVAL_S: Final = 1
+TCP_KEEPALIVE_COUNT: Final = 2
 # One probe: connect plus one query. A SIGSTOPped server accepts the TCP connection and never
 # answers, so only this bound turns it into a failed probe. Below the detection time so that a
 # single hung probe cannot by itself span it.
 PROBE_TIMEOUT_S: Final = 1.0
-# Verdicts live under a lease of this TTL, renewed every round: a dead controller's verdicts
-# vanish within it. etcd raises a TTL below its minimum (about 1.5 election timeouts) itself.
-VERDICT_LEASE_TTL_S: Final = 3
+# Verdicts live under a lease of this TTL, renewed at a publication once a third of it passed:
+# a dead controller's verdicts vanish within it. etcd raises a TTL below its minimum (about 1.5
+# election timeouts: 3 s) itself. 4 s: a renewal rides on every idle heartbeat (1.5 s apart)
+# with a whole slow round of margin before the lease lapses.
+VERDICT_LEASE_TTL_S: Final = 4
 # A verdict counts only while its publication counter keeps moving: one that has not changed
 # for this long (a controller stuck, or cut off from etcd with its lease not yet expired) is
-# stale and ignored. Eight probe rounds: a round on a loaded machine (a hung probe's timeout,
-# a few etcd calls, the CPU shared with everything else) takes a second or more, and a bound
-# tighter than that makes every other region's verdict stale, so no majority ever forms.
-VERDICT_STALE_S: Final = 2.0
+# stale and ignored. A round on a loaded machine (a hung probe's timeout, a few etcd calls,
+# the CPU shared with everything else) takes a second or more, and a bound tighter than that
+# makes every other region's verdict stale, so no majority ever forms. 3 s (it was 2 s): below
+# the lease TTL, so the counter still retires a stuck controller's vote before etcd does; a
+# suspicion is republished every round, so failover time does not depend on it. The only
+# cost: a controller that stopped keeps its last vote up to a second longer, and that vote was
+# its own genuine observation; a majority still needs two regions' observations.
+VERDICT_STALE_S: Final = 3.0
 # An unchanged verdict is republished this often (a changed one at once): half the staleness
 # bound, so a reader sees its counter move at least once per bound even when its own rounds
-# and the publisher's are out of step.
+# and the publisher's are out of step. Each is a raft commit with an fsync on every member.
 VERDICT_HEARTBEAT_S: Final = VERDICT_STALE_S / 2
+# The idle round both probes and heartbeats (see above), so every idle round republishes.
+PROBE_IDLE_INTERVAL_S: Final = VERDICT_HEARTBEAT_S
 # The per-shard lock's lease: a controller (or operator command) that dies holding it frees
 # it within this TTL; the holder renews it every third of it while it works.
 SHARD_LOCK_TTL_S: Final = 6

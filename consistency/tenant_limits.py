@@ -104,8 +104,15 @@ async def clear_limits(client: EtcdClient, tenant: str) -> None:
 
 async def load_limits(client: EtcdClient) -> dict[str, TenantLimits]:
     """Every tenant's limits; an entry that does not parse is skipped (and named in the error
-    list the caller logs), so one bad key cannot lift every other tenant's limit."""
-    _, kv = await client.get_prefix(LIMITS_PREFIX)
+    list the caller logs), so one bad key cannot lift every other tenant's limit.
+
+    A serializable read: every router polls it every second, and a linearizable one costs each
+    etcd member a quorum round (a third of an idle cluster's etcd CPU). A healthy member is
+    milliseconds behind, well inside the two seconds a change may take (API.md); a member cut
+    off from the majority serves what it had, as the routers keep the last limits read when
+    etcd does not answer. (The account counts stay linearizable: a router reads its own flush
+    back there.)"""
+    _, kv = await client.get_prefix(LIMITS_PREFIX, serializable=True)
     out: dict[str, TenantLimits] = {}
     for key, raw in kv.items():
         tenant = key.removeprefix(LIMITS_PREFIX)

@@ -687,10 +687,18 @@ def _cmd_events_tail(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     """The benchmark suite (bench.suite) on a private cluster it starts and purges itself."""
     # Imported here: the suite pulls in matplotlib and HdrHistogram, which no other command needs.
-    from bench import report, suite
+    from bench import idle, report, suite
 
+    base_port = suite.BASE_PORT if args.base_port is None else args.base_port
+    if args.idle:
+        try:
+            got = idle.run(base_port=base_port, windows=args.windows, progress=_progress)
+        except Exception as exc:  # noqa: BLE001 - any failure of the run is exit 1 with its reason
+            _err(f"bench failed: {type(exc).__name__}: {exc}")
+            return EXIT_FAILED
+        print(json.dumps(got, indent=2) if args.json else idle.summary(got))
+        return EXIT_OK
     try:
-        base_port = suite.BASE_PORT if args.base_port is None else args.base_port
         rep = suite.run(args.out, quick=args.quick, base_port=base_port, workers=args.workers)
     except Exception as exc:  # noqa: BLE001 - any failure of the run is exit 1 with its reason
         _err(f"bench failed: {type(exc).__name__}: {exc}")
@@ -966,6 +974,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark one region's router against the pgbench ceiling")
     p.add_argument("--quick", action="store_true", help="every part very briefly (CI)")
+    p.add_argument(
+        "--idle",
+        action="store_true",
+        help="only the idle figure: cores of an idle cluster, per component (issue 12)",
+    )
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=3,
+        help="with --idle: one-minute windows to measure (min/median/max)",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="report directory")
     p.add_argument(

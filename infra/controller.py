@@ -3,11 +3,14 @@
 The rules are ``consistency.autofailover`` (pure, unit-tested); this module is their I/O for a
 local cluster: probes are real queries over one kept connection per server, dialled from this
 region through the WAN emulator (so a partition hides a server from it as from the region's
-routers); verdicts, the mode, decisions and the anti-flap record live in etcd
-(``consistency.autofailover.CONTROL_PREFIX``, outside the topology prefix the routers watch);
-actions run ``consistency.failover_plan`` with ``infra.failover.LocalShardOps`` dialling from this
-region, under the per-shard lock (``consistency.autofailover.lock_key``) that the operator
-commands take too (``shard_lock`` below).
+routers), and a second kept connection per server (the sentinel) waits for that server's socket
+to close, which starts a round at once: idle, rounds run at ``PROBE_IDLE_INTERVAL_S`` rather
+than the fast ``PROBE_INTERVAL_S`` (consistency.limits says why that is safe). Verdicts, the
+mode, decisions and the anti-flap record live in etcd (``consistency.autofailover.CONTROL_PREFIX``,
+outside the topology prefix the routers watch); actions run ``consistency.failover_plan`` with
+``infra.failover.LocalShardOps`` dialling from this region, under the per-shard lock
+(``consistency.autofailover.lock_key``) that the operator commands take too (``shard_lock``
+below).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Final
 
 import orjson
 import psycopg
+from psycopg import conninfo
 
 from consistency import autofailover as af
 from consistency import failover_plan
@@ -35,15 +39,19 @@ from consistency.etcd import EtcdClient, PrefixMirror
 from consistency.failover_plan import ShardRecord
 from consistency.limits import (
     CONTROLLER_ETCD_TIMEOUT_S,
-    PROBE_INTERVAL_S,
     PROBE_TIMEOUT_S,
+    SENTINEL_RECONNECT_S,
     SHARD_LOCK_TTL_S,
     SHARD_LOCK_WAIT_S,
+    TCP_KEEPALIVE_COUNT,
+    TCP_KEEPALIVE_IDLE_S,
+    TCP_KEEPALIVE_INTERVAL_S,
     VERDICT_LEASE_TTL_S,
 )
 from consistency.topology import SHARD_PREFIX, Node
 from infra import failover
 from infra.local import cluster, postgres
+from regionstore import pgwait
 
 log = logging.getLogger("txr.controller")
 
@@ -54,6 +62,13 @@ LOCK_POLL_S: Final = 0.1
 # A round slower than this is logged: its verdict may go stale for the other regions.
 ROUND_SLOW_S: Final = 1.0
 PROBE_SQL: Final = "SELECT pg_is_in_recovery(), (SELECT epoch FROM txr.fence LIMIT 1)"
+# libpq connection parameters of every controller connection (consistency.limits says why).
+KEEPALIVES: Final = {
+    "keepalives": 1,
+    "keepalives_idle": TCP_KEEPALIVE_IDLE_S,
+    "keepalives_interval": TCP_KEEPALIVE_INTERVAL_S,
+    "keepalives_count": TCP_KEEPALIVE_COUNT,
+}
 
 
 def holder_id(what: str) -> bytes:
@@ -165,8 +180,16 @@ class LocalControllerIO:
         self._control: dict[str, bytes] = {}
         # Our own latest verdict: the mirror shows it only once the watch brings it back.
         self._own: af.Verdict | None = None
+        # Set when a sentinel's connection closed (or stop was asked): the round runs now.
+        self.wake = asyncio.Event()
+        self._sentinels: dict[tuple[str, int], asyncio.Task[None]] = {}
 
     async def close(self) -> None:
+        for t in self._sentinels.values():
+            t.cancel()
+        for t in self._sentinels.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         await self._shard_mirror.close()
         await self._control_mirror.close()
         for c in self._conns.values():
@@ -180,6 +203,7 @@ class LocalControllerIO:
     async def shards(self) -> dict[str, af.ShardView]:
         kv = await self._shard_mirror.snapshot()
         out: dict[str, af.ShardView] = {}
+        watched: set[tuple[str, int]] = set()
         for key, raw in kv.items():
             rec = ShardRecord.from_json(orjson.loads(raw))
             s = rec.shard
@@ -187,6 +211,13 @@ class LocalControllerIO:
             for n in (s.primary, *s.standbys):
                 self._nodes[n.name] = n
             sb = s.standbys[0] if s.standbys else None
+            for w in (s.primary, sb):
+                if w is not None:
+                    watched.add((w.name, w.port))
+                    if (w.name, w.port) not in self._sentinels:
+                        self._sentinels[(w.name, w.port)] = asyncio.create_task(
+                            self._sentinel(w), name=f"sentinel {w.name}"
+                        )
             out[key.removeprefix(SHARD_PREFIX)] = af.ShardView(
                 s.name,
                 s.primary.name,
@@ -196,7 +227,38 @@ class LocalControllerIO:
                 sb.name if sb else None,
                 sb.region if sb else None,
             )
+        for k in set(self._sentinels) - watched:
+            self._sentinels.pop(k).cancel()
         return out
+
+    def _dsn(self, n: Node) -> str:
+        return conninfo.make_conninfo(self._ops.admin_dsn(n), **KEEPALIVES)
+
+    async def _sentinel(self, n: Node) -> None:
+        """Hold a connection to ``n`` that sends nothing and wait until it closes; then wake
+        the round. The event loop watches the socket (``regionstore.pgwait``; psycopg's own
+        waits wake ten times a second): an idle backend says nothing until it exits (its
+        postmaster was killed: it sends FATAL and closes; the host or the link is gone: the
+        kernel or the WAN emulator closes), so this costs no CPU while the server lives."""
+        while True:
+            try:
+                conn = await asyncio.wait_for(
+                    psycopg.AsyncConnection.connect(self._dsn(n), autocommit=True),
+                    PROBE_TIMEOUT_S,
+                )
+            except (TimeoutError, psycopg.Error, OSError):
+                await asyncio.sleep(SENTINEL_RECONNECT_S)
+                continue
+            try:
+                why = await pgwait.until_closed(conn)
+                log.info("sentinel of %s: connection closed (%s)", n.name, why)
+            except OSError as exc:
+                log.info("sentinel of %s: connection closed (%s)", n.name, exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), PROBE_TIMEOUT_S)
+            self.wake.set()
+            await asyncio.sleep(SENTINEL_RECONNECT_S)
 
     async def probe(self, node: str, *, want_primary: bool) -> af.Probe:
         n = self._nodes[node]
@@ -214,7 +276,7 @@ class LocalControllerIO:
         conn = self._conns.get(key)
         if conn is None or conn.closed:
             conn = await psycopg.AsyncConnection.connect(
-                self._ops.admin_dsn(n),
+                self._dsn(n),
                 autocommit=True,
                 options=f"-c statement_timeout={int(PROBE_TIMEOUT_S * 1000)}",
             )
@@ -356,8 +418,10 @@ async def run(cluster_dir: Path, region: str, stop: asyncio.Event) -> None:
     io = LocalControllerIO(cluster_dir, region)
     ctl = af.Controller(io, regions_total=len(io.regions))
     log.warning("controller %s: %d regions, %s", region, len(io.regions), ctl.cfg)
+    stopping = asyncio.create_task(_wake_on(stop, io.wake))
     try:
         while not stop.is_set():
+            io.wake.clear()
             t0 = time.monotonic()
             try:
                 await ctl.round(time.time(), time.monotonic)
@@ -366,13 +430,20 @@ async def run(cluster_dir: Path, region: str, stop: asyncio.Event) -> None:
                 # is done. Keep probing so that we are current when etcd is back.
                 log.info("round without etcd: %s", exc)
             took = time.monotonic() - t0
+            interval = ctl.next_round_s()
             if took > ROUND_SLOW_S:
-                log.warning("slow round: %.2fs (probe interval %gs)", took, PROBE_INTERVAL_S)
-            delay = PROBE_INTERVAL_S - took
+                log.warning("slow round: %.2fs (probe interval %gs)", took, interval)
+            # A sentinel that saw a connection close during the round set wake: no wait.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.0, delay))
+                await asyncio.wait_for(io.wake.wait(), max(0.0, interval - took))
     finally:
+        stopping.cancel()
         await io.close()
+
+
+async def _wake_on(stop: asyncio.Event, wake: asyncio.Event) -> None:
+    await stop.wait()
+    wake.set()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,8 @@ administration for the launcher and operators (``admin``: fencing, slots, ledger
 ``saga_keys``: the saga HMAC keys' rotation across shards),
 synchronous replication settings (``replication``), the change feed (``changefeed``: the
 shard's replication slot, the logical replication stream, pgoutput parsed into typed account
-changes, only what the synchronous standby has flushed), and the store's error tree
-(``errors``).
+changes, only what the synchronous standby has flushed), waits on idle connections without a
+timer (``pgwait``), and the store's error tree (``errors``).
 
 Depends only on ``consistency`` (ids, limits) and psycopg; it must never import ``router``,
 ``infra``, ``bench`` or ``chaos``.

@@ -116,10 +116,16 @@ PENDING_TXNS_MAX: Final = 20_000
 # while a standby is slow (then commits wait too, so latency is not what is lost).
 DURABLE_RECHECK_S_MIN: Final = 0.001
 DURABLE_RECHECK_S_MAX: Final = 0.05
-# While nothing is pending: one flush-position query and one keepalive request this often. The
-# routers' lag guard sees a lag of at most about this plus a Redis write after it, against a
-# bound of router.limits.CACHED_LAG_BOUND_S (1 s).
-HEARTBEAT_INTERVAL_S: Final = 0.2
+# While nothing is pending: one flush-position query and one keepalive request this often, and
+# each is one script call on every region's Redis (two of three across the WAN). An idle
+# region's routers see a lag of at most about this, plus the beat's way to the farthest Redis
+# (one RTT: 190 ms under --wan realistic), plus their own refresh (RELAY_LAG_REFRESH_S, 0.1 s),
+# against the bound router.limits.CACHED_LAG_BOUND_S (1 s): 0.4 s leaves 0.3 s for a loaded
+# machine before an idle shard's cached reads fall back to its primary (which is safe, only
+# slower). Under load the batches carry the proofs and the beat matters less. It was 0.2 s: its
+# rounds were a fifth of an idle cluster's CPU (relays, Redis, WAN, primaries).
+# tests/unit/test_idle_intervals.py holds the sum under the bound.
+HEARTBEAT_INTERVAL_S: Final = 0.4
 # Status updates carry our flush position; the server drops a silent client after
 # wal_sender_timeout (10 s locally), and heartbeats go out far more often than that anyway.
 STATEMENT_TIMEOUT_MS: Final = 5000

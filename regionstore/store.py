@@ -52,6 +52,7 @@ from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
 from consistency.limits import BATCH_ITEMS_MAX, ENTRIES_PAGE_MAX, ENTRIES_PAGE_MIN
 from consistency.saga import STATUS_OF, TransferStatus
+from regionstore import pgwait
 from regionstore.errors import (
     StoreError,
     StoreInvariantViolation,
@@ -982,6 +983,10 @@ class ShardStore:
                 self._listen_fresh = False
                 return True
             if conn is not None:
+                # Wait in the kernel (pgwait: psycopg's notifies() alone wakes every 0.1 s),
+                # then let psycopg read what came: a notification, or end of file (raises).
+                if not await pgwait.readable(conn, max(deadline - time.monotonic(), 0.0)):
+                    return False
                 remaining = max(deadline - time.monotonic(), 0.0)
                 async for _ in conn.notifies(timeout=remaining, stop_after=1):
                     return True

@@ -9,7 +9,6 @@ consistency level by these numbers; ``/metrics`` and ``txr status`` show them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -24,9 +23,17 @@ from router.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# One probe round per target every second: RTTs across regions change slowly, and a second is
-# short next to the lag bound reads are judged against.
+# One probe round per target every second while reads consult the table: RTTs across regions
+# change slowly, and a second is short next to the lag bound reads are judged against.
 PROBE_INTERVAL_S: Final = 1.0
+# The read path consulted the table within this long: probe at PROBE_INTERVAL_S.
+PROBE_BUSY_WINDOW_S: Final = 30.0
+# Otherwise (an idle router) a round this often keeps /metrics and `txr status` figures at most
+# this old; the first read after the pause wakes the prober at once, and until its round is
+# back it is judged on estimates of the last idle round (which is what a read would have got
+# anyway: RTTs move slowly). Eight targets per router every second were a tenth of an idle
+# cluster's CPU (the probes, the servers answering them, the WAN emulator carrying them).
+PROBE_IDLE_INTERVAL_S: Final = 10.0
 # A probe slower than this counts as this long (a partitioned target must look expensive, not
 # unknown, so reads move away from it).
 PROBE_TIMEOUT_S: Final = 2.0
@@ -67,6 +74,9 @@ class RttTable:
         self._region = region
         self._metrics = metrics
         self._estimates: dict[str, RttEstimate] = {}
+        # When the read path last asked (monotonic), and an event for an idle prober to wake.
+        self.used_at = -float("inf")
+        self.used = asyncio.Event()
 
     def observe(self, target: str, seconds: float) -> None:
         est = self._estimates.setdefault(target, RttEstimate())
@@ -80,6 +90,9 @@ class RttTable:
 
     def cost(self, target: str) -> float:
         """What a read from ``target`` is expected to cost; unknown targets cost the timeout."""
+        self.used_at = time.monotonic()
+        if not self.used.is_set():
+            self.used.set()
         est = self._estimates.get(target)
         if est is None or est.ewma_s is None:
             return PROBE_TIMEOUT_S
@@ -104,19 +117,42 @@ async def probe_router(session: aiohttp.ClientSession, url: str) -> float:
 
 
 async def run_prober(
-    table: RttTable, targets: Callable[[], dict[str, Probe]], stop: asyncio.Event
+    table: RttTable,
+    targets: Callable[[], dict[str, Probe]],
+    stop: asyncio.Event,
+    *,
+    interval_s: float = PROBE_INTERVAL_S,
+    idle_interval_s: float = PROBE_IDLE_INTERVAL_S,
+    busy_window_s: float = PROBE_BUSY_WINDOW_S,
 ) -> None:
-    """Probe every target once per interval until ``stop``; a failure records the timeout."""
-    while not stop.is_set():
-        probes = targets()
-
-        async def one(name: str, probe: Probe) -> None:
+    """Probe every target once per interval until ``stop``; a failure records the timeout.
+    The interval is ``interval_s`` while reads used the table within ``busy_window_s``, else
+    ``idle_interval_s``, cut short by the next read."""
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            await _round(table, targets)
+            if time.monotonic() - table.used_at <= busy_window_s:
+                await asyncio.wait({stopped}, timeout=interval_s)
+                continue
+            table.used.clear()
+            used = asyncio.create_task(table.used.wait())
             try:
-                seconds = await asyncio.wait_for(probe(), PROBE_TIMEOUT_S)
-            except (TimeoutError, StoreError, aiohttp.ClientError, OSError):
-                seconds = PROBE_TIMEOUT_S
-            table.observe(name, seconds)
+                await asyncio.wait(
+                    {stopped, used}, timeout=idle_interval_s, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                used.cancel()
+    finally:
+        stopped.cancel()
 
-        await asyncio.gather(*(one(n, p) for n, p in probes.items()))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), PROBE_INTERVAL_S)
+
+async def _round(table: RttTable, targets: Callable[[], dict[str, Probe]]) -> None:
+    async def one(name: str, probe: Probe) -> None:
+        try:
+            seconds = await asyncio.wait_for(probe(), PROBE_TIMEOUT_S)
+        except (TimeoutError, StoreError, aiohttp.ClientError, OSError):
+            seconds = PROBE_TIMEOUT_S
+        table.observe(name, seconds)
+
+    await asyncio.gather(*(one(n, p) for n, p in targets().items()))

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import pytest
 
-from bench import report
+from bench import idle, report
 from infra import cli
 from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 
@@ -68,6 +68,13 @@ def test_quick_bench_writes_a_complete_report(
         png = (out / name).read_bytes()
         assert png.startswith(b"\x89PNG"), name
 
+    # The idle figure (issue 12), before any load: every component measured, none spent nothing
+    # it could not (no threshold here: the full run and `txr bench --idle` are for numbers).
+    idle_part = on_disk["idle"]
+    assert set(idle_part["cores"]) == set(idle.COMPONENTS)
+    assert idle_part["cores_total"] > 0
+    assert idle_part["goal_cores"] == idle.IDLE_CORES_GOAL
+
     ceiling = on_disk["ceiling"]
     assert ceiling["tps"] > 0
     assert ceiling["history_rows"] > 0
@@ -109,4 +116,5 @@ def test_quick_bench_writes_a_complete_report(
 
     text = report.summary(rep)
     assert "ratio router/pgbench" in text
+    assert "idle cluster" in text
     assert "overload (goals:" in text

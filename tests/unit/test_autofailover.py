@@ -136,6 +136,7 @@ class World:
     actions: list[str] = field(default_factory=list)
     decisions: list[af.Decision] = field(default_factory=list)
     published: list[tuple[float, af.Verdict]] = field(default_factory=list)
+    probes: int = 0
 
 
 @dataclass
@@ -148,6 +149,7 @@ class FakeIO:
 
     async def probe(self, node: str, *, want_primary: bool) -> af.Probe:
         w = self.world
+        w.probes += 1
         if node in w.down or (self.region, node) in w.cut:
             return af.Probe(False, detail="timeout")
         return af.Probe(True, in_recovery=not want_primary)
@@ -298,3 +300,115 @@ async def test_an_unchanged_verdict_is_published_only_as_a_heartbeat() -> None:
     w.published.clear()
     await run_for(w, cs, 1.0)
     assert len(w.published) == len(REGIONS) * 4
+
+
+# -- idle cadence: rounds at the backstop interval, woken at once by a closed connection --------
+
+IDLE_CFG = af.Config()
+# The fake clock's resolution for the adaptive schedules below.
+TICK_S = 0.05
+
+
+class Schedule:
+    """Runs each controller when its own ``next_round_s`` says, as infra.controller does;
+    ``wake`` is a sentinel seeing its connection close (the round runs now)."""
+
+    def __init__(self, w: World, cs: list[af.Controller]) -> None:
+        self.w, self.cs = w, cs
+        self.due = [w.now] * len(cs)
+        self.rounds = [0] * len(cs)
+
+    def wake(self) -> None:
+        self.due = [self.w.now] * len(self.cs)
+
+    async def run_for(self, seconds: float, until: object = None) -> None:
+        w = self.w
+        end = w.now + seconds
+        while w.now < end - 1e-9 and not (until is not None and until()):  # type: ignore[operator]
+            ready = [i for i, t in enumerate(self.due) if t <= w.now + 1e-9]
+            await asyncio.gather(*(self.cs[i].round(1000.0 + w.now, lambda: w.now) for i in ready))
+            for i in ready:
+                self.due[i] = w.now + self.cs[i].next_round_s()
+                self.rounds[i] += 1
+            w.now = round(w.now + TICK_S, 6)
+
+
+def idle_controllers(w: World) -> list[af.Controller]:
+    return [af.Controller(FakeIO(w, r), regions_total=3, cfg=IDLE_CFG) for r in REGIONS]
+
+
+async def test_idle_controllers_probe_at_the_backstop_interval_and_stay_fresh() -> None:
+    w = World()
+    sched = Schedule(w, idle_controllers(w))
+    await sched.run_for(30.0)
+    # Two servers per round: the idle rate, not the fast one (a sixth of the probes).
+    per_controller = w.probes / len(REGIONS)
+    assert per_controller <= 2 * (30.0 / IDLE_CFG.probe_idle_interval_s + 1)
+    assert per_controller < 2 * 30.0 / IDLE_CFG.probe_interval_s / 4
+    assert w.actions == []
+    assert all(d.reason is af.Reason.HEALTHY for d in w.decisions)
+    assert not any(c.alert for c in sched.cs)
+    # Every idle round republishes: every region's counter moves well within the bound.
+    for r in REGIONS:
+        times = [t for t, v in w.published if v.region == r]
+        assert max(b - a for a, b in itertools.pairwise(times)) < IDLE_CFG.verdict_stale_s
+
+
+async def test_a_kill_seen_by_the_sentinels_fails_over_as_fast_as_before() -> None:
+    w = World()
+    sched = Schedule(w, idle_controllers(w))
+    await sched.run_for(5.0)
+    # Mid-way between two idle rounds: the connections close and every sentinel wakes its round.
+    await sched.run_for(IDLE_CFG.probe_idle_interval_s / 2)
+    w.down.add("s-1@a")
+    killed = w.now
+    sched.wake()
+    await sched.run_for(10.0, until=lambda: bool(w.actions))
+    assert len(w.actions) == 1, w.actions
+    assert IDLE_CFG.detection_s <= w.now - killed <= IDLE_CFG.detection_s + 0.5
+
+
+async def test_a_hang_is_found_by_the_backstop_probe_within_one_idle_interval_more() -> None:
+    w = World()
+    sched = Schedule(w, idle_controllers(w))
+    await sched.run_for(5.0 + TICK_S)
+    # No socket closes (SIGSTOP): nobody wakes, the next idle round's probe fails.
+    w.down.add("s-1@a")
+    hung = w.now
+    await sched.run_for(15.0, until=lambda: bool(w.actions))
+    assert len(w.actions) == 1, w.actions
+    took = w.now - hung
+    assert (
+        IDLE_CFG.detection_s
+        <= took
+        <= IDLE_CFG.detection_s + IDLE_CFG.probe_idle_interval_s + 2 * IDLE_CFG.probe_interval_s
+    )
+    # Once anything was suspected, the rounds ran at the fast rate.
+    assert any(c.alert for c in sched.cs) or w.actions
+
+
+async def test_pauses_below_the_detection_time_never_trigger_at_the_idle_cadence() -> None:
+    w = World()
+    sched = Schedule(w, idle_controllers(w))
+    for _ in range(6):
+        w.down.add("s-1@a")
+        await sched.run_for(IDLE_CFG.detection_s * 0.8)
+        w.down.discard("s-1@a")
+        await sched.run_for(2.0)
+    assert w.actions == []
+
+
+async def test_a_suspicion_elsewhere_puts_every_controller_on_the_fast_cadence() -> None:
+    """Only region c loses sight of the primary (a one-sided cut): a and b see its "down" in
+    c's verdict and probe fast too, so a real failure would be confirmed at once."""
+    w = World(cut={("c", "s-1@a")})
+    cs = idle_controllers(w)
+    sched = Schedule(w, cs)
+    await sched.run_for(6.0)
+    assert all(c.alert for c in cs)
+    assert all(c.next_round_s() == IDLE_CFG.probe_interval_s for c in cs)
+    assert w.actions == []
+    w.cut.clear()
+    await sched.run_for(6.0)
+    assert not any(c.alert for c in cs)
+    assert all(c.next_round_s() == IDLE_CFG.probe_idle_interval_s for c in cs)
