@@ -1,4 +1,5 @@
-"""Waiting on an idle PostgreSQL connection without a timer: the socket, watched by the loop.
+"""Idle PostgreSQL connections, by their sockets: waiting on one without a timer (the loop
+watches the socket), and telling at a pool checkout whether one is still alive (``check_idle``).
 
 psycopg's own waits (``AsyncConnection.notifies()`` included) wake every 0.1 s
 (``psycopg.connection_async._WAIT_INTERVAL``, so that Ctrl-C is noticed), whatever the timeout:
@@ -11,6 +12,7 @@ by anything else meanwhile (one waiter; psycopg registers its own reader during 
 from __future__ import annotations
 
 import asyncio
+import select
 from typing import Any
 
 import psycopg
@@ -52,3 +54,18 @@ async def until_closed(conn: psycopg.AsyncConnection[Any]) -> str:
             return str(exc).strip() or type(exc).__name__
         if conn.pgconn.status == pq.ConnStatus.BAD:
             return "connection bad"
+
+
+async def check_idle(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The pool's check at every checkout, without a round trip: close and refuse (raise
+    OperationalError) a pooled connection with anything to read, so the pool opens another. An
+    idle session is sent nothing unprompted but a goodbye (a backend terminated, a server
+    restarted or promoted, a link cut: a FATAL error and the end of the stream) or, rarely, a
+    notice or a changed setting; a reconnect is cheap, and reasoning about which it was is not
+    (libpq takes an idle-time FATAL as a mere notice). Without it, a write on a connection the
+    server had closed failed only once sent, and was reported as an unknown outcome."""
+    if not conn.closed and not select.select([conn.pgconn.socket], [], [], 0)[0]:
+        return
+    # Closed here, so the pool discards it (it would take back a connection that looks idle).
+    await conn.close()
+    raise psycopg.OperationalError("the server closed the connection while it was idle")

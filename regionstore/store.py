@@ -436,6 +436,9 @@ class ShardStore:
                 "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
             },
             configure=self._configure,
+            # A connection the server closed while it sat in the pool (a cut link, a restart)
+            # is discarded at checkout, never handed to a write that would then be unknown.
+            check=pgwait.check_idle,
             max_waiting=POOL_MAX_WAITING,
             max_lifetime=POOL_MAX_LIFETIME_S,
             max_idle=POOL_MAX_IDLE_S,

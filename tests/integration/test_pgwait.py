@@ -16,7 +16,8 @@ import pytest
 
 from regionstore import pgwait
 from regionstore.store import OUTBOX_CHANNEL, ShardStore
-from tests.fixtures.pg import PgShard
+from tests.fixtures.pg import SHARD_A, STORE_OPEN_TIMEOUT_S, PgShard
+from tests.integration.test_saga_store import new_account, new_tenant
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +128,31 @@ async def test_the_outbox_wait_idles_without_a_timer_and_wakes_on_notify(
         assert time.monotonic() - t0 < WAKE_S_MAX
     finally:
         await sender.close()
+
+
+async def test_a_connection_the_server_closed_in_the_pool_is_never_given_to_a_write(
+    pg_shard: PgShard,
+) -> None:
+    """A pooled connection whose backend went away while idle (a cut link, a restart; here
+    pg_terminate_backend) is discarded at checkout (pgwait.check_idle): the next write runs on
+    a new connection and succeeds. Handed to the write, it failed once sent, and the write was
+    reported as an unknown outcome though the server had closed the connection before it."""
+    store = ShardStore(pg_shard.app_dsn, name=SHARD_A, pool_min=1, pool_max=1)
+    await store.open(timeout_s=STORE_OPEN_TIMEOUT_S)
+    try:
+        async with store._pool.connection() as c:
+            pid = c.info.backend_pid
+        async with await _connect(pg_shard.admin_dsn) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            deadline = time.monotonic() + WAKE_S_MAX
+            while (
+                await (
+                    await admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
+                ).fetchone()
+            ) is not None:
+                assert time.monotonic() < deadline, "the backend exits"
+                await asyncio.sleep(0.02)
+        account = await new_account(store, new_tenant())
+        assert account > 0
+    finally:
+        await store.close()
