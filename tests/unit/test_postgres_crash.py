@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 import pytest
 
 from infra.local import postgres
+
+# How long the forked child may take to exit on a loaded machine.
+ZOMBIE_WAIT_S: Final = 10.0
 
 # A parent that forks a child which exits at once, prints the child's pid and never reaps it.
 _ZOMBIE_PARENT = (
@@ -36,6 +41,12 @@ def zombie() -> Iterator[int]:
     try:
         assert parent.stdout is not None
         pid = int(parent.stdout.readline())
+        # The parent may print before its child has run its exit (a loaded machine): wait,
+        # bounded, until the child is the zombie the tests need.
+        deadline = time.monotonic() + ZOMBIE_WAIT_S
+        while _state(pid) != "Z":
+            assert time.monotonic() < deadline, f"pid {pid} never became a zombie"
+            time.sleep(0.01)
         yield pid
     finally:
         parent.kill()
