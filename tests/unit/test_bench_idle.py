@@ -44,8 +44,10 @@ def test_a_window_counts_this_process_tree_and_nothing_it_did_not_spend() -> Non
         # Spin for the window instead of sleeping: the "router" spends up to a core (less on a
         # shared machine; clock ticks are 10 ms, so a tenth of a core is surely seen).
         end = time.monotonic() + seconds
+        spins = 0
         while time.monotonic() < end:
-            pass
+            spins += 1
+        assert spins > 0
 
     got = idle.measure(status, 0.5, sleep=busy)
     assert got["cores"]["routers"] > 0.1
