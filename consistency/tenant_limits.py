@@ -1,11 +1,11 @@
 """Per-tenant limits as kept in etcd: a request rate with its burst, and a cap on accounts.
 
-``txr limits set`` writes one key per tenant under ``LIMITS_PREFIX``; every router polls the
-prefix (router.ratelimit) and applies a change within two seconds. The account count of each
-tenant is a counter under ``ACCOUNT_COUNT_PREFIX``: every router process adds the opens it
-admitted once per poll (compare-and-swap, so concurrent flushes never lose a count) and reads
-every tenant's total back in the same poll; the request path never calls etcd (the bound this
-puts on the cap is in router.ratelimit).
+``txr limits set`` writes one key per tenant under ``LIMITS_PREFIX``; every router mirrors the
+prefix by a watch (router.ratelimit) and applies a change within two seconds. The account count
+of each tenant is a counter under ``ACCOUNT_COUNT_PREFIX``: every router process adds the opens
+it admitted once per poll interval (compare-and-swap, so concurrent flushes never lose a count)
+and sees every tenant's total through a watch of that prefix; the request path never calls etcd
+(the bound this puts on the cap is in router.ratelimit).
 
 Both prefixes sit outside the topology's ``/txr/`` so that neither a limit change nor an account
 open wakes the topology watchers of every router.
@@ -102,17 +102,9 @@ async def clear_limits(client: EtcdClient, tenant: str) -> None:
     await client.delete(LIMITS_PREFIX + tenant)
 
 
-async def load_limits(client: EtcdClient) -> dict[str, TenantLimits]:
-    """Every tenant's limits; an entry that does not parse is skipped (and named in the error
-    list the caller logs), so one bad key cannot lift every other tenant's limit.
-
-    A serializable read: every router polls it every second, and a linearizable one costs each
-    etcd member a quorum round (a third of an idle cluster's etcd CPU). A healthy member is
-    milliseconds behind, well inside the two seconds a change may take (API.md); a member cut
-    off from the majority serves what it had, as the routers keep the last limits read when
-    etcd does not answer. (The account counts stay linearizable: a router reads its own flush
-    back there.)"""
-    _, kv = await client.get_prefix(LIMITS_PREFIX, serializable=True)
+def parse_limits(kv: Mapping[str, bytes]) -> dict[str, TenantLimits]:
+    """Every tenant's limits from the keys under ``LIMITS_PREFIX``; an entry that does not
+    parse is skipped, so one bad key cannot lift every other tenant's limit."""
     out: dict[str, TenantLimits] = {}
     for key, raw in kv.items():
         tenant = key.removeprefix(LIMITS_PREFIX)
@@ -123,15 +115,21 @@ async def load_limits(client: EtcdClient) -> dict[str, TenantLimits]:
     return out
 
 
+async def load_limits(client: EtcdClient) -> dict[str, TenantLimits]:
+    """Every tenant's limits (``txr limits show``), a serializable read: the routers do not
+    call it, they keep the prefix mirrored by one watch (router.ratelimit)."""
+    _, kv = await client.get_prefix(LIMITS_PREFIX, serializable=True)
+    return parse_limits(kv)
+
+
 async def account_count(client: EtcdClient, tenant: str) -> int:
     got = await client.get(ACCOUNT_COUNT_PREFIX + tenant)
     return 0 if got is None else int(got[0])
 
 
-async def load_account_counts(client: EtcdClient) -> dict[str, int]:
-    """Every tenant's account count, read at one revision (the routers' poll). A value that
+def parse_account_counts(kv: Mapping[str, bytes]) -> dict[str, int]:
+    """Every tenant's account count from the keys under ``ACCOUNT_COUNT_PREFIX``. A value that
     does not parse is skipped: that tenant counts from zero until its next flush rewrites it."""
-    _, kv = await client.get_prefix(ACCOUNT_COUNT_PREFIX)
     out: dict[str, int] = {}
     for key, raw in kv.items():
         try:

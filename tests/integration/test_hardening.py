@@ -201,31 +201,40 @@ async def test_account_counts_of_two_router_processes_meet_in_etcd(api: Api) -> 
     endpoints = list(api.cluster.etcd.values())
     async with EtcdClient(endpoints) as e1, EtcdClient(endpoints) as e2:
         a, b = AccountCounts(e1), AccountCounts(e2)
-        await asyncio.gather(a.read(), b.read())
-        # Each is exact for its own opens; neither writes etcd while deciding.
-        assert [a.reserve(tenant, 4) for _ in range(5)] == [True] * 4 + [False]
-        assert [b.reserve(tenant, 4) for _ in range(2)] == [True, True]
-        assert await account_count(e1, tenant) == 0
-        # Concurrent flushes of one tenant (compare-and-swap on one key): no count is lost.
-        await asyncio.gather(a.flush(), b.flush())
-        assert await account_count(e1, tenant) == 6
-        assert (a.unflushed(tenant), b.unflushed(tenant)) == (0, 0)
-        # Read back, both refuse at the cap: the overshoot was b's opens since its last read.
-        await asyncio.gather(a.read(), b.read())
-        assert not a.reserve(tenant, 4)
-        assert not b.reserve(tenant, 4)
-        # An open admitted while a flush is on its way is not lost with it.
-        for _ in range(3):
-            a.release(tenant)
-        flushing = asyncio.create_task(a.flush())
-        await asyncio.sleep(0)
-        assert a.reserve(tenant, 4)
-        await flushing
-        assert a.unflushed(tenant) == 1
-        await a.flush()
-        assert await account_count(e1, tenant) == 4
-        await b.read()
-        assert not b.reserve(tenant, 4)
+        try:
+            await asyncio.gather(a.read(), b.read())
+            # Each is exact for its own opens; neither writes etcd while deciding.
+            assert [a.reserve(tenant, 4) for _ in range(5)] == [True] * 4 + [False]
+            assert [b.reserve(tenant, 4) for _ in range(2)] == [True, True]
+            assert await account_count(e1, tenant) == 0
+            # Concurrent flushes of one tenant (compare-and-swap on one key): no count is lost.
+            await asyncio.gather(a.flush(), b.flush())
+            assert await account_count(e1, tenant) == 6
+            assert (a.unflushed(tenant), b.unflushed(tenant)) == (0, 0)
+            # Read back, both refuse at the cap: the overshoot was b's opens since its last read.
+            await asyncio.gather(a.read(), b.read())
+            assert not a.reserve(tenant, 4)
+            assert not b.reserve(tenant, 4)
+            # An open admitted while a flush is on its way is not lost with it.
+            for _ in range(3):
+                a.release(tenant)
+            flushing = asyncio.create_task(a.flush())
+            await asyncio.sleep(0)
+            assert a.reserve(tenant, 4)
+            await flushing
+            assert a.unflushed(tenant) == 1
+            await a.flush()
+            assert await account_count(e1, tenant) == 4
+            await b.read()
+            assert not b.reserve(tenant, 4)
+            # b wrote nothing since: its view follows a's write through the watch alone.
+            deadline = asyncio.get_running_loop().time() + LIMITS_APPLIED_S
+            while b.view(tenant) != 4 + b.unflushed(tenant):
+                assert asyncio.get_running_loop().time() < deadline, b.view(tenant)
+                await asyncio.sleep(0.05)
+                await b.read()
+        finally:
+            await asyncio.gather(a.close(), b.close())
 
 
 async def test_a_batch_costs_its_items_against_the_tenants_rate(api: Api) -> None:
