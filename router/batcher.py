@@ -179,28 +179,38 @@ class ShardBatcher:
         # cancelled cancels only its own future (an item not yet sent is then dropped).
         return await self.enqueue(item, timeout_s=timeout_s)
 
-    def enqueue(self, item: TransferItem, *, timeout_s: float) -> asyncio.Future[TransferResult]:
-        """Queue ``item`` and return the future of its result (``submit`` without the await:
-        a batch request queues all its items before it waits for any). Raises
-        ``TenantQueueFull`` or ``BatcherFull`` at once, with nothing queued."""
-        tenant = item.tenant
-        if self._tenant_queued.get(tenant, 0) >= self._tenant_queue_max:
+    def admit(self, tenant: str, n: int = 1) -> None:
+        """Raise ``TenantQueueFull`` or ``BatcherFull`` unless ``n`` more items of ``tenant``
+        may be queued now. A batch request asks once for all its items on this shard, so that
+        they are queued or shed together: shedding some of them would make an item's answer
+        depend on where in the request it sits (the rate limiter's rule too)."""
+        queued = self._tenant_queued.get(tenant, 0)
+        if queued + n > self._tenant_queue_max:
             raise TenantQueueFull(
-                f"tenant already has {self._tenant_queue_max} transfers queued for this shard"
+                f"tenant already has {queued} of at most {self._tenant_queue_max} transfers "
+                "queued for this shard"
             )
-        if self._queued >= self._queue_max:
+        if self._queued + n > self._queue_max:
             raise BatcherFull(f"{self._queued} transfers already queued for this shard")
         waited = self.oldest_wait_s()
         # A tenant with nothing queued goes into the next batch (round-robin over tenants), so
         # the standing queue of others does not delay it: only the ceiling, a shard that has
         # stopped making progress, sheds it. Others' backlog sheds their own new items.
-        limit = (
-            self.queue_delay_target_s()
-            if self._tenant_queued.get(tenant, 0)
-            else self._queue_delay_max_s
-        )
+        limit = self.queue_delay_target_s() if queued else self._queue_delay_max_s
         if waited > limit:
             raise BatcherFull(f"the oldest queued transfer of this shard waited {waited:.3f}s")
+
+    def enqueue(
+        self, item: TransferItem, *, timeout_s: float, admitted: bool = False
+    ) -> asyncio.Future[TransferResult]:
+        """Queue ``item`` and return the future of its result (``submit`` without the await:
+        a batch request queues all its items before it waits for any). Raises
+        ``TenantQueueFull`` or ``BatcherFull`` at once, with nothing queued, unless the caller
+        has just ``admit``ted it (``admitted``: no await in between, so the queue is as
+        admitted)."""
+        tenant = item.tenant
+        if not admitted:
+            self.admit(tenant)
         loop = asyncio.get_running_loop()
         now = loop.time()
         fut: asyncio.Future[TransferResult] = loop.create_future()

@@ -98,8 +98,8 @@ class WritePath:
     ) -> list[PostedTransfer | RouteOutcome]:
         """Post independent transfers (a batch request): one outcome per item, in order.
 
-        Same-shard items are queued into their shard's batcher all at once and awaited
-        together (no task per item); an item that meets a fence refusal, an unreachable
+        Same-shard items are queued into their shard's batcher all at once, admitted or shed
+        together (``ShardBatcher.admit``), and awaited together (no task per item); an item that meets a fence refusal, an unreachable
         primary, or lives across shards takes ``post_transfer``'s full path, exactly as a
         single request would. Each item's errors are its own (a RouteOutcome in its place).
         """
@@ -107,6 +107,7 @@ class WritePath:
         topo = self._resolver.topology
         queued: list[tuple[int, asyncio.Future[TransferResult], Shard, int, TransferItem]] = []
         slow: list[int] = []
+        by_shard: dict[str, list[tuple[int, Shard, int, TransferItem]]] = {}
         for i, (req, key) in enumerate(reqs):
             source_slot = ids.account_slot(req.source)
             shard, source_epoch = topo.route(source_slot)
@@ -115,16 +116,26 @@ class WritePath:
                 slow.append(i)
                 continue
             item = _item(tenant, req, key, ids.new_transfer_id(), source_epoch, dest_epoch, None)
-            refusal = self._resolver.circuit_open(shard, self._resolver.breaker(shard.primary))
+            by_shard.setdefault(shard.name, []).append((i, shard, source_slot, item))
+        for group in by_shard.values():
+            shard = group[0][1]
+            refusal: RouteOutcome | None = self._resolver.circuit_open(
+                shard, self._resolver.breaker(shard.primary)
+            )
+            if refusal is None:
+                batcher = self._batcher(shard)
+                try:
+                    # Queued or shed together (ShardBatcher.admit says why).
+                    batcher.admit(tenant, len(group))
+                except (BatcherFull, TenantQueueFull) as exc:
+                    refusal = self._shed(shard.name, exc)
             if refusal is not None:
-                out[i] = refusal
+                for i, *_ in group:
+                    out[i] = refusal
                 continue
-            try:
-                fut = self._batcher(shard).enqueue(item, timeout_s=deadline.remaining())
-            except (BatcherFull, TenantQueueFull) as exc:
-                out[i] = self._shed(shard.name, exc)
-                continue
-            queued.append((i, fut, shard, source_slot, item))
+            for i, _shard, source_slot, item in group:
+                fut = batcher.enqueue(item, timeout_s=deadline.remaining(), admitted=True)
+                queued.append((i, fut, shard, source_slot, item))
         results = await asyncio.gather(*(q[1] for q in queued), return_exceptions=True)
         retry_ids: dict[int, uuid.UUID] = {}
         for (i, _fut, shard, source_slot, item), res in zip(queued, results, strict=True):

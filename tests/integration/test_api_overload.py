@@ -26,11 +26,9 @@ from infra.local import cluster as lc
 from router.app import create_app
 from router.config import RouterConfig
 from router.limits import (
-    BATCH_INFLIGHT_MAX,
     BATCH_QUEUE_DELAY_MAX_S,
     BATCH_QUEUE_ITEMS_MAX,
     BATCH_QUEUE_TENANT_SHARE,
-    BATCH_SIZE_MAX,
     BREAKER_FAILURES_MAX,
     READ_DEADLINE_S,
     WRITE_DEADLINE_S,
@@ -294,17 +292,23 @@ async def test_one_tenant_cannot_fill_the_shard_queue(
         await asyncio.sleep(0.05)
         quiet_write = asyncio.create_task(_post(router, api, quiet, _transfer(q_src, q_dst, 7)))
         await asyncio.sleep(0.3)
-    results = [r for doc in await asyncio.gather(first, second) for r in doc["results"]]
+    docs = await asyncio.gather(first, second)
+    results = [r for doc in docs for r in doc["results"]]
     statuses = [r["status"] for r in results]
     limited = [r for r in results if r["status"] == 429]
     assert limited, "one tenant filled more than its share"
     assert {r["error"]["code"] for r in limited} == {"rate_limited"}
+    # A request's items on one shard are queued or refused together (ShardBatcher.admit): the
+    # first fits the tenant's share, the second would pass it and is refused whole.
+    refused_whole = sorted(all(r["status"] == 429 for r in doc["results"]) for doc in docs)
+    assert refused_whole == [False, True], [
+        sorted({r["status"] for r in d["results"]}) for d in docs
+    ]
     # Admitted items commit (201) or, on a loaded machine, run out of deadline once sent (504:
     # they all lock the same source row, so their batches commit one after another).
     assert set(statuses) <= {201, 429, 504}, sorted(set(statuses))
-    # In flight (two batches) plus its share of the queue, no more.
     admitted = statuses.count(201) + statuses.count(504)
-    assert share <= admitted <= share + BATCH_INFLIGHT_MAX * BATCH_SIZE_MAX, admitted
+    assert admitted == items <= share, admitted
     status, doc, _, _ = await quiet_write
     assert status == 201, doc
     assert await _balance(api, quiet, q_dst) == 7
