@@ -87,6 +87,10 @@ DEFAULT_DIR: Final = Path(".txr/local")
 # The foreground launcher checks its children this often to report one that died.
 MONITOR_INTERVAL_S: Final = 1.0
 
+# Process names (``status`` and the tests find the processes by them).
+router_proc_name: Final = routers.proc_name
+controller_proc_name: Final = controllers.proc_name
+
 
 @dataclass(frozen=True)
 class UpOptions:
