@@ -16,17 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from infra.local import etcd_server, postgres, procs, routers
+from infra.local import etcd_server, postgres, procs, redis_server, routers, wan_emulator
 from infra.local.state import Proc, State, load_state
 
-# Readiness after a restart: a router reloads its topology and reconnects its pools, an etcd
-# member rejoins the raft group; Redis binds at once.
+# Readiness after a restart, the start's own bounds where the check is the same: a router
+# reloads its topology and reconnects its pools, an etcd member rejoins the raft group; Redis
+# binds at once. Relays and controllers: alive is ready (see _ready_probe).
 RESTART_READY_TIMEOUT_S: Final = {
-    "router": 60.0,
+    "router": routers.ROUTER_READY_TIMEOUT_S,
     "relays": 30.0,
-    "etcd": 60.0,
-    "redis": 15.0,
-    "wan": 15.0,
+    "etcd": etcd_server.ETCD_READY_TIMEOUT_S,
+    "redis": redis_server.REDIS_READY_TIMEOUT_S,
+    "wan": wan_emulator.WAN_READY_TIMEOUT_S,
     "controller": 15.0,
 }
 KILL_WAIT_S: Final = 10.0
