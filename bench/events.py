@@ -90,7 +90,7 @@ async def latency(d: Path, transfers: int) -> dict[str, Any]:
     relays = {r: (v["relays_pid"], v["relays_metrics"]) for r, v in desc["regions"].items()}
     tenant = "bench-events-" + os.urandom(4).hex()
     token = cluster.token(d, tenant, sorted(TENANT_SCOPES), TOKEN_TTL_S)
-    base = int(cluster.load_state(d).data["ports"]["base"])
+    base = cluster.load_state(d).base_port
     receiver = Receiver(base + PORT_SPAN_MAX)
     arrivals = receiver.first_seen
     await receiver.start()
@@ -147,7 +147,7 @@ async def latency(d: Path, transfers: int) -> dict[str, Any]:
         },
         "events_published": published,
         "relay_cpu_ms_per_event": cpu * 1000 / published if published else None,
-        "wan": cluster.load_state(d).data.get("wan"),
+        "wan": cluster.load_state(d).wan_profile,
         "loadavg": os.getloadavg(),
     }
 
@@ -219,7 +219,7 @@ async def publisher_cpu(d: Path, events: int, accounts: int, per_txn: int) -> di
         "publisher_cpu_us_per_event": round(cpu * 1e6 / max(1, sink.published), 1),
         "events_per_s": round(sink.published / wall, 1),
         "wall_s": round(wall, 2),
-        "wan": cluster.load_state(d).data.get("wan"),
+        "wan": cluster.load_state(d).wan_profile,
         "loadavg": os.getloadavg(),
     }
 

@@ -191,9 +191,7 @@ async def _exercise(
     timeout = aiohttp.ClientTimeout(total=READY_PROBE_TIMEOUT_S)
     wan_url = cluster.load_state(d).wan_control
     # The webhook receiver listens just past the cluster's ports (API.md: at most 100).
-    receiver = chaos_events.Receiver(
-        int(cluster.load_state(d).data["ports"]["base"]) + PORT_SPAN_MAX
-    )
+    receiver = chaos_events.Receiver(cluster.load_state(d).base_port + PORT_SPAN_MAX)
     await receiver.start()
     try:
         async with (

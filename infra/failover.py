@@ -227,37 +227,24 @@ class LocalShardOps:
             app_name=app,
         )
         pid = postgres.start(datadir, entry.log)
-        self._update_entry(node.name, pid=pid, role="standby")
+        # Not serving until now (detached since the failover): a standby again.
+        state = cluster.load_state(self.dir)
+        state.set_pg_started(node.name, pid, "standby")
+        self.state = state
 
     # -- the launcher's state -------------------------------------------------------------------
 
-    def _update_entry(self, node_name: str, **fields: Any) -> None:
-        state = cluster.load_state(self.dir)
-        for e in state.data.get("pg", []):
-            if e["node"] == node_name:
-                e.update(fields)
-        state.save()
-        self.state = state
-
     def node_role_changed(self, shard: str, primary: Node, standbys: tuple[Node, ...]) -> None:
         state = cluster.load_state(self.dir)
-        names = {s.name for s in standbys}
-        for e in state.data.get("pg", []):
-            if e["shard"] != shard:
-                continue
-            if e["node"] == primary.name:
-                e["role"] = "primary"
-            elif e["node"] in names:
-                e["role"] = "standby"
-            else:
-                # Not serving: the old primary after a failover, until `txr rejoin`.
-                e["role"] = "detached"
-        s = state.data.setdefault("shards", {}).setdefault(shard, {})
-        s["primary_region"] = primary.region
-        s["standby_region"] = standbys[0].region if standbys else None
         record, _ = self.load(shard)
-        s["epoch"] = record.shard.epoch
-        state.save()
+        state.record_roles(
+            shard,
+            primary=primary.name,
+            standbys={s.name for s in standbys},
+            primary_region=primary.region,
+            standby_region=standbys[0].region if standbys else None,
+            epoch=record.shard.epoch,
+        )
         self.state = state
 
 

@@ -1,8 +1,13 @@
-"""The local, all-on-one-machine cluster: PostgreSQL, Redis, etcd, routers and WAN proxies.
+"""The local, all-on-one-machine cluster: PostgreSQL, Redis, etcd, NATS, routers and WAN proxies.
 
-Owns process start/stop (``cluster``: the launcher, ``down``, ``status``; ``control``: kill
-and restart one process or a region; ``procs``, ``postgres``: the primitives), the port plan
-(``ports``) and the cluster state file, ``cluster.json`` (``state``: written by the launcher
-and the failover operations, read by everyone through its typed accessors).
+Owns process start/stop and the cluster's description. ``cluster``: the launcher (the start
+order, what runs side by side, recording the state), ``down`` and ``purge``; one
+start-and-ready module per service (``wan_emulator``, ``etcd_server``, ``redis_server``,
+``nats``, ``pg_servers`` over ``postgres``, ``relays``, ``routers``, ``controllers``), each
+spawning and waiting through ``children`` (the recorded children, one bounded ready-poll);
+``credentials``: the secrets directory and tokens; ``layout``: shard and node names and the
+initial topology; ``describe``: ``status`` and the operator DSNs; ``control``: kill and restart
+one process or a region; ``procs``: the process primitives; ``ports``: the port plan;
+``state``: the state file, ``cluster.json``, written and read only through its typed records.
 Must not be imported by ``consistency``, ``regionstore`` or ``router``.
 """

@@ -16,17 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from infra.local import cluster, etcd_server, postgres, procs
-from infra.local.state import Proc, State
+from infra.local import etcd_server, postgres, procs, redis_server, routers, wan_emulator
+from infra.local.state import Proc, State, load_state
 
-# Readiness after a restart: a router reloads its topology and reconnects its pools, an etcd
-# member rejoins the raft group; Redis binds at once.
+# Readiness after a restart, the start's own bounds where the check is the same: a router
+# reloads its topology and reconnects its pools, an etcd member rejoins the raft group; Redis
+# binds at once. Relays and controllers: alive is ready (see _ready_probe).
 RESTART_READY_TIMEOUT_S: Final = {
-    "router": 60.0,
+    "router": routers.ROUTER_READY_TIMEOUT_S,
     "relays": 30.0,
-    "etcd": 60.0,
-    "redis": 15.0,
-    "wan": 15.0,
+    "etcd": etcd_server.ETCD_READY_TIMEOUT_S,
+    "redis": redis_server.REDIS_READY_TIMEOUT_S,
+    "wan": wan_emulator.WAN_READY_TIMEOUT_S,
     "controller": 15.0,
 }
 KILL_WAIT_S: Final = 10.0
@@ -38,7 +39,7 @@ class ControlError(RuntimeError):
 
 def procs_of(cluster_dir: Path, kind: str, region: str | None = None) -> list[Proc]:
     """The recorded processes of ``kind`` (in ``region`` when given), in launch order."""
-    state = cluster.load_state(cluster_dir)
+    state = load_state(cluster_dir)
     return [p for p in state.procs if p.kind == kind and (region is None or p.region == region)]
 
 
@@ -52,7 +53,7 @@ def kill(cluster_dir: Path, kind: str, region: str | None) -> list[str]:
 
 def kill_named(cluster_dir: Path, name: str) -> None:
     """SIGKILL the recorded process ``name`` alone (one router worker, say) and wait for it."""
-    found = cluster.load_state(cluster_dir).proc(name)
+    found = load_state(cluster_dir).proc(name)
     if found is None:
         raise ControlError(f"no process named {name} in {cluster_dir}")
     _kill_entries([found])
@@ -72,9 +73,8 @@ def _kill_entries(found: list[Proc]) -> list[str]:
 def _ready_probe(state: State, entry: Proc) -> Callable[[], bool]:
     ports = state.region_ports(entry.region) if entry.region else {}
     kind = entry.kind
-    host = cluster.HOST
     if kind == "router":
-        return functools.partial(cluster.http_ok, f"http://{host}:{ports['router']}/readyz")
+        return functools.partial(routers.ready, int(ports["router"]))
     if kind == "etcd":
         return functools.partial(etcd_server.health_ok, int(ports["etcd_client"]))
     if kind == "redis":
@@ -88,7 +88,7 @@ def _ready_probe(state: State, entry: Proc) -> Callable[[], bool]:
 def restart(cluster_dir: Path, name: str) -> int:
     """Start the recorded process ``name`` again from its argv (it must not be running) and wait
     until it is ready; the state file gets the new pid. Returns the pid."""
-    state = cluster.load_state(cluster_dir)
+    state = load_state(cluster_dir)
     entry = state.proc(name)
     if entry is None:
         raise ControlError(f"no process named {name} in {cluster_dir}")
@@ -96,7 +96,7 @@ def restart(cluster_dir: Path, name: str) -> int:
         raise ControlError(f"{name} is still running (pid {entry.pid})")
     if not entry.argv:
         raise ControlError(f"{name} was recorded without its argv; restart the cluster")
-    env = cluster.python_env() if entry.python_env else None
+    env = procs.python_env() if entry.python_env else None
     p = procs.spawn(list(entry.argv), entry.log, env=env, cwd=cluster_dir.resolve())
     state.set_proc_pid(name, p.pid)
     procs.wait_until(
@@ -110,7 +110,7 @@ def restart(cluster_dir: Path, name: str) -> int:
 
 
 def _running_pid(cluster_dir: Path, node: str) -> int:
-    entry = cluster.load_state(cluster_dir).pg_node(node)
+    entry = load_state(cluster_dir).pg_node(node)
     if entry is None or entry.pid is None:
         raise ControlError(f"no running PostgreSQL node {node} recorded")
     return entry.pid
@@ -149,7 +149,7 @@ def kill_region(cluster_dir: Path, region: str) -> tuple[list[str], list[str]]:
     """kill -9 every process of ``region``: its recorded processes (etcd, Redis, routers,
     relays, controller) and every PostgreSQL server there with all its children, as a region
     lost at once. Returns (process names, PostgreSQL nodes)."""
-    state = cluster.load_state(cluster_dir)
+    state = load_state(cluster_dir)
     found = [p for p in state.procs if p.region == region]
     running = [
         e
@@ -171,7 +171,7 @@ def kill_region(cluster_dir: Path, region: str) -> tuple[list[str], list[str]]:
 def restart_pg(cluster_dir: Path, node: str) -> int:
     """Start a stopped or crashed PostgreSQL node again as it was (a standby stays a standby
     of the primary it streamed from); the state file gets the new pid."""
-    state = cluster.load_state(cluster_dir)
+    state = load_state(cluster_dir)
     entry = state.pg_node(node)
     if entry is None:
         raise ControlError(f"no PostgreSQL node {node} recorded")
@@ -184,5 +184,5 @@ def restart_pg(cluster_dir: Path, node: str) -> int:
 
 
 def pg_alive(cluster_dir: Path, node: str) -> bool:
-    entry = cluster.load_state(cluster_dir).pg_node(node)
+    entry = load_state(cluster_dir).pg_node(node)
     return bool(entry and entry.pid and procs.is_alive(entry.pid, str(entry.datadir)))

@@ -16,20 +16,17 @@ import json
 import math
 import secrets
 import shutil
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 from infra.local import procs
+from infra.local.children import Children
 from infra.local.ports import PortPlan
 
 HOST: Final = "127.0.0.1"
 # A member is ready after an election: 2 s timeout under --wan realistic, plus a pre-vote round.
 ETCD_READY_TIMEOUT_S: Final = 60.0
-# One HTTP probe of a member's /health.
-PROBE_TIMEOUT_S: Final = 2.0
 # etcd timing (its tuning guide): heartbeat about the largest member RTT, election about ten
 # heartbeats. The floor is 200 ms (election 2 s), not etcd's 100 ms default: it is what
 # --wan realistic already runs with (its largest RTT is 190 ms), so every failover and chaos
@@ -41,8 +38,6 @@ PROBE_TIMEOUT_S: Final = 2.0
 ETCD_HEARTBEAT_MS_MIN: Final = 200
 ETCD_HEARTBEAT_STEP_MS: Final = 50
 ETCD_ELECTION_FACTOR: Final = 10
-
-Spawn = Callable[[str, str, str, list[str], str], object]
 
 
 def proc_name(region: str) -> str:
@@ -66,18 +61,13 @@ def healthy(body: bytes) -> bool:
 
 
 def health_ok(port: int) -> bool:
-    try:
-        url = f"http://{HOST}:{port}/health"
-        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as resp:
-            return bool(resp.status == 200 and healthy(resp.read()))
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return procs.http_ok(f"http://{HOST}:{port}/health", healthy)
 
 
 def spawn(
     plan: PortPlan,
     cluster_dir: Path,
-    spawn: Spawn,
+    children: Children,
     *,
     regions: Sequence[str],
     heartbeat_ms: int,
@@ -122,22 +112,11 @@ def spawn(
             "--log-outputs",
             "stderr",
         ]
-        spawn(proc_name(r), "etcd", r, argv, str(data_dir))
+        children.spawn(proc_name(r), "etcd", r, argv, str(data_dir))
 
 
-def wait_ready(
-    plan: PortPlan,
-    logs: Path,
-    alive: Callable[[str], Callable[[], bool]],
-    *,
-    regions: Sequence[str],
-) -> None:
+def wait_ready(plan: PortPlan, children: Children, *, regions: Sequence[str]) -> None:
     """Wait until every member reports a healthy cluster (an elected leader)."""
     for r in regions:
-        procs.wait_until(
-            f"etcd {r}",
-            functools.partial(health_ok, plan.region[r].etcd_client),
-            ETCD_READY_TIMEOUT_S,
-            alive=alive(proc_name(r)),
-            log_path=logs / f"{proc_name(r)}.log",
-        )
+        check = functools.partial(health_ok, plan.region[r].etcd_client)
+        children.wait_ready(f"etcd {r}", check, ETCD_READY_TIMEOUT_S, of=[proc_name(r)])

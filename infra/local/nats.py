@@ -17,30 +17,27 @@ The system NATS that may listen on 4222 is never used: every port here is inside
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 from infra.local import procs
+from infra.local.children import Children
 from infra.local.ports import PortPlan
 
 HOST: Final = "127.0.0.1"
 CLUSTER_NAME: Final = "txr"
 # Routes and a meta leader across the WAN: a few election rounds at the largest RTT.
 NATS_READY_TIMEOUT_S: Final = 60.0
-PROBE_TIMEOUT_S: Final = 2.0
 # JetStream's own limits on this machine: the events stream is bounded itself
 # (router.events.stream), these only keep a runaway from filling the disk or memory.
 JS_MAX_MEMORY: Final = 64 << 20
 JS_MAX_FILE: Final = 2 << 30
 # The event stream's bootstrap call (the first R3 stream creation waits for a meta leader).
 BOOTSTRAP_TIMEOUT_S: Final = 60.0
-
-Spawn = Callable[[str, str, str, list[str], str], object]
 
 
 def proc_name(region: str) -> str:
@@ -81,11 +78,12 @@ def config_text(plan: PortPlan, region: str, data_dir: Path) -> str:
 
 
 def _monitor(plan: PortPlan, region: str, path: str) -> dict[str, object] | None:
-    url = f"http://{HOST}:{plan.region[region].nats_monitor}{path}"
+    body = procs.http_get(f"http://{HOST}:{plan.region[region].nats_monitor}{path}")
+    if body is None:
+        return None
     try:
-        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as resp:
-            doc = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError):
+        doc = json.loads(body)
+    except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
 
@@ -102,7 +100,7 @@ def ready(plan: PortPlan, region: str) -> bool:
     return isinstance(meta, dict) and bool(meta.get("leader"))
 
 
-def spawn(plan: PortPlan, cluster_dir: Path, spawn: Spawn, *, regions: Sequence[str]) -> None:
+def spawn(plan: PortPlan, cluster_dir: Path, children: Children, *, regions: Sequence[str]) -> None:
     """Start every region's server; ``wait_ready`` then waits for the cluster."""
     binary = shutil.which("nats-server") or "nats-server"
     for r in regions:
@@ -110,26 +108,15 @@ def spawn(plan: PortPlan, cluster_dir: Path, spawn: Spawn, *, regions: Sequence[
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = cluster_dir / "run" / f"nats-{r}.conf"
         conf.write_text(config_text(plan, r, data_dir))
-        spawn(proc_name(r), "nats", r, [binary, "--config", str(conf)], str(conf))
+        children.spawn(proc_name(r), "nats", r, [binary, "--config", str(conf)], str(conf))
 
 
-def wait_ready(
-    plan: PortPlan,
-    logs: Path,
-    alive: Callable[[str], Callable[[], bool]],
-    *,
-    regions: Sequence[str],
-) -> dict[str, str]:
+def wait_ready(plan: PortPlan, children: Children, *, regions: Sequence[str]) -> dict[str, str]:
     """Wait until the spawned servers form a cluster with a JetStream leader, then create the
     stream and buckets. Returns region -> client URL."""
     for r in regions:
-        procs.wait_until(
-            f"nats {r}",
-            lambda r=r: ready(plan, r),  # type: ignore[misc]
-            NATS_READY_TIMEOUT_S,
-            alive=alive(proc_name(r)),
-            log_path=logs / f"{proc_name(r)}.log",
-        )
+        check = functools.partial(ready, plan, r)
+        children.wait_ready(f"nats {r}", check, NATS_READY_TIMEOUT_S, of=[proc_name(r)])
     urls = {r: client_url(plan, r) for r in regions}
     asyncio.run(_bootstrap(urls[regions[0]], len(regions)))
     return urls

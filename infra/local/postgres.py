@@ -39,6 +39,8 @@ ADMIN_ROLE: Final = "txr_admin"
 APP_ROLE: Final = "txr_app"
 RELAY_ROLE: Final = "txr_relay"
 REPL_ROLE: Final = "txr_repl"
+# The cluster's database on every server (migrations, shard init, every DSN).
+DB_NAME: Final = "txr"
 
 
 class PostgresError(RuntimeError):

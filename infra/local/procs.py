@@ -1,4 +1,8 @@
-"""Starting, probing and stopping the local cluster's processes.
+"""Starting, probing and stopping the local cluster's processes (the primitives: no state file).
+
+What this module owns: spawning a command in its own session with its log, the Python child's
+environment, liveness by pid and marker, the port and HTTP probes, the bounded poll every
+readiness wait uses (``wait_until``), and SIGTERM-then-SIGKILL stops.
 
 Every process starts in its own session (``start_new_session``): a Ctrl-C in the terminal then
 reaches only the launcher, which stops the cluster in a deliberate order, instead of hitting
@@ -14,6 +18,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
@@ -25,6 +31,8 @@ KILL_GRACE_S: Final = 5.0
 POLL_INTERVAL_S: Final = 0.05
 # A port probe: loopback answers in microseconds, so anything slower is "not listening".
 CONNECT_PROBE_TIMEOUT_S: Final = 0.5
+# One HTTP probe of a loopback health or monitor endpoint.
+HTTP_PROBE_TIMEOUT_S: Final = 2.0
 
 
 # Children this process started, by pid. Keeping the Popen objects lets us reap them through
@@ -164,6 +172,33 @@ def wait_all_gone(pids: Sequence[int], timeout_s: float) -> list[int]:
     for p in left:
         _signal(p, signal.SIGKILL, group=False)
     return [p for p in left if not wait_gone(p, KILL_GRACE_S)]
+
+
+def python_env() -> dict[str, str]:
+    """The environment of a Python child: it imports our packages from this checkout, whether
+    or not the checkout is installed."""
+    # infra/local/procs.py -> the checkout's root.
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def http_get(url: str) -> bytes | None:
+    """The body of a loopback endpoint's 200 answer; None when it is not listening, answers
+    anything else or takes longer than ``HTTP_PROBE_TIMEOUT_S``."""
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_PROBE_TIMEOUT_S) as resp:  # noqa: S310
+            body: bytes = resp.read()
+            return body if resp.status == 200 else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def http_ok(url: str, expect: Callable[[bytes], bool] | None = None) -> bool:
+    """``url`` answers 200 (with a body ``expect`` accepts, when given)."""
+    body = http_get(url)
+    return body is not None and (expect is None or expect(body))
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import functools
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 from infra.local import procs
+from infra.local.children import Children
 from infra.local.ports import PortPlan
 
 HOST: Final = "127.0.0.1"
@@ -23,8 +24,6 @@ HOST: Final = "127.0.0.1"
 REDIS_READY_TIMEOUT_S: Final = 15.0
 # Redis's server cron rate (see argv).
 REDIS_HZ: Final = 1
-
-Spawn = Callable[[str, str, str, list[str], str], object]
 
 
 def proc_name(region: str) -> str:
@@ -62,29 +61,18 @@ def argv(port: int, data_dir: Path) -> list[str]:
     ]
 
 
-def spawn(plan: PortPlan, cluster_dir: Path, spawn: Spawn, *, regions: Sequence[str]) -> None:
+def spawn(plan: PortPlan, cluster_dir: Path, children: Children, *, regions: Sequence[str]) -> None:
     """Start every region's server; ``wait_ready`` then waits for them."""
     for r in regions:
         port = plan.region[r].redis
         data_dir = cluster_dir / "redis" / r
         data_dir.mkdir(parents=True, exist_ok=True)
         # redis-server rewrites its process title to "redis-server 127.0.0.1:PORT".
-        spawn(proc_name(r), "redis", r, argv(port, data_dir), f"{HOST}:{port}")
+        children.spawn(proc_name(r), "redis", r, argv(port, data_dir), f"{HOST}:{port}")
 
 
-def wait_ready(
-    plan: PortPlan,
-    logs: Path,
-    alive: Callable[[str], Callable[[], bool]],
-    *,
-    regions: Sequence[str],
-) -> None:
+def wait_ready(plan: PortPlan, children: Children, *, regions: Sequence[str]) -> None:
     """Wait until every server accepts connections."""
     for r in regions:
-        procs.wait_until(
-            f"redis {r}",
-            functools.partial(procs.port_open, plan.region[r].redis),
-            REDIS_READY_TIMEOUT_S,
-            alive=alive(proc_name(r)),
-            log_path=logs / f"{proc_name(r)}.log",
-        )
+        check = functools.partial(procs.port_open, plan.region[r].redis)
+        children.wait_ready(f"redis {r}", check, REDIS_READY_TIMEOUT_S, of=[proc_name(r)])

@@ -54,7 +54,7 @@ def _assert_nothing_left(cluster_dir: Path) -> None:
     state = lc.load_state(cluster_dir)
     left = [pid for pid, marker in _all_pids(cluster_dir) if procs.is_alive(pid, marker)]
     assert left == [], f"processes left behind: {left}"
-    plan = plan_ports(state.data["base_port"], state.regions)
+    plan = plan_ports(state.base_port, state.regions)
     busy = [p for p in plan.all_ports() if not procs.port_free(p)]
     assert busy == [], f"ports still bound: {busy}"
 
@@ -243,12 +243,12 @@ def test_down_cleans_up_after_a_start_that_crashed_half_way(tmp_path: Path) -> N
     )
     try:
         # The steps of up() as far as the first PostgreSQL server, then "crash".
-        launcher._prepare()
-        launcher._secrets()
-        launcher._start_wan()
-        launcher._spawn_etcd()
-        launcher._spawn_redis()
-        launcher._start_primary(launcher.regions[0], SlotMap.even(["x"]))
+        launcher.prepare()
+        launcher.write_secrets()
+        launcher.start_wan()
+        launcher.spawn_etcd()
+        launcher.spawn_redis()
+        launcher.start_primary(launcher.regions[0], SlotMap.even(["x"]))
     except Exception:
         lc.down(cluster_dir)
         raise

@@ -1,5 +1,6 @@
-"""infra.local.state: cluster.json read through its typed accessors, and the pid updates that
-restarts write back (the file keeps its keys, so older clusters stay readable)."""
+"""infra.local.state: cluster.json read through its typed accessors and written through its
+typed records (the launcher's entries, restarts' pids, failovers' roles); the file keeps its
+keys, so older clusters stay readable and older checkouts read new ones."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from infra.local.state import STATE_FILE, ClusterError, PgNode, Proc, State, load_state
+from infra.local.ports import plan_ports
+from infra.local.state import (
+    STATE_FILE,
+    ClusterError,
+    PgNode,
+    Proc,
+    ShardRecord,
+    State,
+    load_state,
+)
 
 
 def _doc(tmp: Path) -> dict[str, Any]:
@@ -122,3 +132,69 @@ def test_missing_and_broken_state(tmp_path: Path) -> None:
     (tmp_path / STATE_FILE).write_text("{not json")
     with pytest.raises(ClusterError, match="not valid JSON"):
         load_state(tmp_path)
+
+
+def test_a_new_state_has_the_keys_older_readers_expect(tmp_path: Path) -> None:
+    plan = plan_ports(20000, ["a", "b"])
+    st = State.create(
+        tmp_path, plan=plan, regions=["a", "b"], wan="none",
+        wan_latency_ms={("a", "b"): 0.0}, pg_root=tmp_path / "pg",
+    )  # fmt: skip
+    doc = json.loads((tmp_path / STATE_FILE).read_text())
+    assert doc["status"] == "starting"
+    assert (doc["base_port"], doc["regions"], doc["wan"]) == (20000, ["a", "b"], "none")
+    assert doc["wan_latency_ms"] == {"a/b": 0.0}
+    assert (doc["procs"], doc["pg"], doc["shards"]) == ([], [], {})
+    assert doc["ports"]["regions"]["b"]["router"] == plan.region["b"].router
+    assert st.base_port == 20000
+    assert st.region_ports("a")["etcd_client"] == plan.region["a"].etcd_client
+    assert st.wan_port("a", "b", "etcd") == plan.wan[("a", "b", "etcd")]
+    assert st.wan_control_or_none is None
+    st.set_wan_control("http://127.0.0.1:9")
+    st.mark_up(start_seconds=7.944, routers_started=True)
+    again = load_state(tmp_path)
+    assert (again.status, again.start_seconds, again.routers_started) == ("up", 7.94, True)
+    assert again.wan_control == "http://127.0.0.1:9"
+    again.mark_stopped(failed=True)
+    assert load_state(tmp_path).status == "stop-failed"
+    assert "stopped_at" in load_state(tmp_path).data
+
+
+def test_recorded_entries_keep_the_file_format(tmp_path: Path) -> None:
+    """Typed records are written with the keys of the document (the one ``_doc`` holds, as
+    older checkouts wrote it), and read back equal."""
+    old = _doc(tmp_path)
+    st = State(tmp_path / STATE_FILE, {"regions": ["a", "b"]})
+    for p in old["procs"][:1]:
+        st.add_proc(Proc.from_json(p))
+    for e in old["pg"]:
+        st.add_pg(PgNode.from_json(e))
+    doc = json.loads((tmp_path / STATE_FILE).read_text())
+    assert doc["procs"] == old["procs"][:1]
+    assert doc["pg"] == old["pg"]
+    st.set_pg_started("b-1@a", 55, "primary")
+    node = load_state(tmp_path).pg_node("b-1@a")
+    assert node is not None
+    assert (node.pid, node.role) == (55, "primary")
+    with pytest.raises(ClusterError, match="no node c-1@a"):
+        st.set_pg_pid("c-1@a", 1)
+
+
+def test_role_changes_detach_the_old_primary_and_keep_the_home_region(tmp_path: Path) -> None:
+    st = _state(tmp_path)
+    st.record_shard("a-1", ShardRecord("a", "a", "b", 1))
+    st.add_pg(PgNode("a-1@b", "a-1", "b", "standby", 201, Path("/pg/x"), Path("x.log"), 31))
+    st.record_roles(
+        "a-1", primary="a-1@b", standbys=set(), primary_region="b", standby_region=None, epoch=2
+    )
+    again = load_state(tmp_path)
+    roles = {e.node: e.role for e in again.pg_nodes if e.shard == "a-1"}
+    assert roles == {"a-1@a": "detached", "a-1@b": "primary"}
+    # The other shard's nodes are untouched.
+    standby = again.pg_node("b-1@a")
+    assert standby is not None
+    assert standby.role == "standby"
+    assert again.shard_records == {"a-1": ShardRecord("a", "b", None, 2)}
+    assert again.data["shards"]["a-1"] == {
+        "home_region": "a", "primary_region": "b", "standby_region": None, "epoch": 2,
+    }  # fmt: skip
