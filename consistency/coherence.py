@@ -203,16 +203,6 @@ local function apply(key, mode, ver, payload, ttl, tomb_ttl)
   redis.call('EXPIRE', key, tomb_ttl)
   return 1
 end
-
--- apply() to KEYS[k0..] with their (mode, version, payload) triples from ARGV[a0..].
-local function apply_from(k0, a0, ttl, tomb_ttl)
-  local written = 0
-  for i = k0, #KEYS do
-    local a = a0 + 3 * (i - k0)
-    written = written + apply(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ttl, tomb_ttl)
-  end
-  return written
-end
 """
 
 # KEYS[1] entry, KEYS[2] generation key.
@@ -241,8 +231,9 @@ return apply(KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), to
 # ARGV[3] the position it brings the region to, ARGV[4] commit time (epoch µs) of its last
 # transaction ('' = none in this batch), ARGV[5] shard epoch the entries are keyed by,
 # ARGV[6] value ttl, ARGV[7] tombstone ttl, ARGV[8] heartbeat age s ('' = no claim),
-# ARGV[9] primary node, ARGV[10] lag bytes ('' = unknown), ARGV[11] heartbeat ttl s, then per
-# entry key i (from 3): ARGV[12 + 3*(i-3)] mode, version, payload.
+# ARGV[9] primary node, ARGV[10] lag bytes ('' = unknown), ARGV[11] heartbeat ttl s, ARGV[12]
+# one JSON array with, per entry key i (from 3), [mode, version (decimal string), payload]: the
+# same one-argument form as ``APPLY_MANY_SCRIPT`` (and built once per batch for every region).
 # Returns the number of entries written, or (nothing written) when the marker does not prove
 # that this Redis holds every change up to where the batch starts: -1 missing (Redis lost its
 # data), -2 naming another repl_slot (recreated: failover), -3 behind (a batch never arrived).
@@ -264,7 +255,15 @@ end
 if m[2] < ARGV[2] then
   return -3
 end
-local written = apply_from(3, 12, tonumber(ARGV[6]), tonumber(ARGV[7]))
+local items = cjson.decode(ARGV[12])
+if #items ~= #KEYS - 2 then
+  return redis.error_reply('feed apply: ' .. #items .. ' entries for ' .. (#KEYS - 2) .. ' keys')
+end
+local ttl, tomb_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local written = 0
+for i, item in ipairs(items) do
+  written = written + apply(KEYS[i + 2], item[1], tonumber(item[2]), item[3], ttl, tomb_ttl)
+end
 if ARGV[3] > m[2] then
   redis.call('HSET', KEYS[1], 'lsn', ARGV[3])
 end

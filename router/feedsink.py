@@ -42,6 +42,34 @@ _REFUSALS: Final = {-1: "marker_missing", -2: "repl_slot_changed", -3: "marker_b
 
 
 @dataclass(frozen=True, slots=True)
+class FeedEntries:
+    """A batch's cache entries, encoded once for every region (``FEED_APPLY_SCRIPT``'s keys
+    from the third on and its ARGV[12]): a batch goes to three regions, and building and
+    packing its keys and payloads was a fifth of the relay's CPU when done per region."""
+
+    keys: tuple[str, ...]
+    items: bytes
+
+    @classmethod
+    def of(cls, epoch: int, changes: Iterable[AccountChange]) -> FeedEntries:
+        keys: list[str] = []
+        items: list[tuple[str, str, str]] = []
+        for c in changes:
+            if c.deleted:
+                # The row left the shard (a slot move): its new home's feed fills it, and a
+                # key shared with that home (same epoch number) must not lose its entry.
+                continue
+            if not 1 <= c.version <= coherence.VERSION_MAX:
+                raise ValueError(f"version {c.version} outside 1..{coherence.VERSION_MAX}")
+            keys.append(coherence.entry_key(epoch, c.account_id))
+            if c.row is not None:
+                items.append(("fill", str(c.version), orjson.dumps(c.row).decode()))
+            else:
+                items.append(("inval", str(c.version), ""))
+        return cls(tuple(keys), orjson.dumps(items))
+
+
+@dataclass(frozen=True, slots=True)
 class Marker:
     """A region's position for a shard (coherence: ``txr:feed:{shard}``)."""
 
@@ -106,15 +134,16 @@ class RegionSink:
         to_lsn: int,
         commit_ts_us: int | None,
         epoch: int,
-        changes: Iterable[AccountChange],
+        entries: FeedEntries,
         heartbeat_age_s: float | None,
         primary: str,
         lag_bytes: int | None,
     ) -> int | str:
-        """One batch (``FEED_APPLY_SCRIPT``). Returns the entries written, or why the marker
-        does not prove continuity (nothing written: the region must be reset or catch up):
-        ``marker_missing``, ``repl_slot_changed`` or ``marker_behind``."""
-        keys = [coherence.position_key(shard), coherence.heartbeat_key(shard)]
+        """One batch (``FEED_APPLY_SCRIPT``) with its ``entries`` (keyed by ``epoch``'s keys).
+        Returns the entries written, or why the marker does not prove continuity (nothing
+        written: the region must be reset or catch up): ``marker_missing``,
+        ``repl_slot_changed`` or ``marker_behind``."""
+        keys = [coherence.position_key(shard), coherence.heartbeat_key(shard), *entries.keys]
         args: list[str | int | bytes] = [
             repl_slot,
             coherence.lsn_sortable(from_lsn),
@@ -127,19 +156,8 @@ class RegionSink:
             primary,
             "" if lag_bytes is None else lag_bytes,
             coherence.HEARTBEAT_TTL_S,
+            entries.items,
         ]
-        for c in changes:
-            if c.deleted:
-                # The row left the shard (a slot move): its new home's feed fills it, and a
-                # key shared with that home (same epoch number) must not lose its entry.
-                continue
-            if not 1 <= c.version <= coherence.VERSION_MAX:
-                raise ValueError(f"version {c.version} outside 1..{coherence.VERSION_MAX}")
-            keys.append(coherence.entry_key(epoch, c.account_id))
-            if c.row is not None:
-                args += ["fill", c.version, orjson.dumps(c.row)]
-            else:
-                args += ["inval", c.version, b""]
         with redis_unavailable(f"redis {self.region}"):
             res = int(await self._apply(keys=keys, args=args))
         return _REFUSALS.get(res, "marker_refused") if res < 0 else res
@@ -199,4 +217,4 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-__all__ = ["CacheUnavailable", "Marker", "RegionSink"]
+__all__ = ["CacheUnavailable", "FeedEntries", "Marker", "RegionSink"]

@@ -99,9 +99,10 @@ class WritePath:
         """Post independent transfers (a batch request): one outcome per item, in order.
 
         Same-shard items are queued into their shard's batcher all at once, admitted or shed
-        together (``ShardBatcher.admit``), and awaited together (no task per item); an item that meets a fence refusal, an unreachable
-        primary, or lives across shards takes ``post_transfer``'s full path, exactly as a
-        single request would. Each item's errors are its own (a RouteOutcome in its place).
+        together (``ShardBatcher.admit``), and awaited together (no task per item); an item
+        that meets a fence refusal, an unreachable primary, or lives across shards takes
+        ``post_transfer``'s full path, exactly as a single request would. Each item's errors
+        are its own (a RouteOutcome in its place).
         """
         out: list[PostedTransfer | RouteOutcome | None] = [None] * len(reqs)
         topo = self._resolver.topology

@@ -50,6 +50,7 @@ import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -67,7 +68,7 @@ from regionstore.store import ShardStore
 from router.events.publisher import RETRY_BACKOFF_S_MAX as EVENTS_BACKOFF_S_MAX
 from router.events.publisher import RETRY_BACKOFF_S_MIN as EVENTS_BACKOFF_S_MIN
 from router.events.publisher import EventSink
-from router.feedsink import Marker, RegionSink
+from router.feedsink import FeedEntries, Marker, RegionSink
 from router.metrics import Metrics
 from router.redisconn import CacheUnavailable
 
@@ -99,6 +100,9 @@ REGION_CALL_TIMEOUT_S: Final = 60.0
 # region never delays the others; one that falls this far behind (at one batch per heartbeat
 # while idle, or per durable round under load: seconds of commits) is treated as unreachable.
 REGION_QUEUE_BATCHES_MAX: Final = 1024
+# Encoded batches kept for the other regions' workers (ShardFeed._entries): a region that is
+# further behind than this re-encodes, which costs CPU only.
+ENTRIES_MEMO_BATCHES: Final = 4
 # A stopping session waits this long at most for its region workers to end.
 WORKER_STOP_TIMEOUT_S: Final = 5.0
 
@@ -170,6 +174,7 @@ class ShardFeed:
         self.resets: dict[str, list[str]] = {name: [] for name in sinks}
         self._latest_proof: float | None = None
         self._last_commit_us: int | None = None
+        self._entries_memo: OrderedDict[int, tuple[FeedBatch, int, FeedEntries]] = OrderedDict()
         self._restart_wanted = False
         self._moved = False
         self._stopping = False
@@ -478,7 +483,7 @@ class ShardFeed:
         if proof is not None and (through is None or proof > through):
             through = proof
         age = None if through is None else time.monotonic() - through
-        changes = committed_accounts(batch.txns)
+        entries = self._entries(batch, shard.epoch)
         async with asyncio.timeout(REGION_CALL_TIMEOUT_S):
             written = await r.sink.apply(
                 self.shard,
@@ -487,7 +492,7 @@ class ShardFeed:
                 to_lsn=batch.to_lsn,
                 commit_ts_us=_to_us(batch.txns[-1].commit_time) if batch.txns else None,
                 epoch=shard.epoch,
-                changes=changes.values(),
+                entries=entries,
                 heartbeat_age_s=age,
                 primary=shard.primary.name,
                 lag_bytes=batch.lag_bytes,
@@ -500,8 +505,22 @@ class ShardFeed:
             return
         r.applied = batch.to_lsn
         r.through = through
-        if self.metrics is not None and changes:
-            self.metrics.feed_applied.labels(self.region, self.shard, r.name).inc(len(changes))
+        if self.metrics is not None and entries.keys:
+            self.metrics.feed_applied.labels(self.region, self.shard, r.name).inc(len(entries.keys))
+
+    def _entries(self, batch: FeedBatch, epoch: int) -> FeedEntries:
+        """The batch's entries, encoded once for all regions: every region's worker applies
+        the same batches in the same order, usually within moments of each other, so the last
+        few encodings are kept (each holds its batch, so an id is not reused meanwhile)."""
+        memo = self._entries_memo
+        hit = memo.get(id(batch))
+        if hit is not None and hit[0] is batch and hit[1] == epoch:
+            return hit[2]
+        entries = FeedEntries.of(epoch, committed_accounts(batch.txns).values())
+        memo[id(batch)] = (batch, epoch, entries)
+        while len(memo) > ENTRIES_MEMO_BATCHES:
+            memo.popitem(last=False)
+        return entries
 
     def _confirm(self) -> None:
         assert self.feed is not None

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
+import orjson
 import psycopg
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 from psycopg.conninfo import make_conninfo
 
 from consistency import coherence
@@ -34,10 +36,10 @@ from consistency.ids import new_account_id, new_transfer_id
 from consistency.topology import Node, Region, Shard, SlotMap, SlotRange, Topology
 from infra.local import postgres as pg
 from regionstore import replication
-from regionstore.changefeed import repl_slot_prefix
+from regionstore.changefeed import AccountChange, repl_slot_prefix
 from regionstore.store import CreateAccountCode, ShardStore, TransferCode, TransferItem
 from router.cache import RegionCache
-from router.feedsink import FEED_REDIS_TIMEOUT_S, RegionSink
+from router.feedsink import FEED_REDIS_TIMEOUT_S, FeedEntries, Marker, RegionSink
 from router.freshness import RelayLag
 from router.metrics import Metrics
 from router.redisconn import CacheUnavailable
@@ -580,3 +582,59 @@ async def test_remote_visibility_latency(env: Env, record_property: Callable[...
         "commit -> remote Redis over %d commits: p50 %.1f ms, p99 %.1f ms", len(samples), p50, p99
     )
     assert p99 < 1000
+
+
+async def test_a_batch_is_applied_byte_exact_with_the_version_rule_per_key(env: Env) -> None:
+    """FEED_APPLY_SCRIPT takes a batch's entries as one JSON argument (FeedEntries): what a
+    region stores is exactly the row's JSON, whatever it holds, and every key keeps its own
+    forward-only rule within one call."""
+    sink = RegionSink("r2", env.redis["r2"].url)
+    env.sinks.append(sink)
+    shard, epoch, repl_slot = f"bytes-{uuid.uuid4().hex[:8]}", 7, "txr_feed_bytes"
+    await sink.set_marker(shard, Marker(repl_slot, 100, None, epoch))
+    accs = [new_account_id(OWN_SLOT) for _ in range(4)]
+    odd = {"q": 'say "hi"', "b": "back\\slash", "u": "zł €", "e": "🦀", "n": 2**63 - 1, "c": "\x01"}
+    rows = {acc: {"id": acc, "version": 3, "metadata": odd, "i": i} for i, acc in enumerate(accs)}
+
+    async def apply(changes: list[AccountChange], from_lsn: int, to_lsn: int) -> int | str:
+        return await sink.apply(
+            shard,
+            repl_slot=repl_slot,
+            from_lsn=from_lsn,
+            to_lsn=to_lsn,
+            commit_ts_us=None,
+            epoch=epoch,
+            entries=FeedEntries.of(epoch, changes),
+            heartbeat_age_s=None,
+            primary="n1",
+            lag_bytes=None,
+        )
+
+    written = await apply([AccountChange(a, 3, rows[a]) for a in accs], 100, 200)
+    assert written == len(accs)
+    client = aioredis.Redis.from_url(env.redis["r2"].url)
+    try:
+        for acc in accs:
+            stored = await client.hget(coherence.entry_key(epoch, acc), "d")
+            assert stored == orjson.dumps(rows[acc])
+        # One call: an older fill is refused, a newer tombstone wins, a deleted row is skipped.
+        newer = {**rows[accs[0]], "version": 9}
+        written = await apply(
+            [
+                AccountChange(accs[0], 9, newer),
+                AccountChange(accs[1], 2, {**rows[accs[1]], "version": 2}),
+                AccountChange(accs[2], 5, None),
+                AccountChange(accs[3], 8, None, deleted=True),
+            ],
+            200,
+            300,
+        )
+        assert written == 2
+        assert await client.hget(coherence.entry_key(epoch, accs[0]), "d") == orjson.dumps(newer)
+        assert await client.hget(coherence.entry_key(epoch, accs[1]), "v") == b"3"
+        assert await client.hget(coherence.entry_key(epoch, accs[2]), "t") == b"1"
+        assert await client.hget(coherence.entry_key(epoch, accs[3]), "v") == b"3"
+        # The continuity rule still comes first: a batch from past the marker writes nothing.
+        assert await apply([AccountChange(accs[0], 10, newer)], 400, 500) == "marker_behind"
+    finally:
+        await client.aclose()
