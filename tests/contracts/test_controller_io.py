@@ -38,18 +38,9 @@ class Pair:
     other: af.ControllerIO
 
 
-@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.integration)])
-def cluster(request: pytest.FixtureRequest) -> LocalCluster | None:
-    """None for the fake; the test cluster for the real one (a synchronous fixture: it starts
-    the cluster with its own event loops)."""
-    if request.param == "fake":
-        return None
-    cluster: LocalCluster = request.getfixturevalue("local_cluster")
-    return cluster
-
-
 @pytest.fixture
-async def pair(cluster: LocalCluster | None) -> AsyncIterator[Pair]:
+async def pair(contract_cluster: LocalCluster | None) -> AsyncIterator[Pair]:
+    cluster = contract_cluster
     if cluster is None:
         world = ControllerWorld()
         yield Pair(FakeControllerIO(world, "a"), FakeControllerIO(world, "b"))

@@ -20,8 +20,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from consistency import ids
-from router.events import model, stream
+from router.events import stream
 from router.events.publisher import (
     JetStreamPublisher,
     Position,
@@ -31,21 +30,13 @@ from router.events.publisher import (
 )
 from tests.fixtures.api import new_tenant
 from tests.fixtures.cluster import LocalCluster
+from tests.fixtures.events import account, account_created, transfer_settled
 from tests.fixtures.fakes import MemoryPublisher
 
 
-@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.integration)])
-def cluster(request: pytest.FixtureRequest) -> LocalCluster | None:
-    """None for the fake; the test cluster for the real one (a synchronous fixture: it starts
-    the cluster with its own event loops)."""
-    if request.param == "fake":
-        return None
-    cluster: LocalCluster = request.getfixturevalue("local_cluster")
-    return cluster
-
-
 @pytest.fixture
-async def pub(cluster: LocalCluster | None) -> AsyncIterator[Publisher]:
+async def pub(contract_cluster: LocalCluster | None) -> AsyncIterator[Publisher]:
+    cluster = contract_cluster
     if cluster is None:
         yield MemoryPublisher()
         return
@@ -57,44 +48,17 @@ async def pub(cluster: LocalCluster | None) -> AsyncIterator[Publisher]:
         await real.close()
 
 
-def _account(n: int) -> str:
-    return ids.format_account_id((n << 12) | 1)
-
-
-def _created(tenant: str, acc: str, lsn: int) -> model.Event:
-    data = {"id": acc, "currency": "EUR", "balance": 0, "metadata": {}}
-    # The tenant is the run's own, so the ids are too (the stream keeps each id once).
-    return model.Event(
-        model.event_id(model.ACCOUNT_CREATED, acc + tenant),
-        model.ACCOUNT_CREATED,
-        tenant,
-        "2026-01-01T00:00:00Z",
-        data,
-        lsn,
-    )
-
-
-def _transfer(tenant: str, src: str, dst: str, lsn: int, reference_chars: int = 0) -> model.Event:
-    tid = ids.format_transfer_id(1, uuid.uuid4())
-    reference = "x" * reference_chars if reference_chars else None
-    data = {"id": tid, "source": src, "destination": dst, "amount": 1, "reference": reference}
-    return model.Event(
-        model.event_id(model.TRANSFER_SETTLED, tid),
-        model.TRANSFER_SETTLED,
-        tenant,
-        "2026-01-01T00:00:00Z",
-        data,
-        lsn,
-    )
-
-
 async def test_publisher_keeps_the_contract(pub: Publisher) -> None:
     tenant = new_tenant()
-    a, b, c, d = (_account(n) for n in (21, 22, 23, 24))
+    a, b, c, d = (account(n) for n in (21, 22, 23, 24))
     assert await pub.healthy()
     assert await pub.publish([]) == Published(0, 0)
 
-    fresh = [_created(tenant, a, 1), _created(tenant, b, 1), _transfer(tenant, a, b, 2)]
+    fresh = [
+        account_created(tenant, a, 1),
+        account_created(tenant, b, 1),
+        transfer_settled(tenant, a, b, 2),
+    ]
     assert await pub.publish(fresh) == Published(3, 0)
     assert await pub.publish(fresh) == Published(3, 3)
 
@@ -103,12 +67,12 @@ async def test_publisher_keeps_the_contract(pub: Publisher) -> None:
     # transfer, which does not follow it; d -> c follows it on its accounts, so it is never sent.
     big = stream.STREAM_MAX_MSG_BYTES + 1
     events = [
-        _created(tenant, c, 3),
-        _created(tenant, d, 3),
-        _transfer(tenant, a, b, 3),
-        _transfer(tenant, c, d, 4, reference_chars=big),
-        _transfer(tenant, a, b, 5),
-        _transfer(tenant, d, c, 6),
+        account_created(tenant, c, 3),
+        account_created(tenant, d, 3),
+        transfer_settled(tenant, a, b, 3),
+        transfer_settled(tenant, c, d, 4, reference="x" * big),
+        transfer_settled(tenant, a, b, 5),
+        transfer_settled(tenant, d, c, 6),
     ]
     with pytest.raises(PublishError) as failed:
         await pub.publish(events)
