@@ -212,29 +212,38 @@ def register(sub: Subparsers) -> None:
 
     keys = sub.add_parser("keys", help="the JWT signing keys and saga keys of a local cluster")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    for name, what in (
-        ("list", "the keys, which one signs, when the others retire"),
-        ("rotate", "publish a new key, then sign with it; the old one verifies until retired"),
-        ("retire", "remove keys past their retire time (or --kid K now)"),
+    for name, what, handler in (
+        ("list", "the keys, which one signs, when the others retire", _cmd_keys),
+        (
+            "rotate",
+            "publish a new key, then sign with it; the old one verifies until retired",
+            _cmd_keys,
+        ),
+        ("retire", "remove keys past their retire time (or --kid K now)", _cmd_keys),
+        (
+            "list-saga",
+            "the saga (leg 2) HMAC keys of every shard and the messages naming them",
+            _cmd_saga_keys,
+        ),
+        (
+            "rotate-saga",
+            "stage a new saga key everywhere, then sign with it; one old key stays",
+            _cmd_saga_keys,
+        ),
+        (
+            "retire-saga",
+            "remove saga keys that nothing signs with and no pending message names",
+            _cmd_saga_keys,
+        ),
     ):
         p = keys_sub.add_parser(name, help=what)
         add_dir(p)
         p.add_argument("--json", action="store_true")
         if name == "retire":
             p.add_argument("--kid", default=None, help="retire this key now (a leaked key)")
-        else:
+        elif handler is _cmd_keys:
             p.set_defaults(kid=None)
-        p.set_defaults(handler=_cmd_keys)
-
-    for name, what in (
-        ("list-saga", "the saga (leg 2) HMAC keys of every shard and the messages naming them"),
-        ("rotate-saga", "stage a new saga key everywhere, then sign with it; one old key stays"),
-        ("retire-saga", "remove saga keys that nothing signs with and no pending message names"),
-    ):
-        p = keys_sub.add_parser(name, help=what)
-        add_dir(p)
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(handler=_cmd_saga_keys)
+        p.set_defaults(handler=handler)
 
     limits = sub.add_parser("limits", help="per-tenant rate limits and account caps (etcd)")
     limits_sub = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")

@@ -65,9 +65,12 @@ _OP_ERRORS: Final = (
 )
 
 
-def _run_procedure(args: argparse.Namespace, name: str, fn: Callable[[], Any]) -> int:
+def _run_procedure(
+    args: argparse.Namespace, name: str, fn: Callable[[], failover_plan.FailoverResult]
+) -> int:
+    """``txr failover|switchover|rejoin``: ``fn`` under the shard's lock, its outcome printed."""
     try:
-        outcome = fn()
+        outcome = _locked(args, name, fn)()
     except failover_plan.FailoverRefused as exc:
         err(f"{name} refused: {exc}")
         return EXIT_FAILED
@@ -134,16 +137,12 @@ def _cmd_failover(args: argparse.Namespace) -> int:
     return _run_procedure(
         args,
         "failover",
-        _locked(
-            args,
-            "failover",
-            lambda: failover_plan.failover(
-                failover.LocalShardOps(args.dir),
-                args.shard,
-                args.to,
-                accept_data_loss=args.accept_data_loss,
-                progress=step,
-            ),
+        lambda: failover_plan.failover(
+            failover.LocalShardOps(args.dir),
+            args.shard,
+            args.to,
+            accept_data_loss=args.accept_data_loss,
+            progress=step,
         ),
     )
 
@@ -152,12 +151,8 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
     return _run_procedure(
         args,
         "switchover",
-        _locked(
-            args,
-            "switchover",
-            lambda: failover_plan.switchover(
-                failover.LocalShardOps(args.dir), args.shard, args.to, progress=step
-            ),
+        lambda: failover_plan.switchover(
+            failover.LocalShardOps(args.dir), args.shard, args.to, progress=step
         ),
     )
 
@@ -166,12 +161,8 @@ def _cmd_rejoin(args: argparse.Namespace) -> int:
     return _run_procedure(
         args,
         "rejoin",
-        _locked(
-            args,
-            "rejoin",
-            lambda: failover_plan.rejoin(
-                failover.LocalShardOps(args.dir), args.shard, args.node, progress=step
-            ),
+        lambda: failover_plan.rejoin(
+            failover.LocalShardOps(args.dir), args.shard, args.node, progress=step
         ),
     )
 
