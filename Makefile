@@ -29,14 +29,16 @@ typecheck: setup
 test: lint typecheck
 	$(VENV)/bin/pytest -q
 
-# The pure tests alone (seconds, no servers), and the tests that start real PostgreSQL, Redis,
-# etcd and local clusters (the chaos scenarios included: `-m "integration and not chaos"` to
-# leave them out).
+# The pure tests alone (seconds, no servers: the contract tests against the fakes too), and the
+# tests that start real PostgreSQL, Redis, etcd and local clusters (the contract tests against
+# the real implementations, and the chaos scenarios: `-m "integration and not chaos"` to leave
+# them out).
 unit: setup
 	$(VENV)/bin/pytest -q tests/unit
+	$(VENV)/bin/pytest -q -m "not integration" tests/contracts
 
 integration: setup
-	$(VENV)/bin/pytest -q -m integration tests/integration
+	$(VENV)/bin/pytest -q -m integration tests/integration tests/contracts
 
 clean:
 	-$(VENV)/bin/txr local down

@@ -4,7 +4,8 @@ One controller runs in every region (``infra.controller`` wires it). Each round 
 shard's primary and synchronous standby, publishes what it saw (its *verdict*) in etcd under a
 lease, reads every region's verdicts, and decides per shard with :func:`decide`. Everything that
 touches the world is behind :class:`ControllerIO`, so the rules below are tested with a fake
-clock and a recording fake (tests/unit/test_autofailover.py).
+clock and a recording fake (tests/unit/test_autofailover.py) that keeps the same contract as
+the real I/O (tests/contracts/test_controller_io.py).
 
 Why these rules keep G1 (no acknowledged write lost) and "never two primaries accepting writes":
 

@@ -21,11 +21,11 @@ from typing import Any, Final
 import nats
 import pytest
 
-from consistency import ids
 from regionstore.store import ShardStore
 from router.events import model, publisher, stream
 from router.events.publisher import EventSink, JetStreamPublisher, Position, PublishError
 from tests.fixtures.api import Api, new_tenant
+from tests.fixtures.events import account, account_created, transfer_settled
 from tests.integration.test_events import all_events, wait_events
 
 pytestmark = pytest.mark.integration
@@ -37,38 +37,6 @@ BIG_REFERENCE_CHARS: Final = 6000
 STORE_OPEN_TIMEOUT_S: Final = 10.0
 # The test's tenant's events reach the stream through the pull API within this.
 READ_WAIT_S: Final = 30.0
-
-
-def _account(n: int) -> str:
-    return ids.format_account_id((n << 12) | 1)
-
-
-def _created(tenant: str, acc: str, lsn: int) -> model.Event:
-    data = {"id": acc, "currency": "EUR", "balance": 0, "metadata": {}}
-    return model.Event(
-        # Unique to the run: the account ids are the same in every run of this test.
-        model.event_id(model.ACCOUNT_CREATED, acc + tenant),
-        model.ACCOUNT_CREATED,
-        tenant,
-        "2026-01-01T00:00:00Z",
-        data,
-        lsn,
-    )
-
-
-def _transfer(
-    tenant: str, src: str, dst: str, lsn: int, reference: str | None = None
-) -> model.Event:
-    tid = ids.format_transfer_id(1, uuid.uuid4())
-    data = {"id": tid, "source": src, "destination": dst, "amount": 1, "reference": reference}
-    return model.Event(
-        model.event_id(model.TRANSFER_SETTLED, tid),
-        model.TRANSFER_SETTLED,
-        tenant,
-        "2026-01-01T00:00:00Z",
-        data,
-        lsn,
-    )
 
 
 def _per_account(events: Sequence[dict[str, Any] | model.Event]) -> dict[str, list[str]]:
@@ -103,20 +71,20 @@ async def test_partial_publish_failure_keeps_every_accounts_commit_order(
     api: Api, local_cluster: Any
 ) -> None:
     tenant = new_tenant()
-    a, b, c, d = (_account(n) for n in (11, 12, 13, 14))
+    a, b, c, d = (account(n) for n in (11, 12, 13, 14))
     # Commit order; event 4 (a -> b) is the one the stream refuses. Events after it touch its
     # accounts (a, b) and others (c, d), some in the same pipelined wave it is in.
     events = [
-        _created(tenant, a, 1),
-        _created(tenant, b, 1),
-        _created(tenant, c, 2),
-        _created(tenant, d, 2),
-        _transfer(tenant, a, b, 3, reference="x" * BIG_REFERENCE_CHARS),
-        _transfer(tenant, c, d, 4),
-        _transfer(tenant, a, c, 5),
-        _transfer(tenant, b, d, 6),
-        _transfer(tenant, c, d, 7),
-        _transfer(tenant, d, a, 8),
+        account_created(tenant, a, 1),
+        account_created(tenant, b, 1),
+        account_created(tenant, c, 2),
+        account_created(tenant, d, 2),
+        transfer_settled(tenant, a, b, 3, reference="x" * BIG_REFERENCE_CHARS),
+        transfer_settled(tenant, c, d, 4),
+        transfer_settled(tenant, a, c, 5),
+        transfer_settled(tenant, b, d, 6),
+        transfer_settled(tenant, c, d, 7),
+        transfer_settled(tenant, d, a, 8),
     ]
     failing = 4
     url = local_cluster.refresh_status()["regions"]["us-east"]["nats"]

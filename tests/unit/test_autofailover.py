@@ -1,22 +1,24 @@
 """The automatic failover rules (consistency/autofailover.py) with a fake clock and a fake world.
 
 Three controllers share one fake etcd (verdicts, mode, last failover, one lock per shard) and
-probe one fake set of servers; time only moves when a test moves it.
+probe one fake set of servers (tests.fixtures.fakes, the fake that keeps the ControllerIO
+contract of tests/contracts/test_controller_io.py); time only moves when a test moves it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pytest
 
 from consistency import autofailover as af
+from tests.fixtures.fakes import FAKE_VIEW, ControllerWorld, FakeControllerIO
 
 REGIONS = ("a", "b", "c")
 CFG = af.Config(detection_s=2.0, anti_flap_s=60.0, verdict_stale_s=1.0, verdict_heartbeat_s=0.5)
-VIEW = af.ShardView("s-1", "s-1@a", "a", 1, True, "s-1@b", "b")
+VIEW = FAKE_VIEW
 
 
 def sv(down: float | None, *, sb_down: float | None = None, rec: bool = False) -> af.ShardVerdict:
@@ -123,71 +125,13 @@ def test_down_time_restarts_at_every_success() -> None:
 # -- three controllers over one fake world -------------------------------------------------------
 
 
-@dataclass
-class World:
-    now: float = 0.0
-    down: set[str] = field(default_factory=set)  # nodes that fail every probe, from everywhere
-    cut: set[tuple[str, str]] = field(default_factory=set)  # (region, node) pairs that fail
-    view: af.ShardView = VIEW
-    verdicts: dict[str, af.Verdict] = field(default_factory=dict)
-    mode: af.Mode = field(default_factory=af.Mode)
-    last_failover: float | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    actions: list[str] = field(default_factory=list)
-    decisions: list[af.Decision] = field(default_factory=list)
-    published: list[tuple[float, af.Verdict]] = field(default_factory=list)
-    probes: int = 0
+def controllers(w: ControllerWorld) -> list[af.Controller]:
+    return [af.Controller(FakeControllerIO(w, r), regions_total=3, cfg=CFG) for r in REGIONS]
 
 
-@dataclass
-class FakeIO:
-    world: World
-    region: str
-
-    async def shards(self) -> dict[str, af.ShardView]:
-        return {"s-1": self.world.view}
-
-    async def probe(self, node: str, *, want_primary: bool) -> af.Probe:
-        w = self.world
-        w.probes += 1
-        if node in w.down or (self.region, node) in w.cut:
-            return af.Probe(False, detail="timeout")
-        return af.Probe(True, in_recovery=not want_primary)
-
-    async def publish(self, verdict: af.Verdict) -> None:
-        self.world.verdicts[self.region] = verdict
-        self.world.published.append((self.world.now, verdict))
-
-    async def verdicts(self) -> list[af.Verdict]:
-        return list(self.world.verdicts.values())
-
-    async def mode(self) -> af.Mode:
-        return self.world.mode
-
-    async def last_failover_at(self, shard: str) -> float | None:
-        return self.world.last_failover
-
-    async def record_decision(self, decision: af.Decision) -> None:
-        self.world.decisions.append(decision)
-
-    async def act(self, decision: af.Decision, decided: af.ShardView) -> af.Acted:
-        w = self.world
-        async with w.lock:
-            await asyncio.sleep(0)  # let a racing controller reach the lock
-            if not af.still_valid(decided, w.view):
-                return af.Acted(af.Reason.CHANGED, "someone else acted")
-            w.actions.append(f"{self.region}: {decision.action.value} -> {decision.target_region}")
-            assert decision.target_region is not None
-            w.view = af.ShardView("s-1", "s-1@b", "b", w.view.epoch + 1, False, None, None)
-            w.last_failover = 1000.0 + w.now
-            return af.Acted(af.Reason.DONE, "failed over", failed_over=True)
-
-
-def controllers(w: World) -> list[af.Controller]:
-    return [af.Controller(FakeIO(w, r), regions_total=3, cfg=CFG) for r in REGIONS]
-
-
-async def run_for(w: World, cs: list[af.Controller], seconds: float, step: float = 0.25) -> None:
+async def run_for(
+    w: ControllerWorld, cs: list[af.Controller], seconds: float, step: float = 0.25
+) -> None:
     end = w.now + seconds
     while w.now < end:
         # All three concurrently, as separate processes would.
@@ -196,7 +140,7 @@ async def run_for(w: World, cs: list[af.Controller], seconds: float, step: float
 
 
 async def test_killed_primary_fails_over_once_within_detection_plus_a_round() -> None:
-    w = World()
+    w = ControllerWorld()
     cs = controllers(w)
     await run_for(w, cs, 1.0)
     w.down.add("s-1@a")
@@ -213,14 +157,14 @@ async def test_killed_primary_fails_over_once_within_detection_plus_a_round() ->
 
 
 async def test_one_cut_off_region_never_triggers() -> None:
-    w = World(cut={("c", "s-1@a")})
+    w = ControllerWorld(cut={("c", "s-1@a")})
     await run_for(w, controllers(w), 10.0)
     assert w.actions == []
     assert any(d.reason is af.Reason.SUSPECTED for d in w.decisions)
 
 
 async def test_pauses_below_the_detection_time_never_trigger() -> None:
-    w = World()
+    w = ControllerWorld()
     cs = controllers(w)
     for _ in range(6):
         w.down.add("s-1@a")
@@ -231,7 +175,7 @@ async def test_pauses_below_the_detection_time_never_trigger() -> None:
 
 
 async def test_off_means_no_action_and_on_acts() -> None:
-    w = World(mode=af.Mode(True, {"s-1": False}))
+    w = ControllerWorld(mode=af.Mode(True, {"s-1": False}))
     cs = controllers(w)
     w.down.add("s-1@a")
     await run_for(w, cs, 4.0)
@@ -243,7 +187,7 @@ async def test_off_means_no_action_and_on_acts() -> None:
 
 
 async def test_anti_flap_window_blocks_a_second_failover() -> None:
-    w = World()
+    w = ControllerWorld()
     cs = controllers(w)
     w.down.add("s-1@a")
     await run_for(w, cs, 3.0)
@@ -257,7 +201,7 @@ async def test_anti_flap_window_blocks_a_second_failover() -> None:
 
 
 async def test_stale_verdicts_of_dead_controllers_are_no_majority() -> None:
-    w = World(mode=af.Mode(enabled=False))
+    w = ControllerWorld(mode=af.Mode(enabled=False))
     cs = controllers(w)
     w.down.add("s-1@a")
     await run_for(w, cs, 3.0)
@@ -280,7 +224,7 @@ def test_majority(total: int, need: int) -> None:
 async def test_an_unchanged_verdict_is_published_only_as_a_heartbeat() -> None:
     """Idle, a controller writes etcd once per heartbeat, not every round (each put is a raft
     commit with an fsync on every member); a suspicion goes out on the round that saw it."""
-    w = World()
+    w = ControllerWorld()
     cs = controllers(w)
     await run_for(w, cs, 10.0)
     per_region = len(w.published) / len(REGIONS)
@@ -313,7 +257,7 @@ class Schedule:
     """Runs each controller when its own ``next_round_s`` says, as infra.controller does;
     ``wake`` is a sentinel seeing its connection close (the round runs now)."""
 
-    def __init__(self, w: World, cs: list[af.Controller]) -> None:
+    def __init__(self, w: ControllerWorld, cs: list[af.Controller]) -> None:
         self.w, self.cs = w, cs
         self.due = [w.now] * len(cs)
         self.rounds = [0] * len(cs)
@@ -333,12 +277,12 @@ class Schedule:
             w.now = round(w.now + TICK_S, 6)
 
 
-def idle_controllers(w: World) -> list[af.Controller]:
-    return [af.Controller(FakeIO(w, r), regions_total=3, cfg=IDLE_CFG) for r in REGIONS]
+def idle_controllers(w: ControllerWorld) -> list[af.Controller]:
+    return [af.Controller(FakeControllerIO(w, r), regions_total=3, cfg=IDLE_CFG) for r in REGIONS]
 
 
 async def test_idle_controllers_probe_at_the_backstop_interval_and_stay_fresh() -> None:
-    w = World()
+    w = ControllerWorld()
     sched = Schedule(w, idle_controllers(w))
     await sched.run_for(30.0)
     # Two servers per round: the idle rate, not the fast one (a sixth of the probes).
@@ -355,7 +299,7 @@ async def test_idle_controllers_probe_at_the_backstop_interval_and_stay_fresh() 
 
 
 async def test_a_kill_seen_by_the_sentinels_fails_over_as_fast_as_before() -> None:
-    w = World()
+    w = ControllerWorld()
     sched = Schedule(w, idle_controllers(w))
     await sched.run_for(5.0)
     # Mid-way between two idle rounds: the connections close and every sentinel wakes its round.
@@ -369,7 +313,7 @@ async def test_a_kill_seen_by_the_sentinels_fails_over_as_fast_as_before() -> No
 
 
 async def test_a_hang_is_found_by_the_backstop_probe_within_one_idle_interval_more() -> None:
-    w = World()
+    w = ControllerWorld()
     sched = Schedule(w, idle_controllers(w))
     await sched.run_for(5.0 + TICK_S)
     # No socket closes (SIGSTOP): nobody wakes, the next idle round's probe fails.
@@ -388,7 +332,7 @@ async def test_a_hang_is_found_by_the_backstop_probe_within_one_idle_interval_mo
 
 
 async def test_pauses_below_the_detection_time_never_trigger_at_the_idle_cadence() -> None:
-    w = World()
+    w = ControllerWorld()
     sched = Schedule(w, idle_controllers(w))
     for _ in range(6):
         w.down.add("s-1@a")
@@ -401,7 +345,7 @@ async def test_pauses_below_the_detection_time_never_trigger_at_the_idle_cadence
 async def test_a_suspicion_elsewhere_puts_every_controller_on_the_fast_cadence() -> None:
     """Only region c loses sight of the primary (a one-sided cut): a and b see its "down" in
     c's verdict and probe fast too, so a real failure would be confirmed at once."""
-    w = World(cut={("c", "s-1@a")})
+    w = ControllerWorld(cut={("c", "s-1@a")})
     cs = idle_controllers(w)
     sched = Schedule(w, cs)
     await sched.run_for(6.0)

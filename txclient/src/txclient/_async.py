@@ -9,40 +9,30 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from txclient import errors, limits
+from txclient import _calls, errors, limits
+from txclient._calls import Call
 from txclient._core import (
     Answer,
     BatchResult,
     Consistency,
-    Core,
     Op,
-    Plan,
     Sleep,
-    account_get_op,
-    account_open_op,
     batch_items,
     batch_plan,
-    entries_op,
-    events_op,
-    parse_transfer,
     ssl_context,
-    transfer_body,
-    transfer_get_op,
-    transfer_op,
-    webhook_create_op,
-    webhook_delete_op,
-    webhooks_list_op,
 )
-from txclient.models import Account, EntriesPage, Entry, Event, EventsPage, Transfer, Webhook
+from txclient.models import Account, Entry, Event, EventsPage, Transfer, Webhook
 from txclient.retry import Backoff, RetryBudget
 from txclient.session import Session
 
+_T = TypeVar("_T")
 
-class AsyncClient:
+
+class AsyncClient(_calls.Facade):
     """One session against a txrouter deployment (see the package docstring).
 
     ``endpoints``: region -> router base URL. ``token``: the bearer JWT. ``prefer``: pin a
@@ -70,54 +60,27 @@ class AsyncClient:
         backoff: Backoff | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._core = Core(
-            endpoints=endpoints,
-            token=token,
+        super().__init__(
+            endpoints,
+            token,
             prefer=prefer,
             timeout=timeout,
             hedge=hedge,
-            budget=budget,
-            backoff=backoff,
             session_token=session_token,
             session=session,
-        )
-        pool = httpx.Limits(
-            max_connections=limits.POOL_CONNECTIONS_MAX,
-            max_keepalive_connections=limits.POOL_KEEPALIVE_MAX,
+            budget=budget,
+            backoff=backoff,
         )
         self._http = httpx.AsyncClient(
-            limits=pool, transport=transport, follow_redirects=False, verify=ssl_context()
+            limits=_calls.pool_limits(),
+            transport=transport,
+            follow_redirects=False,
+            verify=ssl_context(),
         )
         self._probe = probe
         self._started = False
         self._prober: asyncio.Task[None] | None = None
         self._closed = False
-
-    # -- session and region ----------------------------------------------------------------------
-
-    @property
-    def region(self) -> str:
-        """The region this client sends to now."""
-        return self._core.selector.best()
-
-    @property
-    def regions(self) -> list[str]:
-        return self._core.selector.ranked()
-
-    @property
-    def session(self) -> Session:
-        return self._core.session
-
-    @property
-    def consistency_token(self) -> str | None:
-        return self._core.session.token
-
-    @property
-    def budget(self) -> RetryBudget:
-        return self._core.budget
-
-    def rtt_s(self, region: str) -> float | None:
-        return self._core.selector.rtt_s(region)
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -130,9 +93,11 @@ class AsyncClient:
         metadata: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Account:
-        op = account_open_op(self._core, currency, home_region, overdraft_limit, metadata, timeout)
-        ans = await self._send(op)
-        return Account.from_json(ans.body, ans.meta)
+        return await self._run(
+            _calls.create_account(
+                self._core, currency, home_region, overdraft_limit, metadata, timeout
+            )
+        )
 
     async def get_account(
         self,
@@ -142,9 +107,9 @@ class AsyncClient:
         timeout: float | None = None,
         hedge: bool | None = None,
     ) -> Account:
-        op = account_get_op(self._core, account_id, consistency, timeout, hedge)
-        ans = await (self._hedged(op) if op.hedge else self._send(op))
-        return Account.from_json(ans.body, ans.meta)
+        return await self._run(
+            _calls.get_account(self._core, account_id, consistency, timeout, hedge)
+        )
 
     async def entries(
         self,
@@ -156,8 +121,9 @@ class AsyncClient:
         """Every entry of the account, newest first (``async for``), one call per page."""
         cursor: str | None = None
         for _ in range(limits.ENTRIES_PAGES_MAX):
-            ans = await self._send(entries_op(self._core, account_id, page_size, cursor, timeout))
-            page = EntriesPage.from_json(ans.body)
+            page = await self._run(
+                _calls.entries_page(self._core, account_id, page_size, cursor, timeout)
+            )
             for entry in page.data:
                 yield entry
             cursor = page.next_cursor
@@ -175,20 +141,30 @@ class AsyncClient:
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Transfer:
-        body = transfer_body(source, destination, amount, currency, reference)
-        op = transfer_op(self._core, body, idempotency_key, timeout)
-        return parse_transfer(await self._send(op))
+        return await self._run(
+            _calls.transfer(
+                self._core,
+                source,
+                destination,
+                amount,
+                currency,
+                reference,
+                idempotency_key,
+                timeout,
+            )
+        )
 
     async def transfer_batch(
         self, items: Sequence[Mapping[str, Any]], *, timeout: float | None = None
     ) -> list[BatchResult]:
         """One result per item, in order: the ``Transfer``, or the ``TxError`` it met."""
-        plan = batch_plan(self._core, batch_items(items), timeout)
-        result: list[BatchResult] = await self._run(plan)
+        result: list[BatchResult] = await self._run(
+            batch_plan(self._core, batch_items(items), timeout)
+        )
         return result
 
     async def get_transfer(self, transfer_id: str, *, timeout: float | None = None) -> Transfer:
-        return parse_transfer(await self._send(transfer_get_op(self._core, transfer_id, timeout)))
+        return await self._run(_calls.get_transfer(self._core, transfer_id, timeout))
 
     # -- events and webhooks (API.md "Events and webhooks") ----------------------------------
 
@@ -200,9 +176,7 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> EventsPage:
         """One page of the tenant's events after the cursor ``after`` (None: from the start)."""
-        return EventsPage.from_json(
-            (await self._send(events_op(self._core, after, limit, timeout))).body
-        )
+        return await self._run(_calls.events_page(self._core, after, limit, timeout))
 
     async def events(
         self,
@@ -225,19 +199,13 @@ class AsyncClient:
         self, url: str, events: Sequence[str], *, timeout: float | None = None
     ) -> Webhook:
         """Register an endpoint; the answer carries its signing secret (shown only here)."""
-        return Webhook.from_json(
-            (await self._send(webhook_create_op(self._core, url, events, timeout))).body
-        )
+        return await self._run(_calls.create_webhook(self._core, url, events, timeout))
 
     async def webhooks(self, *, timeout: float | None = None) -> list[Webhook]:
-        body = (await self._send(webhooks_list_op(self._core, timeout))).body
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list):
-            raise errors.UnexpectedResponse("field 'data' is not a list")
-        return [Webhook.from_json(w) for w in data]
+        return await self._run(_calls.webhooks(self._core, timeout))
 
     async def delete_webhook(self, webhook_id: str, *, timeout: float | None = None) -> None:
-        await self._send(webhook_delete_op(self._core, webhook_id, timeout))
+        await self._run(_calls.delete_webhook(self._core, webhook_id, timeout))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -309,7 +277,9 @@ class AsyncClient:
             await asyncio.sleep(wait)
             region = None
 
-    async def _run(self, plan: Plan) -> Any:
+    async def _run(self, plan: Call[_T]) -> _T:
+        """Run a plan (``_calls``, ``_core.batch_plan``): its sleeps, and each request it yields,
+        hedged when the request says it may be."""
         step = next(plan)
         while True:
             try:
@@ -318,13 +288,15 @@ class AsyncClient:
                     step = plan.send(None)
                     continue
                 try:
-                    ans = await self._send(step)
+                    ans = await (self._hedged(step) if step.hedge else self._send(step))
                 except errors.TxError as exc:
                     step = plan.throw(exc)
                 else:
                     step = plan.send(ans)
             except StopIteration as stop:
-                return stop.value
+                # The plan's return value: a ``_T`` by its type.
+                result: _T = stop.value
+                return result
 
     async def _hedged(self, op: Op) -> Answer:
         regions = self._core.hedge_regions()

@@ -1,6 +1,7 @@
 """What the sync and async clients share: request building, answer decoding, the retry loop's
 decisions and the plans of multi-request calls (batches). Only the I/O differs between the two
-(``_sync.py``, ``_async.py``); every decision is taken here, once.
+(``_sync.py``, ``_async.py``); every decision is taken here, once, and every public call's plan
+(its request and how its answer maps to the result) in ``_calls``.
 """
 
 from __future__ import annotations

@@ -12,38 +12,27 @@ from typing import Any, TypeVar
 
 import httpx
 
-from txclient import errors, limits
+from txclient import _calls, errors, limits
+from txclient._calls import Call
 from txclient._core import (
     Answer,
     BatchResult,
     Consistency,
-    Core,
     Op,
-    Plan,
     Sleep,
-    account_get_op,
-    account_open_op,
     batch_items,
     batch_plan,
-    entries_op,
-    events_op,
-    parse_transfer,
     ssl_context,
-    transfer_body,
-    transfer_get_op,
-    transfer_op,
-    webhook_create_op,
-    webhook_delete_op,
-    webhooks_list_op,
 )
-from txclient.models import Account, EntriesPage, Entry, Event, EventsPage, Transfer, Webhook
+from txclient.models import Account, Entry, Event, EventsPage, Transfer, Webhook
 from txclient.retry import Backoff, RetryBudget
 from txclient.session import Session
 
 _R = TypeVar("_R")
+_T = TypeVar("_T")
 
 
-class Client:
+class Client(_calls.Facade):
     """One session against a txrouter deployment (see the package docstring).
 
     ``endpoints``: region -> router base URL. ``token``: the bearer JWT. ``prefer``: pin a
@@ -71,23 +60,22 @@ class Client:
         backoff: Backoff | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._core = Core(
-            endpoints=endpoints,
-            token=token,
+        super().__init__(
+            endpoints,
+            token,
             prefer=prefer,
             timeout=timeout,
             hedge=hedge,
-            budget=budget,
-            backoff=backoff,
             session_token=session_token,
             session=session,
-        )
-        pool = httpx.Limits(
-            max_connections=limits.POOL_CONNECTIONS_MAX,
-            max_keepalive_connections=limits.POOL_KEEPALIVE_MAX,
+            budget=budget,
+            backoff=backoff,
         )
         self._http = httpx.Client(
-            limits=pool, transport=transport, follow_redirects=False, verify=ssl_context()
+            limits=_calls.pool_limits(),
+            transport=transport,
+            follow_redirects=False,
+            verify=ssl_context(),
         )
         self._closed = threading.Event()
         self._hedge_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -103,34 +91,6 @@ class Client:
                 # The first choice should be measured; a dead region must not hold us up long.
                 first_round.wait(limits.PROBE_TIMEOUT_S + 0.5)
 
-    # -- session and region ----------------------------------------------------------------------
-
-    @property
-    def region(self) -> str:
-        """The region this client sends to now."""
-        return self._core.selector.best()
-
-    @property
-    def regions(self) -> list[str]:
-        """Every region, best first."""
-        return self._core.selector.ranked()
-
-    @property
-    def session(self) -> Session:
-        return self._core.session
-
-    @property
-    def consistency_token(self) -> str | None:
-        """The newest token of this session (sent on every call)."""
-        return self._core.session.token
-
-    @property
-    def budget(self) -> RetryBudget:
-        return self._core.budget
-
-    def rtt_s(self, region: str) -> float | None:
-        return self._core.selector.rtt_s(region)
-
     # -- the API ------------------------------------------------------------------------------
 
     def create_account(
@@ -142,9 +102,11 @@ class Client:
         metadata: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Account:
-        op = account_open_op(self._core, currency, home_region, overdraft_limit, metadata, timeout)
-        ans = self._send(op)
-        return Account.from_json(ans.body, ans.meta)
+        return self._run(
+            _calls.create_account(
+                self._core, currency, home_region, overdraft_limit, metadata, timeout
+            )
+        )
 
     def get_account(
         self,
@@ -154,9 +116,7 @@ class Client:
         timeout: float | None = None,
         hedge: bool | None = None,
     ) -> Account:
-        op = account_get_op(self._core, account_id, consistency, timeout, hedge)
-        ans = self._hedged(op) if op.hedge else self._send(op)
-        return Account.from_json(ans.body, ans.meta)
+        return self._run(_calls.get_account(self._core, account_id, consistency, timeout, hedge))
 
     def entries(
         self,
@@ -168,8 +128,9 @@ class Client:
         """Every entry of the account, newest first, page after page (each page one call)."""
         cursor: str | None = None
         for _ in range(limits.ENTRIES_PAGES_MAX):
-            ans = self._send(entries_op(self._core, account_id, page_size, cursor, timeout))
-            page = EntriesPage.from_json(ans.body)
+            page = self._run(
+                _calls.entries_page(self._core, account_id, page_size, cursor, timeout)
+            )
             yield from page.data
             cursor = page.next_cursor
             if cursor is None:
@@ -186,8 +147,18 @@ class Client:
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Transfer:
-        body = transfer_body(source, destination, amount, currency, reference)
-        return parse_transfer(self._send(transfer_op(self._core, body, idempotency_key, timeout)))
+        return self._run(
+            _calls.transfer(
+                self._core,
+                source,
+                destination,
+                amount,
+                currency,
+                reference,
+                idempotency_key,
+                timeout,
+            )
+        )
 
     def transfer_batch(
         self, items: Sequence[Mapping[str, Any]], *, timeout: float | None = None
@@ -197,7 +168,7 @@ class Client:
         return result
 
     def get_transfer(self, transfer_id: str, *, timeout: float | None = None) -> Transfer:
-        return parse_transfer(self._send(transfer_get_op(self._core, transfer_id, timeout)))
+        return self._run(_calls.get_transfer(self._core, transfer_id, timeout))
 
     # -- events and webhooks (API.md "Events and webhooks") ----------------------------------
 
@@ -209,7 +180,7 @@ class Client:
         timeout: float | None = None,
     ) -> EventsPage:
         """One page of the tenant's events after the cursor ``after`` (None: from the start)."""
-        return EventsPage.from_json((self._send(events_op(self._core, after, limit, timeout))).body)
+        return self._run(_calls.events_page(self._core, after, limit, timeout))
 
     def events(
         self,
@@ -231,19 +202,13 @@ class Client:
         self, url: str, events: Sequence[str], *, timeout: float | None = None
     ) -> Webhook:
         """Register an endpoint; the answer carries its signing secret (shown only here)."""
-        return Webhook.from_json(
-            (self._send(webhook_create_op(self._core, url, events, timeout))).body
-        )
+        return self._run(_calls.create_webhook(self._core, url, events, timeout))
 
     def webhooks(self, *, timeout: float | None = None) -> list[Webhook]:
-        body = (self._send(webhooks_list_op(self._core, timeout))).body
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list):
-            raise errors.UnexpectedResponse("field 'data' is not a list")
-        return [Webhook.from_json(w) for w in data]
+        return self._run(_calls.webhooks(self._core, timeout))
 
     def delete_webhook(self, webhook_id: str, *, timeout: float | None = None) -> None:
-        self._send(webhook_delete_op(self._core, webhook_id, timeout))
+        self._run(_calls.delete_webhook(self._core, webhook_id, timeout))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -295,7 +260,9 @@ class Client:
             time.sleep(wait)
             region = None
 
-    def _run(self, plan: Plan) -> Any:
+    def _run(self, plan: Call[_T]) -> _T:
+        """Run a plan (``_calls``, ``_core.batch_plan``): its sleeps, and each request it yields,
+        hedged when the request says it may be."""
         step = next(plan)
         while True:
             try:
@@ -304,13 +271,15 @@ class Client:
                     step = plan.send(None)
                     continue
                 try:
-                    ans = self._send(step)
+                    ans = self._hedged(step) if step.hedge else self._send(step)
                 except errors.TxError as exc:
                     step = plan.throw(exc)
                 else:
                     step = plan.send(ans)
             except StopIteration as stop:
-                return stop.value
+                # The plan's return value: a ``_T`` by its type.
+                result: _T = stop.value
+                return result
 
     def _hedged(self, op: Op) -> Answer:
         regions = self._core.hedge_regions()
