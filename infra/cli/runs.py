@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 from types import FrameType
 
-from infra.cli.common import EXIT_FAILED, EXIT_OK, Subparsers, err, progress
+from infra.cli.common import EXIT_FAILED, EXIT_OK, Subparsers, err, positive, progress
 from infra.local import cluster
 
 
@@ -29,12 +29,37 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         print(json.dumps(got, indent=2) if args.json else idle.summary(got))
         return EXIT_OK
+    if args.runs > 1:
+        return _bench_runs(args, base_port)
     try:
         rep = suite.run(args.out, quick=args.quick, base_port=base_port, workers=args.workers)
     except Exception as exc:  # noqa: BLE001 - any failure of the run is exit 1 with its reason
         err(f"bench failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
     print(json.dumps(rep, indent=2) if args.json else report.summary(rep))
+    return EXIT_OK
+
+
+def _bench_runs(args: argparse.Namespace, base_port: int) -> int:
+    """``--runs N``: N whole runs one after another, each in ``<out>/run-<i>``, and the spread
+    of every figure (bench.spread) in ``<out>/spread.json``."""
+    from bench import report, spread, suite
+
+    reports = []
+    for i in range(1, args.runs + 1):
+        progress(f"run {i} of {args.runs}")
+        try:
+            rep = suite.run(
+                args.out / f"run-{i}", quick=args.quick, base_port=base_port, workers=args.workers
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure of the run is exit 1 with its reason
+            err(f"bench run {i} failed: {type(exc).__name__}: {exc}")
+            return EXIT_FAILED
+        progress(report.summary(rep))
+        reports.append(rep)
+    sp = spread.spread(reports)
+    (args.out / "spread.json").write_text(json.dumps(sp, indent=2) + "\n")
+    print(json.dumps(sp, indent=2) if args.json else spread.table(sp))
     return EXIT_OK
 
 
@@ -133,6 +158,13 @@ def register(sub: Subparsers) -> None:
         type=int,
         default=3,
         help="with --idle: one-minute windows to measure (min/median/max)",
+    )
+    p.add_argument(
+        "--runs",
+        type=positive,
+        default=1,
+        help="whole runs one after another, each in OUT/run-N, and min/median/max of each "
+        "figure in OUT/spread.json",
     )
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="report directory")
