@@ -27,7 +27,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -404,6 +404,28 @@ async def _wrk_measured(
     return out
 
 
+async def _sweep(
+    concurrency: Sequence[int],
+    run: Callable[[int], Awaitable[dict[str, Any]]],
+    label: str,
+    progress: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """wrk runs at rising connection counts up to the knee: the sweep stops after the first
+    run that errs (sheds) or falls below SATURATION_KNEE_FRACTION of the best rate so far; more
+    concurrency would only queue, and leave work behind for the next part."""
+    runs: list[dict[str, Any]] = []
+    for c in concurrency:
+        res = await run(c)
+        progress(
+            f"{label} c={c}: {res['rate']:.1f} transfers/s, failed {res['failed']}, router "
+            f"{res['cpu_us_per_transfer']['router']:.0f} us/transfer"
+        )
+        runs.append(res)
+        if res["failed"] or res["rate"] < SATURATION_KNEE_FRACTION * max(r["rate"] for r in runs):
+            break
+    return runs
+
+
 def _pyspy() -> str | None:
     """py-spy from PATH or beside this interpreter (the venv's, from the profile extra)."""
     beside = Path(sys.executable).with_name("py-spy")
@@ -470,11 +492,11 @@ async def _router_parts(
         )
         accounts_file = wrk.write_accounts(ctx.tmp / "accounts.txt", accounts)
         before = await _batch_totals(metrics_url, region, shard, workers)
-        sat_runs: list[dict[str, Any]] = []
         flame = ctx.out_dir / FLAME_GRAPH_FILE
         flame.unlink(missing_ok=True)
-        for c in prof.saturation_concurrency:
-            wres = await _wrk_measured(
+
+        async def single(c: int) -> dict[str, Any]:
+            return await _wrk_measured(
                 url,
                 accounts_file,
                 tok,
@@ -483,23 +505,10 @@ async def _router_parts(
                 duration_s=prof.saturation_s,
                 profile_to=flame if c == prof.profile_concurrency else None,
             )
-            progress(
-                f"wrk c={c}: {wres['rate']:.1f} transfers/s, failed {wres['failed']}, router "
-                f"{wres['cpu_us_per_transfer']['router']:.0f} us/transfer"
-            )
-            sat_runs.append(wres)
-            best_rate = max(r["rate"] for r in sat_runs)
-            if wres["failed"] or wres["rate"] < SATURATION_KNEE_FRACTION * best_rate:
-                break
-        after = await _batch_totals(metrics_url, region, shard, workers)
-        batches = after[1] - before[1]
-        mean_batch = (after[0] - before[0]) / batches if batches > 0 else 0.0
-        best = max(sat_runs, key=lambda r: r["rate"])
 
-        batch_runs: list[dict[str, Any]] = []
-        for c in prof.batch_concurrency:
+        async def batched(c: int) -> dict[str, Any]:
             await asyncio.sleep(SETTLE_S)
-            bres = await _wrk_measured(
+            return await _wrk_measured(
                 url,
                 accounts_file,
                 tok,
@@ -508,14 +517,15 @@ async def _router_parts(
                 duration_s=prof.batch_s,
                 batch=BATCH_SIZE,
             )
-            progress(
-                f"wrk batch of {BATCH_SIZE} x c={c}: {bres['rate']:.1f} transfers/s, failed "
-                f"{bres['failed']}, router {bres['cpu_us_per_transfer']['router']:.0f} us/transfer"
-            )
-            batch_runs.append(bres)
-            best_batch = max(r["rate"] for r in batch_runs)
-            if bres["failed"] or bres["rate"] < SATURATION_KNEE_FRACTION * best_batch:
-                break
+
+        sat_runs = await _sweep(prof.saturation_concurrency, single, "wrk", progress)
+        after = await _batch_totals(metrics_url, region, shard, workers)
+        batches = after[1] - before[1]
+        mean_batch = (after[0] - before[0]) / batches if batches > 0 else 0.0
+        best = max(sat_runs, key=lambda r: r["rate"])
+        batch_runs = await _sweep(
+            prof.batch_concurrency, batched, f"wrk batch of {BATCH_SIZE}", progress
+        )
         batch_run = max(batch_runs, key=lambda r: r["rate"])
 
         open_runs = {}
