@@ -110,6 +110,9 @@ class SlotMap:
     ranges: tuple[SlotRange, ...]
     _shard: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _epoch: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    # shard -> its slots, ascending: every keyless open picks one (a scan of all the slots
+    # per open cost ~80 us of the router's loop).
+    _slots_of: dict[str, tuple[int, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         shard: list[str | None] = [None] * SLOT_COUNT
@@ -127,12 +130,16 @@ class SlotMap:
             raise TopologyError(f"{len(missing)} slots are unmapped, first {missing[0]}")
         object.__setattr__(self, "_shard", tuple(s for s in shard if s is not None))
         object.__setattr__(self, "_epoch", tuple(epoch))
+        by_shard: dict[str, list[int]] = {}
+        for i, name in enumerate(self._shard):
+            by_shard.setdefault(name, []).append(i)
+        object.__setattr__(self, "_slots_of", {n: tuple(v) for n, v in by_shard.items()})
 
     def lookup(self, slot: int) -> tuple[str, int]:
         return self._shard[slot], self._epoch[slot]
 
-    def slots_of(self, shard: str) -> list[int]:
-        return [i for i, s in enumerate(self._shard) if s == shard]
+    def slots_of(self, shard: str) -> tuple[int, ...]:
+        return self._slots_of.get(shard, ())
 
     @classmethod
     def even(cls, shards: Iterable[str], epoch: int = 1) -> SlotMap:

@@ -333,7 +333,7 @@ class AccountOpens:
         return code, row
 
 
-def _slots(topo: Topology, shard: Shard) -> list[int]:
+def _slots(topo: Topology, shard: Shard) -> tuple[int, ...]:
     slots = topo.slots.slots_of(shard.name)
     if not slots:
         raise NothingWritten(f"shard {shard.name} owns no slots", retry_after_s=RETRY_AFTER_S)

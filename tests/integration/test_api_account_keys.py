@@ -365,3 +365,83 @@ async def _settled(api: Api, tenant: str, transfer_id: str) -> bool:
             return True
         await asyncio.sleep(0.2)
     return False
+
+
+# The write procedures an open may call, by the text pg_stat_statements records for them.
+_OPEN_PROCEDURES: Final = (
+    "txr.create_account(",
+    "txr.claim_account_key(",
+    "txr.release_account_key(",
+)
+# Opens per case of the round-trip count: enough that a stray extra call per open shows.
+OPENS_COUNTED: Final = 5
+
+
+def _procedure_calls(api: Api) -> dict[tuple[str, str], int]:
+    """(shard, procedure) -> calls so far by the app role, from pg_stat_statements (top-level
+    statements: one per store call, whatever runs inside the procedure)."""
+    out: dict[tuple[str, str], int] = {}
+    for shard, dsn in lc.primary_admin_dsns(api.cluster.dir).items():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            rows = conn.execute(
+                "SELECT s.query, s.calls FROM pg_stat_statements s"
+                " JOIN pg_roles r ON r.oid = s.userid"
+                " WHERE r.rolname = %s"
+                " AND s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                (postgres.APP_ROLE,),
+            ).fetchall()
+        for query, calls in rows:
+            for proc in _OPEN_PROCEDURES:
+                if proc in str(query):
+                    key = (shard, proc.rstrip("("))
+                    out[key] = out.get(key, 0) + int(calls)
+    return out
+
+
+def _calls_since(api: Api, before: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    after = _procedure_calls(api)
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+
+
+async def test_an_open_is_one_store_call_and_a_two_step_open_two(api: Api) -> None:
+    """The round trips of an open to the primaries (issue 11): one procedure call without a
+    key, and with a key whose arbiter is its home (first open and replay alike); a claim on
+    the arbiter plus the open on the named region's shard for a two-step key. Nothing else
+    (a release only follows an id clash)."""
+    tenant = new_tenant()
+    homes = _homes(api)
+    us_east = [s for s, r in homes.items() if r == "us-east"]
+    before = _procedure_calls(api)
+    for _ in range(OPENS_COUNTED):
+        r = await _open_unkeyed(api, tenant, "us-east", {"currency": "EUR"})
+        assert r.status == 201, r.body
+    calls = _calls_since(api, before)
+    assert sum(calls.values()) == OPENS_COUNTED, calls
+    assert {s for s, _ in calls} <= set(us_east)
+    assert {p for _, p in calls} == {"txr.create_account"}
+
+    key = uuid.uuid4().hex
+    body: dict[str, Any] = {"currency": "EUR"}
+    plan = open_shards(tenant, key, homes, None)
+    assert plan is not None
+    before = _procedure_calls(api)
+    for _ in range(OPENS_COUNTED):  # the first opens, the others replay
+        r = await _open(api, tenant, "us-east", key, body)
+        assert r.status == 201, r.body
+    assert _calls_since(api, before) == {(plan.arbiter, "txr.create_account"): OPENS_COUNTED}
+
+    key, plan = _two_step_key(api, tenant, "eu-west")
+    body = {"currency": "EUR", "home_region": "eu-west"}
+    before = _procedure_calls(api)
+    for _ in range(OPENS_COUNTED):
+        r = await _open(api, tenant, "us-east", key, body)
+        assert r.status == 201, r.body
+    assert _calls_since(api, before) == {
+        (plan.arbiter, "txr.claim_account_key"): OPENS_COUNTED,
+        (plan.target, "txr.create_account"): OPENS_COUNTED,
+    }
+
+
+async def _open_unkeyed(api: Api, tenant: str, via: str, body: dict[str, Any]) -> Any:
+    return await api.call("POST", via, "/v1/accounts", tenant=tenant, json=body)

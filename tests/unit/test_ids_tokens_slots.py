@@ -84,6 +84,14 @@ def test_even_slot_map_covers_every_slot_once() -> None:
     assert moved.lookup(7) == ("c", 2)
     assert moved.lookup(6) == ("a", 1)
     assert SlotMap.from_json(moved.to_json()) == moved
+    # A moved slot leaves its old shard's slots and joins the new one's, in ascending order.
+    for name in "abc":
+        assert moved.slots_of(name) == tuple(
+            i for i in range(SLOT_COUNT) if moved.lookup(i)[0] == name
+        )
+    assert 7 in moved.slots_of("c")
+    assert 7 not in moved.slots_of("a")
+    assert moved.slots_of("nobody") == ()
 
 
 def test_slot_map_refuses_gaps_and_overlaps() -> None:
