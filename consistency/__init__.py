@@ -12,5 +12,6 @@ procedures in ``failover_plan``, ``slot_moves`` and ``autofailover`` act only th
 operations their caller hands in (``ShardOps``, ``RehomeOps``, ``ControllerIO``), and sleep
 between polls.
 
-Must never import ``regionstore``, ``router``, ``infra``, ``bench`` or ``chaos``.
+Must never import ``regionstore``, ``router``, ``infra``, ``bench``, ``chaos`` or ``txclient``
+(tests/unit/test_import_rules.py holds every package to what its docstring says).
 """

@@ -11,5 +11,5 @@ changes, only what the synchronous standby has flushed), waits on idle connectio
 timer (``pgwait``), and the store's error tree (``errors``).
 
 Depends only on ``consistency`` (ids, limits) and psycopg; it must never import ``router``,
-``infra``, ``bench`` or ``chaos``.
+``infra``, ``bench``, ``chaos`` or ``txclient``.
 """
