@@ -107,12 +107,7 @@ def _signed_fields(msg: OutboxMessage) -> tuple[Any, ...]:
 
 
 def _inbox_rows(dsn: str, transfer_id: uuid.UUID) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM txr.inbox WHERE transfer_id = %s", (transfer_id,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+    return _count(dsn, "SELECT count(*) FROM txr.inbox WHERE transfer_id = %s", (transfer_id,))
 
 
 async def test_forged_or_altered_leg2_is_refused_and_changes_nothing(
