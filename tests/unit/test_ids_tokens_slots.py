@@ -100,7 +100,7 @@ def test_the_slot_bit_layout_is_written_in_ids_only() -> None:
     # Issue 17: nobody but consistency/ids.py shifts an account id by the slot's bit offset
     # (its SQL twin, txr.slot_of, is checked by test_sql_limits); everyone else asks ids.
     root = Path(__file__).resolve().parents[2]
-    shift = re.compile(rf"(<<|>>)\s*{ids._RANDOM_BITS}\b")
+    shift = re.compile(rf"(<<|>>)\s*{ids.RANDOM_BITS}\b")
     own = root / "consistency" / "ids.py"
     offenders = [
         f"{path.relative_to(root)}:{n}"
