@@ -46,6 +46,7 @@ from typing import Any, Final
 from prometheus_client.parser import text_string_to_metric_families
 
 from chaos.events import Receiver
+from consistency.saga import TransferStatus
 from infra.local import cluster
 from infra.local.ports import PORT_SPAN_MAX, REGION_STRIDE
 from regionstore.changefeed import CommittedTxn, FeedBatch, TransferChange
@@ -170,7 +171,7 @@ def _synthetic_batches(tenant: str, n: int, accounts: int, per_txn: int) -> list
             "amount": "1",
             "currency": "EUR",
             "reference": None,
-            "status": "settled",
+            "status": TransferStatus.SETTLED.value,
             "created_at": created,
             "refusal_code": None,
         }

@@ -153,11 +153,8 @@ def check(history: History, final: FinalState, *, cached_bound_s: float) -> Chec
     return r
 
 
-_FINAL_EVENT: dict[str, str] = {
-    "settled": "transfer.settled",
-    "reversed": "transfer.reversed",
-    "pending": "transfer.pending",
-}
+# The event type router.events.model derives for a transfer in each state.
+_FINAL_EVENT: Final[dict[str, str]] = {s: f"transfer.{s.value}" for s in TransferStatus}
 
 
 def check_events(final: FinalState, r: CheckResult) -> None:

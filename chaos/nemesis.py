@@ -98,6 +98,20 @@ def _shards_now(ctx: Ctx) -> dict[str, dict[str, Any]]:
     return out
 
 
+async def _region_hits(ctx: Ctx, region: str) -> tuple[list[str], list[str]]:
+    """(the shards with a node in ``region``, the shards whose primary is there), from etcd
+    right now (``_shards_now``): what a fault of the whole region strikes."""
+    hit: list[str] = []
+    primaries: list[str] = []
+    for name, sh in (await asyncio.to_thread(_shards_now, ctx)).items():
+        regions = {sh.get("primary_region")} | {b["region"] for b in sh.get("standbys", [])}
+        if region in regions:
+            hit.append(name)
+        if sh.get("primary_region") == region:
+            primaries.append(name)
+    return hit, primaries
+
+
 def _primary_region(ctx: Ctx, shard: str) -> str:
     rec, _rev = failover.LocalShardOps(ctx.cluster_dir).load(shard)
     return rec.shard.primary.region
@@ -186,13 +200,9 @@ class KillRegion(_Base):
     _primaries: list[str] = field(default_factory=list, init=False)
 
     async def inject(self, ctx: Ctx) -> None:
-        st = {"shards": await asyncio.to_thread(_shards_now, ctx)}
-        for name, sh in st["shards"].items():
-            regions = {sh.get("primary_region")} | {b["region"] for b in sh.get("standbys", [])}
-            if self.target in regions:
-                self.shards_hit.append(name)
-            if sh.get("primary_region") == self.target:
-                self._primaries.append(name)
+        hit, primaries = await _region_hits(ctx, self.target)
+        self.shards_hit += hit
+        self._primaries += primaries
         self._killed, self._nodes = await asyncio.to_thread(
             control.kill_region, ctx.cluster_dir, self.target
         )
@@ -333,13 +343,9 @@ class Partition(_Base):
     _primaries: list[str] = field(default_factory=list, init=False)
 
     async def inject(self, ctx: Ctx) -> None:
-        st = {"shards": await asyncio.to_thread(_shards_now, ctx)}
-        for name, sh in st["shards"].items():
-            regions = {sh.get("primary_region")} | {b["region"] for b in sh.get("standbys", [])}
-            if self.target in regions:
-                self.shards_hit.append(name)
-            if sh.get("primary_region") == self.target:
-                self._primaries.append(name)
+        hit, primaries = await _region_hits(ctx, self.target)
+        self.shards_hit += hit
+        self._primaries += primaries
         for other in ctx.regions:
             if other != self.target:
                 await ctx.wan.cut(self.target, other)

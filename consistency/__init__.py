@@ -2,7 +2,8 @@
 
 Owns slots and ids, epochs (fencing tokens), the topology kept in etcd, consistency tokens,
 idempotency and money rules, the transfer states (``saga``), the cache-coherence protocol and
-its Redis scripts, the limits shared by every package, and the operator procedures: failover,
+its Redis scripts, the limits shared by every package, the G4 check across shards
+(``reconcile``, on snapshots its caller reads), and the operator procedures: failover,
 switchover and rejoin (``failover_plan``), slot moves (``slot_moves``), automatic failover
 (``autofailover``).
 
@@ -12,5 +13,6 @@ procedures in ``failover_plan``, ``slot_moves`` and ``autofailover`` act only th
 operations their caller hands in (``ShardOps``, ``RehomeOps``, ``ControllerIO``), and sleep
 between polls.
 
-Must never import ``regionstore``, ``router``, ``infra``, ``bench`` or ``chaos``.
+Must never import ``regionstore``, ``router``, ``infra``, ``bench``, ``chaos`` or ``txclient``
+(tests/unit/test_import_rules.py holds every package to what its docstring says).
 """

@@ -21,9 +21,11 @@ from consistency.limits import SLOT_COUNT
 
 _ACCOUNT_RE: Final = re.compile(r"acc_([0-9a-f]{15})")
 _TRANSFER_RE: Final = re.compile(r"tr_([0-9a-f]{3})([0-9a-f]{32})")
-_RANDOM_BITS: Final = 48
+# An account id is (slot << RANDOM_BITS) | 48 random bits: the one statement of the layout
+# (txr.slot_of in sql/functions/fence.sql is its SQL twin; tests/unit/test_sql_limits checks it).
+RANDOM_BITS: Final = 48
 # Account ids per slot: SQL that groups ids by slot divides by this (customer ids are >= 0).
-IDS_PER_SLOT: Final = 1 << _RANDOM_BITS
+IDS_PER_SLOT: Final = 1 << RANDOM_BITS
 
 assert SLOT_COUNT == 1 << 12, "ids reserve exactly 12 bits for the slot"
 
@@ -32,11 +34,11 @@ def new_account_id(slot: int) -> int:
     """A fresh account id in ``slot`` (48 random bits; a clash is retried by the caller)."""
     assert 0 <= slot < SLOT_COUNT
     rand = int.from_bytes(os.urandom(6), "big")
-    return (slot << _RANDOM_BITS) | rand
+    return (slot << RANDOM_BITS) | rand
 
 
 def account_slot(account_id: int) -> int:
-    return account_id >> _RANDOM_BITS
+    return account_id >> RANDOM_BITS
 
 
 def slot_id_range(slot: int) -> tuple[int, int]:
@@ -44,7 +46,7 @@ def slot_id_range(slot: int) -> tuple[int, int]:
     (``id >= low AND id < high``), so the bit layout is written here only; a negative id (a
     transit account) is in no slot's range, as it has no slot."""
     assert 0 <= slot < SLOT_COUNT
-    return slot << _RANDOM_BITS, (slot + 1) << _RANDOM_BITS
+    return slot << RANDOM_BITS, (slot + 1) << RANDOM_BITS
 
 
 def format_account_id(account_id: int) -> str:

@@ -421,10 +421,13 @@ def _router_views(cluster_dir: Path) -> dict[str, Any]:
 
 
 def _fmt_standby(b: dict[str, Any]) -> str:
-    lag = "-" if b["replay_lag_bytes"] is None else f"{b['replay_lag_bytes']} B"
-    if b["replay_lag_s"] is not None:
-        lag += f" {b['replay_lag_s']:.3f}s"
-    return f"{b['node']} ({b['sync_state'] or b['state']}, {lag})"
+    # .get throughout, as format_status: a document from another version (or one written by
+    # hand) may lack a key, and the table is still worth printing.
+    lag_bytes, lag_s = b.get("replay_lag_bytes"), b.get("replay_lag_s")
+    lag = "-" if lag_bytes is None else f"{lag_bytes} B"
+    if lag_s is not None:
+        lag += f" {lag_s:.3f}s"
+    return f"{b.get('node', '?')} ({b.get('sync_state') or b.get('state', 'unknown')}, {lag})"
 
 
 def _fmt_auto(a: dict[str, Any] | None) -> list[str]:
@@ -452,7 +455,9 @@ def _fmt_auto(a: dict[str, Any] | None) -> list[str]:
 def format_status(st: dict[str, Any]) -> str:
     lines = ["etcd members:"]
     for m in st.get("etcd", []):
-        lines.append(f"  {m['endpoint']:28s} {'healthy' if m.get('healthy') else 'UNHEALTHY'}")
+        lines.append(
+            f"  {m.get('endpoint', '?'):28s} {'healthy' if m.get('healthy') else 'UNHEALTHY'}"
+        )
     auto = st.get("autofailover") or {}
     if auto:
         mode = auto.get("mode") or {}

@@ -21,6 +21,7 @@ from psycopg import sql
 
 from consistency import ids
 from consistency.limits import SLOT_COUNT
+from consistency.saga import TransferStatus
 
 CONNECT_TIMEOUT_S: Final = 10
 # The exclusive fence lock waits for in-flight write transactions; those are bounded by the
@@ -441,7 +442,7 @@ def _outbound_leg_problem(row: Sequence[Any]) -> str | None:
     src, t1, t2 = row[8:11], row[11:14], row[14:17]
     if no_transit and not moved:
         return "no transit account for its leg"
-    reversed_ = state == "reversed"
+    reversed_ = state == TransferStatus.REVERSED
     want_src = (2, -amount, amount) if reversed_ else (1, -amount, 0)
     if self_delivered:
         # Leg 2 landed here too (see _IN_LEGS_SQL): its entries share the transit accounts.

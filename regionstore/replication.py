@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 from psycopg import sql
@@ -39,9 +39,19 @@ class StandbyStatus:
     replay_lag_s: float | None
 
 
+def _connect(
+    admin_dsn: str, connect_timeout_s: float = CONNECT_TIMEOUT_S
+) -> psycopg.Connection[Any]:
+    # Autocommit: ALTER SYSTEM refuses a transaction block, and the other calls are single
+    # statements. libpq takes whole seconds, and 0 would mean no bound at all.
+    return psycopg.connect(
+        admin_dsn, autocommit=True, connect_timeout=int(max(1, connect_timeout_s))
+    )
+
+
 def standbys(admin_dsn: str) -> list[StandbyStatus]:
     """The primary's view of its standbys (pg_stat_replication)."""
-    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+    with _connect(admin_dsn) as conn:
         rows = conn.execute(
             "SELECT application_name, state, sync_state,"
             " extract(epoch FROM replay_lag)::float8"
@@ -66,7 +76,7 @@ def set_sync_standby(
     if app_name is not None and not _APP_NAME_RE.fullmatch(app_name):
         raise ValueError(f"not a standby application name: {app_name!r}")
     value = "" if app_name is None else f'FIRST 1 ("{app_name}")'
-    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+    with _connect(admin_dsn) as conn:
         # ALTER SYSTEM takes no bind parameters; the value is quoted as a literal.
         conn.execute(
             sql.SQL("ALTER SYSTEM SET synchronous_standby_names = {}").format(sql.Literal(value))
@@ -109,9 +119,7 @@ class ReplicaLsn:
 
 def standby_progress(admin_dsn: str, *, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> ReplicaLsn:
     """Receive and replay LSN of a standby (``in_recovery`` False: it is a primary)."""
-    with psycopg.connect(
-        admin_dsn, autocommit=True, connect_timeout=int(max(1, connect_timeout_s))
-    ) as conn:
+    with _connect(admin_dsn, connect_timeout_s) as conn:
         row = conn.execute(
             "SELECT pg_is_in_recovery(),"
             # After a restart the receive position is NULL until the first byte arrives; what
@@ -140,9 +148,7 @@ def replication_report(
     admin_dsn: str, *, connect_timeout_s: float = CONNECT_TIMEOUT_S
 ) -> list[ReplicationRow]:
     """The primary's standbys with their lag behind its current WAL position."""
-    with psycopg.connect(
-        admin_dsn, autocommit=True, connect_timeout=int(max(1, connect_timeout_s))
-    ) as conn:
+    with _connect(admin_dsn, connect_timeout_s) as conn:
         rows = conn.execute(
             "SELECT application_name, state, sync_state,"
             " pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint,"
@@ -166,7 +172,7 @@ def ensure_physical_slot(admin_dsn: str, slot_name: str) -> None:
     """
     if not _APP_NAME_RE.fullmatch(slot_name):
         raise ValueError(f"not a slot name: {slot_name!r}")
-    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+    with _connect(admin_dsn) as conn:
         conn.execute(
             "SELECT pg_create_physical_replication_slot(%s, true)"
             " WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)",

@@ -45,6 +45,7 @@ import orjson
 import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
+from psycopg.abc import Params, QueryNoTemplate
 from psycopg.pq import TransactionStatus
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
@@ -525,6 +526,40 @@ class ShardStore:
             self._abandon(task)
             raise
 
+    async def _fetchone(
+        self,
+        query: QueryNoTemplate,
+        params: Params | None,
+        *,
+        timeout_s: float,
+        write: bool,
+        what: str,
+    ) -> tuple[Any, ...] | None:
+        """One statement through :meth:`_call`; its first row (None: no row)."""
+
+        async def op(conn: Conn) -> tuple[Any, ...] | None:
+            cur = await conn.execute(query, params)
+            return await cur.fetchone()
+
+        return await self._call(op, timeout_s=timeout_s, write=write, what=what)
+
+    async def _fetchall(
+        self,
+        query: QueryNoTemplate,
+        params: Params | None,
+        *,
+        timeout_s: float,
+        write: bool,
+        what: str,
+    ) -> list[tuple[Any, ...]]:
+        """One statement through :meth:`_call`; all its rows."""
+
+        async def op(conn: Conn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+        return await self._call(op, timeout_s=timeout_s, write=write, what=what)
+
     def _abandon(self, task: asyncio.Task[Any]) -> None:
         """Cancel a call we stopped waiting for and let it clean up in the background."""
         if task.done():
@@ -614,11 +649,9 @@ class ShardStore:
             return []
         params = (shard_epoch, encode_items(items), relay_grace_s)
 
-        async def op(conn: Conn) -> list[tuple[Any, ...]]:
-            cur = await conn.execute(_POST_TRANSFERS_SQL, params)
-            return await cur.fetchall()
-
-        rows = await self._call(op, timeout_s=timeout_s, write=True, what="post_transfers")
+        rows = await self._fetchall(
+            _POST_TRANSFERS_SQL, params, timeout_s=timeout_s, write=True, what="post_transfers"
+        )
         if [r[0] for r in rows] != list(range(len(items))):
             # Committed, but we cannot tell which item got what: the client must retry with
             # the same keys (replays), exactly as for any unknown outcome.
@@ -781,11 +814,9 @@ class ShardStore:
             mac,
         )
 
-        async def op(conn: Conn) -> tuple[Any, ...] | None:
-            cur = await conn.execute(_APPLY_INBOUND_SQL, params)
-            return await cur.fetchone()
-
-        row = await self._call(op, timeout_s=timeout_s, write=True, what="apply_inbound")
+        row = await self._fetchone(
+            _APPLY_INBOUND_SQL, params, timeout_s=timeout_s, write=True, what="apply_inbound"
+        )
         if row is None:
             raise StoreOutcomeUnknown(f"shard {self.name}: apply_inbound returned no row")
         return InboundResult(
@@ -817,11 +848,9 @@ class ShardStore:
         call answers ``unauthenticated`` and changes nothing."""
         params = (shard_epoch, transfer_id, refusal_code, leg2_shard, receipt)
 
-        async def op(conn: Conn) -> tuple[Any, ...] | None:
-            cur = await conn.execute(_SETTLE_OUTBOUND_SQL, params)
-            return await cur.fetchone()
-
-        row = await self._call(op, timeout_s=timeout_s, write=True, what="settle_outbound")
+        row = await self._fetchone(
+            _SETTLE_OUTBOUND_SQL, params, timeout_s=timeout_s, write=True, what="settle_outbound"
+        )
         if row is None:
             raise StoreOutcomeUnknown(f"shard {self.name}: settle_outbound returned no row")
         return SettleResult(
@@ -837,11 +866,13 @@ class ShardStore:
         """Up to ``limit`` due pending messages, each leased for ``lease_s`` (not due again
         until then, so concurrent relays do not deliver the same message at once)."""
 
-        async def op(conn: Conn) -> list[tuple[Any, ...]]:
-            cur = await conn.execute(_CLAIM_OUTBOX_SQL, (limit, lease_s))
-            return await cur.fetchall()
-
-        rows = await self._call(op, timeout_s=timeout_s, write=True, what="claim_outbox")
+        rows = await self._fetchall(
+            _CLAIM_OUTBOX_SQL,
+            (limit, lease_s),
+            timeout_s=timeout_s,
+            write=True,
+            what="claim_outbox",
+        )
         return [
             OutboxMessage(
                 transfer_id=r[0],
@@ -865,11 +896,13 @@ class ShardStore:
         """Leg 1's (key id, MAC) of an outbox message, for a delivery that did not claim it
         (the router's inline one); (None, None) when there is no such row or it is unsigned."""
 
-        async def op(conn: Conn) -> tuple[Any, ...] | None:
-            cur = await conn.execute(_OUTBOX_SIGNATURE_SQL, (transfer_id,))
-            return await cur.fetchone()
-
-        row = await self._call(op, timeout_s=timeout_s, write=False, what="outbox_signature")
+        row = await self._fetchone(
+            _OUTBOX_SIGNATURE_SQL,
+            (transfer_id,),
+            timeout_s=timeout_s,
+            write=False,
+            what="outbox_signature",
+        )
         if row is None:
             return None, None
         return row[0], None if row[1] is None else bytes(row[1])
@@ -879,11 +912,9 @@ class ShardStore:
         idempotency keys, account-open keys, final outbox rows, inbox rows. Returns the counts
         per kind; a count equal to ``batch`` means more is due."""
 
-        async def op(conn: Conn) -> tuple[Any, ...] | None:
-            cur = await conn.execute(_PRUNE_SQL, (batch,))
-            return await cur.fetchone()
-
-        row = await self._call(op, timeout_s=timeout_s, write=True, what="prune_retained")
+        row = await self._fetchone(
+            _PRUNE_SQL, (batch,), timeout_s=timeout_s, write=True, what="prune_retained"
+        )
         names = ("idempotency_keys", "account_open_keys", "outbox", "inbox")
         return dict(zip(names, (int(x) for x in row), strict=True)) if row else {}
 
@@ -900,11 +931,9 @@ class ShardStore:
     async def outbox_stats(self, *, timeout_s: float) -> tuple[int, float]:
         """(pending messages, age in seconds of the oldest one; 0 when none)."""
 
-        async def op(conn: Conn) -> tuple[Any, ...] | None:
-            cur = await conn.execute(_OUTBOX_STATS_SQL)
-            return await cur.fetchone()
-
-        row = await self._call(op, timeout_s=timeout_s, write=False, what="outbox_stats")
+        row = await self._fetchone(
+            _OUTBOX_STATS_SQL, None, timeout_s=timeout_s, write=False, what="outbox_stats"
+        )
         if row is None:
             return 0, 0.0
         return int(row[0]), float(row[1])
@@ -913,11 +942,9 @@ class ShardStore:
         """Seconds until the next pending message is due (<= 0: due now); None: none pending.
         Reads the partial index of pending messages: one small query."""
 
-        async def op(conn: Conn) -> tuple[Any, ...] | None:
-            cur = await conn.execute(_OUTBOX_NEXT_DUE_SQL)
-            return await cur.fetchone()
-
-        row = await self._call(op, timeout_s=timeout_s, write=False, what="outbox_next_due")
+        row = await self._fetchone(
+            _OUTBOX_NEXT_DUE_SQL, None, timeout_s=timeout_s, write=False, what="outbox_next_due"
+        )
         if row is None or row[0] is None:
             return None
         return float(row[0])
@@ -927,12 +954,12 @@ class ShardStore:
         (sql/functions/changefeed.sql: the change feed's failover step). A full scan: run once
         per failover, never per request."""
 
-        async def op(conn: Conn) -> list[tuple[Any, ...]]:
-            cur = await conn.execute("SELECT id FROM txr.accounts_committed_since(%s)", (since,))
-            return await cur.fetchall()
-
-        rows = await self._call(
-            op, timeout_s=timeout_s, write=False, what="accounts_committed_since"
+        rows = await self._fetchall(
+            "SELECT id FROM txr.accounts_committed_since(%s)",
+            (since,),
+            timeout_s=timeout_s,
+            write=False,
+            what="accounts_committed_since",
         )
         return [int(r[0]) for r in rows]
 
@@ -952,11 +979,13 @@ class ShardStore:
         query = _EVENT_PAGE_SQL[table]
         after_at, after_id = (None, None) if after is None else after
 
-        async def op(conn: Conn) -> list[tuple[Any, ...]]:
-            cur = await conn.execute(query, (since, after_at, after_id, limit))
-            return list(await cur.fetchall())
-
-        return await self._call(op, timeout_s=timeout_s, write=False, what=f"event_{table}_page")
+        return await self._fetchall(
+            query,
+            (since, after_at, after_id, limit),
+            timeout_s=timeout_s,
+            write=False,
+            what=f"event_{table}_page",
+        )
 
     async def wait_for_outbox(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a leg-1 commit's notification: True when one came.
@@ -1080,11 +1109,13 @@ class ShardStore:
         if not ENTRIES_PAGE_MIN <= limit <= ENTRIES_PAGE_MAX:
             raise ValueError(f"limit {limit} outside {ENTRIES_PAGE_MIN}..{ENTRIES_PAGE_MAX}")
 
-        async def op(conn: Conn) -> list[tuple[Any, ...]]:
-            cur = await conn.execute(_LIST_ENTRIES_SQL, (before_seq, limit, account_id, tenant))
-            return await cur.fetchall()
-
-        rows = await self._call(op, timeout_s=timeout_s, write=False, what="list_entries")
+        rows = await self._fetchall(
+            _LIST_ENTRIES_SQL,
+            (before_seq, limit, account_id, tenant),
+            timeout_s=timeout_s,
+            write=False,
+            what="list_entries",
+        )
         if not rows:
             return None
         return [

@@ -8,4 +8,7 @@ and ``outcomes`` that only ``errors``, the handlers and the middleware turn into
 region cache path, metrics, traces and logs; ``router.relays``, the relay process. The public
 client is ``txclient`` (its own distribution). May import ``consistency`` and ``regionstore``;
 must never import ``infra``, ``bench``, ``chaos`` or ``txclient``.
+The request paths (``resolver``, ``writes``, ``batcher``, ``opens``, ``reads``, ``saga_step``,
+``outcomes``) know no HTTP: each never imports ``aiohttp``, ``router.errors``, ``router.handlers``
+or ``router.validation``.
 """

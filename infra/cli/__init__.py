@@ -11,6 +11,10 @@ Exit codes: 0 success, 1 the operation ran and failed (reason on stderr), 2 usag
   ``autofailover``, ``region``, ``rehome``;
 - ``runs``: ``txr chaos run``, ``bench``;
 - ``common``: the exit codes and what the groups share.
+
+At module level the command line never imports ``bench``, ``chaos`` or ``infra.events``: each is
+imported inside the handler of its command, so ``txr`` starts without matplotlib, Locust or
+the NATS client.
 """
 
 from __future__ import annotations

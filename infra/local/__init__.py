@@ -9,5 +9,6 @@ spawning and waiting through ``children`` (the recorded children, one bounded re
 initial topology; ``describe``: ``status`` and the operator DSNs; ``control``: kill and restart
 one process or a region; ``procs``: the process primitives; ``ports``: the port plan;
 ``state``: the state file, ``cluster.json``, written and read only through its typed records.
-Must not be imported by ``consistency``, ``regionstore`` or ``router``.
+Must not be imported by ``consistency``, ``regionstore`` or ``router``; never imports
+``infra.cli``, ``infra.failover``, ``infra.controller``, ``bench`` or ``chaos``, which build on it.
 """

@@ -28,6 +28,7 @@ from typing import Any, Final
 import orjson
 
 from consistency import ids
+from consistency.saga import TransferStatus
 from regionstore.changefeed import CommittedTxn, TransferChange
 from router import render
 from router.events import stream
@@ -37,10 +38,12 @@ TRANSFER_PENDING: Final = "transfer.pending"
 TRANSFER_SETTLED: Final = "transfer.settled"
 TRANSFER_REVERSED: Final = "transfer.reversed"
 EVENT_TYPES: Final = (ACCOUNT_CREATED, TRANSFER_PENDING, TRANSFER_SETTLED, TRANSFER_REVERSED)
-_TRANSFER_TYPES: Final = {
-    "pending": TRANSFER_PENDING,
-    "settled": TRANSFER_SETTLED,
-    "reversed": TRANSFER_REVERSED,
+# A stored status (a plain str from the change feed) looks its member up: StrEnum members hash
+# and compare as their values.
+_TRANSFER_TYPES: Final[dict[str, str]] = {
+    TransferStatus.PENDING: TRANSFER_PENDING,
+    TransferStatus.SETTLED: TRANSFER_SETTLED,
+    TransferStatus.REVERSED: TRANSFER_REVERSED,
 }
 TRANSIT_TENANT: Final = "__transit__"
 EVENT_ID_HEX: Final = 32
@@ -112,7 +115,7 @@ def _transfer_event(change: TransferChange, created_at: str, end_lsn: int) -> Ev
     event_type = _TRANSFER_TYPES.get(status)
     if event_type is None:
         return None
-    if not change.inserted and status == "pending":
+    if not change.inserted and status == TransferStatus.PENDING:
         return None  # an update that leaves it pending (attempt counters live in the outbox)
     data = transfer_data(row)
     return Event(
@@ -242,7 +245,7 @@ def events_of_rows(
         when = render.timestamp(committed_at or created_at)
         inserted_since = since is None or created_at >= since
         if cross_shard and inserted_since:
-            pending = {**tdata, "status": "pending", "refusal_code": None}
+            pending = {**tdata, "status": TransferStatus.PENDING.value, "refusal_code": None}
             out.append(
                 (
                     created_at,

@@ -61,6 +61,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.kv import KeyValue
 
+from consistency import coherence
 from regionstore.changefeed import CommittedTxn, FeedBatch
 from regionstore.errors import StoreError
 from regionstore.store import ShardStore
@@ -474,7 +475,12 @@ class EventSink:
                 events += model.events_of(txn, shard=self.shard, home_region=self.home_region)
         except (ValueError, KeyError, TypeError) as exc:
             # Never skipped: the slot keeps the transaction, and the operator sees this.
-            log.error("events %s: cannot derive events before %X: %r", self.shard, last.to_lsn, exc)
+            log.error(
+                "events %s: cannot derive events before %s: %r",
+                self.shard,
+                coherence.format_lsn(last.to_lsn),
+                exc,
+            )
             self._fail("derivation failed")
             return False
         if events:

@@ -35,6 +35,7 @@ from infra.local import control
 from infra.wan import WanControl
 from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 from tests.fixtures.api import ALL_SCOPES, FUNDING_OVERDRAFT
+from tests.fixtures.cluster import private_cluster
 from txclient import AsyncClient, errors
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
@@ -55,13 +56,8 @@ ATTEMPT_TIMEOUT_S: Final = 1.0
 
 @pytest.fixture(scope="module")
 def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("txr-autofail")
-    try:
-        lc.up(lc.UpOptions(dir=d, base_port=BASE_PORT, wan="none"))
+    with private_cluster(tmp_path_factory, "txr-autofail", BASE_PORT) as d:
         yield d
-    finally:
-        lc.down(d)
-        lc.purge(d)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from consistency import coherence
+from consistency import coherence, ids
 from router.cache import CacheEntry, RegionCache
 from router.metrics import Metrics
 from router.redisconn import CacheUnavailable
@@ -35,7 +35,7 @@ MODEL_OPS: Final = 150
 
 
 def account(i: int, slot: int = SLOT) -> int:
-    return (slot << 48) | (i + 1)
+    return ids.slot_id_range(slot)[0] | (i + 1)
 
 
 def row(acc: int, version: int, tenant: str = "t1") -> dict[str, Any]:

@@ -39,6 +39,7 @@ from router.config import RouterConfig
 from router.resources import TOPOLOGY
 from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
 from tests.fixtures.api import ALL_SCOPES, FUNDING_OVERDRAFT
+from tests.fixtures.cluster import private_cluster
 from txclient import AsyncClient, RetryBudget, Session, errors
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)]
@@ -70,13 +71,8 @@ class Load:
 
 @pytest.fixture(scope="module")
 def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("txr-failover")
-    try:
-        lc.up(lc.UpOptions(dir=d, base_port=BASE_PORT, wan="none"))
+    with private_cluster(tmp_path_factory, "txr-failover", BASE_PORT) as d:
         yield d
-    finally:
-        lc.down(d)
-        lc.purge(d)
 
 
 def _routers(d: Path) -> dict[str, str]:

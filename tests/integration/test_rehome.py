@@ -33,6 +33,7 @@ from infra.local import cluster as lc
 from regionstore import admin
 from regionstore.store import InboundCode, ShardStore, TransferCode, TransferItem
 from tests.fixtures import PORT_OFFSET, SLOW_TEST_TIMEOUT_S
+from tests.fixtures.cluster import private_cluster
 from tests.integration.test_failover import (
     RECONCILE_TRIES,
     Ack,
@@ -61,13 +62,8 @@ SHORT_DRAIN_S: Final = 3.0
 
 @pytest.fixture(scope="module")
 def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("txr-rehome")
-    try:
-        lc.up(lc.UpOptions(dir=d, base_port=BASE_PORT, wan="none"))
+    with private_cluster(tmp_path_factory, "txr-rehome", BASE_PORT) as d:
         yield d
-    finally:
-        lc.down(d)
-        lc.purge(d)
 
 
 @pytest_asyncio.fixture

@@ -7,7 +7,6 @@ Real PostgreSQL (tests/fixtures/pg.py): shard A is database ``txr``, shard B ``t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import shutil
 import subprocess
 import uuid
@@ -24,7 +23,6 @@ from consistency.ids import new_account_id
 from regionstore import admin, migrate, saga_keys
 from regionstore.store import (
     InboundCode,
-    InboundResult,
     OutboxMessage,
     SettleCode,
     ShardStore,
@@ -45,6 +43,7 @@ from tests.integration.test_saga_store import (
     TIMEOUT_S,
     assert_clean,
     balance,
+    deliver_leg2,
     drain,
     funded,
     item,
@@ -89,26 +88,7 @@ async def _leg1(stores: dict[str, ShardStore]) -> tuple[str, int, int, OutboxMes
 
 
 async def _apply(store: ShardStore, msg: OutboxMessage, **change: Any) -> InboundCode:
-    return (await _deliver(store, msg, **change)).code
-
-
-async def _deliver(store: ShardStore, msg: OutboxMessage, **change: Any) -> InboundResult:
-    m = dataclasses.replace(msg, **change)
-    return await store.apply_inbound(
-        SHARD_EPOCH,
-        transfer_id=m.transfer_id,
-        source_shard=SHARD_A,
-        tenant=m.tenant,
-        source=m.source,
-        destination=m.destination,
-        amount=m.amount,
-        currency=m.currency,
-        destination_slot_epoch=SLOT_EPOCH,
-        created_at=m.created_at,
-        key_id=m.key_id,
-        mac=m.mac,
-        timeout_s=TIMEOUT_S,
-    )
+    return (await deliver_leg2(store, msg, **change)).code
 
 
 def _signed_fields(msg: OutboxMessage) -> tuple[Any, ...]:
@@ -127,12 +107,7 @@ def _signed_fields(msg: OutboxMessage) -> tuple[Any, ...]:
 
 
 def _inbox_rows(dsn: str, transfer_id: uuid.UUID) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM txr.inbox WHERE transfer_id = %s", (transfer_id,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+    return _count(dsn, "SELECT count(*) FROM txr.inbox WHERE transfer_id = %s", (transfer_id,))
 
 
 async def test_forged_or_altered_leg2_is_refused_and_changes_nothing(
@@ -159,21 +134,7 @@ async def test_forged_or_altered_leg2_is_refused_and_changes_nothing(
     for change in forgeries:
         assert await _apply(b, msg, **change) is InboundCode.UNAUTHENTICATED, change
     # The source shard names the transit account leg 2 debits: signed too.
-    got = await b.apply_inbound(
-        SHARD_EPOCH,
-        transfer_id=msg.transfer_id,
-        source_shard=SHARD_B,
-        tenant=msg.tenant,
-        source=msg.source,
-        destination=msg.destination,
-        amount=msg.amount,
-        currency=msg.currency,
-        destination_slot_epoch=SLOT_EPOCH,
-        created_at=msg.created_at,
-        key_id=msg.key_id,
-        mac=msg.mac,
-        timeout_s=TIMEOUT_S,
-    )
+    got = await deliver_leg2(b, msg, source_shard=SHARD_B)
     assert got.code is InboundCode.UNAUTHENTICATED
     # Nothing was recorded or moved: no inbox row, no credit, still in flight and balanced.
     assert _inbox_rows(pg_shard.b_admin_dsn, msg.transfer_id) == 0
@@ -205,21 +166,7 @@ async def test_a_receipt_binds_the_answer(stores: dict[str, ShardStore], pg_shar
     hand the source its money back while the destination keeps the credit)."""
     a, b = stores[SHARD_A], stores[SHARD_B]
     tenant, src, dst, msg = await _pending(stores)
-    got = await b.apply_inbound(
-        SHARD_EPOCH,
-        transfer_id=msg.transfer_id,
-        source_shard=SHARD_A,
-        tenant=msg.tenant,
-        source=msg.source,
-        destination=msg.destination,
-        amount=msg.amount,
-        currency=msg.currency,
-        destination_slot_epoch=SLOT_EPOCH,
-        created_at=msg.created_at,
-        key_id=msg.key_id,
-        mac=msg.mac,
-        timeout_s=TIMEOUT_S,
-    )
+    got = await deliver_leg2(b, msg)
     assert got.code is InboundCode.APPLIED
     assert got.receipt is not None
     for refusal, shard in (("not_found", SHARD_B), (None, "elsewhere")):
@@ -248,7 +195,7 @@ async def test_a_receipt_binds_the_answer(stores: dict[str, ShardStore], pg_shar
 
 async def _leg2_and_settle(stores: dict[str, ShardStore], msg: OutboxMessage) -> SettleCode:
     """Deliver ``msg`` (A -> B) by hand: leg 2 on B, then the settle on A with its receipt."""
-    got = await _deliver(stores[SHARD_B], msg)
+    got = await deliver_leg2(stores[SHARD_B], msg)
     assert got.code is InboundCode.APPLIED, got
     settled = await stores[SHARD_A].settle_outbound(
         SHARD_EPOCH,

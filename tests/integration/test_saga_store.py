@@ -9,6 +9,7 @@ G4 across both shards at every quiescent step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import random
@@ -16,7 +17,7 @@ import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 import pytest
@@ -29,6 +30,7 @@ from regionstore import admin
 from regionstore.store import (
     CreateAccountCode,
     InboundCode,
+    InboundResult,
     OutboxMessage,
     SettleCode,
     ShardStore,
@@ -201,6 +203,29 @@ def message(it: TransferItem, res: TransferResult) -> OutboxMessage:
     )
 
 
+async def deliver_leg2(
+    store: ShardStore, msg: OutboxMessage, *, source_shard: str = SHARD_A, **change: Any
+) -> InboundResult:
+    """Leg 2 of ``msg`` (with the fields ``change`` names altered) on ``store``, as a relay
+    sends it: every field of the message, and its signature."""
+    m = dataclasses.replace(msg, **change)
+    return await store.apply_inbound(
+        SHARD_EPOCH,
+        transfer_id=m.transfer_id,
+        source_shard=source_shard,
+        tenant=m.tenant,
+        source=m.source,
+        destination=m.destination,
+        amount=m.amount,
+        currency=m.currency,
+        destination_slot_epoch=SLOT_EPOCH,
+        created_at=m.created_at,
+        key_id=m.key_id,
+        mac=m.mac,
+        timeout_s=TIMEOUT_S,
+    )
+
+
 def relay(
     stores: dict[str, ShardStore], source: str = SHARD_A, *, poll_interval_s: float = 1.0
 ) -> OutboxRelay:
@@ -355,21 +380,7 @@ async def test_relay_killed_between_leg2_and_settle(
     it = item(tenant, src, dst, 90)
     await post1(stores[SHARD_A], it)
     (msg,) = await stores[SHARD_A].claim_outbox(limit=10, lease_s=TEST_LEASE_S, timeout_s=TIMEOUT_S)
-    inbound = await stores[SHARD_B].apply_inbound(
-        SHARD_EPOCH,
-        transfer_id=msg.transfer_id,
-        source_shard=SHARD_A,
-        tenant=msg.tenant,
-        source=msg.source,
-        destination=msg.destination,
-        amount=msg.amount,
-        currency=msg.currency,
-        destination_slot_epoch=SLOT_EPOCH,
-        created_at=msg.created_at,
-        key_id=msg.key_id,
-        mac=msg.mac,
-        timeout_s=TIMEOUT_S,
-    )
+    inbound = await deliver_leg2(stores[SHARD_B], msg)
     assert (inbound.code, inbound.replayed, inbound.destination_balance) == (
         InboundCode.APPLIED,
         False,

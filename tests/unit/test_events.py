@@ -21,6 +21,11 @@ from router.events import model, publisher, pull, stream, webhooks
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
 
 
+def _acc(slot: int, n: int) -> int:
+    """Account ``n`` of ``slot`` (the bit layout is consistency.ids's alone)."""
+    return ids.slot_id_range(slot)[0] | n
+
+
 def _account(account_id: int, tenant: str = "acme", *, inserted: bool = True) -> AccountChange:
     row = coherence.account_payload(
         id=account_id,
@@ -40,8 +45,8 @@ def _transfer(status: str, *, inserted: bool, tid: uuid.UUID | None = None) -> T
         {
             "id": str(tid or uuid.uuid4()),
             "tenant": "acme",
-            "source": str(5 << 48 | 7),
-            "destination": str(9 << 48 | 1),
+            "source": str(_acc(5, 7)),
+            "destination": str(_acc(9, 1)),
             "amount": "250",
             "currency": "EUR",
             "reference": None,
@@ -95,7 +100,7 @@ def test_event_ids_are_stable_and_bodies_deterministic() -> None:
 
 
 def test_accounts_opened_are_events_but_not_transit_updates_or_slot_moves() -> None:
-    acc = 3 << 48 | 42
+    acc = _acc(3, 42)
     evs = _events(_txn(accounts=[_account(acc)]))
     assert [(e.type, e.data["id"], e.data["shard"], e.data["home_region"]) for e in evs] == [
         ("account.created", ids.format_account_id(acc), "eu-west-1", "eu-west")
@@ -272,7 +277,7 @@ def test_a_failed_call_acknowledges_only_the_complete_transactions_before_the_ga
 
 
 def test_rows_after_a_new_slot_give_events_in_commit_order() -> None:
-    src, dst = 5 << 48 | 7, 9 << 48 | 1
+    src, dst = _acc(5, 7), _acc(9, 1)
     t1, t2 = uuid.uuid4(), uuid.uuid4()
     sec = dt.timedelta(seconds=1)
 
@@ -310,7 +315,7 @@ def test_the_largest_account_event_fits_the_streams_message_bound() -> None:
     )
     assert accepted.metadata == metadata
     assert len(orjson.dumps(metadata)) > limits.METADATA_BYTES_MAX * 0.9
-    acc = 3 << 48 | 42
+    acc = _acc(3, 42)
     change = _account(acc)
     assert change.row is not None
     row = dict(change.row, metadata=metadata)

@@ -76,5 +76,21 @@ def test_no_key_error_on_partial_documents() -> None:
     assert "UNHEALTHY" in text
     assert "a-1@x (DOWN)" in text
     assert "s          unreachable (OSError)" in text
+    # A standby or etcd member missing its keys prints what is there.
+    partial = format_status(
+        {
+            "etcd": [{"healthy": True}],
+            "shards": {
+                "a-1": {
+                    "primary": "a-1@x",
+                    "primary_reachable": True,
+                    "standbys": [{"node": "a-1@y"}, {"node": "a-1@z", "replay_lag_s": 0.5}],
+                }
+            },
+        }
+    )
+    assert "a-1@y (unknown, -)" in partial
+    assert "a-1@z (unknown, - 0.500s)" in partial
+    assert "  ?" in partial
     # No shards at all (the loop variable of the old code was unbound here).
     assert "shard" in format_status({"etcd": [], "shards": {}, "routers": {"r": {}}})

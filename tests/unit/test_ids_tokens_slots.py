@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -99,3 +102,20 @@ def test_slot_map_refuses_gaps_and_overlaps() -> None:
         SlotMap((SlotRange(0, 10, "a", 1),))
     with pytest.raises(TopologyError):
         SlotMap((SlotRange(0, SLOT_COUNT - 1, "a", 1), SlotRange(5, 5, "b", 1)))
+
+
+def test_the_slot_bit_layout_is_written_in_ids_only() -> None:
+    # Issue 17: nobody but consistency/ids.py shifts an account id by the slot's bit offset
+    # (its SQL twin, txr.slot_of, is checked by test_sql_limits); everyone else asks ids.
+    root = Path(__file__).resolve().parents[2]
+    shift = re.compile(rf"(<<|>>)\s*{ids.RANDOM_BITS}\b")
+    own = root / "consistency" / "ids.py"
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for top in ("consistency", "regionstore", "router", "infra", "bench", "chaos", "tests")
+        for path in sorted((root / top).rglob("*.py"))
+        if path != own
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if shift.search(line)
+    ]
+    assert offenders == []

@@ -60,9 +60,9 @@ def test_the_fence_and_the_slot_are_written_once() -> None:
         text = path.read_text()
         if path.name != "fence.sql":
             assert "pg_advisory_xact_lock_shared" not in text, path.name
-            assert ">> 48" not in text, path.name
+            assert f">> {ids.RANDOM_BITS}" not in text, path.name
     assert fence.count("pg_advisory_xact_lock_shared") == 1
-    assert f"p_id >> {ids._RANDOM_BITS}" in fence
+    assert f"p_id >> {ids.RANDOM_BITS}" in fence
 
 
 def test_saga_literals_match_the_python_limits() -> None:
@@ -92,7 +92,7 @@ def test_retention_literals_match_the_python_limits() -> None:
 def test_regionstore_sql_uses_slot_of() -> None:
     # The Python side's SQL (admin, audit, store) asks txr.slot_of too: one slot computation.
     for path in sorted(migrate.FUNCTIONS_DIR.parent.parent.glob("*.py")):
-        assert ">> 48" not in path.read_text(), path.name
+        assert f">> {ids.RANDOM_BITS}" not in path.read_text(), path.name
 
 
 def test_migration_literals_match_the_python_limits() -> None:
