@@ -55,6 +55,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from consistency import coherence
 from consistency.topology import Shard, Topology
 from regionstore.changefeed import (
     ChangeFeed,
@@ -242,10 +243,10 @@ class ShardFeed:
         try:
             self.start = await self.feed.open()
             log.info(
-                "feed %s: streaming %s from %X (%s)",
+                "feed %s: streaming %s from %s (%s)",
                 self.shard,
                 self.start.repl_slot,
-                self.start.start_lsn,
+                coherence.format_lsn(self.start.start_lsn),
                 "new repl_slot" if self.start.created else reason,
             )
             workers = [
@@ -500,7 +501,8 @@ class ShardFeed:
         if isinstance(written, str):
             self._behind(
                 r,
-                f"its marker does not prove continuity ({written}, batch from {batch.from_lsn:X})",
+                f"its marker does not prove continuity ({written}, batch from "
+                f"{coherence.format_lsn(batch.from_lsn)})",
             )
             return
         r.applied = batch.to_lsn
