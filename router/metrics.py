@@ -166,6 +166,13 @@ class Metrics:
             ["region", "shard", "target"],
             registry=self.registry,
         )
+        self.feed_coalesced = Counter(
+            "txr_feed_coalesced_batches_total",
+            "Feed batches a target region got merged into the call of an earlier one (it was "
+            "behind by more than one batch: a far region, a slow Redis).",
+            ["region", "shard", "target"],
+            registry=self.registry,
+        )
         # Ledger events (router.events): the publisher in the shard's decoder, the webhooks'
         # delivery worker in every relay process.
         self.events_published = Counter(

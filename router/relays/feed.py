@@ -58,6 +58,7 @@ from typing import Final, Protocol
 from consistency import coherence
 from consistency.topology import Shard, Topology
 from regionstore.changefeed import (
+    BATCH_TXNS_MAX,
     ChangeFeed,
     FeedBatch,
     FeedError,
@@ -132,6 +133,15 @@ class _Region:
     # Monotonic instant up to which every acknowledged commit is in this region; None unknown.
     through: float | None = None
     excluded: bool = False
+    # A batch taken from the queue that did not fit into the last coalesced call: the next
+    # call starts with it (ShardFeed._next_batch).
+    carry: FeedBatch | None = None
+
+    def drop_queued(self) -> None:
+        """Forget every batch waiting for this region (it is behind, or being recovered)."""
+        self.carry = None
+        while not self.queue.empty():
+            self.queue.get_nowait()
 
 
 class _Restart(Exception):
@@ -344,8 +354,7 @@ class ShardFeed:
                     await self._probe(r, shard)
                 else:
                     backoff = PROBE_BACKOFF_S_MIN
-                    batch = await r.queue.get()
-                    await self._apply(r, shard, batch)
+                    await self._apply(r, shard, await self._next_batch(r))
             except (CacheUnavailable, TimeoutError) as exc:
                 _raise_if_cancelling()
                 self._behind(r, str(exc) or type(exc).__name__)
@@ -391,7 +400,7 @@ class ShardFeed:
             # A newer epoch's feed owns this region's marker: this feed is the stale one.
             raise _Moved
         # No await between these two lines: every batch handed out after ``pos`` is queued.
-        _drain(r.queue)
+        r.drop_queued()
         r.state, pos = "recovering", self.feed.safe_lsn
         slots = self._slots()
         reason = (
@@ -459,7 +468,7 @@ class ShardFeed:
         if r.state != "behind":
             log.warning("feed %s -> %s: behind (%s)", self.shard, r.name, why)
         r.state = "behind"
-        _drain(r.queue)
+        r.drop_queued()
         if r.behind_since is None:
             r.behind_since = time.monotonic()
 
@@ -476,6 +485,15 @@ class ShardFeed:
             )
             if self.metrics is not None:
                 self.metrics.feed_region_excluded.labels(self.region, self.shard, r.name).set(1)
+
+    async def _next_batch(self, r: _Region) -> FeedBatch:
+        """The region's next call: its next batch and every batch queued behind it, as one
+        (``coalesce``, which says why)."""
+        first = r.carry if r.carry is not None else await r.queue.get()
+        batch, r.carry, merged = coalesce(first, r.queue)
+        if merged and self.metrics is not None:
+            self.metrics.feed_coalesced.labels(self.region, self.shard, r.name).inc(merged)
+        return batch
 
     async def _apply(self, r: _Region, shard: Shard, batch: FeedBatch) -> None:
         assert self.start is not None
@@ -564,9 +582,39 @@ class ShardFeed:
             )
 
 
-def _drain(q: asyncio.Queue[FeedBatch]) -> None:
-    while not q.empty():
-        q.get_nowait()
+def coalesce(
+    first: FeedBatch, queue: asyncio.Queue[FeedBatch]
+) -> tuple[FeedBatch, FeedBatch | None, int]:
+    """``first`` and the batches queued behind it as one batch; the one taken that did not fit
+    (to start the next call with), and how many were merged into ``first``.
+
+    A region applies one call at a time, so a far region (one WAN round trip per call: 190 ms
+    to ap-south under --wan realistic) applied only about five batches a second while the feed
+    handed out more (every durable round, every heartbeat): its queue grew, and the remote
+    visibility with it (p50 0.6 s, p99 10 s measured). Batches are contiguous, so consecutive
+    ones merge: the first's start, the last's end, every transaction in order
+    (``committed_accounts`` keeps each account's last change), every proof. At most
+    ``changefeed.BATCH_TXNS_MAX`` transactions per call, like one batch of the stream."""
+    parts = [first]
+    txns = len(first.txns)
+    carry: FeedBatch | None = None
+    while not queue.empty():
+        nxt = queue.get_nowait()
+        if nxt.from_lsn != parts[-1].to_lsn or txns + len(nxt.txns) > BATCH_TXNS_MAX:
+            carry = nxt
+            break
+        parts.append(nxt)
+        txns += len(nxt.txns)
+    if len(parts) == 1:
+        return first, carry, 0
+    merged = FeedBatch(
+        first.from_lsn,
+        parts[-1].to_lsn,
+        tuple(t for p in parts for t in p.txns),
+        tuple(q for p in parts for q in p.proofs),
+        parts[-1].lag_bytes,
+    )
+    return merged, carry, len(parts) - 1
 
 
 def _to_us(t: dt.datetime) -> int:
