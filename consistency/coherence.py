@@ -45,9 +45,11 @@ Feed positions (one per shard in every region's Redis)
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, Final, Literal
+
+import orjson
 
 # Values: a safety net against a missed invalidation (a bug), not the coherence mechanism.
 # Five minutes keeps hot accounts cached across bursts without holding cold ones for long.
@@ -137,6 +139,32 @@ def account_payload(
         "metadata": dict(metadata),
         "created_at": created_at.isoformat(),
     }
+
+
+def check_version(version: int) -> None:
+    """Refuse (ValueError) a version the scripts could not compare exactly (``VERSION_MAX``)."""
+    if not 1 <= version <= VERSION_MAX:
+        raise ValueError(f"version {version} outside 1..{VERSION_MAX}")
+
+
+def entries_arg(
+    shard_epoch: int, entries: Iterable[tuple[int, int, Mapping[str, Any] | None]]
+) -> tuple[list[str], bytes]:
+    """The entry keys and the one JSON argument of ``APPLY_MANY_SCRIPT`` and
+    ``FEED_APPLY_SCRIPT`` for ``(account, version, row)`` triples: a row is filled as its JSON
+    text, None is a tombstone at that version. One argument, not three per key: the client
+    packs each argument on its own (the scripts' comments say what it cost)."""
+    keys: list[str] = []
+    items: list[tuple[str, str, str]] = []
+    for account, version, row in entries:
+        check_version(version)
+        keys.append(entry_key(shard_epoch, account))
+        if row is None:
+            items.append(("inval", str(version), ""))
+        else:
+            text = orjson.dumps(row if isinstance(row, dict) else dict(row)).decode()
+            items.append(("fill", str(version), text))
+    return keys, orjson.dumps(items)
 
 
 def is_full_payload(payload: Mapping[str, Any]) -> bool:

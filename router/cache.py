@@ -134,16 +134,14 @@ class RegionCache:
             return
         # One script call for every account (a whole committed batch): one round trip, not one
         # per account. Each key still goes through the forward-only rule (coherence).
-        keys: list[str] = []
-        items: list[tuple[str, str, str]] = []
-        for acc, (version, payload) in versions.items():
-            _check_version(version)
-            keys.append(entry_key(shard_epoch, acc))
-            if coherence.is_full_payload(payload):
-                items.append(("fill", str(version), orjson.dumps(dict(payload)).decode()))
-            else:
-                items.append(("inval", str(version), ""))
-        args = (coherence.ENTRY_TTL_S, coherence.TOMBSTONE_TTL_S, orjson.dumps(items))
+        keys, items = coherence.entries_arg(
+            shard_epoch,
+            (
+                (acc, version, payload if coherence.is_full_payload(payload) else None)
+                for acc, (version, payload) in versions.items()
+            ),
+        )
+        args = (coherence.ENTRY_TTL_S, coherence.TOMBSTONE_TTL_S, items)
         with child_span("cache.put_committed"):
             try:
                 with self._put_guard:
@@ -314,7 +312,7 @@ class RegionCache:
         *,
         client: Any,
     ) -> Any:
-        _check_version(version)
+        coherence.check_version(version)
         return await self._apply(
             keys=[entry_key(shard_epoch, account_id), coherence.GENERATION_KEY],
             args=[
@@ -349,11 +347,6 @@ async def drop_entries(client: aioredis.Redis, slots: Collection[int], what: str
         if batch:
             dropped += int(await client.unlink(*batch))
     return dropped
-
-
-def _check_version(version: int) -> None:
-    if not (1 <= version <= coherence.VERSION_MAX):
-        raise ValueError(f"version {version} outside 1..{coherence.VERSION_MAX}")
 
 
 def _text(raw: bytes | str) -> str:

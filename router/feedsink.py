@@ -18,8 +18,6 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Final
 
-import orjson
-
 from consistency import coherence, ids
 from regionstore.changefeed import AccountChange
 from router.cache import GENERATION_BYTES, drop_entries
@@ -52,21 +50,12 @@ class FeedEntries:
 
     @classmethod
     def of(cls, epoch: int, changes: Iterable[AccountChange]) -> FeedEntries:
-        keys: list[str] = []
-        items: list[tuple[str, str, str]] = []
-        for c in changes:
-            if c.deleted:
-                # The row left the shard (a slot move): its new home's feed fills it, and a
-                # key shared with that home (same epoch number) must not lose its entry.
-                continue
-            if not 1 <= c.version <= coherence.VERSION_MAX:
-                raise ValueError(f"version {c.version} outside 1..{coherence.VERSION_MAX}")
-            keys.append(coherence.entry_key(epoch, c.account_id))
-            if c.row is not None:
-                items.append(("fill", str(c.version), orjson.dumps(c.row).decode()))
-            else:
-                items.append(("inval", str(c.version), ""))
-        return cls(tuple(keys), orjson.dumps(items))
+        # A deleted row left the shard (a slot move): its new home's feed fills it, and a key
+        # shared with that home (same epoch number) must not lose its entry.
+        keys, items = coherence.entries_arg(
+            epoch, ((c.account_id, c.version, c.row) for c in changes if not c.deleted)
+        )
+        return cls(tuple(keys), items)
 
 
 @dataclass(frozen=True, slots=True)
