@@ -315,6 +315,9 @@ class TopologyWatcher:
         self._demand_at = -math.inf
         self._wake = asyncio.Event()  # set while the confirmation loop runs (reads want it)
         self._round_done = asyncio.Event()
+        # The round the last wake from idle started: every read that finds the lease lapsed
+        # waits for it, not only the read that woke the loop.
+        self._waking_round: asyncio.Event | None = None
         self._topology: Topology | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -338,18 +341,21 @@ class TopologyWatcher:
 
     async def ensure_confirmed(self, shard: Shard) -> bool:
         """:meth:`confirmed`, keeping the confirmation loop going while reads come. When the
-        loop was idle, wait (at most ``TOPOLOGY_CONFIRM_TIMEOUT_S``) for the round this read
-        starts; when it runs and the lease lapsed anyway, answer at once (etcd is out of reach,
-        and waiting would only delay the 503)."""
+        loop was idle, wait (at most ``TOPOLOGY_CONFIRM_TIMEOUT_S``) for the round this wake
+        starts; every read that comes while that round runs waits for it too (concurrent reads
+        after an idle spell, the items of one batch request, must not get a 503 because
+        another read woke the loop first). Once that round is over and the lease is still
+        lapsed, answer at once (etcd is out of reach, and waiting would only delay the 503)."""
         self._demand_at = time.monotonic()
-        was_idle = self._confirm_task is not None and not self._wake.is_set()
-        done = self._round_done
+        if self._confirm_task is not None and not self._wake.is_set():
+            self._waking_round = self._round_done
         self._wake.set()
         if self.confirmations.confirmed(shard.name, shard.epoch):
             return True
-        if was_idle:
+        waking = self._waking_round
+        if waking is not None and not waking.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), TOPOLOGY_CONFIRM_TIMEOUT_S)
+                await asyncio.wait_for(waking.wait(), TOPOLOGY_CONFIRM_TIMEOUT_S)
         return self.confirmations.confirmed(shard.name, shard.epoch)
 
     async def start(self, *, initial_timeout_s: float, confirm: bool = False) -> None:

@@ -15,9 +15,12 @@ from typing import Final
 
 import pytest
 
+from consistency import topology
+from consistency.etcd import EtcdClient
 from consistency.limits import TOPOLOGY_CONFIRM_S
 from infra import failover
 from infra.wan import WanControl
+from router.config import RouterConfig
 from tests.fixtures.api import Api, new_tenant
 from tests.fixtures.cluster import LocalCluster
 
@@ -32,6 +35,9 @@ SCHEDULING_SLACK_S: Final = 0.5
 HELD_S: Final = 2.0
 # Bounded wait for the region to serve again after the heal (etcd reconnects, a new round).
 HEAL_WAIT_S: Final = 20.0
+
+# The idle bound, shortened so that the test sees the loop go idle and the lease lapse.
+IDLE_S: Final = 0.5
 
 
 async def _strong(
@@ -99,3 +105,28 @@ async def test_a_router_cut_off_from_etcd_stops_reading_its_primary(
             await asyncio.sleep(0.1)
     finally:
         await asyncio.to_thread(failover.set_autofailover, local_cluster.dir, True, None)
+
+
+async def test_reads_after_an_idle_spell_all_wait_for_the_round_one_of_them_started(
+    local_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle router sends no confirmation rounds; the first read wakes the loop and waits
+    for its round. Reads that come while that round runs (a batch request's items, checked at
+    once) must wait for it too, not answer 503 because the lease is lapsed."""
+    monkeypatch.setattr(topology, "TOPOLOGY_CONFIRM_IDLE_S", IDLE_S)
+    config = RouterConfig.load(
+        local_cluster.dir / "run" / f"router-{local_cluster.regions[0]}.json"
+    )
+    etcd = EtcdClient(config.etcd_endpoints)
+    watcher = topology.TopologyWatcher(etcd)
+    await watcher.start(initial_timeout_s=10.0, confirm=True)
+    try:
+        shard = next(iter(watcher.current.shards.values()))
+        # Idle past the lease: the loop stopped confirming and the lease lapsed.
+        await asyncio.sleep(IDLE_S + TOPOLOGY_CONFIRM_S + 0.5)
+        assert not watcher.confirmations.confirmed(shard.name, shard.epoch)
+        got = await asyncio.gather(*(watcher.ensure_confirmed(shard) for _ in range(5)))
+        assert got == [True] * 5
+    finally:
+        await watcher.stop()
+        await etcd.close()
