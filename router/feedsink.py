@@ -6,37 +6,202 @@ Beside the request path's client (``router.cache``) and using the same protocol
 (``router.relays.feed``); a remote region's Redis is reached through the WAN like all
 cross-region traffic (the dial mapping of the relay's config).
 
-Each call is one round trip: a batch is one script call (``FEED_APPLY_SCRIPT``: continuity
-check, entries, position marker, heartbeat, atomically); a reset is a generation change plus a
-sweep; carrying entries to a new shard epoch is a scan plus one script per page.
+A batch is one script call (``FEED_APPLY_SCRIPT``: continuity check, entries, position marker,
+heartbeat, atomically). A shard's batch calls are *pipelined* (``OrderedScript``): each goes
+out on that shard's own connection without waiting for the ones before it to answer, and Redis
+runs and answers a connection's commands in the order it read them. A far region is a WAN
+round trip away (190 ms to ap-south under --wan realistic); one call at a time made every
+commit wait behind the call in flight (a heartbeat every 0.4 s kept such a link busy half the
+time), on top of its own one-way trip. A reset is a generation change plus a sweep; carrying
+entries to a new shard epoch is a scan plus one script per page (pooled connections: none of
+them runs while a batch call of the same shard is in flight).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import secrets
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
-from typing import Final
+from collections import deque
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, ResponseError
 
 from consistency import coherence, ids
 from regionstore.changefeed import AccountChange
 from router.cache import GENERATION_BYTES, drop_entries
-from router.redisconn import CacheUnavailable, pooled_client, redis_unavailable
+from router.redisconn import REDIS_ERRORS, CacheUnavailable, pooled_client, redis_unavailable
 
 # One call of the feed (a batch of up to changefeed.BATCH_TXNS_MAX transactions, a page of a
 # sweep) must answer within this, or the region counts as unreachable for this batch. Above a
 # WAN round trip to the farthest region (~300 ms under --wan realistic) with room for a slow
 # Redis; small enough that a partitioned region is noticed in seconds, not minutes.
 FEED_REDIS_TIMEOUT_S: Final = 3.0
-# Connections per region per relay process: the decoders of the shards whose primary is in this
-# region (one call in flight each) plus a sweep.
+# Pooled connections per region per relay process, for everything but the batch calls (markers,
+# resets, sweeps: a few at once at the most, during a recovery).
 FEED_REDIS_CONNECTIONS_MAX: Final = 8
+# Batch calls of one shard sent to one region before the first of them answered. The feed
+# spaces them (router.relays.feed.FEED_CALL_SPACING_S, 5 ms) and coalesces what queues between,
+# so 64 cover a 320 ms round trip without a commit waiting for a free place (the farthest
+# region is 190 ms away under --wan realistic); each holds its batch (at most
+# changefeed.BATCH_TXNS_MAX transactions) in memory until answered.
+FEED_CALLS_IN_FLIGHT_MAX: Final = 64
 # Keys per SCAN step and per delete/copy call when sweeping a shard's entries: large enough to
 # sweep a million keys in seconds, small enough that one step never blocks Redis noticeably.
 SWEEP_PAGE_KEYS: Final = 1000
 
 
 _REFUSALS: Final = {-1: "marker_missing", -2: "repl_slot_changed", -3: "marker_behind"}
+
+
+@dataclass(slots=True)
+class _Link:
+    """One connection of an ``OrderedScript`` and the answers it still owes, oldest first."""
+
+    conn: AbstractConnection
+    owed: deque[asyncio.Future[Any]] = field(default_factory=deque)
+    reader: asyncio.Task[None] | None = None
+    broken: bool = False
+
+
+class OrderedScript:
+    """One Lua script's calls on a connection of their own: each call is written at once and
+    answered later, in the order sent (Redis reads, runs and answers a connection's commands in
+    order), at most ``FEED_CALLS_IN_FLIGHT_MAX`` unanswered at a time.
+
+    ``send`` returns once the call is written; its future holds the script's answer, or
+    ``CacheUnavailable``. A connection that fails (written or read: closed, timed out) fails
+    every call still owed on it: nothing after a lost answer can be trusted to have run or
+    not, and the caller reads the region's marker before it sends again. Each answer must come
+    within the client's socket timeout of the answer before it (or of its own sending)."""
+
+    def __init__(self, url: str, script: str, *, what: str, timeout_s: float) -> None:
+        self._what = what
+        self._factory = aioredis.ConnectionPool.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self._script = script.encode()
+        self._sha = hashlib.sha1(self._script, usedforsecurity=False).hexdigest()
+        self._slots = asyncio.Semaphore(FEED_CALLS_IN_FLIGHT_MAX)
+        # Sends one at a time: the order of writes is the order of the calls.
+        self._writing = asyncio.Lock()
+        self._link: _Link | None = None
+
+    async def send(
+        self, keys: Sequence[str], args: Sequence[str | int | bytes]
+    ) -> asyncio.Future[Any]:
+        await self._slots.acquire()
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        answer.add_done_callback(self._settled)
+        try:
+            async with self._writing:
+                link = await self._connected()
+                link.owed.append(answer)
+                try:
+                    await link.conn.send_packed_command(
+                        link.conn.pack_command("EVALSHA", self._sha, len(keys), *keys, *args),
+                        check_health=False,
+                    )
+                except REDIS_ERRORS as exc:
+                    self._break(link, exc)
+                if not link.broken and (link.reader is None or link.reader.done()):
+                    link.reader = asyncio.create_task(self._read(link))
+        except BaseException as exc:
+            # Not written (cancelled, or no connection): the call surely did not run.
+            if not answer.done():
+                answer.set_exception(_unavailable(self._what, exc))
+            if not isinstance(exc, REDIS_ERRORS):
+                raise
+        return answer
+
+    async def aclose(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            self._break(link, ConnectionError("closed"))
+            if link.reader is not None:
+                link.reader.cancel()
+            await link.conn.disconnect()
+        await self._factory.aclose()
+
+    def _settled(self, answer: asyncio.Future[Any]) -> None:
+        self._slots.release()
+        _retrieved(answer)
+
+    async def _connected(self) -> _Link:
+        link = self._link
+        if link is not None and not link.broken:
+            return link
+        # The pool is only the factory (it parses the URL once, TLS and sockets included); the
+        # connection is never returned to it. make_connection is untyped upstream.
+        conn: AbstractConnection = self._factory.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            # Connects first. A new connection may face a restarted Redis: load the script
+            # before the first call (an EVALSHA of a script Redis does not hold is refused,
+            # never run).
+            await conn.send_command("SCRIPT", "LOAD", self._script, check_health=False)
+            await conn.read_response()
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        self._link = link = _Link(conn)
+        return link
+
+    async def _read(self, link: _Link) -> None:
+        try:
+            while link.owed and not link.broken:
+                try:
+                    value: Any = await link.conn.read_response(disable_decoding=True)
+                except ResponseError as exc:
+                    if isinstance(exc, NoScriptError):
+                        # The script was flushed: every call behind this one is refused too.
+                        # A new connection loads it again.
+                        await link.conn.disconnect(nowait=True)
+                        self._break(link, exc)
+                        return
+                    # A refused command (a script error) is one whole answer: the connection
+                    # stays in step, the answers after it still belong to their calls.
+                    value = exc
+                if link.broken or not link.owed:
+                    return
+                answer = link.owed.popleft()
+                if answer.done():
+                    continue
+                if isinstance(value, ResponseError):
+                    answer.set_exception(_unavailable(self._what, value))
+                else:
+                    answer.set_result(value)
+        except BaseException as exc:
+            self._break(link, exc)
+            if not isinstance(exc, REDIS_ERRORS):
+                raise
+
+    def _break(self, link: _Link, exc: BaseException) -> None:
+        # The client already dropped the connection (it does on every failed write or read);
+        # what is left is to fail the calls it still owed and to use a new one from now on.
+        link.broken = True
+        if self._link is link:
+            self._link = None
+        while link.owed:
+            answer = link.owed.popleft()
+            if not answer.done():
+                answer.set_exception(_unavailable(self._what, exc))
+
+
+def _retrieved(answer: asyncio.Future[Any]) -> None:
+    # A call whose caller stopped waiting (its region fell behind, its session ended) fails
+    # without anyone to read it: that is not an error of its own, so mark it read.
+    if not answer.cancelled():
+        answer.exception()
+
+
+def _unavailable(what: str, exc: BaseException) -> CacheUnavailable:
+    err = CacheUnavailable(f"{what}: {exc!r}")
+    err.__cause__ = exc
+    return err
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +241,15 @@ class RegionSink:
         self._redis = pooled_client(
             url, connections=FEED_REDIS_CONNECTIONS_MAX, timeout_s=FEED_REDIS_TIMEOUT_S
         )
-        self._apply = self._redis.register_script(coherence.FEED_APPLY_SCRIPT)
+        self._url = url
+        # Per shard: each decoder's batches in order on their own connection.
+        self._batches: dict[str, OrderedScript] = {}
         self._copy = self._redis.register_script(coherence.COPY_ENTRIES_SCRIPT)
 
     async def close(self) -> None:
+        for calls in self._batches.values():
+            await calls.aclose()
+        self._batches.clear()
         await self._redis.aclose()
 
     async def marker(self, shard: str) -> Marker | None:
@@ -128,10 +298,40 @@ class RegionSink:
         primary: str,
         lag_bytes: int | None,
     ) -> int | str:
-        """One batch (``FEED_APPLY_SCRIPT``) with its ``entries`` (keyed by ``epoch``'s keys).
-        Returns the entries written, or why the marker does not prove continuity (nothing
+        """``send_apply`` and its answer."""
+        answer = await self.send_apply(
+            shard,
+            repl_slot=repl_slot,
+            from_lsn=from_lsn,
+            to_lsn=to_lsn,
+            commit_ts_us=commit_ts_us,
+            epoch=epoch,
+            entries=entries,
+            heartbeat_age_s=heartbeat_age_s,
+            primary=primary,
+            lag_bytes=lag_bytes,
+        )
+        return await answer
+
+    async def send_apply(
+        self,
+        shard: str,
+        *,
+        repl_slot: str,
+        from_lsn: int,
+        to_lsn: int,
+        commit_ts_us: int | None,
+        epoch: int,
+        entries: FeedEntries,
+        heartbeat_age_s: float | None,
+        primary: str,
+        lag_bytes: int | None,
+    ) -> asyncio.Future[int | str]:
+        """Send one batch (``FEED_APPLY_SCRIPT``) with its ``entries`` (keyed by ``epoch``'s
+        keys) behind the shard's calls still in flight, and return once it is written. Its
+        answer: the entries written, or why the marker does not prove continuity (nothing
         written: the region must be reset or catch up): ``marker_missing``,
-        ``repl_slot_changed`` or ``marker_behind``."""
+        ``repl_slot_changed`` or ``marker_behind``; or ``CacheUnavailable``."""
         keys = [coherence.position_key(shard), coherence.heartbeat_key(shard), *entries.keys]
         args: list[str | int | bytes] = [
             repl_slot,
@@ -147,9 +347,31 @@ class RegionSink:
             coherence.HEARTBEAT_TTL_S,
             entries.items,
         ]
-        with redis_unavailable(f"redis {self.region}"):
-            res = int(await self._apply(keys=keys, args=args))
-        return _REFUSALS.get(res, "marker_refused") if res < 0 else res
+        calls = self._batches.get(shard)
+        if calls is None:
+            calls = self._batches[shard] = OrderedScript(
+                self._url,
+                coherence.FEED_APPLY_SCRIPT,
+                what=f"redis {self.region}",
+                timeout_s=FEED_REDIS_TIMEOUT_S,
+            )
+        raw = await calls.send(keys, args)
+        answer: asyncio.Future[int | str] = asyncio.get_running_loop().create_future()
+        answer.add_done_callback(_retrieved)
+
+        def settle(f: asyncio.Future[Any]) -> None:
+            if answer.done():
+                return
+            if f.cancelled():
+                answer.cancel()
+            elif (exc := f.exception()) is not None:
+                answer.set_exception(exc)
+            else:
+                res = int(f.result())
+                answer.set_result(_REFUSALS.get(res, "marker_refused") if res < 0 else res)
+
+        raw.add_done_callback(settle)
+        return answer
 
     async def new_generation(self) -> None:
         """Fence every read-through fill in flight in this region (coherence docstring)."""
@@ -206,4 +428,11 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-__all__ = ["CacheUnavailable", "FeedEntries", "Marker", "RegionSink"]
+__all__ = [
+    "FEED_CALLS_IN_FLIGHT_MAX",
+    "CacheUnavailable",
+    "FeedEntries",
+    "Marker",
+    "OrderedScript",
+    "RegionSink",
+]

@@ -50,10 +50,10 @@ import logging
 import math
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from consistency import coherence
 from consistency.topology import Shard, Topology
@@ -70,7 +70,7 @@ from regionstore.store import ShardStore
 from router.events.publisher import RETRY_BACKOFF_S_MAX as EVENTS_BACKOFF_S_MAX
 from router.events.publisher import RETRY_BACKOFF_S_MIN as EVENTS_BACKOFF_S_MIN
 from router.events.publisher import EventSink
-from router.feedsink import FeedEntries, Marker, RegionSink
+from router.feedsink import FEED_CALLS_IN_FLIGHT_MAX, FeedEntries, Marker, RegionSink
 from router.metrics import Metrics
 from router.redisconn import CacheUnavailable
 
@@ -105,6 +105,12 @@ REGION_QUEUE_BATCHES_MAX: Final = 1024
 # Encoded batches kept for the other regions' workers (ShardFeed._entries): a region that is
 # further behind than this re-encodes, which costs CPU only.
 ENTRIES_MEMO_BATCHES: Final = 4
+# While a region's calls are in flight, the next one goes out this long after the one before:
+# what queued meanwhile rides in it (coalesce). A far region's commits then wait at most this
+# before they leave (against a whole round trip, 190 ms, when calls went one at a time), and
+# no region gets more than 1/this calls a second however slow its link; a near region's calls
+# answer sooner, and the next then goes out at once, as before.
+FEED_CALL_SPACING_S: Final = 0.005
 # A stopping session waits this long at most for its region workers to end.
 WORKER_STOP_TIMEOUT_S: Final = 5.0
 
@@ -125,7 +131,8 @@ class _Region:
         default_factory=lambda: asyncio.Queue(REGION_QUEUE_BATCHES_MAX)
     )
     # "attaching" (until its marker is checked), "ok" (applies batches), "recovering" (batches
-    # queue up while what cannot be proven is invalidated), "behind" (gets nothing).
+    # queue up while what cannot be proven is invalidated), "behind" (gets nothing), "waiting"
+    # (answers again and can catch up: the stream is reopened for it).
     state: str = "attaching"
     # The position this region's marker holds on the current stream; None until attached.
     applied: int | None = None
@@ -142,6 +149,19 @@ class _Region:
         self.carry = None
         while not self.queue.empty():
             self.queue.get_nowait()
+
+
+@dataclass(slots=True)
+class _Call:
+    """A batch sent to a region, not answered yet."""
+
+    batch: FeedBatch
+    # The freshness the region has once this call is applied (its heartbeat's "through").
+    through: float | None
+    entries: int
+    answer: asyncio.Future[int | str]
+    sent: float
+    deadline: float
 
 
 class _Restart(Exception):
@@ -352,9 +372,13 @@ class ShardFeed:
                     backoff = min(backoff * 2, PROBE_BACKOFF_S_MAX)
                     self._check_excluded(r)
                     await self._probe(r, shard)
-                else:
+                elif r.state == "ok":
                     backoff = PROBE_BACKOFF_S_MIN
-                    await self._apply(r, shard, await self._next_batch(r))
+                    await self._pipeline(r, shard)
+                else:
+                    # "waiting": the session reopens the stream at its next batch (a heartbeat
+                    # away at most) and ends this worker meanwhile.
+                    await asyncio.sleep(PROBE_BACKOFF_S_MIN)
             except (CacheUnavailable, TimeoutError) as exc:
                 _raise_if_cancelling()
                 self._behind(r, str(exc) or type(exc).__name__)
@@ -495,16 +519,70 @@ class ShardFeed:
             self.metrics.feed_coalesced.labels(self.region, self.shard, r.name).inc(merged)
         return batch
 
-    async def _apply(self, r: _Region, shard: Shard, batch: FeedBatch) -> None:
+    async def _pipeline(self, r: _Region, shard: Shard) -> None:
+        """Apply batches in order while ``r`` is healthy. With nothing in flight a batch goes
+        out at once. While calls are in flight (a far region: ``router.feedsink`` says why),
+        the next goes out ``FEED_CALL_SPACING_S`` after the previous one, with everything
+        queued meanwhile coalesced into it, up to ``FEED_CALLS_IN_FLIGHT_MAX`` unanswered;
+        answers are taken in order. Returns when the region is no longer "ok"; the calls it
+        leaves in flight are harmless (the script checks each against the marker) and are
+        not counted as applied."""
+        calls: deque[_Call] = deque()
+        sent_through = r.through
+        getter: asyncio.Task[FeedBatch] | None = None
+        try:
+            while r.state == "ok" and not self._stopping:
+                if not calls:
+                    call = await self._send(r, shard, await self._next_batch(r), sent_through)
+                    sent_through = call.through
+                    calls.append(call)
+                    continue
+                now = time.monotonic()
+                ready = r.carry is not None or not r.queue.empty()
+                room = len(calls) < FEED_CALLS_IN_FLIGHT_MAX
+                send_at = calls[-1].sent + FEED_CALL_SPACING_S
+                if ready and room and now >= send_at:
+                    call = await self._send(r, shard, await self._next_batch(r), sent_through)
+                    sent_through = call.through
+                    calls.append(call)
+                    continue
+                first = calls[0]
+                waits: set[asyncio.Future[Any]] = {first.answer}
+                timeout = first.deadline - now
+                if not ready:
+                    getter = asyncio.ensure_future(r.queue.get())
+                    waits.add(getter)
+                elif room:
+                    timeout = min(timeout, send_at - now)
+                await asyncio.wait(
+                    waits, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter is not None:
+                    if getter.done():
+                        r.carry = getter.result()
+                    else:
+                        getter.cancel()
+                    getter = None
+                if first.answer.done():
+                    calls.popleft()
+                    self._answered(r, first, first.answer.result())
+                elif time.monotonic() >= first.deadline:
+                    raise TimeoutError(f"no answer in {REGION_CALL_TIMEOUT_S}s")
+        finally:
+            if getter is not None:
+                getter.cancel()
+
+    async def _send(
+        self, r: _Region, shard: Shard, batch: FeedBatch, through: float | None
+    ) -> _Call:
         assert self.start is not None
         proof = max((q for _, q in batch.proofs), default=None)
-        through = r.through
         if proof is not None and (through is None or proof > through):
             through = proof
         age = None if through is None else time.monotonic() - through
         entries = self._entries(batch, shard.epoch)
         async with asyncio.timeout(REGION_CALL_TIMEOUT_S):
-            written = await r.sink.apply(
+            answer = await r.sink.send_apply(
                 self.shard,
                 repl_slot=self.start.repl_slot,
                 from_lsn=batch.from_lsn,
@@ -516,17 +594,21 @@ class ShardFeed:
                 primary=shard.primary.name,
                 lag_bytes=batch.lag_bytes,
             )
+        sent = time.monotonic()
+        return _Call(batch, through, len(entries.keys), answer, sent, sent + REGION_CALL_TIMEOUT_S)
+
+    def _answered(self, r: _Region, call: _Call, written: int | str) -> None:
         if isinstance(written, str):
             self._behind(
                 r,
                 f"its marker does not prove continuity ({written}, batch from "
-                f"{coherence.format_lsn(batch.from_lsn)})",
+                f"{coherence.format_lsn(call.batch.from_lsn)})",
             )
             return
-        r.applied = batch.to_lsn
-        r.through = through
-        if self.metrics is not None and entries.keys:
-            self.metrics.feed_applied.labels(self.region, self.shard, r.name).inc(len(entries.keys))
+        r.applied = call.batch.to_lsn
+        r.through = call.through
+        if self.metrics is not None and call.entries:
+            self.metrics.feed_applied.labels(self.region, self.shard, r.name).inc(call.entries)
 
     def _entries(self, batch: FeedBatch, epoch: int) -> FeedEntries:
         """The batch's entries, encoded once for all regions: every region's worker applies

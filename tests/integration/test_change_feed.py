@@ -19,7 +19,7 @@ import secrets
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -35,6 +35,7 @@ from consistency import coherence
 from consistency.ids import new_account_id, new_transfer_id
 from consistency.topology import Node, Region, Shard, SlotMap, SlotRange, Topology
 from infra.local import postgres as pg
+from infra.wan import ListenerSpec, Wan, WanConfig
 from regionstore import replication
 from regionstore.changefeed import AccountChange, repl_slot_prefix
 from regionstore.store import CreateAccountCode, ShardStore, TransferCode, TransferItem
@@ -44,6 +45,7 @@ from router.freshness import RelayLag
 from router.metrics import Metrics
 from router.redisconn import CacheUnavailable
 from router.relays.feed import ShardFeed
+from tests.fixtures import PORT_OFFSET
 from tests.fixtures.pg import (
     DB_A,
     HOST,
@@ -70,6 +72,11 @@ OWN_SLOT: Final = 3999
 REGIONS: Final = ("r1", "r2", "r3")
 # Bound past which an unreachable region stops holding the slot (the tests' short version).
 TEST_HOLD_S: Final = 2.0
+# A far region behind the WAN emulator (ap-south is 95 ms from us-east under --wan realistic).
+FAR_ONE_WAY_MS: Final = 150.0
+FAR_COMMITS: Final = 30
+FAR_REDIS_PORT: Final = 7596 + PORT_OFFSET
+FAR_CONTROL_PORT: Final = 7597 + PORT_OFFSET
 
 
 class StaticTopology:
@@ -102,8 +109,10 @@ class Env:
     def epoch(self) -> int:
         return self.topology.current.shards[self.shard].epoch
 
-    def feed(self, *, hold_s: float = 60.0) -> ShardFeed:
-        sinks = {r: RegionSink(r, self.redis[r].url) for r in REGIONS}
+    def feed(self, *, hold_s: float = 60.0, urls: Mapping[str, str] | None = None) -> ShardFeed:
+        """A feed into every region's Redis, directly or through ``urls`` (a WAN link)."""
+        dial = {r: self.redis[r].url for r in REGIONS} | dict(urls or {})
+        sinks = {r: RegionSink(r, dial[r]) for r in REGIONS}
         self.sinks += sinks.values()
 
         async def store_for(_: str) -> ShardStore:
@@ -582,6 +591,47 @@ async def test_remote_visibility_latency(env: Env, record_property: Callable[...
         "commit -> remote Redis over %d commits: p50 %.1f ms, p99 %.1f ms", len(samples), p50, p99
     )
     assert p99 < 1000
+
+
+async def test_a_far_region_gets_each_commit_one_way_trip_after_it(env: Env) -> None:
+    """Batch calls are pipelined (router.feedsink.OrderedScript): r3's Redis is FAR_ONE_WAY_MS
+    away, and a commit reaches it about one one-way trip after its acknowledgement. One call at
+    a time made it wait for the answer of the call before it (a commit or a heartbeat) first:
+    up to a whole round trip more."""
+    wan = Wan(
+        WanConfig(
+            host=HOST,
+            control_port=FAR_CONTROL_PORT,
+            latency_ms={("r1", "r3"): FAR_ONE_WAY_MS},
+            listeners=(
+                ListenerSpec(FAR_REDIS_PORT, "r3", HOST, env.redis["r3"].port, "r1", "redis"),
+            ),
+            peer_urls={},
+        )
+    )
+    await wan.start()
+    samples: list[float] = []
+    rng = random.Random(3)
+    try:
+        feed = env.feed(urls={"r3": f"redis://{HOST}:{FAR_REDIS_PORT}/0"})
+        async with running(feed):
+            funding = await env.account(FUNDING_OVERDRAFT)
+            accounts = [await env.account() for _ in range(ACCOUNTS)]
+            await env.wait_cached(dict.fromkeys(accounts, 1))
+            for i in range(FAR_COMMITS):
+                acc = accounts[i % len(accounts)]
+                _, v = await env.transfer(funding, acc)
+                t0 = time.perf_counter()
+                await env.wait_cached({acc: v}, regions=("r3",), timeout_s=TIMEOUT_S)
+                samples.append(time.perf_counter() - t0)
+                # The next commit lands while the call that carried this one still waits for
+                # its answer (it comes back one more one-way trip later).
+                await asyncio.sleep(rng.uniform(0.0, FAR_ONE_WAY_MS / 3000))
+    finally:
+        await wan.stop()
+    p50_ms = statistics.median(samples) * 1000
+    log.warning("commit -> Redis %.0f ms away: p50 %.1f ms", FAR_ONE_WAY_MS, p50_ms)
+    assert p50_ms < FAR_ONE_WAY_MS + 60, f"p50 {p50_ms:.0f} ms"
 
 
 async def test_a_batch_is_applied_byte_exact_with_the_version_rule_per_key(env: Env) -> None:
