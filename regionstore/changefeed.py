@@ -32,7 +32,8 @@ Durability (G1 before G6). The walsender sends a commit once the *primary* flush
 the synchronous standby did; a failover could undo such a commit. ``next()`` therefore returns a
 transaction only once the synchronous standby's flush position covers its end: received
 commits wait in ``pending`` and the standby's position is asked (one small query on an ordinary
-connection) only while something is pending, again after a short bounded back-off.
+connection) only while something is pending: first once the standby's own flush lag has passed
+since the commit arrived, then again after a short bounded back-off.
 
 Freshness proofs. A batch carries ``proofs``: pairs (lsn L, instant q, this host's monotonic
 clock) meaning "every commit acknowledged to a client before q ends at or before L". They come
@@ -116,6 +117,13 @@ PENDING_TXNS_MAX: Final = 20_000
 # while a standby is slow (then commits wait too, so latency is not what is lost).
 DURABLE_RECHECK_S_MIN: Final = 0.001
 DURABLE_RECHECK_S_MAX: Final = 0.05
+# The first question about a newly received commit waits for the standby's own flush lag
+# (pg_stat_replication.flush_lag, read by every state query: PostgreSQL's measure of local flush
+# to the standby's flush acknowledgement), about one round trip to the standby's region (70-190
+# ms under --wan realistic). Asking at once and then backing off found such a commit up to the
+# back-off's cap (50 ms) late, and under load it asked twice per round, the first time always
+# too early. A lag above this is a stalled standby, not a far one: the back-off covers it.
+DURABLE_WAIT_S_MAX: Final = 0.5
 # While nothing is pending: one flush-position query and one keepalive request this often, and
 # each is one script call on every region's Redis (two of three across the WAN). An idle
 # region's routers see a lag of at most about this, plus the beat's way to the farthest Redis
@@ -139,13 +147,16 @@ _USEC: Final = dt.timedelta(microseconds=1)
 
 # The synchronous standbys' flush position (the durable end of WAL), or the local flush position
 # when the primary runs without a synchronous standby; NULL while one is configured but none
-# reports (nothing is durable then). And the local flush position, for freshness proofs.
+# reports (nothing is durable then). The local flush position, for freshness proofs. And the
+# standby's flush lag (DURABLE_WAIT_S_MAX), NULL while it has nothing to measure. One scan of
+# pg_stat_replication: an aggregate without GROUP BY is always one row.
 _STATE_SQL: Final = """
 SELECT CASE WHEN current_setting('synchronous_standby_names') = ''
-            THEN pg_current_wal_flush_lsn()
-            ELSE (SELECT min(flush_lsn) FROM pg_stat_replication
-                   WHERE sync_state IN ('sync', 'quorum')) END,
-       pg_current_wal_flush_lsn()
+            THEN pg_current_wal_flush_lsn() ELSE s.flush END,
+       pg_current_wal_flush_lsn(),
+       extract(epoch FROM s.lag)::float8
+  FROM (SELECT min(flush_lsn) AS flush, max(flush_lag) AS lag FROM pg_stat_replication
+         WHERE sync_state IN ('sync', 'quorum')) AS s
 """
 _FLUSH_SQL: Final = "SELECT pg_current_wal_flush_lsn()"
 
@@ -455,6 +466,12 @@ class ChangeFeed:
         self._sql: psycopg.AsyncConnection[Any] | None = None
         self._parser = PgOutputParser()
         self._pending: deque[CommittedTxn] = deque()
+        # When each pending commit arrived (this host's monotonic clock), in the same order.
+        self._arrived: deque[float] = deque()
+        # The standby's last reported flush lag (DURABLE_WAIT_S_MAX says why), in seconds.
+        self._durable_wait_s = 0.0
+        # Whether the current oldest pending commit was asked about already.
+        self._asked_once = False
         self._durable = 0
         self._flush_hint = 0
         self._wal_end = 0
@@ -610,6 +627,7 @@ class ChangeFeed:
                 txn = self._parser.feed(memoryview(buf)[25:])
                 if txn is not None:
                     self._pending.append(txn)
+                    self._arrived.append(self._last_rx)
                     self._wal_end = max(self._wal_end, txn.end_lsn)
             elif buf[:1] == b"k":
                 (wal_end,) = struct.unpack_from("!Q", buf, 1)
@@ -675,15 +693,8 @@ class ChangeFeed:
             if time.monotonic() - self._last_rx > STREAM_SILENCE_S_MAX:
                 raise FeedError(f"no message from the walsender for {STREAM_SILENCE_S_MAX}s")
             now = time.monotonic()
-            if (
-                self._pending
-                and self._pending[0].end_lsn > self._durable
-                and now >= self._recheck_at
-            ):
-                await self._query_state()
-                if self._pending and self._pending[0].end_lsn > self._durable:
-                    self._recheck_at = time.monotonic() + self._recheck_s
-                    self._recheck_s = min(self._recheck_s * 2, DURABLE_RECHECK_S_MAX)
+            if self._pending and self._pending[0].end_lsn > self._durable and now >= self._ask_at():
+                await self._ask_durable()
             if now >= self._next_beat:
                 self._next_beat = now + HEARTBEAT_INTERVAL_S
                 if not self._pending:
@@ -695,21 +706,28 @@ class ChangeFeed:
                 # stream whose commits wait for a stalled standby from looking silent).
                 self._send_status(reply=True)
                 beat = True
-            batch = self._take()
+            batch = self._take(beat)
             # A moved position must go out too: the next batch starts where this one ends.
             if batch is not None and (batch.to_lsn > batch.from_lsn or beat or batch.proofs):
                 return batch
             await self._wait()
 
-    def _take(self) -> FeedBatch | None:
+    def _take(self, beat: bool) -> FeedBatch | None:
         ready: list[CommittedTxn] = []
         while self._pending and self._pending[0].end_lsn <= self._durable:
             ready.append(self._pending.popleft())
+            self._arrived.popleft()
             if len(ready) >= BATCH_TXNS_MAX:
                 break
+        if not ready and self._pending and not beat:
+            # A commit is on its way: the proofs and the position wait for its batch (a round
+            # away) instead of a batch of their own, each one a call to every region (under
+            # load they were as many as the batches with commits). A beat still takes them
+            # out, so a stalled standby does not hold freshness back longer than before.
+            return None
         if ready:
             self._recheck_s = DURABLE_RECHECK_S_MIN
-            self._recheck_at = 0.0
+            self._asked_once = False
             if not self._reading:
                 self._resume_reading()
         # Everything before the first pending commit (or all the walsender reported) is out.
@@ -729,11 +747,25 @@ class ChangeFeed:
         now = time.monotonic()
         deadline = self._next_beat
         if self._pending and self._pending[0].end_lsn > self._durable:
-            deadline = min(deadline, max(self._recheck_at, now))
+            deadline = min(deadline, max(self._ask_at(), now))
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(deadline - now, 0.0)):
                 await self._wake.wait()
+
+    def _ask_at(self) -> float:
+        """When to ask about the oldest pending commit next."""
+        if not self._asked_once:
+            return self._arrived[0] + self._durable_wait_s
+        return self._recheck_at
+
+    async def _ask_durable(self) -> None:
+        await self._query_state()
+        if not self._pending or self._pending[0].end_lsn <= self._durable:
+            return
+        self._asked_once = True
+        self._recheck_at = time.monotonic() + self._recheck_s
+        self._recheck_s = min(self._recheck_s * 2, DURABLE_RECHECK_S_MAX)
 
     async def _query_state(self) -> None:
         assert self._sql is not None
@@ -744,10 +776,13 @@ class ChangeFeed:
         except psycopg.Error as exc:
             raise FeedError(f"state query failed: {exc}") from exc
         assert row is not None
-        durable_raw, flush_raw = row
+        durable_raw, flush_raw, lag_raw = row
         flush = coherence.parse_lsn(str(flush_raw))
         if durable_raw is not None:
             self._durable = max(self._durable, coherence.parse_lsn(str(durable_raw)))
+        if lag_raw is not None:
+            # NULL once the standby caught up and WAL stood still: the last figure stays.
+            self._durable_wait_s = min(max(float(lag_raw), 0.0), DURABLE_WAIT_S_MAX)
         self._note_flush(flush, started)
 
     async def _query_flush(self) -> None:
