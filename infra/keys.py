@@ -109,7 +109,10 @@ class KeyRing:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         # Two rotations at once would each publish a key and leave one unsigned-for.
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            raise KeyRingError(f"no key ring in {self.dir}: start the cluster first") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

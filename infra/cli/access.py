@@ -76,8 +76,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 def _cmd_saga_keys(args: argparse.Namespace) -> int:
     """The saga HMAC keys on every shard's primary (regionstore.saga_keys)."""
-    dsns = cluster.primary_admin_dsns(args.dir)
     try:
+        dsns = cluster.primary_admin_dsns(args.dir)
         if args.keys_command == "rotate-saga":
             done = saga_keys.rotate(dsns)
             step(
@@ -87,7 +87,7 @@ def _cmd_saga_keys(args: argparse.Namespace) -> int:
         elif args.keys_command == "retire-saga":
             step(f"retired: {saga_keys.retire(dsns) or 'none'}")
         keys = {shard: saga_keys.list_keys(dsn) for shard, dsn in sorted(dsns.items())}
-    except (saga_keys.RotationError, psycopg.Error) as exc:
+    except (cluster.ClusterError, saga_keys.RotationError, psycopg.Error) as exc:
         err(str(exc))
         return EXIT_FAILED
     if args.json:
