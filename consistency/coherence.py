@@ -210,6 +210,9 @@ def lsn_sortable(lsn: int) -> str:
 # -- the scripts -----------------------------------------------------------------------------
 
 # The one forward-only rule, shared by both scripts. Returns 1 when it wrote, 0 when refused.
+# A write leaves exactly {v, d} or {v, t}: it drops only the field the other kind had (the key
+# is not deleted and rewritten), so the common case (a newer value over a value, every change
+# feed entry of a busy account) costs three calls instead of four, in every region.
 _APPLY_FN: Final = """
 local function apply(key, mode, ver, payload, ttl, tomb_ttl)
   local cur = redis.call('HMGET', key, 'v', 't')
@@ -218,7 +221,9 @@ local function apply(key, mode, ver, payload, ttl, tomb_ttl)
     if cv and (cv > ver or (cv == ver and cur[2] ~= '1')) then
       return 0
     end
-    redis.call('DEL', key)
+    if cur[2] then
+      redis.call('HDEL', key, 't')
+    end
     redis.call('HSET', key, 'v', ver, 'd', payload)
     redis.call('EXPIRE', key, ttl)
     return 1
@@ -226,7 +231,9 @@ local function apply(key, mode, ver, payload, ttl, tomb_ttl)
   if cv and cv >= ver then
     return 0
   end
-  redis.call('DEL', key)
+  if cv and not cur[2] then
+    redis.call('HDEL', key, 'd')
+  end
   redis.call('HSET', key, 'v', ver, 't', '1')
   redis.call('EXPIRE', key, tomb_ttl)
   return 1

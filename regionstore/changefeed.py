@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import logging
 import re
@@ -425,6 +426,12 @@ def _tuple(buf: bytes, pos: int) -> tuple[list[str | _Unchanged | None], int]:
     return out, pos
 
 
+# Distinct timestamps _parse_timestamptz remembers: an account's created_at arrives with every
+# change of the account, so the hot accounts of a busy shard are parsed once.
+TIMESTAMPS_MEMO: Final = 4096
+
+
+@functools.lru_cache(maxsize=TIMESTAMPS_MEMO)
 def _parse_timestamptz(text: str) -> dt.datetime:
     # The walsender renders with the server's DateStyle (ISO, set by the cluster) and a short
     # offset ("+00"); Python 3.11 accepts both forms.

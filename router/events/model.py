@@ -19,6 +19,7 @@ type, whichever shard or decoder derives it. ``created_at`` is the commit time.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import uuid
 from collections.abc import Sequence
@@ -83,6 +84,13 @@ def event_id(event_type: str, object_id: str) -> str:
     return "evt_" + digest[:EVENT_ID_HEX]
 
 
+# Distinct timestamps remembered by _ts: a batch's transfers share their transaction's
+# created_at (now() is the transaction's start), so one parse serves the whole batch; a few
+# hundred cover the transactions of one publish call.
+TIMESTAMPS_MEMO: Final = 512
+
+
+@functools.lru_cache(maxsize=TIMESTAMPS_MEMO)
 def _ts(text: str) -> str:
     return render.timestamp(dt.datetime.fromisoformat(text))
 
