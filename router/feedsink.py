@@ -106,12 +106,16 @@ class OrderedScript:
                         link.conn.pack_command("EVALSHA", self._sha, len(keys), *keys, *args),
                         check_health=False,
                     )
-                except REDIS_ERRORS as exc:
+                except BaseException as exc:
+                    # Written in part, or not at all: the answers owed on this connection can
+                    # no longer be matched to their calls. Fails this one too.
                     self._break(link, exc)
-                if not link.broken and (link.reader is None or link.reader.done()):
+                    raise
+                if link.reader is None or link.reader.done():
                     link.reader = asyncio.create_task(self._read(link))
         except BaseException as exc:
-            # Not written (cancelled, or no connection): the call surely did not run.
+            # Not sent whole (cancelled, no connection, a failed write): the call did not run
+            # or its answer is lost; either way it ends here, as CacheUnavailable.
             if not answer.done():
                 answer.set_exception(_unavailable(self._what, exc))
             if not isinstance(exc, REDIS_ERRORS):
@@ -134,7 +138,11 @@ class OrderedScript:
     async def _connected(self) -> _Link:
         link = self._link
         if link is not None and not link.broken:
-            return link
+            if link.conn.is_connected:
+                return link
+            # Dropped under us (the client disconnects on a failed read): never reconnect it in
+            # place, the answers it owes would be read from the new connection.
+            self._break(link, ConnectionError("connection lost"))
         # The pool is only the factory (it parses the URL once, TLS and sockets included); the
         # connection is never returned to it. make_connection is untyped upstream.
         conn: AbstractConnection = self._factory.make_connection()  # type: ignore[no-untyped-call]

@@ -96,3 +96,31 @@ async def test_flushed_scripts_fail_one_call_and_are_loaded_again(
         assert await (await calls.send([KEY], ["c"])) == 2
     finally:
         await calls.aclose()
+
+
+async def test_a_call_cancelled_before_it_is_sent_leaves_the_others_in_step(
+    redis_server: RedisServer,
+) -> None:
+    calls = OrderedScript(redis_server.url, SCRIPT, what="redis", timeout_s=TIMEOUT_S * 5)
+    try:
+        assert await (await calls.send([KEY], ["connected"])) == 1
+        redis_server.pause()
+        try:
+            # Every place in flight taken (Redis is paused, nothing answers): the next call
+            # waits for a place, and is cancelled there.
+            held = [await calls.send([KEY], [i]) for i in range(FEED_CALLS_IN_FLIGHT_MAX)]
+            waiting = asyncio.ensure_future(calls.send([KEY], ["never"]))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        finally:
+            redis_server.resume()
+        n = FEED_CALLS_IN_FLIGHT_MAX
+        assert await _answers(held) == list(range(2, n + 2))
+        # The cancelled call never ran, and its place came back.
+        more = [await calls.send([KEY], ["x"]) for _ in range(n)]
+        assert await _answers(more) == list(range(n + 2, 2 * n + 2))
+    finally:
+        await calls.aclose()
