@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -213,19 +214,7 @@ def summary(report: dict[str, Any]) -> str:
         )
     over = r.get("overload")
     if over:
-        lines += [
-            "",
-            f"overload (goals: goodput >= {over['goodput_min']:.0%} of saturation "
-            f"{over['saturation_rate']:.1f}/s, admitted p99 <= {over['p99_ratio_max']:g}x the "
-            f"p99 at 50% = {over['p99_at_50pct_ms']:.1f} ms):",
-        ]
-        for name, o in over["runs"].items():
-            lines.append(
-                f"  {name:4s}: target {o['target_rate']:8.1f}/s goodput {o['goodput_rate']:8.1f}/s"
-                f" ({o['goodput_fraction']:.0%} {'ok' if o['goodput_ok'] else 'MISSED'}), "
-                f"admitted p99 {o['p99_admitted_ms']:7.1f} ms ({o['p99_ratio']:.1f}x "
-                f"{'ok' if o['p99_ok'] else 'MISSED'}), shed {o['shed']}, failed {o['failed']}"
-            )
+        lines += ["", *overload_lines(over)]
     reads = report["reads"]
     lines += [
         "",
@@ -243,4 +232,49 @@ def summary(report: dict[str, Any]) -> str:
     ]
     if "files" in report:
         lines += ["", *(f"{k:22s}{v}" for k, v in report["files"].items())]
+    return "\n".join(lines)
+
+
+def overload_lines(over: Mapping[str, Any]) -> list[str]:
+    """The overload runs against the goals (bench.suite ``overload_summary``)."""
+    lines = [
+        f"overload (goals: goodput >= {over['goodput_min']:.0%} of saturation "
+        f"{over['saturation_rate']:.1f}/s, admitted p99 <= {over['p99_ratio_max']:g}x the "
+        f"p99 at 50% = {over['p99_at_50pct_ms']:.1f} ms):",
+    ]
+    for name, o in over["runs"].items():
+        lines.append(
+            f"  {name:4s}: target {o['target_rate']:8.1f}/s goodput {o['goodput_rate']:8.1f}/s"
+            f" ({o['goodput_fraction']:.0%} {'ok' if o['goodput_ok'] else 'MISSED'}), "
+            f"admitted p99 {o['p99_admitted_ms']:7.1f} ms ({o['p99_ratio']:.1f}x "
+            f"{'ok' if o['p99_ok'] else 'MISSED'}), shed {o['shed']}, failed {o['failed']}"
+        )
+    return lines
+
+
+def overload_summary(rep: Mapping[str, Any]) -> str:
+    """``txr bench --parts overload``: saturation, each open-loop run with what it cost per
+    request (refused ones included), and the goals."""
+    best = rep["saturation"]["best"]
+    lines = [
+        f"saturation (wrk, closed loop): {best['rate']:.1f} transfers/s at c={best['connections']}"
+        f", router {best['cpu_us_per_transfer']['router']:.0f} us/transfer, cluster "
+        f"{best['cpu_us_per_transfer']['total']:.0f} us/transfer",
+        "open loop (latency from intended send time, ms; CPU us per request, refused included):",
+    ]
+    for name, run in rep["open_loop"].items():
+        lat = run["latency_ms"]
+        per_req = run["cpu_us_per_request"]
+        lines.append(
+            f"  {name:4s}: target {run['target_rate']:8.1f}/s achieved {run['rate']:8.1f}/s  "
+            f"p50 {lat['p50']:7.1f}  p99 {lat['p99']:7.1f}  statuses {run['statuses']}  "
+            f"batch {run['mean_batch_size']:.1f}  router {per_req['router']:.0f}  primary "
+            f"{per_req['primary']:.0f}  cluster {per_req['total']:.0f}  generator "
+            f"{run['generator_us_per_request']:.0f}"
+        )
+    lines += [
+        *overload_lines(rep["overload"]),
+        f"load average before {rep['load_average']['before']}, after "
+        f"{rep['load_average']['after']} ({rep['cpus']} CPUs)",
+    ]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import random
 import re
@@ -65,6 +66,9 @@ OPEN_LOOP_FRACTIONS: Final = (("50%", 0.5), ("80%", 0.8))
 # OVERLOAD_GOODPUT_MIN of the saturation rate, and the p99 of the admitted requests within
 # OVERLOAD_P99_RATIO_MAX of the p99 at 50 %.
 OVERLOAD_FRACTIONS: Final = (("150%", 1.5), ("200%", 2.0))
+# ``--parts overload`` runs only the open loop that the p99 goal is measured against.
+OVERLOAD_BASELINE_FRACTIONS: Final = (("50%", 0.5),)
+OVERLOAD_REPORT_FILE: Final = "overload.json"
 OVERLOAD_GOODPUT_MIN: Final = 0.8
 OVERLOAD_P99_RATIO_MAX: Final = 3.0
 # The answers that count as shed (refused at once, nothing written) rather than failed.
@@ -457,6 +461,185 @@ async def _start_pyspy(
     )
 
 
+async def _open_loop_runs(
+    url: str,
+    metrics_url: str,
+    tok: str,
+    pick_pair: Callable[[], tuple[str, str]],
+    saturation_rate: float,
+    fractions: Sequence[tuple[str, float]],
+    duration_s: float,
+    ctx: _Context,
+    where: tuple[str, str, int],
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Open-loop runs at these fractions of the saturation rate, each with what it cost: CPU
+    per acknowledged transfer and per request (refused ones too) of every component and of
+    the generator, and the mean batch size (issue 16: where the goodput goes past saturation).
+    """
+    region, shard, workers = where
+    open_runs: dict[str, Any] = {}
+    for name, frac in fractions:
+        await asyncio.sleep(SETTLE_S)
+        rate = max(1.0, saturation_rate * frac)
+        # The lean generator (bench.rawload): the aiohttp one's own CPU per request was
+        # most of a core at the overload rates, taken from what it measures.
+        build = rawload.transfer_request(
+            url, tok, pick_pair, TRANSFER_AMOUNT, f"open-{name[:-1]}-{uuid.uuid4().hex[:12]}"
+        )
+        batches_before = await _batch_totals(metrics_url, region, shard, workers)
+        before = cpu.snapshot(ctx.groups)
+        gen_cpu = time.process_time()
+        res = await rawload.open_loop(
+            url, build, rate=rate, duration_s=duration_s, ok_statuses=OK_WRITE
+        )
+        gen_cpu_s = time.process_time() - gen_cpu
+        after = cpu.snapshot(ctx.groups)
+        batches_after = await _batch_totals(metrics_url, region, shard, workers)
+        requests = sum(res.statuses.values())
+        batches = batches_after[1] - batches_before[1]
+        # The Python generator shares the cores with the cluster: its own CPU, reported.
+        open_runs[name] = res.to_json() | {
+            "generator_cpu_s": gen_cpu_s,
+            "generator_us_per_request": gen_cpu_s * 1e6 / requests if requests else 0.0,
+            "cpu_us_per_transfer": cpu.per_transfer_us(before, after, res.ok),
+            "cpu_us_per_request": cpu.per_transfer_us(before, after, requests),
+            "mean_batch_size": (
+                (batches_after[0] - batches_before[0]) / batches if batches > 0 else 0.0
+            ),
+        }
+        lat = open_runs[name]["latency_ms"]
+        progress(
+            f"open loop {name} ({rate:.0f}/s): {res.rate:.0f} transfers/s, p50 "
+            f"{lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, statuses {dict(res.statuses)}"
+        )
+    return open_runs
+
+
+def run_overload(
+    out_dir: Path,
+    *,
+    quick: bool,
+    base_port: int = BASE_PORT,
+    workers: int | None = None,
+    progress: Callable[[str], None] = progress_stderr,
+) -> dict[str, Any]:
+    """Only the overload part (``txr bench --parts overload``): a private cluster, the funded
+    accounts and the warm-up, the wrk saturation sweep (its best rate is the 100 %), then the
+    open loop at 50 % (the p99 baseline) and at OVERLOAD_FRACTIONS, against the goals; written
+    to ``out_dir/overload.json``. A few minutes instead of the whole suite's twenty."""
+    prof = QUICK if quick else FULL
+    t0 = time.monotonic()
+    load_before = os.getloadavg()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="txr-bench-"))
+    cluster_dir = tmp / "cluster"
+    try:
+        progress(f"starting a local cluster in {cluster_dir} (base port {base_port}, WAN none)")
+        cluster.up(
+            cluster.UpOptions(dir=cluster_dir, base_port=base_port, wan="none", workers=workers),
+            progress=progress,
+        )
+        desc = cluster.status(cluster_dir)
+        region = next(iter(desc["regions"]))
+        router_workers = len(desc["regions"][region]["router_pids"])
+        shard = cluster.shard_name(region)
+        url = desc["regions"][region]["router"]
+        metrics_url = desc["regions"][region]["router_admin"]
+        loadgen.check_loopback(url)
+        admin_dsn = cluster.primary_admin_dsns(cluster_dir)[shard]
+        dbwork.enable(admin_dsn)
+        tok = cluster.token(cluster_dir, TENANT, SCOPES, TOKEN_TTL_S)
+        ctx = _Context(
+            cluster_dir=cluster_dir,
+            tmp=tmp,
+            out_dir=out_dir,
+            groups=cpu.groups(desc, region, shard),
+            router_pids=tuple(int(p) for p in desc["regions"][region]["router_pids"]),
+            db_dsn=admin_dsn,
+        )
+        part = uvloop.run(
+            _overload_part(
+                url, metrics_url, tok, region, shard, router_workers, prof, progress, ctx
+            )
+        )
+    finally:
+        idle.stop_and_purge(cluster_dir, tmp, progress)
+    rep = {
+        "quick": quick,
+        "region": region,
+        "shard": shard,
+        "router_workers": router_workers,
+        **part,
+        "elapsed_s": time.monotonic() - t0,
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "cpus": os.cpu_count(),
+    }
+    (out_dir / OVERLOAD_REPORT_FILE).write_text(json.dumps(rep, indent=2) + "\n")
+    return rep
+
+
+async def _overload_part(
+    url: str,
+    metrics_url: str,
+    tok: str,
+    region: str,
+    shard: str,
+    workers: int,
+    prof: Profile,
+    progress: Callable[[str], None],
+    ctx: _Context,
+) -> dict[str, Any]:
+    rng = random.Random(0x7E5)  # the same accounts as the whole suite's runs
+    async with loadgen.session({"Authorization": f"Bearer {tok}"}) as s:
+        progress(f"creating and funding {prof.accounts} accounts homed in {region}")
+        _mint, accounts = await setup_accounts(url, tok, region, prof.accounts)
+
+        def pick_pair() -> tuple[str, str]:
+            src, dst = rng.sample(accounts, 2)
+            return src, dst
+
+        async def uniform(sess: aiohttp.ClientSession, _seq: int) -> int:
+            src, dst = pick_pair()
+            return await transfer(sess, url, src, dst, TRANSFER_AMOUNT)
+
+        progress(f"warm-up {prof.warmup_s} s")
+        await loadgen.closed_loop(
+            s,
+            uniform,
+            concurrency=prof.saturation_concurrency[0],
+            duration_s=prof.warmup_s,
+            max_requests=REQUESTS_MAX_PER_RUN,
+            ok_statuses=OK_WRITE,
+        )
+    accounts_file = wrk.write_accounts(ctx.tmp / "accounts.txt", accounts)
+
+    async def single(c: int) -> dict[str, Any]:
+        return await _wrk_measured(
+            url, accounts_file, tok, ctx, connections=c, duration_s=prof.saturation_s
+        )
+
+    sat_runs = await _sweep(prof.saturation_concurrency, single, "wrk", progress)
+    best = max(sat_runs, key=lambda r: r["rate"])
+    open_runs = await _open_loop_runs(
+        url,
+        metrics_url,
+        tok,
+        pick_pair,
+        best["rate"],
+        OVERLOAD_BASELINE_FRACTIONS + OVERLOAD_FRACTIONS,
+        prof.open_loop_s,
+        ctx,
+        (region, shard, workers),
+        progress,
+    )
+    return {
+        "saturation": {"runs": sat_runs, "best": best, "generator": "wrk"},
+        "open_loop": open_runs,
+        "overload": overload_summary(best["rate"], open_runs),
+    }
+
+
 async def _router_parts(
     url: str,
     metrics_url: str,
@@ -528,25 +711,18 @@ async def _router_parts(
         )
         batch_run = max(batch_runs, key=lambda r: r["rate"])
 
-        open_runs = {}
-        for name, frac in OPEN_LOOP_FRACTIONS + OVERLOAD_FRACTIONS:
-            await asyncio.sleep(SETTLE_S)
-            rate = max(1.0, best["rate"] * frac)
-            gen_cpu = time.process_time()
-            # The lean generator (bench.rawload): the aiohttp one's own CPU per request was
-            # most of a core at the overload rates, taken from what it measures.
-            build = rawload.transfer_request(
-                url, tok, pick_pair, TRANSFER_AMOUNT, f"open-{name[:-1]}-{uuid.uuid4().hex[:12]}"
-            )
-            res = await rawload.open_loop(
-                url, build, rate=rate, duration_s=prof.open_loop_s, ok_statuses=OK_WRITE
-            )
-            # The Python generator shares the cores with the cluster: its own CPU, reported.
-            open_runs[name] = res.to_json() | {"generator_cpu_s": time.process_time() - gen_cpu}
-            lat = open_runs[name]["latency_ms"]
-            progress(
-                f"open loop {name} ({rate:.0f}/s): p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms"
-            )
+        open_runs = await _open_loop_runs(
+            url,
+            metrics_url,
+            tok,
+            pick_pair,
+            best["rate"],
+            OPEN_LOOP_FRACTIONS + OVERLOAD_FRACTIONS,
+            prof.open_loop_s,
+            ctx,
+            (region, shard, workers),
+            progress,
+        )
 
         reads = {}
         for level in ("cached", "strong"):

@@ -29,6 +29,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         print(json.dumps(got, indent=2) if args.json else idle.summary(got))
         return EXIT_OK
+    if args.parts == "overload":
+        if args.runs > 1:
+            err("--parts overload runs once (--runs is for the whole suite)")
+            return EXIT_FAILED
+        try:
+            got = suite.run_overload(
+                args.out, quick=args.quick, base_port=base_port, workers=args.workers
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure of the run is exit 1 with its reason
+            err(f"bench failed: {type(exc).__name__}: {exc}")
+            return EXIT_FAILED
+        print(json.dumps(got, indent=2) if args.json else report.overload_summary(got))
+        return EXIT_OK
     if args.runs > 1:
         return _bench_runs(args, base_port)
     try:
@@ -158,6 +171,14 @@ def register(sub: Subparsers) -> None:
         type=int,
         default=3,
         help="with --idle: one-minute windows to measure (min/median/max)",
+    )
+    p.add_argument(
+        "--parts",
+        choices=("all", "overload"),
+        default="all",
+        help="overload: only the saturation sweep and the open loop at 50, 150 and 200 %% of it "
+        "(issue 16's goals, CPU per request of every component), a few minutes; report in "
+        "OUT/overload.json",
     )
     p.add_argument(
         "--runs",
