@@ -118,3 +118,13 @@ def test_quick_bench_writes_a_complete_report(
     assert "ratio router/pgbench" in text
     assert "idle cluster" in text
     assert "overload (goals:" in text
+
+
+def test_the_overload_part_runs_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --parts overload is one run of its own (its figures are the overload goals'); asking for
+    # several is refused before anything starts.
+    out = tmp_path / "never"
+    argv = ["bench", "--parts", "overload", "--runs", "2", "--out", str(out)]
+    assert cli.main(argv) == cli.EXIT_FAILED
+    assert "runs once" in capsys.readouterr().err
+    assert not out.exists()
