@@ -139,6 +139,11 @@ TOPOLOGY_CONFIRM_IDLE_S: Final = 10.0
 # nearly worthless (its validity counts from the send), and a shorter bound keeps the rounds
 # going on time when the local member hangs in a minority.
 TOPOLOGY_CONFIRM_TIMEOUT_S: Final = TOPOLOGY_CONFIRM_S / 2
+# A read that woke an idle confirmation loop waits for the round it started: that round's own
+# bound, which counts from when the loop gets to run it, plus the wait for the loop (a loaded
+# router's event loop: a quarter of the lease). A read that gave up at the round's bound, on a
+# timer started before the round's, answered 503 while the round it waited for succeeded.
+TOPOLOGY_WAKE_WAIT_S: Final = TOPOLOGY_CONFIRM_TIMEOUT_S + TOPOLOGY_CONFIRM_S / 4
 # Clock rate drift between a router's host and the failover actor's host: both measure the bound
 # on their own monotonic clocks. Quartz drifts about 1e-4; 10 % also covers the scheduling delay
 # of an overloaded router between its lease check and its query to the store.

@@ -35,6 +35,7 @@ from consistency.limits import (
     TOPOLOGY_CONFIRM_INTERVAL_S,
     TOPOLOGY_CONFIRM_S,
     TOPOLOGY_CONFIRM_TIMEOUT_S,
+    TOPOLOGY_WAKE_WAIT_S,
 )
 
 log = logging.getLogger(__name__)
@@ -341,7 +342,7 @@ class TopologyWatcher:
 
     async def ensure_confirmed(self, shard: Shard) -> bool:
         """:meth:`confirmed`, keeping the confirmation loop going while reads come. When the
-        loop was idle, wait (at most ``TOPOLOGY_CONFIRM_TIMEOUT_S``) for the round this wake
+        loop was idle, wait (at most ``TOPOLOGY_WAKE_WAIT_S``) for the round this wake
         starts; every read that comes while that round runs waits for it too (concurrent reads
         after an idle spell, the items of one batch request, must not get a 503 because
         another read woke the loop first). Once that round is over and the lease is still
@@ -355,7 +356,7 @@ class TopologyWatcher:
         waking = self._waking_round
         if waking is not None and not waking.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waking.wait(), TOPOLOGY_CONFIRM_TIMEOUT_S)
+                await asyncio.wait_for(waking.wait(), TOPOLOGY_WAKE_WAIT_S)
         return self.confirmations.confirmed(shard.name, shard.epoch)
 
     async def start(self, *, initial_timeout_s: float, confirm: bool = False) -> None:

@@ -7,6 +7,7 @@ from consistency.limits import (
     TOPOLOGY_CONFIRM_INTERVAL_S,
     TOPOLOGY_CONFIRM_S,
     TOPOLOGY_CONFIRM_TIMEOUT_S,
+    TOPOLOGY_WAKE_WAIT_S,
 )
 from consistency.topology import EpochConfirmations
 
@@ -87,6 +88,8 @@ def test_the_bounds_fit_together() -> None:
     # the failover waits strictly longer than any lease.
     assert TOPOLOGY_CONFIRM_INTERVAL_S * 2 < TOPOLOGY_CONFIRM_S
     assert TOPOLOGY_CONFIRM_TIMEOUT_S < TOPOLOGY_CONFIRM_S
+    # A read that woke the loop outwaits the round it started.
+    assert TOPOLOGY_WAKE_WAIT_S > TOPOLOGY_CONFIRM_TIMEOUT_S
     assert FAILOVER_LEASE_WAIT_S > TOPOLOGY_CONFIRM_S
 
 
