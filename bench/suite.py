@@ -192,37 +192,21 @@ def run(
             cluster.UpOptions(dir=cluster_dir, base_port=base_port, wan="none", workers=workers),
             progress=progress,
         )
-        desc = cluster.status(cluster_dir)
-        region = next(iter(desc["regions"]))
-        router_workers = len(desc["regions"][region]["router_pids"])
-        shard = cluster.shard_name(region)
-        router_url = desc["regions"][region]["router"]
-        # /metrics is served on the router's admin listener, not its public port.
-        metrics_url = desc["regions"][region]["router_admin"]
-        loadgen.check_loopback(router_url)
+        t = _target(cluster_dir, tmp, out_dir)
+        desc, region, shard, router_workers = t.desc, t.region, t.shard, t.router_workers
         progress(f"idle cluster: settle {prof.idle_settle_s:g} s, measure {prof.idle_s:g} s")
         time.sleep(prof.idle_settle_s)
         idle_part = idle.measure(desc, prof.idle_s)
         progress(f"idle cluster {idle_part['cores_total']:.3f} cores")
-        admin_dsn = cluster.primary_admin_dsns(cluster_dir)[shard]
-        dbwork.enable(admin_dsn)
+        dbwork.enable(t.ctx.db_dsn)
         progress(f"pgbench ceiling on {shard}: clients {prof.pgbench_clients}, {prof.pgbench_s} s")
         ceil = ceiling.measure(
-            admin_dsn, tmp, clients=prof.pgbench_clients, duration_s=prof.pgbench_s
+            t.ctx.db_dsn, tmp, clients=prof.pgbench_clients, duration_s=prof.pgbench_s
         )
         progress(f"pgbench ceiling {ceil['tps']:.1f} transfers/s")
-        tok = cluster.token(cluster_dir, TENANT, SCOPES, TOKEN_TTL_S)
-        ctx = _Context(
-            cluster_dir=cluster_dir,
-            tmp=tmp,
-            out_dir=out_dir,
-            groups=cpu.groups(desc, region, shard),
-            router_pids=tuple(int(p) for p in desc["regions"][region]["router_pids"]),
-            db_dsn=admin_dsn,
-        )
         parts = uvloop.run(
             _router_parts(
-                router_url, metrics_url, tok, region, shard, router_workers, prof, progress, ctx
+                t.url, t.metrics_url, t.tok, region, shard, router_workers, prof, progress, t.ctx
             )
         )
     finally:
@@ -364,6 +348,41 @@ class _Context:
     router_pids: tuple[int, ...]
     # Superuser DSN (database txr) of the loaded shard's primary: its work per transfer.
     db_dsn: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Target:
+    """What a benchmark loads: the first region's router (its one shard) of a running cluster."""
+
+    desc: dict[str, Any]
+    region: str
+    shard: str
+    router_workers: int
+    url: str
+    # /metrics is served on the router's admin listener, not its public port.
+    metrics_url: str
+    tok: str
+    ctx: _Context
+
+
+def _target(cluster_dir: Path, tmp: Path, out_dir: Path) -> _Target:
+    desc = cluster.status(cluster_dir)
+    region = next(iter(desc["regions"]))
+    shard = cluster.shard_name(region)
+    r = desc["regions"][region]
+    loadgen.check_loopback(r["router"])
+    ctx = _Context(
+        cluster_dir=cluster_dir,
+        tmp=tmp,
+        out_dir=out_dir,
+        groups=cpu.groups(desc, region, shard),
+        router_pids=tuple(int(p) for p in r["router_pids"]),
+        db_dsn=cluster.primary_admin_dsns(cluster_dir)[shard],
+    )
+    tok = cluster.token(cluster_dir, TENANT, SCOPES, TOKEN_TTL_S)
+    return _Target(
+        desc, region, shard, len(r["router_pids"]), r["router"], r["router_admin"], tok, ctx
+    )
 
 
 async def _wrk_measured(
@@ -540,27 +559,12 @@ def run_overload(
             cluster.UpOptions(dir=cluster_dir, base_port=base_port, wan="none", workers=workers),
             progress=progress,
         )
-        desc = cluster.status(cluster_dir)
-        region = next(iter(desc["regions"]))
-        router_workers = len(desc["regions"][region]["router_pids"])
-        shard = cluster.shard_name(region)
-        url = desc["regions"][region]["router"]
-        metrics_url = desc["regions"][region]["router_admin"]
-        loadgen.check_loopback(url)
-        admin_dsn = cluster.primary_admin_dsns(cluster_dir)[shard]
-        dbwork.enable(admin_dsn)
-        tok = cluster.token(cluster_dir, TENANT, SCOPES, TOKEN_TTL_S)
-        ctx = _Context(
-            cluster_dir=cluster_dir,
-            tmp=tmp,
-            out_dir=out_dir,
-            groups=cpu.groups(desc, region, shard),
-            router_pids=tuple(int(p) for p in desc["regions"][region]["router_pids"]),
-            db_dsn=admin_dsn,
-        )
+        t = _target(cluster_dir, tmp, out_dir)
+        region, shard, router_workers = t.region, t.shard, t.router_workers
+        dbwork.enable(t.ctx.db_dsn)
         part = uvloop.run(
             _overload_part(
-                url, metrics_url, tok, region, shard, router_workers, prof, progress, ctx
+                t.url, t.metrics_url, t.tok, region, shard, router_workers, prof, progress, t.ctx
             )
         )
     finally:
@@ -579,6 +583,40 @@ def run_overload(
     return rep
 
 
+async def _accounts_and_warmup(
+    s: aiohttp.ClientSession,
+    url: str,
+    tok: str,
+    region: str,
+    prof: Profile,
+    rng: random.Random,
+    progress: Callable[[str], None],
+) -> tuple[list[str], Callable[[], tuple[str, str]]]:
+    """Open and fund the run's accounts, warm the router up; the accounts and the pair picker
+    (``rng``'s choice, so every part of a run loads the same pairs)."""
+    progress(f"creating and funding {prof.accounts} accounts homed in {region}")
+    _mint, accounts = await setup_accounts(url, tok, region, prof.accounts)
+
+    def pick_pair() -> tuple[str, str]:
+        src, dst = rng.sample(accounts, 2)
+        return src, dst
+
+    async def uniform(sess: aiohttp.ClientSession, _seq: int) -> int:
+        src, dst = pick_pair()
+        return await transfer(sess, url, src, dst, TRANSFER_AMOUNT)
+
+    progress(f"warm-up {prof.warmup_s} s")
+    await loadgen.closed_loop(
+        s,
+        uniform,
+        concurrency=prof.saturation_concurrency[0],
+        duration_s=prof.warmup_s,
+        max_requests=REQUESTS_MAX_PER_RUN,
+        ok_statuses=OK_WRITE,
+    )
+    return accounts, pick_pair
+
+
 async def _overload_part(
     url: str,
     metrics_url: str,
@@ -592,26 +630,7 @@ async def _overload_part(
 ) -> dict[str, Any]:
     rng = random.Random(0x7E5)  # the same accounts as the whole suite's runs
     async with loadgen.session({"Authorization": f"Bearer {tok}"}) as s:
-        progress(f"creating and funding {prof.accounts} accounts homed in {region}")
-        _mint, accounts = await setup_accounts(url, tok, region, prof.accounts)
-
-        def pick_pair() -> tuple[str, str]:
-            src, dst = rng.sample(accounts, 2)
-            return src, dst
-
-        async def uniform(sess: aiohttp.ClientSession, _seq: int) -> int:
-            src, dst = pick_pair()
-            return await transfer(sess, url, src, dst, TRANSFER_AMOUNT)
-
-        progress(f"warm-up {prof.warmup_s} s")
-        await loadgen.closed_loop(
-            s,
-            uniform,
-            concurrency=prof.saturation_concurrency[0],
-            duration_s=prof.warmup_s,
-            max_requests=REQUESTS_MAX_PER_RUN,
-            ok_statuses=OK_WRITE,
-        )
+        accounts, pick_pair = await _accounts_and_warmup(s, url, tok, region, prof, rng, progress)
     accounts_file = wrk.write_accounts(ctx.tmp / "accounts.txt", accounts)
 
     async def single(c: int) -> dict[str, Any]:
@@ -653,26 +672,7 @@ async def _router_parts(
 ) -> dict[str, Any]:
     rng = random.Random(0x7E5)  # reproducible choice of accounts; the timing is not
     async with loadgen.session({"Authorization": f"Bearer {tok}"}) as s:
-        progress(f"creating and funding {prof.accounts} accounts homed in {region}")
-        _mint, accounts = await setup_accounts(url, tok, region, prof.accounts)
-
-        def pick_pair() -> tuple[str, str]:
-            src, dst = rng.sample(accounts, 2)
-            return src, dst
-
-        async def uniform(sess: aiohttp.ClientSession, _seq: int) -> int:
-            src, dst = pick_pair()
-            return await transfer(sess, url, src, dst, TRANSFER_AMOUNT)
-
-        progress(f"warm-up {prof.warmup_s} s")
-        await loadgen.closed_loop(
-            s,
-            uniform,
-            concurrency=prof.saturation_concurrency[0],
-            duration_s=prof.warmup_s,
-            max_requests=REQUESTS_MAX_PER_RUN,
-            ok_statuses=OK_WRITE,
-        )
+        accounts, pick_pair = await _accounts_and_warmup(s, url, tok, region, prof, rng, progress)
         accounts_file = wrk.write_accounts(ctx.tmp / "accounts.txt", accounts)
         before = await _batch_totals(metrics_url, region, shard, workers)
         flame = ctx.out_dir / FLAME_GRAPH_FILE

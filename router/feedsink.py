@@ -292,35 +292,6 @@ class RegionSink:
                 pipe.hset(key, items=list(fields))
                 await pipe.execute()
 
-    async def apply(
-        self,
-        shard: str,
-        *,
-        repl_slot: str,
-        from_lsn: int,
-        to_lsn: int,
-        commit_ts_us: int | None,
-        epoch: int,
-        entries: FeedEntries,
-        heartbeat_age_s: float | None,
-        primary: str,
-        lag_bytes: int | None,
-    ) -> int | str:
-        """``send_apply`` and its answer."""
-        answer = await self.send_apply(
-            shard,
-            repl_slot=repl_slot,
-            from_lsn=from_lsn,
-            to_lsn=to_lsn,
-            commit_ts_us=commit_ts_us,
-            epoch=epoch,
-            entries=entries,
-            heartbeat_age_s=heartbeat_age_s,
-            primary=primary,
-            lag_bytes=lag_bytes,
-        )
-        return await answer
-
     async def send_apply(
         self,
         shard: str,

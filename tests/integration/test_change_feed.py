@@ -647,7 +647,7 @@ async def test_a_batch_is_applied_byte_exact_with_the_version_rule_per_key(env: 
     rows = {acc: {"id": acc, "version": 3, "metadata": odd, "i": i} for i, acc in enumerate(accs)}
 
     async def apply(changes: list[AccountChange], from_lsn: int, to_lsn: int) -> int | str:
-        return await sink.apply(
+        answer = await sink.send_apply(
             shard,
             repl_slot=repl_slot,
             from_lsn=from_lsn,
@@ -659,6 +659,7 @@ async def test_a_batch_is_applied_byte_exact_with_the_version_rule_per_key(env: 
             primary="n1",
             lag_bytes=None,
         )
+        return await answer
 
     written = await apply([AccountChange(a, 3, rows[a]) for a in accs], 100, 200)
     assert written == len(accs)
