@@ -34,7 +34,13 @@ from redis.exceptions import NoScriptError, ResponseError
 from consistency import coherence, ids
 from regionstore.changefeed import AccountChange
 from router.cache import GENERATION_BYTES, drop_entries
-from router.redisconn import REDIS_ERRORS, CacheUnavailable, pooled_client, redis_unavailable
+from router.redisconn import (
+    REDIS_ERRORS,
+    CacheUnavailable,
+    pooled_client,
+    redis_unavailable,
+    unavailable,
+)
 
 # One call of the feed (a batch of up to changefeed.BATCH_TXNS_MAX transactions, a page of a
 # sweep) must answer within this, or the region counts as unreachable for this batch. Above a
@@ -117,7 +123,7 @@ class OrderedScript:
             # Not sent whole (cancelled, no connection, a failed write): the call did not run
             # or its answer is lost; either way it ends here, as CacheUnavailable.
             if not answer.done():
-                answer.set_exception(_unavailable(self._what, exc))
+                answer.set_exception(unavailable(self._what, exc))
             if not isinstance(exc, REDIS_ERRORS):
                 raise
         return answer
@@ -179,7 +185,7 @@ class OrderedScript:
                 if answer.done():
                     continue
                 if isinstance(value, ResponseError):
-                    answer.set_exception(_unavailable(self._what, value))
+                    answer.set_exception(unavailable(self._what, value))
                 else:
                     answer.set_result(value)
         except BaseException as exc:
@@ -196,7 +202,7 @@ class OrderedScript:
         while link.owed:
             answer = link.owed.popleft()
             if not answer.done():
-                answer.set_exception(_unavailable(self._what, exc))
+                answer.set_exception(unavailable(self._what, exc))
 
 
 def _retrieved(answer: asyncio.Future[Any]) -> None:
@@ -204,12 +210,6 @@ def _retrieved(answer: asyncio.Future[Any]) -> None:
     # without anyone to read it: that is not an error of its own, so mark it read.
     if not answer.cancelled():
         answer.exception()
-
-
-def _unavailable(what: str, exc: BaseException) -> CacheUnavailable:
-    err = CacheUnavailable(f"{what}: {exc!r}")
-    err.__cause__ = exc
-    return err
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,15 @@ class RedisGuard:
             return
         if self._on_error is not None:
             self._on_error()
-        raise CacheUnavailable(f"{self._what}: {exc!r}") from exc
+        raise unavailable(self._what, exc) from exc
+
+
+def unavailable(what: str, exc: BaseException) -> CacheUnavailable:
+    """The CacheUnavailable for ``exc`` (the guard raises it; a pipelined call whose answer is
+    a future holds it, router.feedsink)."""
+    err = CacheUnavailable(f"{what}: {exc!r}")
+    err.__cause__ = exc
+    return err
 
 
 def redis_unavailable(what: str) -> RedisGuard:
