@@ -127,8 +127,10 @@ def account_payload(
     overdraft_limit: int,
     version: int,
     metadata: Mapping[str, Any],
-    created_at: datetime,
+    created_at: datetime | str,
 ) -> dict[str, Any]:
+    """The cached payload of an account row. ``created_at``: its timestamp, or that timestamp's
+    ``isoformat()`` text already rendered (the change feed renders each distinct one once)."""
     return {
         "id": id,
         "tenant": tenant,
@@ -137,7 +139,7 @@ def account_payload(
         "overdraft_limit": overdraft_limit,
         "version": version,
         "metadata": dict(metadata),
-        "created_at": created_at.isoformat(),
+        "created_at": created_at if isinstance(created_at, str) else created_at.isoformat(),
     }
 
 

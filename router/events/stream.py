@@ -8,6 +8,7 @@ Message id (``Nats-Msg-Id``) = event id: a republish inside the duplicate window
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Final
@@ -70,6 +71,12 @@ def tenant_of_token(token: str) -> str:
     return token.replace("~", ".")
 
 
+# (tenant, type) subjects remembered by ``subject``: the publisher asks once per event, and a
+# busy shard's events come from few tenants.
+SUBJECTS_MEMO: Final = 4096
+
+
+@functools.lru_cache(maxsize=SUBJECTS_MEMO)
 def subject(tenant: str, event_type: str) -> str:
     return f"{SUBJECT_PREFIX}.{tenant_token(tenant)}.{event_type}"
 

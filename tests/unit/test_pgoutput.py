@@ -186,6 +186,32 @@ def test_unchanged_toast_makes_a_tombstone_and_other_tables_are_skipped() -> Non
     assert by_id[13].row is None
 
 
+def test_a_null_or_missing_column_makes_a_tombstone_not_a_payload() -> None:
+    """Any cached column the stream does not carry (NULL, or a relation without it) leaves the
+    row incomplete: the region gets a tombstone at that version, never a partial payload."""
+    p = PgOutputParser()
+    with_null = row(11, 5)
+    with_null[1] = None
+    narrower = tuple(c for c in COLUMNS if c != "metadata")
+    short = [v for i, v in enumerate(row(12, 6)) if COLUMNS[i] != "metadata"]
+    txns = feed_all(
+        p,
+        [
+            relation(ACCOUNTS_RELID, "txr", "accounts", COLUMNS),
+            begin(),
+            update(ACCOUNTS_RELID, with_null),
+            commit(0x50, 0x60, WHEN),
+            relation(ACCOUNTS_RELID, "txr", "accounts", narrower),
+            begin(),
+            update(ACCOUNTS_RELID, short),
+            commit(0x70, 0x80, WHEN),
+        ],
+    )
+    first, second = txns
+    assert [(c.account_id, c.version, c.row) for c in first.changes] == [(11, 5, None)]
+    assert [(c.account_id, c.version, c.row) for c in second.changes] == [(12, 6, None)]
+
+
 def test_a_relation_changed_mid_stream_is_followed() -> None:
     """A Relation message is resent after a schema change; columns are read by name."""
     p = PgOutputParser()
