@@ -253,6 +253,7 @@ class _Relation:
         return [values[i] if 0 <= i < n else None for i in self.picks]
 
 
+_ROW_KINDS: Final = frozenset((b"I", b"U", b"D"))
 _ROLES: Final = {
     ACCOUNTS_RELATION: "account",
     TRANSFERS_RELATION: "transfer",
@@ -282,6 +283,18 @@ class PgOutputParser:
     def feed(self, data: bytes | memoryview) -> CommittedTxn | None:
         buf = bytes(data)
         kind = buf[:1]
+        # Row changes first: three of them per transfer, one Begin and one Commit per batch.
+        if kind in _ROW_KINDS:
+            change = self._row(kind, buf)
+            if change is not None:
+                prev = self._changes.get(change.account_id)
+                if prev is not None and prev.inserted and not change.inserted:
+                    change = AccountChange(
+                        change.account_id, change.version, change.row, change.deleted, True
+                    )
+                if prev is None or change.version >= prev.version:
+                    self._changes[change.account_id] = change
+            return None
         if kind == b"B":
             self._in_txn = True
             self._changes = {}
@@ -306,17 +319,6 @@ class PgOutputParser:
             return txn
         if kind == b"R":
             self._relation(buf)
-            return None
-        if kind in (b"I", b"U", b"D"):
-            change = self._row(kind, buf)
-            if change is not None:
-                prev = self._changes.get(change.account_id)
-                if prev is not None and prev.inserted and not change.inserted:
-                    change = AccountChange(
-                        change.account_id, change.version, change.row, change.deleted, True
-                    )
-                if prev is None or change.version >= prev.version:
-                    self._changes[change.account_id] = change
             return None
         # 'Y' types, 'O' origins, 'T' truncates (never of accounts: the schema forbids it to
         # the app role), 'M' messages (not requested): nothing the caches need.
