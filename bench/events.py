@@ -49,7 +49,8 @@ from chaos.events import Receiver
 from consistency.saga import TransferStatus
 from infra.local import cluster
 from infra.local.ports import PORT_SPAN_MAX, REGION_STRIDE
-from regionstore.changefeed import CommittedTxn, FeedBatch, TransferChange
+from regionstore.changefeed import FeedBatch
+from regionstore.changes import CommittedTxn, TransferChange
 from router.auth import TENANT_SCOPES
 from router.events.publisher import (
     EVENT_QUEUE_BATCHES_MAX,

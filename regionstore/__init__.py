@@ -7,8 +7,9 @@ idempotency (G2) and balanced postings (G4) inside one transaction, the async st
 router writes through (``store``), shard administration for the launcher and operators
 (``admin``: fencing, slots, ledger check; ``saga_keys``: the saga HMAC keys' rotation across
 shards), synchronous replication settings (``replication``), the change feed (``changefeed``:
-the shard's replication slot, the logical replication stream, pgoutput parsed into typed account
-changes, only what the synchronous standby has flushed), waits on idle connections without a
+the shard's replication slot, the logical replication stream, only what the synchronous standby
+has flushed; ``pgoutput``: the stream's messages parsed into ``changes``, the typed account and
+transfer changes of each committed transaction), waits on idle connections without a
 timer (``pgwait``), the read-only audit queries a checker compares a history with (``audit``),
 and the store's error tree (``errors``).
 

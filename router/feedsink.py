@@ -32,7 +32,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
 from consistency import coherence, ids
-from regionstore.changefeed import AccountChange
+from regionstore.changes import AccountChange
 from router.cache import GENERATION_BYTES, drop_entries
 from router.redisconn import (
     REDIS_ERRORS,

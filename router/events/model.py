@@ -30,7 +30,7 @@ import orjson
 
 from consistency import ids
 from consistency.saga import TransferStatus
-from regionstore.changefeed import CommittedTxn, TransferChange
+from regionstore.changes import CommittedTxn, TransferChange
 from router import render
 from router.events import stream
 

@@ -63,7 +63,8 @@ from nats.js.client import NO_RESPONDERS_STATUS
 from nats.js.kv import KeyValue
 
 from consistency import coherence
-from regionstore.changefeed import CommittedTxn, FeedBatch
+from regionstore.changefeed import FeedBatch
+from regionstore.changes import CommittedTxn
 from regionstore.errors import StoreError
 from regionstore.store import ShardStore
 from router.events import model, stream

@@ -63,8 +63,8 @@ from regionstore.changefeed import (
     FeedBatch,
     FeedError,
     FeedStart,
-    committed_accounts,
 )
+from regionstore.changes import committed_accounts
 from regionstore.errors import StoreError
 from regionstore.store import ShardStore
 from router.events.publisher import RETRY_BACKOFF_S_MAX as EVENTS_BACKOFF_S_MAX

@@ -37,7 +37,8 @@ from consistency.topology import Node, Region, Shard, SlotMap, SlotRange, Topolo
 from infra.local import postgres as pg
 from infra.wan import ListenerSpec, Wan, WanConfig
 from regionstore import replication
-from regionstore.changefeed import AccountChange, repl_slot_prefix
+from regionstore.changefeed import repl_slot_prefix
+from regionstore.changes import AccountChange
 from regionstore.store import CreateAccountCode, ShardStore, TransferCode, TransferItem
 from router.cache import RegionCache
 from router.feedsink import FEED_REDIS_TIMEOUT_S, FeedEntries, Marker, RegionSink

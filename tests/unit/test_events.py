@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from consistency import coherence, ids, limits
-from regionstore.changefeed import AccountChange, CommittedTxn, TransferChange
+from regionstore.changes import AccountChange, CommittedTxn, TransferChange
 from router import validation
 from router.events import model, publisher, pull, stream, webhooks
 

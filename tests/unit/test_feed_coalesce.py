@@ -5,13 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-from regionstore.changefeed import (
-    BATCH_TXNS_MAX,
-    AccountChange,
-    CommittedTxn,
-    FeedBatch,
-    committed_accounts,
-)
+from regionstore.changefeed import BATCH_TXNS_MAX, FeedBatch
+from regionstore.changes import AccountChange, CommittedTxn, committed_accounts
 from router.relays.feed import coalesce
 
 T0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)

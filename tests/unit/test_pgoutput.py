@@ -1,4 +1,4 @@
-"""The pgoutput parser (regionstore.changefeed.PgOutputParser) on hand-built protocol-1 messages.
+"""The pgoutput parser (regionstore.pgoutput.PgOutputParser) on hand-built protocol-1 messages.
 
 The messages are laid out as PostgreSQL's logical replication protocol documents them
 ("Logical Replication Message Formats"); the integration tests run the same parser on a real
@@ -13,13 +13,9 @@ import struct
 import pytest
 
 from consistency import coherence
-from regionstore.changefeed import (
-    FeedError,
-    PgOutputParser,
-    committed_accounts,
-    repl_slot_prefix,
-    status_update,
-)
+from regionstore.changefeed import repl_slot_prefix, status_update
+from regionstore.changes import committed_accounts
+from regionstore.pgoutput import PgOutputError, PgOutputParser
 
 ACCOUNTS_RELID = 16400
 OTHER_RELID = 16500
@@ -235,15 +231,15 @@ def test_a_relation_changed_mid_stream_is_followed() -> None:
 
 def test_protocol_violations_end_the_stream() -> None:
     p = PgOutputParser()
-    with pytest.raises(FeedError, match="before its Relation"):
+    with pytest.raises(PgOutputError, match="before its Relation"):
         p.feed(insert(ACCOUNTS_RELID, row(11, 1)))
     p.feed(relation(ACCOUNTS_RELID, "txr", "accounts", COLUMNS))
     binary = b"I" + struct.pack("!I", ACCOUNTS_RELID) + b"N" + struct.pack("!h", 1) + b"b"
-    with pytest.raises(FeedError, match="binary"):
+    with pytest.raises(PgOutputError, match="binary"):
         p.feed(binary)
     no_version = row(11, 1)
     no_version[5] = None
-    with pytest.raises(FeedError, match="without a version"):
+    with pytest.raises(PgOutputError, match="without a version"):
         p.feed(update(ACCOUNTS_RELID, no_version))
 
 
