@@ -275,19 +275,22 @@ class Registry:
         return await self.js.key_value(self.bucket)
 
     async def list(self, tenant: str | None = None) -> list[Endpoint]:
+        """The endpoints (of ``tenant``, or all), oldest first.
+
+        The keys come from the bucket's stream state (``STREAM.INFO`` with a subject filter:
+        one request to the stream's leader, every subject that holds a message), not from the
+        client's ``KeyValue.keys``: that one is a watcher, an ordered consumer that ends at its
+        first "no more pending", and it came back empty for a key rewritten (the worker marks
+        an endpoint failing) between the consumer's creation and its first delivery. A key
+        whose last message is a delete is still a subject: ``get`` then finds it deleted."""
         kv = await self._kv()
-        try:
-            # Every key, filtered here: NATS 2.9 ignores a key filter on the listing.
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        prefix = None if tenant is None else tenant_key(tenant) + "."
+        base = f"$KV.{self.bucket}."
+        filt = base + (">" if tenant is None else tenant_key(tenant) + ".>")
+        info = await self.js.stream_info(f"KV_{self.bucket}", subjects_filter=filt)
         out: list[Endpoint] = []
-        for k in keys:
-            if prefix is not None and not k.startswith(prefix):
-                continue
+        for subject in sorted((info.state.subjects or {}).keys()):
             try:
-                entry = await kv.get(k)
+                entry = await kv.get(subject[len(base) :])
             except nats.js.errors.KeyNotFoundError:
                 continue
             if entry.value:

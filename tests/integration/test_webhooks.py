@@ -28,6 +28,8 @@ pytestmark = pytest.mark.integration
 # Outside the cluster's 100 ports (7600 + offset ...), below the ephemeral range.
 RECEIVER_PORT_BASE: Final = 7600 + PORT_OFFSET + 150
 DELIVERY_WAIT_S: Final = 60.0
+# Listings taken while the keys are rewritten (each one a few JetStream round trips).
+LISTINGS_UNDER_REWRITE: Final = 60
 
 
 @dataclass
@@ -211,8 +213,6 @@ async def test_endpoint_marked_failing_after_the_retry_window(api: Api, local_cl
         seen: list[webhooks.Endpoint] = []
 
         async def failing() -> bool:
-            # A listing (nats-py's KeyValue.keys, a watcher) taken while the worker rewrites
-            # the key came back empty once under load: poll again rather than fail on it.
             seen[:] = await registry.list(tenant)
             return len(seen) == 1 and seen[0].status == "failing"
 
@@ -224,6 +224,46 @@ async def test_endpoint_marked_failing_after_the_retry_window(api: Api, local_cl
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await registry.delete(tenant, ep.id)
+        await js.delete_key_value(bucket)
+        await nc.close()
+
+
+async def test_a_listing_never_misses_an_endpoint_being_rewritten(local_cluster: Any) -> None:
+    """Registry.list while another client rewrites the same keys as fast as it can (the worker
+    marking endpoints failing does that): every listing holds every endpoint, of this tenant
+    only. nats-py's KeyValue.keys (a watcher) returned an empty listing in this race, which
+    also let a tenant past WEBHOOKS_PER_TENANT_MAX."""
+    tenant, other = new_tenant(), new_tenant()
+    bucket = "TXR_WEBHOOKS_TEST_" + uuid.uuid4().hex[:8].upper()
+    nc = await nats.connect(local_cluster.refresh_status()["regions"]["us-east"]["nats"])
+    js = nc.jetstream()
+    await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=3))
+    registry = webhooks.Registry(js, bucket)
+    eps = [
+        await registry.create(tenant, f"https://example.com/hook/{i}", ("account.created",))
+        for i in range(3)
+    ]
+    await registry.create(other, "https://example.com/other", ("account.created",))
+    stop = asyncio.Event()
+
+    async def rewrite() -> int:
+        n = 0
+        while not stop.is_set():
+            for ep in eps:
+                await registry.mark_failing(ep, time.time())
+                n += 1
+        return n
+
+    writer = asyncio.create_task(rewrite())
+    try:
+        for _ in range(LISTINGS_UNDER_REWRITE):
+            listed = await registry.list(tenant)
+            assert sorted(e.id for e in listed) == sorted(e.id for e in eps)
+        stop.set()
+        assert await writer > LISTINGS_UNDER_REWRITE
+    finally:
+        stop.set()
+        await asyncio.gather(writer, return_exceptions=True)
         await js.delete_key_value(bucket)
         await nc.close()
 
