@@ -114,9 +114,7 @@ class PgOutputParser:
             return None
         if kind == b"B":
             self._in_txn = True
-            self._changes = {}
-            self._transfers = []
-            self._slot_move = False
+            self._clear()
             return None
         if kind == b"C":
             # flags(1) commit lsn(8) end lsn(8) commit time(8)
@@ -130,9 +128,7 @@ class PgOutputParser:
                 self._slot_move,
             )
             self._in_txn = False
-            self._changes = {}
-            self._transfers = []
-            self._slot_move = False
+            self._clear()
             return txn
         if kind == b"R":
             self._relation(buf)
@@ -140,6 +136,12 @@ class PgOutputParser:
         # 'Y' types, 'O' origins, 'T' truncates (never of accounts: the schema forbids it to
         # the app role), 'M' messages (not requested): nothing the caches need.
         return None
+
+    def _clear(self) -> None:
+        """Forget the transaction's rows (at its Begin, and once its Commit handed them out)."""
+        self._changes = {}
+        self._transfers = []
+        self._slot_move = False
 
     @property
     def in_txn(self) -> bool:
