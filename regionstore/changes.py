@@ -32,8 +32,9 @@ TRANSFER_FIELDS: Final = (
 
 @dataclass(frozen=True, slots=True)
 class AccountChange:
-    """One account row as committed. ``row`` None: the row is incomplete (an unchanged TOAST
-    value was not sent) or was deleted: the cache must drop it at ``version``."""
+    """One account row as committed. ``row`` None: the row is incomplete (a cached column did
+    not arrive: an unchanged TOAST value, a NULL, a relation without it) or was deleted: the
+    cache must drop it at ``version``."""
 
     account_id: int
     version: int
