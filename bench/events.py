@@ -52,10 +52,10 @@ from infra.local.ports import PORT_SPAN_MAX, REGION_STRIDE
 from regionstore.changefeed import FeedBatch
 from regionstore.changes import CommittedTxn, TransferChange
 from router.auth import TENANT_SCOPES
+from router.events.jetstream import JetStreamPublisher
 from router.events.publisher import (
     EVENT_QUEUE_BATCHES_MAX,
     EventSink,
-    JetStreamPublisher,
     Position,
 )
 from txclient import AsyncClient

@@ -28,7 +28,8 @@ from psycopg.conninfo import make_conninfo
 from consistency.etcd import EtcdClient
 from consistency.topology import Shard, TopologyWatcher
 from router.config import RouterConfig
-from router.events.publisher import EventSink, JetStreamPublisher, Publisher
+from router.events.jetstream import JetStreamPublisher
+from router.events.publisher import EventSink, Publisher
 from router.feedsink import RegionSink
 from router.limits import TOPOLOGY_INITIAL_TIMEOUT_S
 from router.metrics import Metrics

@@ -9,7 +9,7 @@ What was stored is read through the contract itself: a republish of a stored eve
 as a duplicate, of one never stored not.
 
 Run against ``tests.fixtures.fakes.MemoryPublisher`` and against
-``router.events.publisher.JetStreamPublisher`` on the test cluster's NATS JetStream (a tenant
+``router.events.jetstream.JetStreamPublisher`` on the test cluster's NATS JetStream (a tenant
 and position keys of the test's own).
 """
 
@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from router.events import stream
+from router.events.jetstream import JetStreamPublisher
 from router.events.publisher import (
-    JetStreamPublisher,
     Position,
     Published,
     Publisher,

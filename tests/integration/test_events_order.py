@@ -23,7 +23,8 @@ import pytest
 
 from regionstore.store import ShardStore
 from router.events import model, publisher, stream
-from router.events.publisher import EventSink, JetStreamPublisher, Position, PublishError
+from router.events.jetstream import JetStreamPublisher
+from router.events.publisher import EventSink, Position, PublishError
 from tests.fixtures.api import Api, new_tenant
 from tests.fixtures.events import account, account_created, transfer_settled
 from tests.integration.test_events import all_events, wait_events

@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from router.events import publisher, stream
+from router.events import jetstream, stream
 from tests.fixtures.events import account, account_created
 
 
@@ -26,7 +26,7 @@ class _Connection:
         self.real = NATS()
         self.answers = answers
         self.sent: list[tuple[str, dict[str, str]]] = []
-        self.inbox: publisher._AckInbox | None = None
+        self.inbox: jetstream._AckInbox | None = None
 
     def new_inbox(self) -> str:
         return self.real.new_inbox()
@@ -51,12 +51,12 @@ def _ack(seq: int, *, duplicate: bool = False) -> tuple[None, bytes]:
 
 async def _wave(answers: list[tuple[dict[str, str] | None, bytes] | None]) -> Any:
     conn = _Connection(answers)
-    inbox = publisher._AckInbox(conn)  # type: ignore[arg-type]
+    inbox = jetstream._AckInbox(conn)  # type: ignore[arg-type]
     conn.inbox = inbox
     tenant = "acme"
     events = [account_created(tenant, account(n), 1) for n in range(len(answers))]
     acked = [False] * len(events)
-    failure, dups = await publisher.JetStreamPublisher([], name="t")._publish_wave(
+    failure, dups = await jetstream.JetStreamPublisher([], name="t")._publish_wave(
         inbox, events, range(len(events)), acked
     )
     return failure, dups, acked, inbox, conn
@@ -97,7 +97,7 @@ async def test_a_refusal_fails_the_wave_and_only_its_publish(
 async def test_an_unanswered_publish_times_out_and_is_forgotten(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(publisher, "PUBLISH_ACK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(jetstream, "PUBLISH_ACK_TIMEOUT_S", 0.2)
     failure, _, acked, inbox, _ = await _wave([_ack(1), None, _ack(2)])
     assert failure is not None
     assert "TimeoutError" in failure
@@ -108,9 +108,9 @@ async def test_an_unanswered_publish_times_out_and_is_forgotten(
 
 
 async def test_a_repeated_answer_never_counts_twice() -> None:
-    wave = publisher._Wave(2)
-    wave.answer(0, publisher._STORED)
-    wave.answer(0, publisher._DUPLICATE)
-    assert (wave.owed, wave.outcomes, wave.done.done()) == (1, [publisher._STORED, 0], False)
-    wave.answer(1, publisher._STORED)
+    wave = jetstream._Wave(2)
+    wave.answer(0, jetstream._STORED)
+    wave.answer(0, jetstream._DUPLICATE)
+    assert (wave.owed, wave.outcomes, wave.done.done()) == (1, [jetstream._STORED, 0], False)
+    wave.answer(1, jetstream._STORED)
     assert wave.done.done()
